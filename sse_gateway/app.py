@@ -1,0 +1,615 @@
+"""The HTTP layer: routes of ../shared/API.md over the event log, hub and auth.
+
+Bodies are parsed with orjson by hand rather than through Pydantic models:
+the publish path runs for every event, and the errors must be the
+gateway's own JSON. The OpenAPI description still documents every body
+(``openapi_extra``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import FileResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from . import __version__, openapi
+from .auth import Auth
+from .config import Settings
+from .errors import (BadRequest, Conflict, GatewayError, NotFound, TooLarge, Unavailable, UnsupportedMedia,
+                     error_body)
+from .hub import Hub
+from .log import make_log
+from .log.base import NO_RESULT, EventLog
+from .metrics import Stats, make_registry, measure_loop_lag, render
+from .models import NewEvent, Session, check_event_type, check_session_id, now_ms, rfc3339
+from .sse import encode_retry
+from .stream import EventStream, parse_cursor, start_position
+
+log = logging.getLogger("sse_gateway")
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+MAX_KEY = 256
+
+
+def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def session_json(row: Session, hub: Hub) -> dict:
+    subscribers, last_seen = hub.presence(row.id)
+    return {
+        "id": row.id, "epoch": row.epoch, "status": row.status,
+        "created_at": rfc3339(row.created_at), "completed_at": rfc3339(row.completed_at),
+        "earliest_id": row.earliest_id, "last_id": row.last_id, "metadata": row.metadata,
+        "subscribers": subscribers, "last_seen_at": rfc3339(last_seen),
+        "acked_id": row.acked_id, "state_version": row.state_version,
+        "ttl_seconds": row.ttl_seconds, "result": row.result,
+    }
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body is larger than {limit} bytes", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", "invalid_json") from None
+
+
+def content_type(request: Request) -> tuple[str, str]:
+    raw = request.headers.get("content-type", "")
+    kind, _, params = raw.partition(";")
+    charset = ""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    return kind.strip().lower(), charset
+
+
+def check_key(key: Any) -> str:
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY or not key.isprintable() or not key.isascii():
+        raise BadRequest(f"idempotency key must be 1-{MAX_KEY} printable ASCII characters", "invalid_idempotency_key")
+    return key
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer", f"invalid_{name}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}", f"invalid_{name}")
+    return value
+
+
+class Gateway:
+    """Everything a request needs, built in the lifespan (never at import)."""
+
+    def __init__(self, settings: Settings, log_: EventLog) -> None:
+        self.settings = settings
+        self.log = log_
+        self.hub = Hub(log_)
+        self.stats = Stats()
+        self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
+        self.registry = make_registry(self)
+        self.draining = False
+        self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+        if hasattr(log_, "on_commit"):
+            log_.on_commit = self._count_commit
+
+    def spawn(self, coro) -> None:
+        """Run ``coro`` in the background, keeping a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _count_commit(self, ops: int) -> None:
+        self.stats.commit_batches += 1
+        self.stats.commit_ops += ops
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.log.open()
+        self._tasks = [asyncio.create_task(self._sweep(), name="retention"),
+                       asyncio.create_task(measure_loop_lag(self.stats), name="loop-lag")]
+
+    def begin_drain(self, then) -> None:
+        """Refuse new streams, close open ones spread over the drain window, then call ``then``."""
+        self.draining = True
+        window = self.settings.drain_seconds
+        self.hub.begin_drain(window * 0.8)
+
+        async def wait_for_streams() -> None:
+            deadline = self.loop.time() + window
+            while self.hub.channels and self.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            then()
+
+        self.spawn(wait_for_streams())
+
+    async def stop(self) -> None:
+        self.hub.shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.log.close()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                removed = await self.log.sweep(now_ms())
+                if removed:
+                    log.info("retention removed %d expired session(s)", removed)
+            except GatewayError as exc:
+                log.warning("retention sweep failed: %s", exc.message)
+
+    # -- publishing ------------------------------------------------------------
+
+    def parse_item(self, item: Any, key: str | None = None) -> NewEvent:
+        if not isinstance(item, dict):
+            raise BadRequest("each event must be a JSON object {\"event\"?, \"data\", \"idempotency_key\"?}",
+                             "invalid_event")
+        unknown = set(item) - {"event", "data", "idempotency_key"}
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}", "unknown_field")
+        if "data" not in item:
+            raise BadRequest("an event needs a \"data\" field", "missing_data")
+        event = check_event_type(item.get("event", "message"))
+        if item.get("idempotency_key") is not None:
+            if key is not None:
+                raise BadRequest("give the idempotency key in the header or the body, not both",
+                                 "invalid_idempotency_key")
+            key = check_key(item["idempotency_key"])
+        data = orjson.dumps(item["data"]).decode()
+        self.check_size(data)
+        return NewEvent(event, data, True, key)
+
+    def check_size(self, data: str) -> None:
+        if len(data) > self.settings.max_event_bytes // 4 and len(data.encode()) > self.settings.max_event_bytes:
+            raise TooLarge(f"event data is larger than {self.settings.max_event_bytes} bytes", "event_too_large")
+
+    async def append(self, session: str, events: list[NewEvent]):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            result = await self.log.append(session, events, create=self.settings.auto_create)
+        except Unavailable:
+            self.stats.store_errors += 1
+            raise
+        self.stats.append_latency.observe(loop.time() - started)
+        fresh = len(result.events)
+        self.stats.published += fresh
+        self.stats.publish_duplicates += len(events) - fresh
+        return result
+
+
+def create_app(settings: Settings | None = None, event_log: EventLog | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        gw = Gateway(settings, event_log or make_log(settings))
+        await gw.start()
+        app.state.gw = gw
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="sse-gateway", version=__version__, lifespan=lifespan, docs_url="/docs",
+                  redoc_url=None, description="Durable per-session event logs, streamed as Server-Sent Events "
+                  "with exact Last-Event-ID resume.")
+
+    def gw_of(request: Request) -> Gateway:
+        return request.app.state.gw
+
+    # -- errors: always JSON ----------------------------------------------------
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        if exc.status == 401:
+            gw_of(request).stats.auth_failures += 1
+        return Response(exc.body(), exc.status, exc.headers, media_type="application/json")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return Response(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)), exc.status_code,
+                        getattr(exc, "headers", None), media_type="application/json")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return Response(error_body("invalid_request", f"{where}: {first.get('msg', 'invalid')}"), 400,
+                        media_type="application/json")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return Response(error_body("internal_error", "the gateway failed; this is a bug"), 500,
+                        media_type="application/json")
+
+    # -- publish ------------------------------------------------------------------
+
+    @app.post("/v1/sessions/{session}/events", tags=["publish"], status_code=201,
+              openapi_extra=openapi.PUBLISH, summary="Append events to a session")
+    async def publish(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.publisher(request)
+        kind, charset = content_type(request)
+        header_key = request.headers.get("idempotency-key")
+        if header_key is not None:
+            header_key = check_key(header_key)
+        try:
+            if kind == "application/x-ndjson":
+                return await publish_ndjson(gw, session, request)
+            body = await read_body(request, gw.settings.max_body_bytes)
+            if kind == "application/json":
+                payload = parse_json(body)
+                if isinstance(payload, list):
+                    if header_key is not None:
+                        raise BadRequest("a batch takes per-item idempotency_key, not the header",
+                                         "invalid_idempotency_key")
+                    if not payload:
+                        raise BadRequest("a batch needs at least one event", "empty_batch")
+                    if len(payload) > gw.settings.max_batch:
+                        raise TooLarge(f"a batch holds at most {gw.settings.max_batch} events", "batch_too_large")
+                    events = [gw.parse_item(item) for item in payload]
+                    return appended(session, await gw.append(session, events), batch=True)
+                event = gw.parse_item(payload, header_key)
+            elif kind == "text/plain":
+                if charset not in ("", "utf-8", "utf8", "us-ascii"):
+                    raise UnsupportedMedia("text/plain must be UTF-8", "unsupported_charset")
+                try:
+                    text = body.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BadRequest("text/plain body is not valid UTF-8", "invalid_utf8") from None
+                gw.check_size(text)
+                event = NewEvent(check_event_type(request.query_params.get("event", "message")), text, False,
+                                 header_key)
+            else:
+                raise UnsupportedMedia("publish takes application/json, text/plain or application/x-ndjson",
+                                       "unsupported_media_type")
+            return appended(session, await gw.append(session, [event]), batch=False)
+        except GatewayError:
+            gw.stats.publish_rejected += 1
+            raise
+
+    async def publish_ndjson(gw: Gateway, session: str, request: Request) -> Response:
+        """Each complete line is appended as it arrives; lines that arrive together share a commit."""
+        ids: list[int] = []
+        any_new = False
+        pending = b""
+        limit = gw.settings.max_body_bytes
+
+        async def flush(lines: list[bytes]) -> None:
+            events = []
+            try:
+                for line in lines:
+                    if line.strip():
+                        events.append(gw.parse_item(parse_json(line)))
+            except GatewayError as err:
+                if events:  # the good lines before the bad one are kept, as if they had come alone
+                    result = await gw.append(session, events)
+                    ids.extend(result.ids)
+                err.extra = {"ids": ids}
+                raise
+            if events:
+                if len(events) > gw.settings.max_batch:
+                    for i in range(0, len(events), gw.settings.max_batch):
+                        await flush_events(events[i:i + gw.settings.max_batch])
+                else:
+                    await flush_events(events)
+
+        async def flush_events(events: list[NewEvent]) -> None:
+            nonlocal any_new
+            result = await gw.append(session, events)
+            ids.extend(result.ids)
+            any_new = any_new or any(result.new)
+
+        async for chunk in request.stream():
+            pending += chunk
+            if b"\n" in chunk:
+                *lines, pending = pending.split(b"\n")
+                await flush(lines)
+            if len(pending) > limit:
+                raise TooLarge(f"an NDJSON line is longer than {limit} bytes", "line_too_long", extra={"ids": ids})
+        await flush([pending])
+        row_last = ids[-1] if ids else 0
+        return json_response({"ids": ids, "session": session, "last_id": row_last}, 201 if any_new else 200)
+
+    def appended(session: str, result, *, batch: bool) -> Response:
+        status = 201 if any(result.new) else 200
+        body = {"ids": result.ids} if batch else {"id": result.ids[0]}
+        body["session"] = session
+        body["last_id"] = result.last_id
+        return json_response(body, status)
+
+    # -- stream -------------------------------------------------------------------
+
+    @app.get("/v1/sessions/{session}/stream", tags=["read"], openapi_extra=openapi.STREAM,
+             summary="Stream a session as Server-Sent Events", response_class=Response)
+    async def stream(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.reader(request, session)
+        if gw.draining:
+            raise Unavailable("the gateway is shutting down; reconnect", "draining", retry_after=1)
+        q = request.query_params
+        header = request.headers.get("last-event-id")
+        resuming = header if header is not None else q.get("last_event_id")
+        if resuming is not None and resuming.strip() == "":
+            resuming = None  # an empty Last-Event-ID means no cursor, as EventSource sends it
+        cursor, epoch = (0, None)
+        from_latest = False
+        if resuming is not None:
+            cursor, epoch = parse_cursor(resuming)
+        elif "from" in q:
+            start = q["from"]
+            if start == "earliest":
+                pass
+            elif start == "latest":
+                from_latest = True
+            else:
+                cursor, epoch = parse_cursor(start)
+        live = q.get("live", "true").lower()
+        if live not in ("true", "false", "1", "0"):
+            raise BadRequest("live must be true or false", "invalid_live")
+        row = await gw.log.get_session(session)
+        if row is None:
+            raise NotFound(f"no session {session!r}")
+        if from_latest:
+            cursor, epoch = row.last_id, row.epoch
+        start, notice = start_position(row, cursor, epoch)
+        if row.completed and start >= row.last_id and not notice:
+            return Response(status_code=204)
+        if notice:
+            gw.stats.resets += 1
+        elif resuming is not None and start > row.acked_id:
+            gw.spawn(_ack_quietly(gw.log, session, start))  # a reconnect's cursor is also an ack
+        gw.stats.streams_opened += 1
+        return EventStream(gw.hub, session, cursor, epoch, prelude=encode_retry(gw.settings.retry_ms),
+                           live=live in ("true", "1"), heartbeat=gw.settings.heartbeat,
+                           send_timeout=gw.settings.send_timeout, stats=gw.stats)
+
+    # -- history ------------------------------------------------------------------
+
+    @app.get("/v1/sessions/{session}/events", tags=["read"], summary="Read a session's events as JSON")
+    async def history(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.reader(request, session)
+        after = query_int(request, "after", 0, 0, 2**62)
+        limit = query_int(request, "limit", 100, 1, 1000)
+        row = await gw.log.get_session(session)
+        if row is None:
+            raise NotFound(f"no session {session!r}")
+        events = await gw.log.read(session, after, limit)
+        body: dict = {
+            "events": [e.to_json() for e in events], "epoch": row.epoch, "earliest_id": row.earliest_id,
+            "last_id": row.last_id, "next_after": events[-1].id if events else after,
+        }
+        first = events[0].id if events else row.trimmed_id + 1
+        if after + 1 < first and after < row.trimmed_id:
+            body["gap"] = {"from": after + 1, "to": min(first - 1, row.trimmed_id)}
+        return json_response(body)
+
+    # -- sessions -------------------------------------------------------------------
+
+    @app.post("/v1/sessions", tags=["sessions"], status_code=201, openapi_extra=openapi.CREATE,
+              summary="Create a session")
+    async def create_session(request: Request) -> Response:
+        gw = gw_of(request)
+        gw.auth.publisher(request)
+        body = await read_body(request, gw.settings.max_body_bytes)
+        spec = parse_json(body) if body.strip() else {}
+        if not isinstance(spec, dict):
+            raise BadRequest("body must be a JSON object {\"id\"?, \"metadata\"?, \"ttl_seconds\"?}", "invalid_body")
+        unknown = set(spec) - {"id", "metadata", "ttl_seconds"}
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}", "unknown_field")
+        session = spec.get("id")
+        if session is None:
+            session = "s_" + secrets.token_urlsafe(12)
+        elif not isinstance(session, str):
+            raise BadRequest("id must be a string", "invalid_session_id")
+        check_session_id(session)
+        ttl = spec.get("ttl_seconds")
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl < 10**9):
+            raise BadRequest("ttl_seconds must be a positive integer", "invalid_ttl")
+        row = await gw.log.create_session(session, metadata=spec.get("metadata"), ttl_seconds=ttl)
+        token = gw.auth.mint(session)
+        stream_url = f"/v1/sessions/{session}/stream"
+        body_out = {"id": session, "epoch": row.epoch, "stream_url": stream_url,
+                    "subscribe_token": token[0] if token else None}
+        if token:
+            body_out["stream_url"] = f"{stream_url}?token={token[0]}"
+            body_out["token_expires_at"] = token[1]
+        return json_response(body_out, 201)
+
+    @app.get("/v1/sessions", tags=["sessions"], summary="List sessions")
+    async def list_sessions(request: Request) -> Response:
+        gw = gw_of(request)
+        gw.auth.publisher(request)
+        status = request.query_params.get("status")
+        if status not in (None, "open", "completed"):
+            raise BadRequest("status must be open or completed", "invalid_status")
+        limit = query_int(request, "limit", 100, 1, 1000)
+        rows = await gw.log.list_sessions(status=status, limit=limit)
+        return json_response({"sessions": [session_json(r, gw.hub) for r in rows]})
+
+    @app.get("/v1/sessions/{session}", tags=["sessions"], summary="A session's status, presence and acks")
+    async def get_session(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.reader(request, session)
+        row = await gw.log.get_session(session)
+        if row is None:
+            raise NotFound(f"no session {session!r}")
+        return json_response(session_json(row, gw.hub))
+
+    @app.delete("/v1/sessions/{session}", tags=["sessions"], summary="Delete a session and its log")
+    async def delete_session(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.publisher(request)
+        if not await gw.log.delete_session(session):
+            raise NotFound(f"no session {session!r}")
+        return Response(status_code=204)
+
+    @app.post("/v1/sessions/{session}/complete", tags=["sessions"], openapi_extra=openapi.COMPLETE,
+              summary="Complete a session with its final result")
+    async def complete(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.publisher(request)
+        body = await read_body(request, gw.settings.max_body_bytes)
+        spec = parse_json(body) if body.strip() else {}
+        if not isinstance(spec, dict) or set(spec) - {"result"}:
+            raise BadRequest("body must be a JSON object {\"result\"?}", "invalid_body")
+        if "result" in spec:
+            gw.check_size(orjson.dumps(spec["result"]).decode())
+        row = await gw.log.complete(session, spec.get("result", NO_RESULT))
+        return json_response(session_json(row, gw.hub))
+
+    @app.post("/v1/sessions/{session}/ack", tags=["sessions"], openapi_extra=openapi.ACK,
+              summary="Confirm delivery up to an id")
+    async def ack(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.reader(request, session)
+        spec = parse_json(await read_body(request, 4096))
+        upto = spec.get("id") if isinstance(spec, dict) else None
+        if isinstance(upto, str):
+            upto = parse_cursor(upto)[0]
+        if not isinstance(upto, int) or isinstance(upto, bool):
+            raise BadRequest("body must be {\"id\": N}", "invalid_ack")
+        row = await gw.log.ack(session, upto)
+        return json_response({"session": session, "acked_id": row.acked_id})
+
+    @app.get("/v1/sessions/{session}/state", tags=["sessions"], summary="The run's state document")
+    async def get_state(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.reader(request, session)
+        row = await gw.log.get_session(session)
+        if row is None:
+            raise NotFound(f"no session {session!r}")
+        return state_response(row)
+
+    @app.put("/v1/sessions/{session}/state", tags=["sessions"], openapi_extra=openapi.STATE,
+             summary="Replace the run's state document")
+    async def put_state(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.publisher(request)
+        if_match = request.headers.get("if-match")
+        version = None
+        if if_match is not None and if_match.strip() != "*":
+            try:
+                version = int(if_match.strip().removeprefix("W/").strip('"'))
+            except ValueError:
+                raise BadRequest("If-Match must be a version ETag such as \"3\"", "invalid_if_match") from None
+        state = parse_json(await read_body(request, gw.settings.max_body_bytes))
+        if not isinstance(state, dict):
+            raise BadRequest("state must be a JSON object", "invalid_state")
+        if await gw.log.get_session(session) is None and not gw.settings.auto_create:
+            raise NotFound(f"no session {session!r}")
+        try:
+            row = await gw.log.put_state(session, state, version)
+        except NotFound:
+            if not gw.settings.auto_create:
+                raise
+            with contextlib.suppress(Conflict):
+                await gw.log.create_session(session)
+            row = await gw.log.put_state(session, state, version)
+        return state_response(row)
+
+    def state_response(row: Session) -> Response:
+        return json_response({"version": row.state_version, "state": row.state,
+                              "as_of": f"{row.state_as_of}:{row.epoch}"},
+                             headers={"ETag": f'"{row.state_version}"'})
+
+    @app.post("/v1/sessions/{session}/trim", tags=["sessions"], openapi_extra=openapi.TRIM,
+              summary="Remove events up to an id (retention)")
+    async def trim(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.publisher(request)
+        spec = parse_json(await read_body(request, 4096))
+        through = spec.get("through") if isinstance(spec, dict) else None
+        if not isinstance(through, int) or isinstance(through, bool) or through < 0:
+            raise BadRequest("body must be {\"through\": N}", "invalid_trim")
+        row = await gw.log.trim(session, through)
+        return json_response({"session": session, "earliest_id": row.earliest_id, "last_id": row.last_id})
+
+    # -- operations -------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["operations"], summary="The process is alive")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz", tags=["operations"], summary="The store is reachable and the gateway takes traffic")
+    async def readyz(request: Request) -> Response:
+        gw = gw_of(request)
+        if gw.draining:
+            return json_response({"status": "draining"}, 503, {"Retry-After": "1"})
+        try:
+            await asyncio.wait_for(gw.log.ping(), 2.0)
+        except Exception as exc:  # any failure of the store means not ready
+            return Response(error_body("store_unavailable", f"the store is not reachable: {exc}"), 503,
+                            {"Retry-After": "1"}, media_type="application/json")
+        return json_response({"status": "ready", "backend": gw.settings.backend})
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        return Response(render(gw_of(request).registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        page = STATIC_DIR / "index.html"
+        if not page.exists():
+            return json_response({"service": "sse-gateway", "version": __version__, "docs": "/docs"})
+        return FileResponse(page)
+
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if settings.cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origin), allow_credentials=True,
+                           allow_methods=["GET", "POST", "PUT", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key",
+                                          "If-Match"],
+                           expose_headers=["ETag", "Retry-After"])
+    return app
+
+
+async def _ack_quietly(event_log: EventLog, session: str, upto: int) -> None:
+    with contextlib.suppress(GatewayError):
+        await event_log.ack(session, upto)

@@ -1,0 +1,103 @@
+"""Settings: the only reader of the environment.
+
+Every field is a ``serve`` option (``--heartbeat``) and an environment
+variable (``SSE_GATEWAY_HEARTBEAT``); an option given on the command line
+wins over the environment, which wins over the default. The CLI builds its
+``--help`` from the ``help`` of each field, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "SSE_GATEWAY_"
+
+
+def _opt(default: Any, help: str, *, metavar: str | None = None, repeat: bool = False, flag: bool = False) -> Any:
+    meta = {"help": help, "metavar": metavar, "repeat": repeat, "flag": flag}
+    if isinstance(default, tuple):
+        return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _opt("127.0.0.1", "address to listen on", metavar="ADDR")
+    port: int = _opt(8000, "port to listen on")
+    db: str = _opt("./sse-gateway.db", "SQLite file of the default backend", metavar="PATH")
+    backend: str = _opt("sqlite", "event log backend: sqlite, memory (nothing kept) or redis", metavar="NAME")
+    redis_url: str = _opt("redis://127.0.0.1:6379/0", "Redis URL for --backend redis", metavar="URL")
+    heartbeat: float = _opt(15.0, "seconds of silence before a ': ping' comment", metavar="SECONDS")
+    retry_ms: int = _opt(1000, "reconnect delay sent to clients as 'retry:' (plus up to 50%% jitter)", metavar="MS")
+    publish_key: tuple[str, ...] = _opt((), "publisher key (repeatable; env: comma-separated); none means open",
+                                        metavar="KEY", repeat=True)
+    token_secret: str | None = _opt(None, "secret that signs subscribe tokens", metavar="SECRET")
+    token_ttl: int = _opt(3600, "lifetime of minted subscribe tokens", metavar="SECONDS")
+    insecure: bool = _opt(False, "allow a non-loopback --host with no publisher keys", flag=True)
+    cors_origin: tuple[str, ...] = _opt((), "allowed CORS origin (repeatable; env: comma-separated)",
+                                        metavar="ORIGIN", repeat=True)
+    max_event_bytes: int = _opt(1 << 20, "largest data of one event", metavar="BYTES")
+    max_batch: int = _opt(1000, "most events in one batch", metavar="N")
+    max_body_bytes: int = _opt(16 << 20, "largest request body (NDJSON streams: largest line)", metavar="BYTES")
+    max_events: int = _opt(0, "events kept per session; older ones are trimmed (0: keep all)", metavar="N")
+    session_ttl: int = _opt(86400, "seconds a completed session is kept (0: forever)", metavar="SECONDS")
+    auto_create: bool = _opt(True, "publishing to an unknown session creates it", flag=True)
+    send_timeout: float = _opt(10.0, "a stream whose client accepts nothing for this long is cut", metavar="SECONDS")
+    sqlite_synchronous: str = _opt("NORMAL", "SQLite synchronous mode: NORMAL (survives a crash) or FULL "
+                                   "(also survives a power cut)", metavar="MODE")
+    drain_seconds: float = _opt(10.0, "on SIGTERM, spread the closing of streams over this window",
+                                metavar="SECONDS")
+    log_level: str = _opt("info", "debug, info, warning or error", metavar="LEVEL")
+    access_log: bool = _opt(False, "log every request (query strings redacted)", flag=True)
+
+    @property
+    def publish_keys(self) -> tuple[str, ...]:
+        return self.publish_key
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``SSE_GATEWAY_*`` from ``env``, then ``overrides`` (None means not given)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = parse_value(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.backend not in ("sqlite", "memory", "redis"):
+            raise ValueError(f"unknown backend {self.backend!r}: use sqlite, memory or redis")
+        if self.heartbeat <= 0:
+            raise ValueError("heartbeat must be positive")
+        if self.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError("sqlite_synchronous must be NORMAL or FULL")
+        if not (0 < self.port < 65536):
+            raise ValueError("port must be between 1 and 65535")
+
+
+def parse_value(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if f.metadata.get("repeat"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if f.metadata.get("flag"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw

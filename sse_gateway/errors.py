@@ -1,0 +1,96 @@
+"""Errors the gateway answers with, and their JSON form.
+
+Every error a client can see is a ``GatewayError``; the HTTP layer turns it
+into ``{"error": {"code": ..., "message": ...}}`` with its status::
+
+    GatewayError                      (status, code, message, headers)
+    ├── BadRequest          400       invalid_session_id, invalid_cursor, invalid_json, ...
+    ├── Unauthorized        401       missing or bad credentials
+    ├── Forbidden           403       credentials that do not reach this session
+    ├── NotFound            404       session_not_found, not_found
+    ├── Conflict            409       session_exists, session_completed
+    ├── PreconditionFailed  412       state_version_mismatch
+    ├── TooLarge            413       event_too_large, batch_too_large, body_too_large
+    ├── UnsupportedMedia    415       unsupported_media_type
+    └── Unavailable         503       store_unavailable, draining (with Retry-After)
+
+The event log raises these too (a completed session, a stale state
+version), so the HTTP layer never has to translate storage exceptions.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class GatewayError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, code: str | None = None, *, headers: dict[str, str] | None = None,
+                 extra: dict | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> bytes:
+        return error_body(self.code, self.message, self.extra)
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "session_not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    code = "conflict"
+
+
+class PreconditionFailed(GatewayError):
+    status = 412
+    code = "state_version_mismatch"
+
+
+class TooLarge(GatewayError):
+    status = 413
+    code = "too_large"
+
+
+class UnsupportedMedia(GatewayError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Unavailable(GatewayError):
+    status = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, code: str | None = None, *, retry_after: int = 1, **kw) -> None:
+        super().__init__(message, code, **kw)
+        self.headers.setdefault("Retry-After", str(retry_after))
+
+
+def error_body(code: str, message: str, extra: dict | None = None) -> bytes:
+    body: dict = {"error": {"code": code, "message": message}}
+    if extra:
+        body.update(extra)
+    return orjson.dumps(body)

@@ -1,0 +1,161 @@
+"""In-process fan-out: one channel per watched session, a shared window of frames.
+
+The hub never queues events per subscriber. It keeps, for each session that
+has at least one stream attached, the session's **head** (its last known
+id) and a **window** of the most recent frames, already encoded. Each
+subscriber owns only its cursor: when woken it copies the frames after its
+cursor from the window, or reads them from the log when it is behind the
+window. So
+
+* a slow subscriber costs no memory (it falls back to reading the log);
+* replay and live are one code path, so there is no seam to get wrong;
+* a write this process did not see (another process on the same SQLite
+  file, another node on Redis) only moves the head, and subscribers read
+  the missing events from the log: no gap is possible.
+
+Channels are created when the first stream attaches and dropped when the
+last one detaches. ``subscribers`` and ``last_seen_at`` are the presence
+the session API reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from .models import END_EVENT, Session, StoredEvent, now_ms
+from .sse import encode_event
+
+if TYPE_CHECKING:
+    from .log.base import EventLog
+
+WINDOW = 1024
+
+
+class Channel:
+    __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "subscribers", "closed")
+
+    def __init__(self, session: str) -> None:
+        self.session = session
+        self.epoch = ""
+        self.head = 0
+        self.end_id: int | None = None
+        self.frames: list[bytes] = []  # frames[i] is the frame of event first_id + i
+        self.first_id = 0
+        self.waiting: set[asyncio.Future] = set()
+        self.subscribers = 0
+        self.closed = False  # the session was deleted, or the gateway is shutting down
+
+    def learn(self, row: Session) -> None:
+        """Take what the log says about the session (at attach time, or from another writer)."""
+        self.epoch = row.epoch
+        if row.last_id > self.head:
+            self.head = row.last_id
+        if row.completed:
+            self.end_id = row.last_id
+        self.wake()
+
+    def extend(self, events: list[StoredEvent]) -> None:
+        first = events[0].id
+        if not self.frames or first != self.first_id + len(self.frames):
+            self.frames = []
+            self.first_id = first
+        self.frames.extend(encode_event(ev, self.epoch) for ev in events)
+        if len(self.frames) > 2 * WINDOW:
+            drop = len(self.frames) - WINDOW
+            del self.frames[:drop]
+            self.first_id += drop
+        last = events[-1]
+        if last.id > self.head:
+            self.head = last.id
+        if last.event == END_EVENT:
+            self.end_id = last.id
+        self.wake()
+
+    def window_after(self, cursor: int) -> tuple[bytes, int] | None:
+        """The frames after ``cursor`` if the window holds the next one, and the new cursor."""
+        start = cursor + 1 - self.first_id
+        if not self.frames or start < 0 or start >= len(self.frames):
+            return None
+        return b"".join(self.frames[start:]), self.first_id + len(self.frames) - 1
+
+    def wake(self) -> None:
+        for fut in self.waiting:
+            if not fut.done():
+                fut.set_result(None)
+        self.waiting.clear()
+
+
+class Hub:
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self.channels: dict[str, Channel] = {}
+        self.last_seen: dict[str, int] = {}
+        self.closing = False
+        self.drain_start: float | None = None  # loop time the drain began
+        self.drain_window = 0.0
+        log.add_listener(self._on_log)
+        if hasattr(log, "watched"):
+            log.watched = self.channels.keys()
+
+    def attach(self, session: str) -> Channel:
+        """Count a new stream of ``session``; learn its head from the log *after* this call."""
+        ch = self.channels.get(session)
+        if ch is None:
+            ch = self.channels[session] = Channel(session)
+        ch.subscribers += 1
+        return ch
+
+    def settle(self, ch: Channel, row: Session) -> Channel:
+        """Give a just-attached channel the row read after attaching; a new life gets a new channel."""
+        if ch.epoch and ch.epoch != row.epoch:  # deleted and created again by another process
+            ch.subscribers -= 1
+            self.close_channel(ch)
+            ch = self.attach(row.id)
+        ch.learn(row)
+        return ch
+
+    def detach(self, ch: Channel) -> None:
+        ch.subscribers -= 1
+        if ch.subscribers <= 0:
+            self.last_seen[ch.session] = now_ms()
+            if self.channels.get(ch.session) is ch:
+                del self.channels[ch.session]
+
+    def presence(self, session: str) -> tuple[int, int | None]:
+        ch = self.channels.get(session)
+        return (ch.subscribers if ch else 0), self.last_seen.get(session)
+
+    def _on_log(self, session: str, events: list[StoredEvent], row: Session | None) -> None:
+        ch = self.channels.get(session)
+        if row is None:
+            self.last_seen.pop(session, None)
+        if ch is None:
+            return
+        if row is None:
+            self.close_channel(ch)
+        elif events:
+            ch.extend(events)
+        elif ch.epoch and row.epoch != ch.epoch:
+            self.close_channel(ch)  # deleted and created again by another process
+        elif row.last_id > ch.head or (row.completed and ch.end_id is None):
+            ch.learn(row)
+
+    def close_channel(self, ch: Channel) -> None:
+        ch.closed = True
+        if self.channels.get(ch.session) is ch:
+            del self.channels[ch.session]
+        ch.wake()
+
+    def begin_drain(self, window: float) -> None:
+        """Each stream closes at a random moment of the next ``window`` seconds (see stream.py)."""
+        self.drain_start = asyncio.get_running_loop().time()
+        self.drain_window = window
+        for ch in list(self.channels.values()):
+            ch.wake()
+
+    def shutdown(self) -> None:
+        """End every stream (clients reconnect, to this process or another)."""
+        self.closing = True
+        for ch in list(self.channels.values()):
+            self.close_channel(ch)

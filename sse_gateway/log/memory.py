@@ -1,0 +1,119 @@
+"""The reference event log: everything in process memory, nothing survives a restart.
+
+Small enough to read in one sitting; the contract suite runs against it
+first, and the benchmarks use it to tell the cost of the store from the
+cost of the gateway.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import Conflict, NotFound
+from ..models import AppendResult, NewEvent, Session, StoredEvent, new_epoch, now_ms
+from .base import NO_RESULT, EventLog, apply_ack, apply_append, apply_complete, apply_state, apply_trim,
+                   is_expired
+
+
+class _Entry:
+    __slots__ = ("row", "events", "keys")
+
+    def __init__(self, row: Session) -> None:
+        self.row = row
+        self.events: list[StoredEvent] = []
+        self.keys: dict[str, int] = {}
+
+
+class MemoryLog(EventLog):
+    def __init__(self, *, max_events: int | None = None, default_ttl: int | None = None) -> None:
+        super().__init__()
+        self.max_events = max_events
+        self.default_ttl = default_ttl
+        self._sessions: dict[str, _Entry] = {}
+
+    def _entry(self, session: str) -> _Entry:
+        entry = self._sessions.get(session)
+        if entry is None:
+            raise NotFound(f"no session {session!r}")
+        return entry
+
+    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
+        if session in self._sessions:
+            raise Conflict(f"session {session!r} exists", "session_exists")
+        row = Session(id=session, epoch=new_epoch(), created_at=now_ms(), metadata=metadata, ttl_seconds=ttl_seconds)
+        self._sessions[session] = _Entry(row)
+        return copy.copy(row)
+
+    async def get_session(self, session: str) -> Session | None:
+        entry = self._sessions.get(session)
+        return copy.copy(entry.row) if entry else None
+
+    async def list_sessions(self, *, status: str | None = None, limit: int = 100) -> list[Session]:
+        rows = [e.row for e in self._sessions.values() if status is None or e.row.status == status]
+        rows.sort(key=lambda r: r.created_at, reverse=True)
+        return [copy.copy(r) for r in rows[:limit]]
+
+    async def delete_session(self, session: str) -> bool:
+        if self._sessions.pop(session, None) is None:
+            return False
+        self._notify(session, [], None)
+        return True
+
+    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
+        entry = self._sessions.get(session)
+        if entry is None:
+            if not create:
+                raise NotFound(f"no session {session!r}")
+            await self.create_session(session)
+            entry = self._sessions[session]
+        result, new_keys = apply_append(entry.row, events, entry.keys, now_ms(), self.max_events)
+        entry.keys.update(new_keys)
+        self._store(entry, result.events)
+        return result
+
+    def _store(self, entry: _Entry, events: list[StoredEvent]) -> None:
+        entry.events.extend(events)
+        if entry.events and entry.events[0].id <= entry.row.trimmed_id:
+            cut = bisect.bisect_right(entry.events, entry.row.trimmed_id, key=lambda e: e.id)
+            del entry.events[:cut]
+        if events:
+            self._notify(entry.row.id, events, copy.copy(entry.row))
+
+    async def read(self, session: str, after: int, limit: int) -> list[StoredEvent]:
+        entry = self._sessions.get(session)
+        if entry is None:
+            return []
+        start = bisect.bisect_right(entry.events, after, key=lambda e: e.id)
+        return entry.events[start:start + limit]
+
+    async def complete(self, session: str, result: Any = NO_RESULT) -> Session:
+        entry = self._entry(session)
+        end = apply_complete(entry.row, result, now_ms())
+        if end is not None:
+            self._store(entry, [end])
+        return copy.copy(entry.row)
+
+    async def ack(self, session: str, upto: int) -> Session:
+        entry = self._entry(session)
+        apply_ack(entry.row, upto)
+        return copy.copy(entry.row)
+
+    async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
+        entry = self._entry(session)
+        apply_state(entry.row, state, if_version)
+        return copy.copy(entry.row)
+
+    async def trim(self, session: str, through: int) -> Session:
+        entry = self._entry(session)
+        apply_trim(entry.row, through)
+        self._store(entry, [])
+        return copy.copy(entry.row)
+
+    async def sweep(self, now: int) -> int:
+        expired = [s for s, e in self._sessions.items() if is_expired(e.row, now, self.default_ttl)]
+        for session in expired:
+            await self.delete_session(session)
+        return len(expired)

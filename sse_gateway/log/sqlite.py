@@ -1,0 +1,468 @@
+"""The default event log: one SQLite file in WAL mode, one writer, group commit.
+
+Writes (appends, completions, acks, state, deletes) go through one queue to
+one writer connection. The writer takes everything queued, runs it in a
+single ``BEGIN IMMEDIATE`` transaction and commits once, then answers every
+caller: concurrent publishers share one commit, and nobody's ``append``
+returns before its events are committed. The rules of each write run in
+Python (``log.base.apply_*``) against rows read inside the transaction, so
+several processes on one file still allocate contiguous ids: the write lock
+is SQLite's, not ours.
+
+Reads use a few read-only connections of their own (WAL lets them run
+beside the writer). A poller watches ``PRAGMA data_version`` to learn of
+commits made by other processes on the same file and tells the listeners,
+so a stream served by this process sees events appended by another.
+
+Deleting a session or trimming its history only moves a row's fields;
+the events themselves are removed afterwards in small chunks by ``sweep``,
+so neither ever holds the write lock for long.
+
+Durability: ``synchronous=NORMAL`` (the default) survives a crash of the
+process (``kill -9``) but may lose the last commits on a power cut;
+``FULL`` survives both at the cost of an fsync per group commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from ..errors import Conflict, GatewayError, NotFound, Unavailable
+from ..models import AppendResult, NewEvent, Session, StoredEvent, new_epoch, now_ms
+from .base import NO_RESULT, EventLog, apply_ack, apply_append, apply_complete, apply_state, apply_trim, is_expired
+
+log = logging.getLogger("sse_gateway.sqlite")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    sid INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: a recreated session gets a new sid
+    name TEXT NOT NULL UNIQUE,
+    epoch TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'open',
+    completed_at INTEGER,
+    last_id INTEGER NOT NULL DEFAULT 0,
+    trimmed_id INTEGER NOT NULL DEFAULT 0,
+    purged_id INTEGER NOT NULL DEFAULT 0,   -- events <= purged_id are physically deleted
+    metadata TEXT,
+    ttl_seconds INTEGER,
+    acked_id INTEGER NOT NULL DEFAULT 0,
+    state TEXT,
+    state_version INTEGER NOT NULL DEFAULT 0,
+    state_as_of INTEGER NOT NULL DEFAULT 0,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_created ON sessions (created_at);
+CREATE TABLE IF NOT EXISTS events (
+    sid INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    data TEXT NOT NULL,
+    is_json INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    PRIMARY KEY (sid, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idem (
+    sid INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    PRIMARY KEY (sid, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS doomed (      -- deleted sessions whose events are still being removed
+    sid INTEGER PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
+"""
+
+_ROW = ("sid, name, epoch, created_at, status, completed_at, last_id, trimmed_id, ttl_seconds, acked_id, "
+        "state_version, state_as_of, result")
+_FULL_ROW = _ROW + ", metadata, state"
+_PURGE_CHUNK = 5000
+_MAX_BATCH = 1000
+
+
+def _row(t: tuple, full: bool = False) -> tuple[int, Session]:
+    sid, name, epoch, created_at, status, completed_at, last_id, trimmed_id, ttl, acked, sv, sa, result = t[:13]
+    row = Session(id=name, epoch=epoch, created_at=created_at, status=status, completed_at=completed_at,
+                  last_id=last_id, trimmed_id=trimmed_id, ttl_seconds=ttl, acked_id=acked, state_version=sv,
+                  state_as_of=sa, result=None if result is None else orjson.loads(result))
+    if full:
+        row.metadata = None if t[13] is None else orjson.loads(t[13])
+        row.state = None if t[14] is None else orjson.loads(t[14])
+    return sid, row
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def store_error(exc: sqlite3.Error) -> GatewayError:
+    """What a failed write means to a publisher; nothing of the batch was committed."""
+    text = str(exc).lower()
+    if "full" in text:
+        err = Unavailable("the store is out of space; nothing was written", "store_full", retry_after=5)
+        err.status = 507
+        return err
+    if "readonly" in text or "read-only" in text:
+        return Unavailable("the store is read-only; nothing was written", "store_read_only", retry_after=5)
+    if "locked" in text or "busy" in text:
+        return Unavailable("the store is busy; nothing was written", "store_busy", retry_after=1)
+    return Unavailable(f"the store failed: {exc}; nothing was written", "store_error", retry_after=1)
+
+
+@dataclass(eq=False)
+class _Op:
+    kind: str
+    session: str
+    args: tuple = ()
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class SqliteLog(EventLog):
+    def __init__(self, path: str, *, max_events: int | None = None, default_ttl: int | None = None,
+                 synchronous: str = "NORMAL", readers: int = 3, poll_interval: float = 0.05) -> None:
+        super().__init__()
+        self.path = path
+        self.max_events = max_events
+        self.default_ttl = default_ttl
+        self.synchronous = synchronous
+        self.poll_interval = poll_interval
+        self._n_readers = readers
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader = 0
+        self._writer: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        #: names of the sessions someone is streaming; set by the hub, read by the poller
+        self.watched: Collection[str] = ()
+        #: ``callback(batch_size)`` after each group commit (metrics)
+        self.on_commit = None
+
+    # -- life ------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._writer.execute("PRAGMA busy_timeout = 10000")
+        await self._writer.execute("PRAGMA journal_mode = WAL")
+        await self._writer.execute(f"PRAGMA synchronous = {self.synchronous}")
+        await self._writer.executescript(SCHEMA)
+        for _ in range(self._n_readers + 1):
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+            await conn.execute("PRAGMA busy_timeout = 10000")
+            await conn.execute("PRAGMA query_only = 1")
+            await conn.execute("PRAGMA mmap_size = 268435456")
+            self._readers.append(conn)
+        self._poll_conn = self._readers.pop()
+        self._tasks = [asyncio.create_task(self._write_loop(), name="sqlite-writer"),
+                       asyncio.create_task(self._poll_loop(), name="sqlite-poller")]
+
+    async def close(self) -> None:
+        if self._writer is None:
+            return
+        await self._queue.put(None)
+        await self._tasks[0]
+        self._tasks[1].cancel()
+        await asyncio.gather(self._tasks[1], return_exceptions=True)
+        for conn in [*self._readers, self._poll_conn, self._writer]:
+            await conn.close()
+        self._writer = None
+
+    async def ping(self) -> None:
+        await self._reader().execute_fetchall("SELECT 1")
+
+    def _reader(self) -> aiosqlite.Connection:
+        self._next_reader = (self._next_reader + 1) % len(self._readers)
+        return self._readers[self._next_reader]
+
+    # -- reads -----------------------------------------------------------
+
+    async def get_session(self, session: str) -> Session | None:
+        rows = await self._reader().execute_fetchall(f"SELECT {_FULL_ROW} FROM sessions WHERE name = ?", (session,))
+        return _row(rows[0], full=True)[1] if rows else None
+
+    async def list_sessions(self, *, status: str | None = None, limit: int = 100) -> list[Session]:
+        where, params = ("WHERE status = ?", (status, limit)) if status else ("", (limit,))
+        rows = await self._reader().execute_fetchall(
+            f"SELECT {_FULL_ROW} FROM sessions {where} ORDER BY created_at DESC, sid DESC LIMIT ?", params)
+        return [_row(r, full=True)[1] for r in rows]
+
+    async def read(self, session: str, after: int, limit: int) -> list[StoredEvent]:
+        rows = await self._reader().execute_fetchall(
+            "SELECT e.id, e.event, e.data, e.is_json, e.ts FROM sessions s JOIN events e ON e.sid = s.sid "
+            "WHERE s.name = ? AND e.id > max(?, s.trimmed_id) ORDER BY e.id LIMIT ?",
+            (session, after, limit))
+        return [StoredEvent(*r) for r in rows]
+
+    # -- writes: everything goes through the writer ------------------------
+
+    async def _submit(self, kind: str, session: str, *args: Any) -> Any:
+        if self._writer is None:
+            raise Unavailable("the store is closed", "store_closed")
+        op = _Op(kind, session, args)
+        self._queue.put_nowait(op)
+        return await op.future
+
+    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
+        return await self._submit("create", session, metadata, ttl_seconds)
+
+    async def delete_session(self, session: str) -> bool:
+        return await self._submit("delete", session)
+
+    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
+        return await self._submit("append", session, events, create)
+
+    async def complete(self, session: str, result: Any = NO_RESULT) -> Session:
+        return await self._submit("complete", session, result)
+
+    async def ack(self, session: str, upto: int) -> Session:
+        return await self._submit("ack", session, upto)
+
+    async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
+        return await self._submit("state", session, state, if_version)
+
+    async def trim(self, session: str, through: int) -> Session:
+        return await self._submit("trim", session, through)
+
+    async def _write_loop(self) -> None:
+        while True:
+            op = await self._queue.get()
+            if op is None:
+                return
+            batch, purges = [], []
+            while op is not None:
+                (purges if op.kind == "purge" else batch).append(op)
+                if len(batch) >= _MAX_BATCH or self._queue.empty():
+                    break
+                op = self._queue.get_nowait()
+            if batch:
+                await self._run_batch(batch)
+            for purge in purges:
+                await self._run_purge(purge)
+            if op is None:
+                return
+
+    async def _run_batch(self, batch: list[_Op]) -> None:
+        db = self._writer
+        outcomes: list[tuple[_Op, Any, BaseException | None]] = []
+        notify: dict[str, tuple[list[StoredEvent], Session | None]] = {}
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            names = list({op.session for op in batch})
+            rows: dict[str, tuple[int, Session] | None] = dict.fromkeys(names)
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                for t in await db.execute_fetchall(
+                        f"SELECT {_ROW} FROM sessions WHERE name IN ({','.join('?' * len(chunk))})", chunk):
+                    rows[t[1]] = _row(t)
+            keys = await self._load_keys(db, batch, rows)
+            events: list[tuple] = []
+            new_keys: list[tuple] = []
+            touched: dict[str, tuple[int, Session]] = {}
+            states: list[tuple] = []
+            for op in batch:
+                try:
+                    value = await self._apply(db, op, rows, keys, events, new_keys, touched, states, notify)
+                    outcomes.append((op, value, None))
+                except GatewayError as err:
+                    outcomes.append((op, None, err))
+            if events:
+                await db.executemany("INSERT INTO events (sid, id, event, data, is_json, ts) VALUES (?,?,?,?,?,?)",
+                                     events)
+            if new_keys:
+                await db.executemany("INSERT INTO idem (sid, key, id) VALUES (?,?,?)", new_keys)
+            if touched:
+                await db.executemany(
+                    "UPDATE sessions SET status=?, completed_at=?, last_id=?, trimmed_id=?, acked_id=?, result=? "
+                    "WHERE sid=?",
+                    [(r.status, r.completed_at, r.last_id, r.trimmed_id, r.acked_id, _dumps(r.result), sid)
+                     for sid, r in touched.values()])
+            if states:
+                await db.executemany("UPDATE sessions SET state=?, state_version=?, state_as_of=? WHERE sid=?",
+                                     states)
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                await db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            err = store_error(exc)
+            log.error("write of %d operations failed: %s", len(batch), exc)
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(err)
+            return
+        if self.on_commit is not None:
+            self.on_commit(len(batch))
+        for op, value, err in outcomes:
+            if op.future.done():
+                continue
+            if err is not None:
+                op.future.set_exception(err)
+            else:
+                op.future.set_result(value)
+        for session, (new_events, row) in notify.items():
+            self._notify(session, new_events, row)
+
+    async def _load_keys(self, db, batch, rows) -> dict[tuple[int, str], int]:
+        wanted = [(rows[op.session][0], ev.idempotency_key) for op in batch if op.kind == "append"
+                  and rows[op.session] is not None for ev in op.args[0] if ev.idempotency_key is not None]
+        found: dict[tuple[int, str], int] = {}
+        for i in range(0, len(wanted), 400):
+            chunk = wanted[i:i + 400]
+            sql = ("SELECT sid, key, id FROM idem WHERE (sid, key) IN (VALUES "
+                   + ",".join(["(?,?)"] * len(chunk)) + ")")
+            for sid, key, id_ in await db.execute_fetchall(sql, [x for pair in chunk for x in pair]):
+                found[(sid, key)] = id_
+        return found
+
+    async def _apply(self, db, op: _Op, rows, keys, events, new_keys, touched, states, notify) -> Any:
+        """Run one operation against the rows loaded for this transaction."""
+        entry = rows.get(op.session)
+        if op.kind == "create" or (op.kind == "append" and entry is None and op.args[1]):
+            if entry is not None:
+                raise Conflict(f"session {op.session!r} exists", "session_exists")
+            metadata, ttl = op.args if op.kind == "create" else (None, None)
+            row = Session(id=op.session, epoch=new_epoch(), created_at=now_ms(), metadata=metadata, ttl_seconds=ttl)
+            cur = await db.execute(
+                "INSERT INTO sessions (name, epoch, created_at, metadata, ttl_seconds) VALUES (?,?,?,?,?)",
+                (row.id, row.epoch, row.created_at, _dumps(metadata), ttl))
+            entry = rows[op.session] = (cur.lastrowid, row)
+            if op.kind == "create":
+                return row
+        if entry is None:
+            if op.kind == "delete":
+                return False
+            raise NotFound(f"no session {op.session!r}")
+        sid, row = entry
+        if op.kind == "delete":
+            await db.execute("DELETE FROM sessions WHERE sid = ?", (sid,))
+            await db.execute("DELETE FROM idem WHERE sid = ?", (sid,))
+            await db.execute("INSERT OR REPLACE INTO doomed (sid, last_id) VALUES (?, ?)", (sid, row.last_id))
+            rows[op.session] = None
+            touched.pop(op.session, None)
+            notify[op.session] = ([], None)
+            return True
+        new_events: list[StoredEvent] = []
+        if op.kind == "append":
+            session_keys = _KeyView(keys, sid)
+            result, batch_keys = apply_append(row, op.args[0], session_keys, now_ms(), self.max_events)
+            keys.update({(sid, k): v for k, v in batch_keys.items()})
+            new_keys.extend((sid, k, v) for k, v in batch_keys.items())
+            new_events = result.events
+            value: Any = result
+        elif op.kind == "complete":
+            end = apply_complete(row, op.args[0], now_ms())
+            new_events = [end] if end else []
+            value = row
+        elif op.kind == "ack":
+            apply_ack(row, op.args[0])
+            value = row
+        elif op.kind == "trim":
+            apply_trim(row, op.args[0])
+            value = row
+        elif op.kind == "state":
+            state, if_version = op.args
+            apply_state(row, state, if_version)
+            states.append((_dumps(state), row.state_version, row.state_as_of, sid))
+            row.state = state
+            value = row
+        else:  # pragma: no cover - a programming error
+            raise ValueError(op.kind)
+        touched[op.session] = entry
+        if new_events:
+            events.extend((sid, e.id, e.event, e.data, int(e.is_json), e.ts) for e in new_events)
+            previous = notify.get(op.session, ([], None))[0]
+            notify[op.session] = (previous + new_events, row)
+        return value
+
+    # -- retention and other processes' commits -----------------------------
+
+    async def sweep(self, now: int) -> int:
+        """Delete expired sessions, then physically remove trimmed and deleted events in chunks."""
+        rows = await self._reader().execute_fetchall(
+            f"SELECT {_ROW} FROM sessions WHERE status = 'completed'")
+        expired = [row.id for _, row in map(_row, rows) if is_expired(row, now, self.default_ttl)]
+        for name in expired:
+            await self.delete_session(name)
+        await self._purge()
+        return len(expired)
+
+    async def _purge(self) -> None:
+        reader = self._reader()
+        for sid, last_id in await reader.execute_fetchall("SELECT sid, last_id FROM doomed LIMIT 100"):
+            await self._purge_range(sid, last_id, doomed=True)
+        for sid, purged, trimmed in await reader.execute_fetchall(
+                "SELECT sid, purged_id, trimmed_id FROM sessions WHERE purged_id < trimmed_id LIMIT 100"):
+            await self._purge_range(sid, trimmed, doomed=False, start=purged)
+
+    async def _purge_range(self, sid: int, upto: int, *, doomed: bool, start: int = 0) -> None:
+        # Each chunk is its own short transaction on the writer, queued between group commits.
+        while start < upto:
+            stop = min(upto, start + _PURGE_CHUNK)
+            await self._submit("purge", "", sid, start, stop, doomed and stop >= upto)
+            start = stop
+
+    async def _run_purge(self, op: _Op) -> None:
+        sid, start, stop, last = op.args
+        db = self._writer
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            await db.execute("DELETE FROM events WHERE sid = ? AND id > ? AND id <= ?", (sid, start, stop))
+            if last:
+                await db.execute("DELETE FROM doomed WHERE sid = ?", (sid,))
+            await db.execute("UPDATE sessions SET purged_id = ? WHERE sid = ? AND purged_id < ?", (stop, sid, stop))
+            await db.execute("COMMIT")
+            op.future.set_result(None)
+        except sqlite3.Error as exc:
+            try:
+                await db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            op.future.set_exception(store_error(exc))
+
+    async def _poll_loop(self) -> None:
+        last_version = None
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            watched = list(self.watched)
+            try:
+                (version,), = await self._poll_conn.execute_fetchall("PRAGMA data_version")
+                if version == last_version or not watched:
+                    last_version = version
+                    continue
+                last_version = version
+                found: dict[str, Session] = {}
+                for i in range(0, len(watched), 500):
+                    chunk = watched[i:i + 500]
+                    for t in await self._poll_conn.execute_fetchall(
+                            f"SELECT {_ROW} FROM sessions WHERE name IN ({','.join('?' * len(chunk))})", chunk):
+                        found[t[1]] = _row(t)[1]
+            except sqlite3.Error as exc:
+                log.warning("polling for other writers failed: %s", exc)
+                continue
+            for name in watched:
+                self._notify(name, [], found.get(name))
+
+
+class _KeyView:
+    """The idempotency keys of one session, seen through the batch's (sid, key) map."""
+
+    __slots__ = ("keys", "sid")
+
+    def __init__(self, keys: dict[tuple[int, str], int], sid: int) -> None:
+        self.keys = keys
+        self.sid = sid
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.keys.get((self.sid, key), default)
+
+    def __contains__(self, key: str) -> bool:
+        return (self.sid, key) in self.keys

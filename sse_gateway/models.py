@@ -1,0 +1,127 @@
+"""What the log holds: events, sessions, and the rules for their names.
+
+These are plain slotted dataclasses, not Pydantic models: they sit on the
+hot path (every published and every delivered event).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .errors import BadRequest
+
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.~-]{1,128}")
+EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+RESERVED_PREFIX = "gateway."
+END_EVENT = "gateway.end"
+
+_EPOCH_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
+
+
+def check_session_id(session: str) -> str:
+    if not SESSION_ID_RE.fullmatch(session) or session in (".", ".."):
+        raise BadRequest(
+            "session id must be 1-128 characters of A-Z a-z 0-9 _ . ~ - and not '.' or '..'",
+            "invalid_session_id",
+        )
+    return session
+
+
+def check_event_type(event: Any) -> str:
+    if not isinstance(event, str) or not EVENT_TYPE_RE.fullmatch(event):
+        raise BadRequest("event type must be 1-64 characters of A-Z a-z 0-9 _ . : -", "invalid_event_type")
+    if event.startswith(RESERVED_PREFIX):
+        raise BadRequest("event types beginning with 'gateway.' are reserved", "reserved_event_type")
+    return event
+
+
+def new_epoch() -> str:
+    """A short random token that tells one life of a session id from another."""
+    return "".join(secrets.choice(_EPOCH_ALPHABET) for _ in range(6))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def rfc3339(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    secs, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{millis:03d}Z"
+
+
+@dataclass(slots=True)
+class NewEvent:
+    """An event a publisher asked to append. ``data`` is JSON text when ``is_json``."""
+
+    event: str
+    data: str
+    is_json: bool = True
+    idempotency_key: str | None = None
+
+
+@dataclass(slots=True)
+class StoredEvent:
+    id: int
+    event: str
+    data: str
+    is_json: bool
+    ts: int  # milliseconds since the epoch, UTC
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "event": self.event,
+            "data": orjson_fragment(self.data) if self.is_json else self.data,
+            "ts": rfc3339(self.ts),
+        }
+
+
+def orjson_fragment(text: str) -> Any:
+    return orjson.Fragment(text)
+
+
+@dataclass(slots=True)
+class Session:
+    """One session's row: everything but its events and idempotency keys."""
+
+    id: str
+    epoch: str
+    created_at: int
+    status: str = "open"  # or "completed"
+    completed_at: int | None = None
+    last_id: int = 0
+    trimmed_id: int = 0  # every id <= trimmed_id was removed by retention
+    metadata: Any = None
+    ttl_seconds: int | None = None
+    acked_id: int = 0
+    state: Any = None
+    state_version: int = 0
+    state_as_of: int = 0
+    result: Any = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def earliest_id(self) -> int:
+        return self.trimmed_id + 1
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+
+@dataclass(slots=True)
+class AppendResult:
+    """What an append did: one id per event asked for; ``new`` is False for an idempotent replay."""
+
+    ids: list[int]
+    new: list[bool]
+    last_id: int
+    events: list[StoredEvent]  # the events actually appended, in id order

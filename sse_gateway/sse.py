@@ -1,0 +1,46 @@
+"""Server-Sent Events wire format: each event is encoded to bytes once.
+
+Framing safety comes from construction, not from escaping: ids are
+``INT:EPOCH`` (digits and the epoch alphabet), event types are checked
+against ``[A-Za-z0-9_.:-]``, JSON data is compact JSON (orjson escapes
+control characters inside strings, so it is one line), and text data is
+split on CR, LF and CRLF into one ``data:`` line each. No value a publisher
+controls can end a line of the frame.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import orjson
+
+from .models import StoredEvent
+
+PING = b": ping\n\n"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def data_lines(data: str, is_json: bool) -> bytes:
+    if is_json or ("\n" not in data and "\r" not in data):
+        return b"data: " + data.encode() + b"\n"
+    return b"".join(b"data: " + line.encode() + b"\n" for line in _LINE_BREAK.split(data))
+
+
+def encode_event(ev: StoredEvent, epoch: str) -> bytes:
+    """The frame of one log entry, ``id: ID:EPOCH`` first."""
+    head = b"id: %d:%s\n" % (ev.id, epoch.encode())
+    if ev.event != "message":
+        head += b"event: " + ev.event.encode() + b"\n"
+    return head + data_lines(ev.data, ev.is_json) + b"\n"
+
+
+def encode_control(event: str, payload: dict) -> bytes:
+    """A gateway notice (gap, reset): no ``id:`` so the client's cursor does not move."""
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def encode_retry(retry_ms: int, jitter: float = 0.5) -> bytes:
+    """``retry:`` spread over [retry_ms, retry_ms * (1 + jitter)] so a fleet does not reconnect at once."""
+    value = int(retry_ms * (1 + random.random() * jitter)) if retry_ms > 0 else 0
+    return b"retry: %d\n\n" % value

@@ -1,0 +1,201 @@
+"""One subscriber's life: where it starts, replay and live as one loop, how it ends.
+
+Races and who wins them:
+
+* **Publish during connect.** The stream attaches to the hub *before* it
+  reads the session's head from the log, so a commit is either in what it
+  reads or wakes it afterwards. Replay and live are the same loop (copy
+  the frames after the cursor from the hub's window, or read them from the
+  log), so nothing is sent twice or skipped at the seam.
+* **Client gone.** A watcher waits for ``http.disconnect`` and wakes the
+  loop, which ends; presence is released in ``finally``, whatever happened.
+* **Slow client.** Sending is bounded by ``send_timeout``: a client that
+  accepts nothing for that long is cut, never buffered for. It reconnects
+  with its Last-Event-ID and catches up from the log.
+* **Shutdown or delete.** The hub closes the channel; the loop ends the
+  response cleanly so the client reconnects (to this node or another).
+* **Completion.** The loop stops right after it has sent ``gateway.end``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .errors import BadRequest
+from .hub import Channel, Hub
+from .models import END_EVENT, Session
+from .sse import PING, encode_control, encode_event
+
+log = logging.getLogger("sse_gateway.stream")
+
+READ_CHUNK = 2000
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_CURSOR = re.compile(r"(\d{1,18})(?::([A-Za-z0-9]{1,32}))?")
+
+
+def parse_cursor(text: str) -> tuple[int, str | None]:
+    """``ID`` or ``ID:EPOCH``; anything else is ``400 invalid_cursor``."""
+    m = _CURSOR.fullmatch(text.strip())
+    if not m:
+        raise BadRequest(f"cursor {text[:40]!r} is neither ID nor ID:EPOCH", "invalid_cursor")
+    return int(m.group(1)), m.group(2)
+
+
+def start_position(row: Session, cursor: int, epoch: str | None) -> tuple[int, bytes]:
+    """Where a stream with this cursor starts, and the notice it gets first (``gateway.reset``)."""
+    if (epoch is not None and epoch != row.epoch) or cursor > row.last_id:
+        return 0, encode_control("gateway.reset", {"epoch": row.epoch, "last_id": row.last_id})
+    return cursor, b""
+
+
+class EventStream(Response):
+    """The ``text/event-stream`` response of one subscriber (pure ASGI, never buffered)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, hub: Hub, session: str, cursor: int, epoch: str | None, *, prelude: bytes, live: bool,
+                 heartbeat: float, send_timeout: float, stats=None) -> None:
+        self.hub = hub
+        self.session = session
+        self.cursor = cursor
+        self.epoch = epoch
+        self.prelude = prelude
+        self.live = live
+        self.heartbeat = heartbeat
+        self.send_timeout = send_timeout
+        self.stats = stats
+        self.status_code = 200
+        self.background = None
+        self.gone = False
+        self._wakeup: asyncio.Future | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ch = self.hub.attach(self.session)  # before reading the head: see the module docstring
+        watcher = asyncio.create_task(self._watch(receive))
+        try:
+            row = await self.hub.log.get_session(self.session)
+            if row is None:  # deleted since the route looked
+                await send({"type": "http.response.start", "status": 204, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            ch = self.hub.settle(ch, row)
+            cursor, notice = start_position(row, self.cursor, self.epoch)
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            await self._pump(send, ch, cursor, self.prelude + notice)
+            if not self.gone:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            # The client accepted nothing for send_timeout: drop it; it resumes from the log.
+            log.info("cut slow client of session %s", self.session)
+            if self.stats:
+                self.stats.slow_consumer_disconnects += 1
+            # Returning without finishing the response makes the server close the connection.
+        finally:
+            watcher.cancel()
+            self.hub.detach(ch)
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _send(self, send: Send, body: bytes) -> None:
+        async with asyncio.timeout(self.send_timeout):
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def _pump(self, send: Send, ch: Channel, cursor: int, prelude: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        await self._send(send, prelude)
+        last_write = loop.time()
+        stop_at = None if self.live else ch.head
+        close_at: float | None = None  # when draining, the moment this stream closes
+        while not self.gone and not ch.closed:
+            if ch.end_id is not None and cursor >= ch.end_id:
+                return
+            if stop_at is not None and cursor >= stop_at:
+                return
+            if cursor < ch.head:
+                chunk, cursor = await self._next(ch, cursor)
+                if chunk:
+                    await self._send(send, chunk)
+                    last_write = loop.time()
+                continue
+            now = loop.time()
+            if self.hub.drain_start is not None:
+                if close_at is None:
+                    close_at = self.hub.drain_start + random.random() * self.hub.drain_window
+                if now >= close_at:
+                    return
+            idle = now - last_write
+            if idle >= self.heartbeat:
+                await self._send(send, PING)
+                last_write = loop.time()
+                if self.stats:
+                    self.stats.heartbeats += 1
+                continue
+            fut = self._wakeup = loop.create_future()
+            ch.waiting.add(fut)
+            delay = self.heartbeat - idle if close_at is None else min(self.heartbeat - idle, close_at - now)
+            timer = loop.call_later(delay, _resolve, fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                ch.waiting.discard(fut)
+                self._wakeup = None
+
+    async def _next(self, ch: Channel, cursor: int) -> tuple[bytes, int]:
+        """The frames after ``cursor``: from the hub's window, else from the log."""
+        got = ch.window_after(cursor)
+        if got is not None:
+            if self.stats:
+                self.stats.delivered += got[1] - cursor
+            return got
+        events = await self.hub.log.read(self.session, cursor, READ_CHUNK)
+        if not events:
+            # Nothing after the cursor although the head is ahead: trimmed, or the session went away.
+            row = await self.hub.log.get_session(self.session)
+            if row is None or row.epoch != ch.epoch:
+                self.hub.close_channel(ch)
+                return b"", cursor
+            ch.head = row.last_id
+            if row.trimmed_id > cursor:
+                return self._gap(cursor + 1, row.trimmed_id), row.trimmed_id
+            return b"", cursor
+        out = []
+        if events[0].id > cursor + 1:
+            out.append(self._gap(cursor + 1, events[0].id - 1))
+        epoch = ch.epoch
+        for ev in events:
+            out.append(encode_event(ev, epoch))
+            if ev.event == END_EVENT:
+                ch.end_id = ev.id
+        if self.stats:
+            self.stats.delivered += len(events)
+            self.stats.replayed += len(events)
+        return b"".join(out), events[-1].id
+
+    def _gap(self, first: int, last: int) -> bytes:
+        if self.stats:
+            self.stats.gaps += 1
+        return encode_control("gateway.gap", {"from": first, "to": last})
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
