@@ -14,8 +14,8 @@ from typing import Any
 
 from ..errors import Conflict, NotFound
 from ..models import AppendResult, NewEvent, Session, StoredEvent, new_epoch, now_ms
-from .base import NO_RESULT, EventLog, apply_ack, apply_append, apply_complete, apply_state, apply_trim,
-                   is_expired
+from .base import (NO_RESULT, EventLog, apply_ack, apply_append, apply_complete, apply_state, apply_trim,
+                   is_expired)
 
 
 class _Entry:

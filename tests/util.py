@@ -1,0 +1,137 @@
+"""Test helpers: a TCP proxy that drops connections on demand, and a resuming SSE reader."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from conftest import free_port
+
+
+class ChaosProxy:
+    """A TCP proxy on its own thread; ``drop_all()`` aborts every open connection at once."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.connections = 0
+        self.drops = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ChaosProxy:
+        self._thread.start()
+        self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.writers.difference_update((writer, up_writer))
+
+    def drop_all(self) -> int:
+        """Abort every connection through the proxy (as a network drop would); returns how many."""
+        done = threading.Event()
+        count = [0]
+
+        def abort() -> None:
+            count[0] = len(self.writers) // 2
+            for w in list(self.writers):
+                w.transport.abort()
+            self.writers.clear()
+            done.set()
+
+        self.loop.call_soon_threadsafe(abort)
+        done.wait(5)
+        self.drops += 1
+        return count[0]
+
+
+@dataclass
+class Received:
+    ids: list[int] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    notices: list[tuple[str, str]] = field(default_factory=list)  # gateway.gap / gateway.reset
+    connects: int = 0
+    cursor: str | None = None
+    ended: bool = False
+
+
+async def read_stream(base_url: str, session: str, *, until_id: int | None = None, timeout: float = 60,
+                      received: Received | None = None, headers: dict | None = None,
+                      params: dict | None = None) -> Received:
+    """Read a session like EventSource does: resume with Last-Event-ID after every drop.
+
+    Stops at ``gateway.end``, at ``until_id``, on a 204, or fails after ``timeout`` seconds.
+    """
+    got = received or Received()
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(5.0, read=30.0)) as client:
+            while True:
+                hdrs = dict(headers or {})
+                if got.cursor is not None:
+                    hdrs["Last-Event-ID"] = got.cursor
+                try:
+                    async with aconnect_sse(client, "GET", f"/v1/sessions/{session}/stream", headers=hdrs,
+                                            params=params) as source:
+                        got.connects += 1
+                        if source.response.status_code == 204:
+                            got.ended = True
+                            return
+                        assert source.response.status_code == 200, source.response.status_code
+                        async for sse in source.aiter_sse():
+                            if sse.event in ("gateway.gap", "gateway.reset"):
+                                got.notices.append((sse.event, sse.data))
+                                continue
+                            got.cursor = sse.id
+                            got.ids.append(int(sse.id.split(":")[0]))
+                            got.events.append(sse.event)
+                            got.data.append(sse.data)
+                            if sse.event == "gateway.end":
+                                got.ended = True
+                                return
+                            if until_id is not None and got.ids[-1] >= until_id:
+                                return
+                    if params and params.get("live") == "false":
+                        return
+                except (httpx.HTTPError, OSError):
+                    pass
+                await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(run(), timeout)
+    return got
