@@ -31,12 +31,23 @@ class ChaosProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        async def shutdown() -> None:
+            self.server.close()
+            for w in list(self.writers):
+                w.transport.abort()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        self.loop.close()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
         self._ready.set()
         self.loop.run_forever()
 
@@ -115,6 +126,8 @@ async def read_stream(base_url: str, session: str, *, until_id: int | None = Non
                             return
                         assert source.response.status_code == 200, source.response.status_code
                         async for sse in source.aiter_sse():
+                            if not sse.id and not sse.data:
+                                continue  # the opening `retry:` block (httpx-sse reports it as an event)
                             if sse.event in ("gateway.gap", "gateway.reset"):
                                 got.notices.append((sse.event, sse.data))
                                 continue
