@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from .hub import Hub
 from .log import make_log
 from .log.base import NO_RESULT, EventLog
 from .metrics import Stats, make_registry, measure_loop_lag, render
-from .models import NewEvent, Session, check_event_type, check_session_id, now_ms, rfc3339
+from .models import NewEvent, Session, check_event_type, check_session_id, dump_json, now_ms, rfc3339
 from .sse import encode_retry
 from .stream import EventStream, parse_cursor, start_position
 
@@ -43,7 +45,7 @@ MAX_KEY = 256
 
 
 def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+    return Response(dump_json(body).encode(), status, headers, media_type="application/json")
 
 
 def session_json(row: Session, hub: Hub) -> dict:
@@ -68,10 +70,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_json(body: bytes) -> Any:
+    """orjson, except for bodies with integers beyond 64 bits, which the standard library keeps exact."""
     try:
+        if _LONG_DIGITS.search(body):
+            return json.loads(body, parse_constant=_no_constants)
         return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError is a ValueError
         raise BadRequest(f"body is not valid JSON: {exc}", "invalid_json") from None
 
 
@@ -185,7 +197,7 @@ class Gateway:
                 raise BadRequest("give the idempotency key in the header or the body, not both",
                                  "invalid_idempotency_key")
             key = check_key(item["idempotency_key"])
-        data = orjson.dumps(item["data"]).decode()
+        data = dump_json(item["data"])
         self.check_size(data)
         return NewEvent(event, data, True, key)
 
@@ -495,7 +507,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         if not isinstance(spec, dict) or set(spec) - {"result"}:
             raise BadRequest("body must be a JSON object {\"result\"?}", "invalid_body")
         if "result" in spec:
-            gw.check_size(orjson.dumps(spec["result"]).decode())
+            gw.check_size(dump_json(spec["result"]))
         row = await gw.log.complete(session, spec.get("result", NO_RESULT))
         return json_response(session_json(row, gw.hub))
 

@@ -6,6 +6,7 @@ hot path (every published and every delivered event).
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -82,6 +83,14 @@ class StoredEvent:
             "data": orjson_fragment(self.data) if self.is_json else self.data,
             "ts": rfc3339(self.ts),
         }
+
+
+def dump_json(value: Any) -> str:
+    """Compact JSON on one line (control characters escaped), integers of any size kept exact."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # an integer beyond 64 bits (orjson's limit); rare, so the slow path is fine
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def orjson_fragment(text: str) -> Any:

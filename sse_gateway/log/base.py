@@ -38,10 +38,8 @@ import abc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import orjson
-
 from ..errors import BadRequest, Conflict, PreconditionFailed
-from ..models import END_EVENT, AppendResult, NewEvent, Session, StoredEvent
+from ..models import END_EVENT, AppendResult, NewEvent, Session, StoredEvent, dump_json
 
 #: ``listener(session_id, new_events, session)``; ``new_events`` empty and ``session`` None on delete.
 Listener = Callable[[str, list[StoredEvent], Session | None], None]
@@ -172,7 +170,7 @@ def apply_complete(row: Session, result: Any, ts: int) -> StoredEvent | None:
     row.completed_at = ts
     row.result = None if result is NO_RESULT else result
     row.last_id += 1
-    return StoredEvent(row.last_id, END_EVENT, orjson.dumps(row.result).decode(), True, ts)
+    return StoredEvent(row.last_id, END_EVENT, dump_json(row.result), True, ts)
 
 
 def apply_ack(row: Session, upto: int) -> None:

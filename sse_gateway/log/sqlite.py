@@ -36,7 +36,7 @@ import aiosqlite
 import orjson
 
 from ..errors import Conflict, GatewayError, NotFound, Unavailable
-from ..models import AppendResult, NewEvent, Session, StoredEvent, new_epoch, now_ms
+from ..models import AppendResult, NewEvent, Session, StoredEvent, dump_json, new_epoch, now_ms
 from .base import NO_RESULT, EventLog, apply_ack, apply_append, apply_complete, apply_state, apply_trim, is_expired
 
 log = logging.getLogger("sse_gateway.sqlite")
@@ -101,7 +101,7 @@ def _row(t: tuple, full: bool = False) -> tuple[int, Session]:
 
 
 def _dumps(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    return None if value is None else dump_json(value)
 
 
 def store_error(exc: sqlite3.Error) -> GatewayError:

@@ -1,0 +1,144 @@
+"""Publishing: every body format, the limits, and bad input that must change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def last_id(client: httpx.Client, session: str) -> int:
+    r = client.get(f"/v1/sessions/{session}")
+    return r.json()["last_id"] if r.status_code == 200 else 0
+
+
+def test_json_object_batch_and_text(client):
+    r = client.post("/v1/sessions/p/events", json={"event": "token", "data": {"text": "Hel"}})
+    assert r.status_code == 201 and r.json() == {"id": 1, "session": "p", "last_id": 1}
+    r = client.post("/v1/sessions/p/events", json=[{"data": 1}, {"event": "tool.call", "data": [1, 2]}])
+    assert r.status_code == 201 and r.json()["ids"] == [2, 3]
+    r = client.post("/v1/sessions/p/events?event=note", content="plain text", headers={"content-type": "text/plain"})
+    assert r.status_code == 201 and r.json()["id"] == 4
+    events = client.get("/v1/sessions/p/events").json()["events"]
+    assert [(e["id"], e["event"], e["data"]) for e in events] == [
+        (1, "token", {"text": "Hel"}), (2, "message", 1), (3, "tool.call", [1, 2]), (4, "note", "plain text")]
+    assert events[0]["ts"].endswith("Z") and "." in events[0]["ts"]
+
+
+def test_json_data_is_kept_exactly(client):
+    body = '{"data": {"big": 123456789012345678901234567890, "neg": -98765432109876543210, "f": 0.1, "u": "\u2028é"}}'
+    r = client.post("/v1/sessions/exact/events", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 201
+    raw = client.get("/v1/sessions/exact/stream", params={"live": "false"}).text
+    assert 'data: {"big":123456789012345678901234567890,"neg":-98765432109876543210,"f":0.1,"u":"\u2028é"}' in raw
+
+
+def test_idempotency_header_and_items(client):
+    h = {"Idempotency-Key": "req-1"}
+    first = client.post("/v1/sessions/i/events", json={"data": "x"}, headers=h)
+    again = client.post("/v1/sessions/i/events", json={"data": "x"}, headers=h)
+    assert first.status_code == 201 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"] == 1
+    batch = [{"data": 1, "idempotency_key": "a"}, {"data": 2, "idempotency_key": "b"}]
+    assert client.post("/v1/sessions/i/events", json=batch).json()["ids"] == [2, 3]
+    r = client.post("/v1/sessions/i/events", json=batch)
+    assert r.status_code == 200 and r.json()["ids"] == [2, 3]
+    assert last_id(client, "i") == 3
+
+
+async def test_twenty_concurrent_retries_append_once(gateway):
+    async with httpx.AsyncClient(base_url=gateway.url) as c:
+        rs = await asyncio.gather(*(c.post("/v1/sessions/race/events", json={"data": "once"},
+                                           headers={"Idempotency-Key": "k"}) for _ in range(20)))
+        assert sorted(r.status_code for r in rs) == [200] * 19 + [201]
+        assert {r.json()["id"] for r in rs} == {1}
+        assert (await c.get("/v1/sessions/race")).json()["last_id"] == 1
+
+
+BAD = [
+    # (content type, body, params, headers, status, code)
+    ("application/json", b"{not json", None, None, 400, "invalid_json"),
+    ("application/json", b"", None, None, 400, "invalid_json"),
+    ("application/json", b'"just a string"', None, None, 400, "invalid_event"),
+    ("application/json", b"[]", None, None, 400, "empty_batch"),
+    ("application/json", b'[{"data":1}, 5]', None, None, 400, "invalid_event"),
+    ("application/json", b'{"event":"x"}', None, None, 400, "missing_data"),
+    ("application/json", b'{"data":1,"extra":2}', None, None, 400, "unknown_field"),
+    ("application/json", b'{"event":"gateway.end","data":1}', None, None, 400, "reserved_event_type"),
+    ("application/json", b'{"event":"a\\r\\nid: 9","data":1}', None, None, 400, "invalid_event_type"),
+    ("application/json", b'{"event":"","data":1}', None, None, 400, "invalid_event_type"),
+    ("application/json", b'{"event":5,"data":1}', None, None, 400, "invalid_event_type"),
+    ("application/json", b'{"event":"' + b"e" * 65 + b'","data":1}', None, None, 400, "invalid_event_type"),
+    ("application/json", b'{"data":1,"idempotency_key":""}', None, None, 400, "invalid_idempotency_key"),
+    ("application/json", b'{"data":1,"idempotency_key":7}', None, None, 400, "invalid_idempotency_key"),
+    ("application/json", b'[{"data":1}]', None, {"Idempotency-Key": "k"}, 400, "invalid_idempotency_key"),
+    ("application/json", b'{"data":1}', None, {"Idempotency-Key": "x" * 300}, 400, "invalid_idempotency_key"),
+    ("application/json", b'{"data": NaN}', None, None, 400, "invalid_json"),
+    ("application/json", b'{"data": 12345678901234567890123, "x": Infinity}', None, None, 400, "invalid_json"),
+    ("application/json", b"[" * 5000 + b"]" * 5000, None, None, 400, "invalid_json"),
+    ("text/plain", b"\xff\xfe bad utf-8", None, None, 400, "invalid_utf8"),
+    ("text/plain", b"x", {"event": "bad type"}, None, 400, "invalid_event_type"),
+    ("text/plain; charset=latin-1", b"x", None, None, 415, "unsupported_charset"),
+    ("application/xml", b"<x/>", None, None, 415, "unsupported_media_type"),
+    ("", b"x", None, None, 415, "unsupported_media_type"),
+    ("application/x-ndjson", b'{"data":1}\nnot json\n', None, None, 400, "invalid_json"),
+]
+
+
+@pytest.mark.parametrize("ctype,body,params,headers,status,code", BAD)
+def test_bad_input_is_a_clear_json_error_and_changes_nothing(client, ctype, body, params, headers, status, code):
+    client.post("/v1/sessions/b/events", json={"data": "before"})
+    hdrs = {"content-type": ctype} if ctype else {}
+    r = client.post("/v1/sessions/b/events", content=body, params=params, headers={**hdrs, **(headers or {})})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+    expected = 2 if ctype == "application/x-ndjson" else 1  # an NDJSON stream keeps the lines before the bad one
+    assert last_id(client, "b") == expected
+    if ctype == "application/x-ndjson":
+        assert r.json()["ids"] == [2]
+
+
+def test_limits(start_gateway):
+    gw = start_gateway("--max-event-bytes", "1000", "--max-batch", "10", "--max-body-bytes", "50000")
+    with httpx.Client(base_url=gw.url) as c:
+        c.post("/v1/sessions/l/events", json={"data": 0})
+        r = c.post("/v1/sessions/l/events", json={"data": "x" * 1001})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "event_too_large"
+        r = c.post("/v1/sessions/l/events", content="é" * 501, headers={"content-type": "text/plain"})
+        assert r.status_code == 413  # bytes, not characters
+        r = c.post("/v1/sessions/l/events", json=[{"data": i} for i in range(11)])
+        assert r.status_code == 413 and r.json()["error"]["code"] == "batch_too_large"
+        r = c.post("/v1/sessions/l/events", json=[{"data": "y" * 900}] * 60)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        r = c.post("/v1/sessions/l/events", json=[{"data": 1}, {"data": "x" * 2000}])
+        assert r.status_code == 413  # the batch is all or nothing
+        assert c.get("/v1/sessions/l").json()["last_id"] == 1
+
+
+def test_session_ids(client):
+    for good in ["a", "A-b_c.d~e", "x" * 128, "..."]:
+        assert client.post(f"/v1/sessions/{good}/events", json={"data": 1}).status_code == 201, good
+    for bad in ["x" * 129, "a%20b", "%2e%2e", "a%0Ab", "%E2%80%A8"]:
+        r = client.post(f"/v1/sessions/{bad}/events", json={"data": 1})
+        assert r.status_code in (400, 404), bad
+        assert r.json()["error"]["code"] in ("invalid_session_id", "not_found")
+
+
+def test_no_auto_create(start_gateway):
+    gw = start_gateway("--no-auto-create")
+    with httpx.Client(base_url=gw.url) as c:
+        r = c.post("/v1/sessions/new/events", json={"data": 1})
+        assert r.status_code == 404
+        assert c.post("/v1/sessions", json={"id": "new"}).status_code == 201
+        assert c.post("/v1/sessions/new/events", json={"data": 1}).status_code == 201
+
+
+def test_unknown_routes_and_methods_are_json(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.patch("/v1/sessions/x/events")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"

@@ -1,0 +1,184 @@
+"""The stream endpoint's contract, byte by byte, against a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+from util import read_stream
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def publish(client: httpx.Client, session: str, n: int, start: int = 1) -> None:
+    r = client.post(f"/v1/sessions/{session}/events", json=[{"data": {"i": i}} for i in range(start, start + n)])
+    assert r.status_code == 201, r.text
+
+
+def raw_get(port: int, path: str, headers: str = "", *, seconds: float) -> bytes:
+    """Read whatever the gateway writes for ``seconds`` on a raw socket."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        s.settimeout(0.2)
+        out = b""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def test_headers_and_retry_come_first_without_waiting_for_an_event(gateway, client):
+    client.post("/v1/sessions", json={"id": "empty"})
+    start = time.monotonic()
+    raw = raw_get(gateway.port, "/v1/sessions/empty/stream", "Accept-Encoding: gzip\r\n", seconds=0.5)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0]
+    assert b"content-type: text/event-stream" in head.lower()
+    assert b"cache-control: no-cache" in head.lower()
+    assert b"x-accel-buffering: no" in head.lower()
+    assert b"content-encoding" not in head.lower()  # never compressed
+    assert b"retry: " in body  # flushed before any event exists
+    assert time.monotonic() - start < 2
+
+
+def test_heartbeats_are_comments_during_silence(gateway, client):
+    publish(client, "quiet", 1)
+    raw = raw_get(gateway.port, "/v1/sessions/quiet/stream", seconds=3.4)
+    body = raw.partition(b"\r\n\r\n")[2]
+    assert body.count(b": ping") >= 2
+    assert body.count(b"id: ") == 1  # heartbeats never carry an id
+
+
+async def test_cursor_sources_and_precedence(gateway, client):
+    publish(client, "c", 10)
+    epoch = client.get("/v1/sessions/c").json()["epoch"]
+    got = await read_stream(gateway.url, "c", params={"live": "false"}, headers={"Last-Event-ID": f"7:{epoch}"})
+    assert got.ids == [8, 9, 10]
+    got = await read_stream(gateway.url, "c", params={"live": "false", "last_event_id": "8"})
+    assert got.ids == [9, 10]
+    got = await read_stream(gateway.url, "c", params={"live": "false", "from": "5", "last_event_id": "9"})
+    assert got.ids == [10]  # last_event_id wins over from
+    got = await read_stream(gateway.url, "c", params={"live": "false", "from": "earliest"})
+    assert got.ids == list(range(1, 11))
+    got = await read_stream(gateway.url, "c", params={"live": "false", "from": "latest"})
+    assert got.ids == []
+    got = await read_stream(gateway.url, "c", params={"live": "false"}, headers={"Last-Event-ID": ""})
+    assert got.ids == list(range(1, 11))  # an empty Last-Event-ID is no cursor
+
+
+async def test_from_latest_gets_only_new_events(gateway, client):
+    publish(client, "live", 3)
+    reader = asyncio.create_task(read_stream(gateway.url, "live", params={"from": "latest"}, until_id=5))
+    await asyncio.sleep(0.3)
+    publish(client, "live", 2, start=4)
+    assert (await reader).ids == [4, 5]
+
+
+async def test_cursor_from_another_epoch_or_the_future_gets_reset(gateway, client):
+    publish(client, "r", 3)
+    epoch = client.get("/v1/sessions/r").json()["epoch"]
+    for cursor in ("2:otherepoch", "99", f"99:{epoch}"):
+        got = await read_stream(gateway.url, "r", params={"live": "false"}, headers={"Last-Event-ID": cursor})
+        assert got.notices == [("gateway.reset", f'{{"epoch":"{epoch}","last_id":3}}')]
+        assert got.ids == [1, 2, 3]
+
+
+@pytest.mark.parametrize("cursor", ["abc", "-1", "1:", ":abc", "1:ab:cd", "99999999999999999999999", "1.5", "1 2"])
+def test_bad_cursors_are_400(client, cursor):
+    publish(client, "bad", 1)
+    for kw in ({"headers": {"Last-Event-ID": cursor}}, {"params": {"last_event_id": cursor}},
+               {"params": {"from": cursor}}):
+        r = client.get("/v1/sessions/bad/stream", **kw)
+        assert r.status_code == 400, (cursor, kw, r.text)
+        assert r.json()["error"]["code"] == "invalid_cursor"
+
+
+def test_unknown_session_and_bad_ids(client):
+    r = client.get("/v1/sessions/nobody/stream")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+    r = client.get("/v1/sessions/a%20b/stream")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_session_id"
+    r = client.get("/v1/sessions/" + "x" * 129 + "/stream")
+    assert r.status_code == 400
+
+
+def test_live_false_replays_then_closes(client):
+    publish(client, "once", 5)
+    r = client.get("/v1/sessions/once/stream", params={"live": "false"})
+    assert r.status_code == 200 and r.text.count("id: ") == 5
+
+
+async def test_text_events_keep_their_lines(gateway, client):
+    r = client.post("/v1/sessions/t/events", content="one\r\ntwo\rthree\n\nevent: forged", params={"event": "txt"},
+                    headers={"content-type": "text/plain"})
+    assert r.status_code == 201
+    got = await read_stream(gateway.url, "t", params={"live": "false"})
+    assert got.events == ["txt"] and got.data == ["one\ntwo\nthree\n\nevent: forged"]
+
+
+async def test_ndjson_lines_are_delivered_as_they_arrive(gateway, client):
+    client.post("/v1/sessions", json={"id": "nd"})
+    reader = asyncio.create_task(read_stream(gateway.url, "nd", until_id=2, timeout=10))
+    gate = asyncio.Event()
+
+    async def body():
+        yield b'{"event":"token","data":"first"}\n'
+        await gate.wait()  # the second line is only sent once the first was received
+        yield b'{"event":"token","data":"second"}\n'
+
+    async with httpx.AsyncClient(base_url=gateway.url) as c:
+        post = asyncio.create_task(c.post("/v1/sessions/nd/events", content=body(),
+                                          headers={"content-type": "application/x-ndjson"}))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if (await c.get("/v1/sessions/nd")).json()["last_id"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        gate.set()
+        r = await post
+    assert r.status_code == 201 and r.json()["ids"] == [1, 2]
+    assert (await reader).data == ['"first"', '"second"']
+
+
+async def test_subscriber_far_behind_catches_up_from_the_log(gateway, client):
+    for start in range(1, 5001, 1000):
+        publish(client, "big", 1000, start)
+    got = await read_stream(gateway.url, "big", params={"live": "false"})
+    assert got.ids == list(range(1, 5001))
+
+
+@pytest.mark.timeout(60)
+async def test_slow_consumer_is_cut_and_resumes_exactly(start_gateway):
+    gw = start_gateway("--send-timeout", "1", "--heartbeat", "1")
+    payload = {"text": "x" * 2000}
+    with httpx.Client(base_url=gw.url) as c:
+        c.post("/v1/sessions", json={"id": "slow"})
+    # A client that reads nothing: the socket buffers fill, the gateway's send stalls, and it cuts the stream.
+    s = socket.create_connection(("127.0.0.1", gw.port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"GET /v1/sessions/slow/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with httpx.AsyncClient(base_url=gw.url) as c:
+        start = time.monotonic()
+        for i in range(0, 3000, 100):  # the publisher is never slowed by the stuck reader
+            r = await c.post("/v1/sessions/slow/events", json=[{"data": payload}] * 100)
+            assert r.status_code == 201
+        publish_seconds = time.monotonic() - start
+        deadline = time.monotonic() + 10
+        while (await c.get("/v1/sessions/slow")).json()["subscribers"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert (await c.get("/v1/sessions/slow")).json()["subscribers"] == 0
+        metrics = (await c.get("/metrics")).text
+    assert "sse_gateway_slow_consumer_disconnects_total 1.0" in metrics
+    assert publish_seconds < 10
+    s.close()
+    got = await read_stream(gw.url, "slow", params={"live": "false"})
+    assert got.ids == list(range(1, 3001))
