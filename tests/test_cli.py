@@ -1,0 +1,107 @@
+"""The sse-gateway command as a user meets it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import ROOT, free_port
+from util import ChaosProxy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 20, input: str | None = None):
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sse_gateway", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, input=input)
+
+
+def test_help_explains_itself():
+    out = cli("--help").stdout
+    assert "serve" in out and "publish" in out and "tail" in out and "Last-Event-ID" in out
+    serve = cli("serve", "--help").stdout
+    for option in ("--host", "--port", "--db", "--backend", "--redis-url", "--heartbeat", "--retry-ms",
+                   "--publish-key", "--token-secret", "--insecure"):
+        assert option in serve
+    assert "SSE_GATEWAY_HEARTBEAT" in serve
+
+
+def test_refuses_open_non_loopback_host_without_insecure(tmp_path):
+    r = cli("serve", "--host", "0.0.0.0", "--db", str(tmp_path / "x.db"))
+    assert r.returncode == 2 and "--insecure" in r.stderr and "Traceback" not in r.stderr
+    r = cli("serve", "--heartbeat", "nope")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = cli("serve", env={"SSE_GATEWAY_PORT": "notaport"})
+    assert r.returncode == 2 and "SSE_GATEWAY_PORT" in r.stderr
+
+
+def test_environment_configures_serve(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sse_gateway", "serve"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "SSE_GATEWAY_PORT": str(port),
+                                 "SSE_GATEWAY_DB": str(tmp_path / "env.db"), "SSE_GATEWAY_HEARTBEAT": "0.5"},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                httpx.post(f"http://127.0.0.1:{port}/v1/sessions/e/events", json={"data": 1})
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/v1/sessions/e/stream") as r:
+            start, seen = time.monotonic(), ""
+            for chunk in r.iter_text():
+                seen += chunk
+                if ": ping" in seen:
+                    break
+        assert time.monotonic() - start < 3  # the 0.5 s heartbeat from the environment
+        assert (tmp_path / "env.db").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert "open to anyone" in err and "backend=sqlite" in err and "Traceback" not in err
+
+
+def test_publish_and_tail(gateway):
+    url = ["--url", gateway.url]
+    assert json.loads(cli("publish", "t", '{"text": "hi"}', "--event", "token", *url).stdout)["id"] == 1
+    assert json.loads(cli("publish", "t", "plain words", *url).stdout)["id"] == 2
+    out = cli("publish", "t", "-", *url, input='{"data": 3}\n{"data": 4}\n').stdout
+    assert json.loads(out)["ids"] == [3, 4]
+    httpx.post(f"{gateway.url}/v1/sessions/t/complete", json={"result": "ok"})
+    r = cli("tail", "t", "--json", *url)
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [int(x["id"].split(":")[0]) for x in lines] == [1, 2, 3, 4, 5]
+    assert lines[0]["data"] == '{"text":"hi"}' and lines[1]["data"] == "plain words" and lines[-1]["data"] == '"ok"'
+    r = cli("tail", "t", "--from", "3", "--no-follow", *url)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
+
+
+def test_tail_resumes_by_itself_after_drops(gateway):
+    with ChaosProxy(gateway.port) as proxy:
+        proc = subprocess.Popen([sys.executable, "-m", "sse_gateway", "tail", "r", "--json", "--url",
+                                 f"http://127.0.0.1:{proxy.port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        with httpx.Client(base_url=gateway.url) as c:
+            c.post("/v1/sessions", json={"id": "r"})
+            for i in range(1, 301):
+                c.post("/v1/sessions/r/events", json={"data": i})
+                if i % 60 == 0:  # wait until tail is attached again, then cut it
+                    deadline = time.monotonic() + 10
+                    while c.get("/v1/sessions/r").json()["subscribers"] != 1 and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    proxy.drop_all()
+            c.post("/v1/sessions/r/complete")
+        out, err = proc.communicate(timeout=30)
+    ids = [int(json.loads(line)["id"].split(":")[0]) for line in out.splitlines()]
+    assert ids == list(range(1, 302))
+    assert err.count("connection lost") == 5
