@@ -30,12 +30,10 @@ def make_log(request, tmp_path) -> Callable[..., EventLog]:
             if "log" not in shared:
                 shared["log"] = MemoryLog(**kw)
             return shared["log"]
-        make.durable = False
         return make
 
     def make_sqlite(**kw) -> EventLog:
         return SqliteLog(str(tmp_path / "log.db"), **kw)
-    make_sqlite.durable = True
     return make_sqlite
 
 
@@ -212,9 +210,10 @@ async def test_listeners_see_new_events_in_order(log):
     assert ids == list(range(1, 21))
 
 
-async def test_durable_across_reopen_with_stable_epoch(make_log):
-    if not make_log.durable:
-        pytest.skip("reason: the memory backend keeps nothing by design")
+async def test_sqlite_is_durable_across_reopen_with_stable_epoch(tmp_path):
+    def make_log() -> EventLog:
+        return SqliteLog(str(tmp_path / "reopen.db"))
+
     first = make_log()
     await first.open()
     await first.append("s", [ev(f'"{i}"') for i in range(100)])
