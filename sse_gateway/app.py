@@ -33,7 +33,7 @@ from .errors import (BadRequest, Conflict, GatewayError, NotFound, TooLarge, Una
 from .hub import Hub
 from .log import make_log
 from .log.base import NO_RESULT, EventLog
-from .metrics import Stats, make_registry, measure_loop_lag, render
+from .metrics import RequestTimer, Stats, make_registry, measure_loop_lag, render
 from .models import NewEvent, Session, check_event_type, check_session_id, dump_json, now_ms, rfc3339
 from .sse import encode_retry
 from .stream import EventStream, parse_cursor, start_position
@@ -131,7 +131,7 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         if hasattr(log_, "on_commit"):
-            log_.on_commit = self._count_commit
+            log_.on_commit = self.stats.observe_commit
 
     def spawn(self, coro) -> None:
         """Run ``coro`` in the background, keeping a reference until it is done."""
@@ -139,9 +139,6 @@ class Gateway:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _count_commit(self, ops: int) -> None:
-        self.stats.commit_batches += 1
-        self.stats.commit_ops += ops
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -213,7 +210,7 @@ class Gateway:
         except Unavailable:
             self.stats.store_errors += 1
             raise
-        self.stats.append_latency.observe(loop.time() - started)
+        self.stats.append_seconds.observe(loop.time() - started)
         fresh = len(result.events)
         self.stats.published += fresh
         self.stats.publish_duplicates += len(events) - fresh
@@ -613,6 +610,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
 
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(RequestTimer, stats_of=lambda: getattr(getattr(app.state, "gw", None), "stats", None))
     if settings.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origin), allow_credentials=True,
                            allow_methods=["GET", "POST", "PUT", "DELETE"],

@@ -172,6 +172,13 @@ def serve(args: argparse.Namespace) -> int:
                   "publish and read. Set --publish-key (and --token-secret), or pass --insecure.", file=sys.stderr)
             return 2
         log.warning("no publisher keys: the gateway is open to anyone who can reach %s", settings.host)
+    if settings.backend == "sqlite":
+        from .log.sqlite import preflight
+
+        problem = preflight(settings.db)
+        if problem:
+            log.error("cannot start: %s", problem)
+            return 1
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=settings.access_log, log_level=settings.log_level.lower(),

@@ -1,53 +1,58 @@
 """Prometheus metrics.
 
-The hot path only adds to plain integer attributes of ``Stats``; a custom
-collector turns them into Prometheus families when ``/metrics`` is scraped,
-so counting costs nothing measurable per event. No label carries a session
-id: cardinality stays bounded whatever the traffic.
+The hot path only adds to plain attributes of ``Stats``; a custom collector
+turns them into Prometheus families when ``/metrics`` is scraped, so
+counting costs nothing measurable per event. No label carries a session id:
+label values come from small fixed sets (outcome, route), so cardinality
+stays bounded whatever the traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Histogram:
-    """A tiny fixed-bucket histogram (seconds)."""
+    """A fixed-bucket histogram that costs one loop over the bounds per observation."""
 
-    __slots__ = ("counts", "total", "n")
+    __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(_BUCKETS) + 1)
+    def __init__(self, bounds: tuple = SECONDS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
-        self.n = 0
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, value: float) -> None:
         i = 0
-        while i < len(_BUCKETS) and seconds > _BUCKETS[i]:
+        for bound in self.bounds:
+            if value <= bound:
+                break
             i += 1
         self.counts[i] += 1
-        self.total += seconds
-        self.n += 1
+        self.total += value
 
-    def family(self, name: str, doc: str) -> HistogramMetricFamily:
-        cumulative, buckets = 0, []
-        for bound, count in zip((*map(str, _BUCKETS), "+Inf"), self.counts, strict=True):
+    def buckets(self) -> list[tuple[str, int]]:
+        cumulative, out = 0, []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
             cumulative += count
-            buckets.append((bound, cumulative))
-        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.total)
+            out.append((bound, cumulative))
+        return out
 
 
 @dataclass
 class Stats:
     published: int = 0            # events appended
-    publish_duplicates: int = 0   # idempotent replays, nothing appended
-    publish_rejected: int = 0     # publish requests answered with an error
+    publish_duplicates: int = 0   # idempotent replays: nothing appended
+    publish_rejected: int = 0     # publish requests refused with an error
     delivered: int = 0            # events written to streams
     replayed: int = 0             # of which read back from the log
     gaps: int = 0
@@ -56,57 +61,120 @@ class Stats:
     slow_consumer_disconnects: int = 0
     auth_failures: int = 0
     streams_opened: int = 0
-    commit_batches: int = 0
-    commit_ops: int = 0
     store_errors: int = 0
     loop_lag: float = 0.0
-    append_latency: Histogram = field(default_factory=Histogram)
+    append_seconds: Histogram = field(default_factory=Histogram)
+    commit_seconds: Histogram = field(default_factory=Histogram)
+    commit_batch: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZES))
+    requests: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (route, status class)
+
+    def observe_commit(self, operations: int, seconds: float) -> None:
+        self.commit_batch.observe(operations)
+        self.commit_seconds.observe(seconds)
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        key = (route, f"{status // 100}xx")
+        hist = self.requests.get(key)
+        if hist is None:
+            hist = self.requests[key] = Histogram()
+        hist.observe(seconds)
 
 
 _COUNTERS = {
-    "published": "Events appended to the log",
-    "publish_duplicates": "Idempotent publish retries that appended nothing",
-    "publish_rejected": "Publish requests refused with an error",
     "delivered": "Events written to SSE streams",
     "replayed": "Events read back from the log for a stream (replay or catch-up)",
-    "gaps": "gateway.gap notices sent",
-    "resets": "gateway.reset notices sent",
+    "gaps": "gateway.gap notices sent (history already trimmed)",
+    "resets": "gateway.reset notices sent (cursor from another epoch or the future)",
     "heartbeats": "Heartbeat comments sent",
-    "slow_consumer_disconnects": "Streams cut because the client did not keep up",
+    "slow_consumer_disconnects": "Streams cut because the client accepted nothing for --send-timeout",
     "auth_failures": "Requests refused for missing or bad credentials",
     "streams_opened": "SSE streams opened",
-    "commit_batches": "Group commits of the store",
-    "commit_ops": "Write operations carried by group commits",
     "store_errors": "Writes the store failed",
 }
 
+_ROUTE = re.compile(r"^/v1/sessions(?:/[^/]+(?:/(events|stream|complete|ack|state|trim|tokens))?)?$")
+
+
+def route_of(method: str, path: str) -> str:
+    """A small fixed label for a request path (never the session id)."""
+    m = _ROUTE.match(path)
+    if m is None:
+        return path if path in ("/healthz", "/readyz", "/metrics", "/") else "other"
+    action = m.group(1)
+    if action == "events":
+        return "publish" if method == "POST" else "history"
+    return action or ("session" if path.count("/") == 3 else "sessions")
+
 
 class _Collector:
-    def __init__(self, app_state) -> None:
-        self.state = app_state
+    def __init__(self, gateway) -> None:
+        self.gw = gateway
 
     def collect(self):
-        st: Stats = self.state.stats
+        st: Stats = self.gw.stats
+        pub = CounterMetricFamily("sse_gateway_events_published", "Publish outcomes per event",
+                                  labels=["outcome"])
+        pub.add_metric(["appended"], st.published)
+        pub.add_metric(["duplicate"], st.publish_duplicates)
+        pub.add_metric(["rejected"], st.publish_rejected)
+        yield pub
         for name, doc in _COUNTERS.items():
             yield CounterMetricFamily(f"sse_gateway_{name}", doc, value=getattr(st, name))
-        hub = self.state.hub
+        hub = self.gw.hub
         yield GaugeMetricFamily("sse_gateway_open_streams", "SSE streams attached now",
                                 value=sum(ch.subscribers for ch in hub.channels.values()))
-        yield GaugeMetricFamily("sse_gateway_watched_sessions", "Sessions with at least one stream",
+        yield GaugeMetricFamily("sse_gateway_watched_sessions", "Sessions with at least one stream attached",
                                 value=len(hub.channels))
-        yield GaugeMetricFamily("sse_gateway_event_loop_lag_seconds", "Last measured event-loop lag",
+        yield GaugeMetricFamily("sse_gateway_asyncio_tasks", "asyncio tasks alive in the gateway's loop",
+                                value=len(asyncio.all_tasks(self.gw.loop)))
+        yield GaugeMetricFamily("sse_gateway_event_loop_lag_seconds", "Event-loop lag, measured every second",
                                 value=st.loop_lag)
-        yield st.append_latency.family("sse_gateway_append_seconds", "Time from publish to commit")
+        yield GaugeMetricFamily("sse_gateway_draining", "1 while the gateway drains before exiting",
+                                value=int(self.gw.draining))
+        for name, hist, doc in (
+                ("sse_gateway_append_seconds", st.append_seconds, "Publish: from append call to committed"),
+                ("sse_gateway_store_commit_seconds", st.commit_seconds, "One group commit of the store"),
+                ("sse_gateway_store_commit_operations", st.commit_batch, "Operations carried by one group commit")):
+            yield HistogramMetricFamily(name, doc, buckets=hist.buckets(), sum_value=hist.total)
+        req = HistogramMetricFamily("sse_gateway_request_seconds", "HTTP request latency (streams: until the "
+                                    "response starts)", labels=["route", "status"])
+        for (route, status), hist in sorted(st.requests.items()):
+            req.add_metric([route, status], hist.buckets(), hist.total)
+        yield req
 
 
-def make_registry(app_state) -> CollectorRegistry:
+def make_registry(gateway) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(app_state))
+    registry.register(_Collector(gateway))
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes, process_open_fds, CPU seconds
     return registry
 
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+class RequestTimer:
+    """Pure ASGI middleware: time each request until its response starts (never touches a body)."""
+
+    def __init__(self, app, stats_of) -> None:
+        self.app = app
+        self.stats_of = stats_of
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"].endswith("/stream"):
+            return await self.app(scope, receive, send)  # streams stay off this path: counted elsewhere
+        start = time.perf_counter()
+
+        async def timed_send(message) -> None:
+            if message["type"] == "http.response.start":
+                stats = self.stats_of()
+                if stats is not None:
+                    stats.observe_request(route_of(scope["method"], scope["path"]), message["status"],
+                                          time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
 
 
 async def measure_loop_lag(stats: Stats, every: float = 1.0) -> None:

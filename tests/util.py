@@ -148,3 +148,73 @@ async def read_stream(base_url: str, session: str, *, until_id: int | None = Non
 
     await asyncio.wait_for(run(), timeout)
     return got
+
+
+async def metric(base_url: str, name: str, labels: str = "") -> float:
+    """One sample of the gateway's /metrics, e.g. metric(url, "sse_gateway_open_streams")."""
+    async with httpx.AsyncClient(base_url=base_url) as c:
+        text = (await c.get("/metrics")).text
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == wanted:
+            return float(value)
+    raise KeyError(f"{wanted} not in /metrics")
+
+
+class RawStream:
+    """A minimal SSE-over-HTTP/1.1 reader on a raw socket (chunked encoding), light enough for hundreds.
+
+    ``ids`` are the integer ids received; ``clean_end`` is True when the server ended the
+    response properly (last chunk), False when the connection broke.
+    """
+
+    def __init__(self, port: int, session: str, cursor: str | None = None) -> None:
+        self.port = port
+        self.session = session
+        self.cursor = cursor
+        self.ids: list[int] = []
+        self.events: list[str] = []
+        self.status = 0
+        self.clean_end = False
+
+    async def run(self, *, stop_at_end: bool = True) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        head = f"GET /v1/sessions/{self.session}/stream HTTP/1.1\r\nHost: x\r\n"
+        if self.cursor:
+            head += f"Last-Event-ID: {self.cursor}\r\n"
+        writer.write((head + "\r\n").encode())
+        try:
+            status_line = await reader.readline()
+            self.status = int(status_line.split()[1]) if status_line else 0
+            while (await reader.readline()).strip():
+                pass
+            if self.status != 200:
+                return
+            buf = b""
+            frame: dict[str, str] = {}
+            while True:
+                size = int((await reader.readline()).strip() or b"0", 16)
+                if size == 0:
+                    self.clean_end = True
+                    return
+                buf += await reader.readexactly(size)
+                await reader.readexactly(2)
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    line = raw.decode()
+                    if line == "":
+                        if "id" in frame:
+                            self.cursor = frame["id"]
+                            self.ids.append(int(self.cursor.split(":")[0]))
+                            self.events.append(frame.get("event", "message"))
+                            if stop_at_end and self.events[-1] == "gateway.end":
+                                return
+                        frame = {}
+                    elif not line.startswith(":"):
+                        name, _, value = line.partition(": ")
+                        frame[name] = value
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            self.clean_end = False
+        finally:
+            writer.transport.abort()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +119,30 @@ def store_error(exc: sqlite3.Error) -> GatewayError:
     return Unavailable(f"the store failed: {exc}; nothing was written", "store_error", retry_after=1)
 
 
+def preflight(path: str) -> str | None:
+    """Why the file cannot serve as the log (locked, corrupt, unwritable), in one sentence; None if it can."""
+    try:
+        conn = sqlite3.connect(path, timeout=2, isolation_level=None)
+    except sqlite3.Error as exc:
+        return f"cannot open {path}: {exc}"
+    try:
+        conn.execute("PRAGMA schema_version").fetchone()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+            return f"{path} cannot use WAL mode (is it on a network filesystem?)"
+    except sqlite3.DatabaseError as exc:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return f"{path} is locked by another program that holds a write transaction ({text})"
+        if "not a database" in text or "malformed" in text:
+            return f"{path} is not a usable SQLite database ({text}); move it aside or restore it from a backup"
+        return f"{path} is not usable: {text}"
+    finally:
+        conn.close()
+    return None
+
+
 @dataclass(eq=False)
 class _Op:
     kind: str
@@ -143,7 +168,7 @@ class SqliteLog(EventLog):
         self._tasks: list[asyncio.Task] = []
         #: names of the sessions someone is streaming; set by the hub, read by the poller
         self.watched: Collection[str] = ()
-        #: ``callback(batch_size)`` after each group commit (metrics)
+        #: ``callback(operations, seconds)`` after each group commit (metrics)
         self.on_commit = None
 
     # -- life ------------------------------------------------------------
@@ -253,6 +278,7 @@ class SqliteLog(EventLog):
         db = self._writer
         outcomes: list[tuple[_Op, Any, BaseException | None]] = []
         notify: dict[str, tuple[list[StoredEvent], Session | None]] = {}
+        started = time.perf_counter()
         try:
             await db.execute("BEGIN IMMEDIATE")
             names = list({op.session for op in batch})
@@ -300,7 +326,7 @@ class SqliteLog(EventLog):
                     op.future.set_exception(err)
             return
         if self.on_commit is not None:
-            self.on_commit(len(batch))
+            self.on_commit(len(batch), time.perf_counter() - started)
         for op, value, err in outcomes:
             if op.future.done():
                 continue

@@ -1,0 +1,274 @@
+"""Operating the gateway: metrics that tell the truth, rolling restarts, full disks, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import IN_CI, Gateway
+from util import RawStream, metric, read_stream
+
+
+@pytest.mark.timeout(60)
+async def test_metrics_count_what_happened(gateway, client):
+    url = gateway.url
+    client.post("/v1/sessions/m/events", json=[{"data": i} for i in range(10)])
+    client.post("/v1/sessions/m/events", json={"data": "k"}, headers={"Idempotency-Key": "k"})
+    client.post("/v1/sessions/m/events", json={"data": "k"}, headers={"Idempotency-Key": "k"})
+    client.post("/v1/sessions/m/events", json={"event": "gateway.x", "data": 1})
+    await read_stream(url, "m", params={"live": "false"})  # 11 replayed and delivered
+    client.post("/v1/sessions/m/trim", json={"through": 4})
+    await read_stream(url, "m", params={"live": "false"}, headers={"Last-Event-ID": "2"})  # gap, then 7
+    # reset, then from the start: gap 1..4, then 7
+    await read_stream(url, "m", params={"live": "false"}, headers={"Last-Event-ID": "1:wrongepoch"})
+    assert await metric(url, "sse_gateway_events_published_total", 'outcome="appended"') == 11
+    assert await metric(url, "sse_gateway_events_published_total", 'outcome="duplicate"') == 1
+    assert await metric(url, "sse_gateway_events_published_total", 'outcome="rejected"') == 1
+    assert await metric(url, "sse_gateway_delivered_total") == 11 + 7 + 7
+    assert await metric(url, "sse_gateway_replayed_total") == 11 + 7 + 7
+    assert await metric(url, "sse_gateway_gaps_total") == 2
+    assert await metric(url, "sse_gateway_resets_total") == 1
+    assert await metric(url, "sse_gateway_streams_opened_total") == 3
+    assert await metric(url, "sse_gateway_open_streams") == 0
+    assert await metric(url, "sse_gateway_store_commit_operations_count") >= 1
+    assert await metric(url, "sse_gateway_request_seconds_count", 'route="publish",status="2xx"') == 3
+    assert await metric(url, "sse_gateway_request_seconds_count", 'route="publish",status="4xx"') == 1
+    assert await metric(url, "process_open_fds") > 0
+    text = client.get("/metrics").text
+    assert "m" not in {line.split('"')[1] for line in text.splitlines() if 'session="' in line}  # no session labels
+
+
+@pytest.mark.timeout(120)
+async def test_rolling_restart_drains_to_the_other_process_exactly(start_gateway, tmp_path: Path):
+    db = tmp_path / "shared.db"
+    a = start_gateway("--drain-seconds", "4", "--heartbeat", "1", db=db)
+    b = start_gateway("--drain-seconds", "4", "--heartbeat", "1", db=db)
+    nodes = [a, b]
+    session, total = "roll", 1200
+    httpx.post(f"{a.url}/v1/sessions", json={"id": session})
+
+    async def client(first: Gateway) -> RawStream:
+        """Reconnect like EventSource behind a load balancer: this node, else the next one."""
+        stream = RawStream(first.port, session)
+        order = [first, b if first is a else a]
+        while True:
+            for node in order:
+                stream.port = node.port
+                try:
+                    await stream.run()
+                except OSError:
+                    continue
+                if stream.events and stream.events[-1] == "gateway.end":
+                    return stream
+                if stream.status == 200:
+                    break  # a clean end or a drop: reconnect, starting with the same node
+            await asyncio.sleep(0.05)
+
+    async def publisher(offset: int) -> list[int]:
+        ids = []
+        async with httpx.AsyncClient(timeout=5) as c:
+            for i in range(offset, total, 2):
+                for node in (nodes[offset], nodes[1 - offset]):  # fail over like a load balancer
+                    try:
+                        r = await c.post(f"{node.url}/v1/sessions/{session}/events",
+                                         json={"data": {"i": i, "t": time.time()}})
+                    except httpx.HTTPError:
+                        continue
+                    if r.status_code == 201:
+                        ids.append(r.json()["id"])
+                        break
+                await asyncio.sleep(0.004)
+        return ids
+
+    clients = [asyncio.create_task(client(a if i % 2 else b)) for i in range(200)]
+    deadline = time.monotonic() + 20
+    while (await metric(a.url, "sse_gateway_open_streams")) + (await metric(b.url, "sse_gateway_open_streams")) < 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    pubs = [asyncio.create_task(publisher(0)), asyncio.create_task(publisher(1))]
+    await asyncio.sleep(1.0)
+    on_a_before = await metric(a.url, "sse_gateway_open_streams")
+    sigterm_at = time.monotonic()
+    a.proc.send_signal(signal.SIGTERM)
+    r = httpx.get(f"{a.url}/readyz")
+    assert r.status_code == 503  # the load balancer moves traffic at once
+    r = httpx.get(f"{a.url}/v1/sessions/{session}/stream")
+    assert r.status_code == 503 and r.headers["retry-after"]
+    a.proc.wait(timeout=15)
+    exited_after = time.monotonic() - sigterm_at
+    ids = sorted((await pubs[0]) + (await pubs[1]))
+    assert ids == list(range(1, total + 1))  # two processes on one file: contiguous, no duplicate
+    async with httpx.AsyncClient() as c:
+        await c.post(f"{b.url}/v1/sessions/{session}/complete")
+    done = await asyncio.wait_for(asyncio.gather(*clients), 60)
+    for stream in done:
+        assert stream.ids == list(range(1, total + 2))
+    assert on_a_before >= 50 and exited_after < 4 + 2
+    assert a.proc.returncode == 0 and "Traceback" not in a.log()
+    assert exited_after > 0.5  # the closes were spread over the window, not done at once
+
+
+@pytest.mark.timeout(60)
+async def test_a_stream_on_one_process_gets_commits_of_another_live(start_gateway, tmp_path: Path):
+    db = tmp_path / "two.db"
+    a, b = start_gateway(db=db), start_gateway(db=db)
+    httpx.post(f"{a.url}/v1/sessions", json={"id": "x"})
+    delays: list[float] = []
+
+    async def watch() -> None:
+        async with httpx.AsyncClient(timeout=10) as c, c.stream("GET", f"{b.url}/v1/sessions/x/stream") as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    delays.append(time.time() - float(line[6:]))
+                    if len(delays) == 50:
+                        return
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.3)
+    async with httpx.AsyncClient() as c:
+        for _ in range(50):
+            await c.post(f"{a.url}/v1/sessions/x/events", json={"data": time.time()})
+            await asyncio.sleep(0.02)
+    await asyncio.wait_for(watcher, 20)
+    delays.sort()
+    assert delays[-1] < 0.5, delays[-5:]  # SQLite's data_version is polled every 50 ms
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        message = f"cannot mount a small tmpfs here ({r.stderr.decode().strip()}); needs root"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.mark.timeout(90)
+def test_full_disk_refuses_publishes_keeps_acknowledged_events_and_recovers(start_gateway, tmp_path: Path):
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "3m")
+    try:
+        gw = start_gateway(db=disk / "gw.db")
+        acked: dict[int, str] = {}
+        filler = disk / "filler"
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        filler.write_bytes(b"\0" * max(0, free - 400_000))
+        with httpx.Client(base_url=gw.url, timeout=10) as c:
+            statuses = []
+            for i in range(400):
+                payload = f"{i}-" + "x" * 8000
+                r = c.post("/v1/sessions/full/events", json={"data": payload})
+                statuses.append(r.status_code)
+                if r.status_code == 201:
+                    acked[r.json()["id"]] = payload
+                else:
+                    assert r.status_code == 507, r.text
+                    assert r.json()["error"]["code"] == "store_full"
+                    assert r.headers["retry-after"]
+                    if statuses.count(507) >= 5:
+                        break
+            assert acked and 507 in statuses
+            # reading keeps working while writes fail
+            replay = c.get("/v1/sessions/full/stream", params={"live": "false"})
+            assert replay.text.count("id: ") == len(acked)
+            filler.unlink()  # space comes back: the gateway recovers by itself
+            r = c.post("/v1/sessions/full/events", json={"data": "after"})
+            assert r.status_code == 201 and r.json()["id"] == max(acked) + 1
+        gw.kill()  # and nothing acknowledged was lost, even across a crash
+        gw.start()
+        with httpx.Client(base_url=gw.url) as c:
+            events = c.get("/v1/sessions/full/events", params={"limit": 1000}).json()["events"]
+        stored = {e["id"]: e["data"] for e in events}
+        assert list(stored) == list(range(1, max(acked) + 2))
+        for id_, payload in acked.items():
+            assert stored[id_] == payload
+        gw.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_corrupt_or_locked_database_is_a_clear_error(tmp_path: Path):
+    from test_cli import cli
+
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not a database " * 100)
+    r = cli("serve", "--db", str(bad), "--port", "1")
+    assert r.returncode == 1 and "not a usable SQLite database" in r.stderr and "Traceback" not in r.stderr
+    import sqlite3
+
+    locked = tmp_path / "locked.db"
+    holder = sqlite3.connect(locked, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        r = cli("serve", "--db", str(locked), "--port", "1")
+        assert r.returncode == 1 and "locked" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        holder.close()
+
+
+@pytest.mark.timeout(240)
+async def test_ten_thousand_connect_disconnect_cycles_leak_nothing(start_gateway):
+    gw = start_gateway("--heartbeat", "5")
+    async with httpx.AsyncClient(base_url=gw.url) as c:
+        for start in range(0, 20000, 1000):
+            await c.post("/v1/sessions/big/events", json=[{"data": "y" * 100}] * 1000)
+        await c.post("/v1/sessions/quiet/events", json={"data": 1})
+
+    async def baseline() -> dict[str, float]:
+        await asyncio.sleep(0.3)
+        return {name: await metric(gw.url, name) for name in
+                ("sse_gateway_asyncio_tasks", "process_open_fds", "process_resident_memory_bytes",
+                 "sse_gateway_open_streams")}
+
+    async def cycle(kind: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            if kind == 0:  # gone before the response starts (half a request)
+                writer.write(b"GET /v1/sessions/big/stream HTTP/1.1\r\nHo")
+                await writer.drain()
+            elif kind == 1:  # gone mid-replay of 20,000 events
+                writer.write(b"GET /v1/sessions/big/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+                await reader.readexactly(random.randint(200, 60000))
+            else:  # gone mid-live, after the replay
+                writer.write(b"GET /v1/sessions/quiet/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+                await reader.readuntil(b"id: 1:")
+        finally:
+            if random.random() < 0.5:
+                writer.transport.abort()  # a reset
+            else:
+                writer.close()
+
+    # warm up: let every lazily-created thing exist before the baseline
+    await asyncio.gather(*(cycle(i % 3) for i in range(300)))
+    deadline = time.monotonic() + 20
+    while await metric(gw.url, "sse_gateway_open_streams") and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    before = await baseline()
+    sem = asyncio.Semaphore(50)
+
+    async def bounded(i: int) -> None:
+        async with sem:
+            await cycle(i % 3)
+
+    await asyncio.gather(*(bounded(i) for i in range(10_000)))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = await baseline()
+        if after["sse_gateway_open_streams"] == 0 and after["sse_gateway_asyncio_tasks"] <= before[
+                "sse_gateway_asyncio_tasks"]:
+            break
+    assert after["sse_gateway_open_streams"] == 0
+    assert after["sse_gateway_asyncio_tasks"] <= before["sse_gateway_asyncio_tasks"]
+    assert after["process_open_fds"] <= before["process_open_fds"] + 2
+    assert after["process_resident_memory_bytes"] < before["process_resident_memory_bytes"] + 16 * 2**20
+    async with httpx.AsyncClient(base_url=gw.url) as c:
+        assert (await c.get("/v1/sessions/big")).json()["subscribers"] == 0
