@@ -27,7 +27,7 @@ import re
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .errors import BadRequest
+from .errors import BadRequest, GatewayError
 from .hub import Channel, Hub
 from .models import END_EVENT, Session
 from .sse import PING, encode_control, encode_event
@@ -82,6 +82,7 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ch = self.hub.attach(self.session)  # before reading the head: see the module docstring
         watcher = asyncio.create_task(self._watch(receive))
+        started = False
         try:
             row = await self.hub.log.get_session(self.session)
             if row is None:  # deleted since the route looked
@@ -91,8 +92,18 @@ class EventStream(Response):
             ch = self.hub.settle(ch, row)
             cursor, notice = start_position(row, self.cursor, self.epoch)
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            started = True
             await self._pump(send, ch, cursor, self.prelude + notice)
             if not self.gone:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except GatewayError as err:  # the store failed: end the stream, the client resumes later
+            log.warning("stream of session %s ended: %s", self.session, err.message)
+            if not started:
+                await send({"type": "http.response.start", "status": err.status,
+                            "headers": [(b"content-type", b"application/json"),
+                                        *((k.lower().encode(), v.encode()) for k, v in err.headers.items())]})
+                await send({"type": "http.response.body", "body": err.body()})
+            elif not self.gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
             # The client accepted nothing for send_timeout: drop it; it resumes from the log.
@@ -176,6 +187,7 @@ class EventStream(Response):
             ch.head = row.last_id
             if row.trimmed_id > cursor:
                 return self._gap(cursor + 1, row.trimmed_id), row.trimmed_id
+            await asyncio.sleep(0.05)  # the log disagrees with itself for a moment: never spin
             return b"", cursor
         out = []
         if events[0].id > cursor + 1:

@@ -201,26 +201,35 @@ class SqliteLog(EventLog):
         self._writer = None
 
     async def ping(self) -> None:
-        await self._reader().execute_fetchall("SELECT 1")
+        await self._query("SELECT 1")
 
     def _reader(self) -> aiosqlite.Connection:
         self._next_reader = (self._next_reader + 1) % len(self._readers)
         return self._readers[self._next_reader]
 
+    async def _query(self, sql: str, params: tuple = ()) -> list:
+        """A read on one of the reader connections; a failure is a 503, never a traceback."""
+        if self._writer is None:
+            raise Unavailable("the store is closed", "store_closed")
+        try:
+            return await self._reader().execute_fetchall(sql, params)
+        except sqlite3.Error as exc:
+            raise store_error(exc) from None
+
     # -- reads -----------------------------------------------------------
 
     async def get_session(self, session: str) -> Session | None:
-        rows = await self._reader().execute_fetchall(f"SELECT {_FULL_ROW} FROM sessions WHERE name = ?", (session,))
+        rows = await self._query(f"SELECT {_FULL_ROW} FROM sessions WHERE name = ?", (session,))
         return _row(rows[0], full=True)[1] if rows else None
 
     async def list_sessions(self, *, status: str | None = None, limit: int = 100) -> list[Session]:
         where, params = ("WHERE status = ?", (status, limit)) if status else ("", (limit,))
-        rows = await self._reader().execute_fetchall(
+        rows = await self._query(
             f"SELECT {_FULL_ROW} FROM sessions {where} ORDER BY created_at DESC, sid DESC LIMIT ?", params)
         return [_row(r, full=True)[1] for r in rows]
 
     async def read(self, session: str, after: int, limit: int) -> list[StoredEvent]:
-        rows = await self._reader().execute_fetchall(
+        rows = await self._query(
             "SELECT e.id, e.event, e.data, e.is_json, e.ts FROM sessions s JOIN events e ON e.sid = s.sid "
             "WHERE s.name = ? AND e.id > max(?, s.trimmed_id) ORDER BY e.id LIMIT ?",
             (session, after, limit))
@@ -413,8 +422,7 @@ class SqliteLog(EventLog):
 
     async def sweep(self, now: int) -> int:
         """Delete expired sessions, then physically remove trimmed and deleted events in chunks."""
-        rows = await self._reader().execute_fetchall(
-            f"SELECT {_ROW} FROM sessions WHERE status = 'completed'")
+        rows = await self._query(f"SELECT {_ROW} FROM sessions WHERE status = 'completed'")
         expired = [row.id for _, row in map(_row, rows) if is_expired(row, now, self.default_ttl)]
         for name in expired:
             await self.delete_session(name)
@@ -422,10 +430,9 @@ class SqliteLog(EventLog):
         return len(expired)
 
     async def _purge(self) -> None:
-        reader = self._reader()
-        for sid, last_id in await reader.execute_fetchall("SELECT sid, last_id FROM doomed LIMIT 100"):
+        for sid, last_id in await self._query("SELECT sid, last_id FROM doomed LIMIT 100"):
             await self._purge_range(sid, last_id, doomed=True)
-        for sid, purged, trimmed in await reader.execute_fetchall(
+        for sid, purged, trimmed in await self._query(
                 "SELECT sid, purged_id, trimmed_id FROM sessions WHERE purged_id < trimmed_id LIMIT 100"):
             await self._purge_range(sid, trimmed, doomed=False, start=purged)
 
