@@ -186,7 +186,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 class GatewayServer:
-    """uvicorn's server, with a drain on the first SIGTERM/SIGINT and an immediate exit on the second."""
+    """uvicorn's server: the first SIGTERM/SIGINT drains, the second ends all streams and exits now."""
 
     def __init__(self, config, app) -> None:
         import uvicorn
@@ -209,8 +209,10 @@ class GatewayServer:
                      gw.settings.drain_seconds)
             gw.loop.call_soon_threadsafe(gw.begin_drain, lambda: setattr(server, "should_exit", True))
             return
+        if gw is not None:  # end every stream now, then shut down cleanly (the store is closed)
+            gw.loop.call_soon_threadsafe(gw.hub.shutdown)
         server.should_exit = True
-        if self._signals > 1:
+        if self._signals > 2:
             server.force_exit = True
 
     def run(self) -> bool:
