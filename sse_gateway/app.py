@@ -25,7 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from . import __version__, openapi
+from . import __version__, demo, openapi
 from .auth import Auth
 from .config import Settings
 from .errors import (BadRequest, Conflict, GatewayError, NotFound, TooLarge, Unavailable, UnsupportedMedia,
@@ -162,9 +162,10 @@ class Gateway:
 
     async def stop(self) -> None:
         self.hub.shutdown()
-        for task in self._tasks:
+        pending = [*self._tasks, *self._background]  # background work must not outlive the log
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         await self.log.close()
 
     async def _sweep(self) -> None:
@@ -608,6 +609,8 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
             return json_response({"service": "sse-gateway", "version": __version__, "docs": "/docs"})
         return FileResponse(page)
 
+    if settings.demo:
+        app.include_router(demo.router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(RequestTimer, stats_of=lambda: getattr(getattr(app.state, "gw", None), "stats", None))

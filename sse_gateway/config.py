@@ -53,6 +53,7 @@ class Settings:
                                 metavar="SECONDS")
     log_level: str = _opt("info", "debug, info, warning or error", metavar="LEVEL")
     access_log: bool = _opt(False, "log every request (query strings redacted)", flag=True)
+    demo: bool = _opt(True, "serve the demo page's simulated agent runs (POST /v1/demo/runs)", flag=True)
 
     @property
     def publish_keys(self) -> tuple[str, ...]:

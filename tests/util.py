@@ -126,8 +126,10 @@ async def read_stream(base_url: str, session: str, *, until_id: int | None = Non
                             return
                         assert source.response.status_code == 200, source.response.status_code
                         async for sse in source.aiter_sse():
-                            if not sse.id and not sse.data:
-                                continue  # the opening `retry:` block (httpx-sse reports it as an event)
+                            if not sse.data and sse.id in ("", got.cursor):
+                                # A block without data (the opening `retry:`, a `: ping` heartbeat): the SSE
+                                # standard dispatches nothing, httpx-sse an event with the previous id.
+                                continue
                             if sse.event in ("gateway.gap", "gateway.reset"):
                                 got.notices.append((sse.event, sse.data))
                                 continue

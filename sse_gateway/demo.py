@@ -1,0 +1,153 @@
+"""Simulated agent runs for the demo page: the gateway publishes into its own log.
+
+``POST /v1/demo/runs`` creates a session and starts a background task that
+types a few hundred ``token`` events, pauses on a slow "tool call" for longer
+than the heartbeat (so a visitor sees a quiet stream stay open), types some
+more, and completes the session with the whole text as its result. The run
+publishes through the same path as an HTTP publisher, so the demo shows
+exactly what a real agent gets.
+
+The task is kept by ``Gateway.spawn`` and cancelled at shutdown; a run cut
+short that way leaves its session open, like an agent that died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from .errors import BadRequest, GatewayError, TooLarge
+from .models import NewEvent
+
+log = logging.getLogger("sse_gateway.demo")
+
+router = APIRouter(tags=["demo"])
+
+DEFAULT_DURATION = 20.0
+MAX_DURATION = 300.0
+MIN_TYPING = 2.0  # seconds of typing, however short the requested run
+KEEP_SECONDS = 3600  # a finished demo session is removed after this
+MAX_BODY = 4096
+
+PART_ONE = (
+    "You asked why an agent's answer sometimes vanishes when the connection drops. The short version: the "
+    "answer lived in the connection, and connections are fragile. Proxies close streams that look idle, "
+    "phones switch from Wi-Fi to cellular, laptops sleep, and every deploy restarts the servers one by one. "
+    "Each of those ends an HTTP response, and whatever the agent wrote after that point is lost.\n\n"
+    "Press Drop connection while I type, or reload the page: this text continues exactly where it stopped. "
+    "Meanwhile, let me look up how the gateway does it."
+)
+PART_TWO = (
+    "\n\nHere is what I found. The gateway separates the session from the connection. The agent publishes "
+    "every token into a durable, append-only log, and each event gets the next id: 1, 2, 3, with no holes. "
+    "The browser reads that log as Server-Sent Events, so it always knows the id of the last event it has: "
+    "its cursor. When a connection drops, EventSource reconnects by itself and sends the cursor back as "
+    "Last-Event-ID. The gateway replays exactly the events after it, then continues live. Nothing is lost "
+    "and nothing arrives twice.\n\n"
+    "While that lookup was running, nothing was published for a while. The gateway filled the silence with "
+    "heartbeat comments, so no proxy closed the stream as idle. Your browser never shows them, but they kept "
+    "this connection open. Done: the final result is this whole text, delivered as gateway.end."
+)
+
+START_RUN_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "properties": {"duration": {"type": "number", "minimum": 1, "maximum": MAX_DURATION,
+                                        "description": "approximate length of the run in seconds (default 20); "
+                                        "the tool-call pause always lasts the heartbeat plus one second"}},
+        }}},
+    },
+}
+
+
+def split_tokens(text: str) -> list[str]:
+    """Word pieces the way a language model emits them: a word with its leading space, long ones split."""
+    pieces = []
+    for word in re.findall(r"\s*\S+", text):
+        rest = word
+        while len(rest) > 6:
+            pieces.append(rest[:4])
+            rest = rest[4:]
+        pieces.append(rest)
+    return pieces
+
+
+@router.post("/v1/demo/runs", status_code=201, openapi_extra=START_RUN_DOC,
+             summary="Start a simulated agent run (the demo page)")
+async def start_run(request: Request) -> Response:
+    gw = request.app.state.gw
+    gw.auth.publisher(request)
+    duration = _duration(await _small_body(request))
+    session = "demo-" + secrets.token_urlsafe(8)
+    await gw.log.create_session(session, metadata={"demo": True}, ttl_seconds=KEEP_SECONDS)
+    gw.spawn(simulate(gw, session, duration))
+    stream_url = f"/v1/sessions/{session}/stream"
+    token = gw.auth.mint(session)
+    if token:
+        stream_url += f"?token={token[0]}"
+    body = {"session": session, "stream_url": stream_url, "heartbeat": gw.settings.heartbeat,
+            "duration": duration}
+    return Response(orjson.dumps(body), 201, media_type="application/json")
+
+
+async def _small_body(request: Request) -> bytes:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise TooLarge(f"a demo run takes at most {MAX_BODY} bytes of options", "body_too_large")
+    return body
+
+
+def _duration(body: bytes) -> float:
+    if not body.strip():
+        return DEFAULT_DURATION
+    try:
+        spec = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("body must be a JSON object {\"duration\"?}", "invalid_json") from None
+    if not isinstance(spec, dict) or set(spec) - {"duration"}:
+        raise BadRequest("body must be a JSON object {\"duration\"?}", "invalid_body")
+    duration = spec.get("duration", DEFAULT_DURATION)
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or not 1 <= duration <= MAX_DURATION:
+        raise BadRequest(f"duration must be a number of seconds between 1 and {MAX_DURATION:g}", "invalid_duration")
+    return float(duration)
+
+
+async def simulate(gw, session: str, duration: float) -> None:
+    """Type PART_ONE, wait on a slow tool for longer than the heartbeat, type PART_TWO, complete."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    pause = gw.settings.heartbeat + 1.0
+    first, second = split_tokens(PART_ONE), split_tokens(PART_TWO)
+    interval = max(duration - pause, MIN_TYPING) / (len(first) + len(second))
+
+    async def publish(event: str, data: Any) -> None:
+        await gw.append(session, [NewEvent(event, orjson.dumps(data).decode())])
+
+    async def type_out(pieces: list[str]) -> None:
+        begin = loop.time()
+        for i, piece in enumerate(pieces):
+            await publish("token", {"text": piece})
+            await asyncio.sleep(max(0.0, begin + (i + 1) * interval - loop.time()))
+
+    try:
+        await publish("status", {"step": "thinking"})
+        await type_out(first)
+        await publish("tool", {"name": "search_docs", "status": "running", "args": {"query": "Last-Event-ID resume"}})
+        await asyncio.sleep(pause)
+        await publish("tool", {"name": "search_docs", "status": "done", "seconds": round(pause, 1)})
+        await type_out(second)
+        await gw.log.complete(session, {"text": PART_ONE + PART_TWO, "tokens": len(first) + len(second),
+                                        "seconds": round(loop.time() - started, 1)})
+    except GatewayError as exc:  # the session was deleted or completed by someone else, or the store failed
+        log.info("demo run %s stopped: %s", session, exc.message)

@@ -1,0 +1,61 @@
+"""POST /v1/demo/runs: the simulated agent run behind the demo page."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import httpx
+import pytest
+
+from util import read_stream
+
+
+@pytest.mark.timeout(60)
+async def test_a_demo_run_types_pauses_past_the_heartbeat_and_completes(start_gateway):
+    gw = start_gateway("--heartbeat", "1")
+    async with httpx.AsyncClient() as api:
+        resp = await api.post(f"{gw.url}/v1/demo/runs", json={"duration": 3})
+    assert resp.status_code == 201, resp.text
+    run = resp.json()
+    assert run["stream_url"] == f"/v1/sessions/{run['session']}/stream" and run["heartbeat"] == 1
+
+    got = await read_stream(gw.url, run["session"], timeout=30)
+    assert got.ended and got.ids == list(range(1, len(got.ids) + 1))
+    assert got.events[0] == "status" and got.events[-1] == "gateway.end"
+    assert got.events.count("tool") == 2 and 300 <= got.events.count("token") <= 400
+    text = "".join(json.loads(d)["text"] for e, d in zip(got.events, got.data) if e == "token")
+    result = json.loads(got.data[-1])
+    assert result["text"] == text and result["tokens"] == got.events.count("token")
+    assert result["seconds"] >= 2.0, "the tool pause must outlast the heartbeat"
+
+
+@pytest.mark.timeout(60)
+def test_demo_runs_need_a_publisher_key_once_keys_are_configured(start_gateway):
+    gw = start_gateway("--publish-key", "k1", "--token-secret", "s1")
+    assert httpx.post(f"{gw.url}/v1/demo/runs").status_code == 401
+    resp = httpx.post(f"{gw.url}/v1/demo/runs", json={"duration": 1}, headers={"Authorization": "Bearer k1"})
+    assert resp.status_code == 201, resp.text
+    stream_url = resp.json()["stream_url"]
+    assert "?token=" in stream_url, "the page cannot read a keyed gateway without a subscribe token"
+    with httpx.stream("GET", f"{gw.url}{stream_url}&live=false") as stream:
+        assert stream.status_code == 200
+    for body in ({"duration": 0}, {"duration": "5"}, {"duration": True}, {"speed": 2}, [1]):
+        resp = httpx.post(f"{gw.url}/v1/demo/runs", json=body, headers={"Authorization": "Bearer k1"})
+        assert resp.status_code == 400, (body, resp.text)
+
+
+@pytest.mark.timeout(60)
+def test_no_demo_turns_the_endpoint_off_and_a_run_cut_by_shutdown_ends_quietly(start_gateway):
+    off = start_gateway("--no-demo")
+    assert httpx.post(f"{off.url}/v1/demo/runs").status_code == 404
+    assert httpx.get(off.url + "/").status_code == 200  # the page itself stays
+
+    on = start_gateway("--heartbeat", "1")
+    session = httpx.post(f"{on.url}/v1/demo/runs", json={"duration": 60}).json()["session"]
+    on.proc.send_signal(signal.SIGTERM)
+    assert on.proc.wait(timeout=20) == 0
+    assert "Traceback" not in on.log() and "Task exception" not in on.log()
+    on.start()
+    row = httpx.get(f"{on.url}/v1/sessions/{session}").json()
+    assert row["status"] == "open" and 0 < row["last_id"] < 300, "the run neither stopped nor kept its events"
