@@ -295,8 +295,8 @@ async def tail(args: argparse.Namespace) -> int:
                     async for sse in source.aiter_sse():
                         if sse.retry:
                             delay = sse.retry / 1000
-                        if not sse.id and not sse.data:
-                            continue  # the `retry:` block, which carries no event
+                        if not sse.data and sse.id in ("", cursor):
+                            continue  # a block without an event (httpx-sse reports one)
                         if sse.event in ("gateway.gap", "gateway.reset"):
                             print(f"# {sse.event} {sse.data}", file=sys.stderr, flush=True)
                             if sse.event == "gateway.reset":
