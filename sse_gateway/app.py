@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,16 @@ from .stream import EventStream, parse_cursor, start_position
 
 log = logging.getLogger("sse_gateway")
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+def _static_dir() -> Path:
+    """``static/`` beside the package (a checkout) or where a wheel installs it (``share/sse-gateway``)."""
+    for candidate in (Path(__file__).resolve().parent.parent / "static",
+                      Path(sys.prefix) / "share" / "sse-gateway" / "static"):
+        if candidate.is_dir():
+            return candidate
+    return candidate
+
+
+STATIC_DIR = _static_dir()
 MAX_KEY = 256
 
 

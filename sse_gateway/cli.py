@@ -182,8 +182,8 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=settings.access_log, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=int(settings.drain_seconds) + 5, timeout_keep_alive=30,
-                            server_header=False)
+                            timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
+                            timeout_keep_alive=settings.keep_alive, server_header=False)
     server = GatewayServer(config, app)
     where = "memory (nothing is kept)" if settings.backend == "memory" else (
         settings.db if settings.backend == "sqlite" else settings.redis_url)

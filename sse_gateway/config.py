@@ -51,6 +51,8 @@ class Settings:
                                    "(also survives a power cut)", metavar="MODE")
     drain_seconds: float = _opt(10.0, "on SIGTERM, spread the closing of streams over this window",
                                 metavar="SECONDS")
+    keep_alive: int = _opt(75, "seconds an idle keep-alive connection stays open (keep it above a load "
+                           "balancer's idle timeout: an AWS ALB's is 60)", metavar="SECONDS")
     log_level: str = _opt("info", "debug, info, warning or error", metavar="LEVEL")
     access_log: bool = _opt(False, "log every request (query strings redacted)", flag=True)
     demo: bool = _opt(True, "serve the demo page's simulated agent runs (POST /v1/demo/runs)", flag=True)
