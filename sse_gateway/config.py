@@ -30,7 +30,10 @@ class Settings:
     port: int = _opt(8000, "port to listen on")
     db: str = _opt("./sse-gateway.db", "SQLite file of the default backend", metavar="PATH")
     backend: str = _opt("sqlite", "event log backend: sqlite, memory (nothing kept) or redis", metavar="NAME")
-    redis_url: str = _opt("redis://127.0.0.1:6379/0", "Redis URL for --backend redis", metavar="URL")
+    redis_url: str = _opt("redis://127.0.0.1:6379/0", "Redis URL for --backend redis (redis+cluster://HOST:PORT "
+                          "for Redis Cluster)", metavar="URL")
+    redis_wait_replicas: int = _opt(0, "Redis replicas that must confirm each write before it is acknowledged "
+                                    "(WAIT; 0: do not wait)", metavar="N")
     heartbeat: float = _opt(15.0, "seconds of silence before a ': ping' comment", metavar="SECONDS")
     retry_ms: int = _opt(1000, "reconnect delay sent to clients as 'retry:' (plus up to 50%% jitter)", metavar="MS")
     publish_key: tuple[str, ...] = _opt((), "publisher key (repeatable; env: comma-separated); none means open",
@@ -82,6 +85,8 @@ class Settings:
             raise ValueError("heartbeat must be positive")
         if self.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError("sqlite_synchronous must be NORMAL or FULL")
+        if self.redis_wait_replicas < 0:
+            raise ValueError("redis_wait_replicas must be 0 or more")
         if not (0 < self.port < 65536):
             raise ValueError("port must be between 1 and 65535")
 

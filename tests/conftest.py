@@ -119,6 +119,61 @@ class Gateway:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port; ``aof`` keeps its data across ``restart``."""
+
+    def __init__(self, tmp: Path, *, aof: bool = False, args: tuple[str, ...] = ()) -> None:
+        self.binary = require_binary("redis-server")
+        self.port = free_port()
+        self.dir = tmp / f"redis-{self.port}"
+        self.dir.mkdir(parents=True)
+        self.args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.dir),
+                     "--appendonly", "yes" if aof else "no", "--appendfsync", "always", *args]
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self._log = open(self.dir / "redis.log", "ab")
+        self.proc = subprocess.Popen([self.binary, *self.args], stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def restart(self) -> RedisServer:
+        self.kill()
+        return self.start()
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator:
+    """``start_redis(aof=False, args=())`` starts a private redis-server, killed after the test."""
+    started: list[RedisServer] = []
+
+    def start(**kw) -> RedisServer:
+        server = RedisServer(tmp_path, **kw)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def redis_server(start_redis) -> str:
+    """The URL of a fresh private redis-server (no persistence), for one test."""
+    return start_redis().url
+
+
 @pytest.fixture
 def start_gateway(tmp_path: Path) -> Iterator:
     """``start_gateway(*args, backend=..., env=...)`` starts a gateway that is stopped after the test."""

@@ -10,6 +10,7 @@ import pytest
 from sse_gateway.errors import Conflict, NotFound, PreconditionFailed
 from sse_gateway.log.base import EventLog
 from sse_gateway.log.memory import MemoryLog
+from sse_gateway.log.redis import RedisLog
 from sse_gateway.log.sqlite import SqliteLog
 from sse_gateway.models import END_EVENT, NewEvent
 
@@ -20,9 +21,15 @@ def ev(data: str = "1", key: str | None = None, event: str = "message") -> NewEv
     return NewEvent(event, data, True, key)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def make_log(request, tmp_path) -> Callable[..., EventLog]:
-    """``make_log(**limits)`` builds a log of the parametrised backend; the same path on every call."""
+    """``make_log(**limits)`` builds a log of the parametrised backend; the same store on every call."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_server")
+
+        def make_redis(**kw) -> EventLog:
+            return RedisLog(url, **kw)
+        return make_redis
     if request.param == "memory":
         shared = {}
 

@@ -25,7 +25,7 @@ def make_log(settings: Settings) -> EventLog:
     if settings.backend == "redis":
         from .redis import RedisLog
 
-        return RedisLog(settings.redis_url, **limits)
+        return RedisLog(settings.redis_url, wait_replicas=settings.redis_wait_replicas, **limits)
     raise ValueError(f"unknown backend {settings.backend!r}")
 
 

@@ -1,0 +1,590 @@
+"""The Redis backend: many gateway nodes share one store.
+
+The contract of ``log.base`` holds across nodes:
+
+* **Atomic, contiguous, idempotent.** Every write of a session is one Lua
+  script (``redis_append.lua``: create, append, complete;
+  ``redis_session.lua``: ack, state, trim, delete, expire, presence) that
+  checks everything, then writes: create the session if needed (epoch = a
+  random token chosen by the caller), refuse a completed one, look up the
+  idempotency keys, ``XADD`` each event with the explicit stream id
+  ``ID-0``, update the row, ``XTRIM MINID`` past ``max_events``, and
+  ``PUBLISH`` one notification. Redis runs one script at a time, so ids are
+  contiguous whichever node appends; ``XADD`` with a stream id below the
+  stream's top is refused, so a bug could never reorder the log.
+* **Ordered.** The position of an event is its integer id; the stream id is
+  ``ID-0``. ``read(after)`` is ``XRANGE (after-0 + COUNT limit``; trimming
+  is exact (``MINID``), so nothing at or below ``trimmed_id`` is returned.
+  With the epoch (a field of the row, new for every life of a session id)
+  a cursor ``ID:EPOCH`` names one event for ever.
+* **Durable before return** as far as Redis is: ``appendonly yes`` with
+  ``appendfsync always`` survives a crash of Redis or of its machine;
+  ``everysec`` survives ``kill -9`` of Redis but may lose the last second
+  on a power cut; without AOF, a restart loses everything since the last
+  snapshot. ``wait_replicas`` (``--redis-wait-replicas``) adds ``WAIT`` so
+  a write is acknowledged only once that many replicas have it (a failover
+  then loses nothing acknowledged); if they do not confirm within a second
+  the publisher gets ``503 store_not_replicated`` and retries with its
+  idempotency key.
+
+Writes go through one queue to one writer task, which sends everything
+queued as one pipeline: concurrent publishers share a round trip (and one
+``WAIT``), and this node's listeners are told of its own appends in id
+order. Reads use the connection pool. Every Redis failure becomes
+``503 store_unavailable`` within a socket timeout of two seconds; a write
+that timed out may or may not have happened, which an idempotency key
+settles on retry.
+
+Keys: one session's keys share the hash tag ``{SESSION}`` (session ids are
+``[A-Za-z0-9_.~-]``, never braces), so they live in one Redis Cluster slot
+and one script can change them all::
+
+    sse-gateway:{SESSION}:meta      hash: epoch, status, last_id, trimmed_id, acked_id, state, ...
+    sse-gateway:{SESSION}:events    stream: entry ID-0 = {e: type, d: data, j: 1 if JSON, t: ts ms}
+    sse-gateway:{SESSION}:keys      hash: idempotency key -> id
+    sse-gateway:{SESSION}:presence  hash: node -> open streams; last_seen -> ms
+    sse-gateway:sessions            sorted set: session by created_at (listing)
+    sse-gateway:expiring            sorted set: completed session by expiry time (retention)
+    sse-gateway:node:NODE           string with a 6 s expiry: the node is alive
+    sse-gateway:appends             pub/sub channel: "SESSION\\tEPOCH\\tLAST_ID\\tSTATUS"
+
+The two sorted sets are global keys. On a single Redis (or a primary with
+replicas) the scripts update them atomically with the session. On Redis
+Cluster (URL ``redis+cluster://host:port``) they cannot be in a
+session's script, so the writer updates them right after it, best effort:
+a node that dies in between leaves a session unlisted and never expired
+(its keys stay until it is deleted). Listing is therefore complete on a
+single Redis and best effort on Cluster.
+
+Live feed: every script that adds events or deletes a session publishes
+one line on ``sse-gateway:appends``. Each node holds ONE subscription to
+it, on a dedicated connection, whatever the number of sessions; a line
+about a session this node streams (``watched``, set by the hub) moves that
+session's head (``_notify(session, [], row)``) and the subscribers read
+the new events from the log by cursor. The cost is one small message per
+append per node, and nothing per idle session. If the feed connection
+breaks, the node reconnects with backoff (0.1 s doubling to 2 s), and once
+subscribed again re-reads the head of every watched session, so a write
+made meanwhile is never missed; streams stay open meanwhile (with their
+heartbeats) and catch up then. Nothing can be appended to a Redis that the
+feed cannot reach, so a long outage of the feed is an outage of the store.
+
+Presence: the hub reports each stream attached and detached
+(``report_presence``); a background task writes this node's count per
+session (only when it changed) and refreshes the node's liveness key every
+two seconds. ``presence(session)`` sums the counts of live nodes, so the
+streams of a node killed with ``-9`` stop counting within six seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from hashlib import sha1
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from ..errors import BadRequest, Conflict, GatewayError, NotFound, PreconditionFailed, Unavailable
+from ..models import END_EVENT, AppendResult, NewEvent, Session, StoredEvent, dump_json, new_epoch, now_ms
+from .base import NO_RESULT, EventLog
+
+log = logging.getLogger("sse_gateway.redis")
+
+PREFIX = "sse-gateway:"
+CHANNEL = PREFIX + "appends"
+INDEX = PREFIX + "sessions"
+EXPIRING = PREFIX + "expiring"
+PRESENCE_PERIOD = 2.0  # seconds between a node's liveness refreshes; it is dead after three missed
+FEED_PING = 5.0  # seconds of silence on the feed before it is pinged; twice that without an answer is a loss
+WAIT_TIMEOUT_MS = 1000
+_MAX_BATCH = 500
+_CLIENT_OPTIONS = {"decode_responses": True, "socket_timeout": 2.0, "socket_connect_timeout": 1.0,
+                   "socket_keepalive": True}
+
+
+class _Script:
+    def __init__(self, filename: str) -> None:
+        self.text = (Path(__file__).parent / filename).read_text()
+        self.sha = sha1(self.text.encode()).hexdigest()
+
+
+_APPEND = _Script("redis_append.lua")
+_SESSION = _Script("redis_session.lua")
+
+
+@dataclass(eq=False)
+class _Op:
+    script: _Script
+    session: str
+    args: list
+    #: the script's reply -> (the caller's value, (new events, row) to notify, or None)
+    reply: Callable[[Any], tuple[Any, tuple | None]]
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def _pairs(flat: list) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2]))
+
+
+def _int(value: str | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _json(value: str | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
+def _dumps(value: Any) -> str:
+    return "" if value is None else dump_json(value)
+
+
+def _session(name: str, h: dict[str, str]) -> Session:
+    return Session(id=name, epoch=h["epoch"], created_at=int(h["created_at"]), status=h["status"],
+                   completed_at=_int(h.get("completed_at")), last_id=int(h["last_id"]),
+                   trimmed_id=int(h["trimmed_id"]), metadata=_json(h.get("metadata")),
+                   ttl_seconds=_int(h.get("ttl_seconds")), acked_id=int(h["acked_id"]),
+                   state=_json(h.get("state")), state_version=int(h["state_version"]),
+                   state_as_of=int(h["state_as_of"]), result=_json(h.get("result")))
+
+
+def _unavailable(exc: RedisError, write: bool = False) -> Unavailable:
+    if write and isinstance(exc, RedisTimeout):
+        return Unavailable("Redis did not answer in time; the write may or may not have happened (retry with an "
+                           "idempotency key)", "store_unavailable")
+    return Unavailable(f"the store is unavailable: {exc}", "store_unavailable")
+
+
+def _gateway_error(session: str, exc: RedisError) -> GatewayError:
+    """What a script's error reply means; anything else is the store failing."""
+    if not isinstance(exc, ResponseError) or not str(exc).startswith("GW "):
+        return _unavailable(exc, write=True)
+    code, _, detail = str(exc)[3:].partition(" ")
+    if code == "session_not_found":
+        return NotFound(f"no session {session!r}")
+    if code == "session_exists":
+        return Conflict(f"session {session!r} exists", "session_exists")
+    if code == "session_completed":
+        return Conflict(f"session {session!r} is completed", "session_completed")
+    if code == "invalid_ack":
+        return BadRequest(f"ack id must be between 0 and the last id ({detail})", "invalid_ack")
+    if code == "state_version_mismatch":
+        return PreconditionFailed(f"state is at version {detail}, not the one given", "state_version_mismatch",
+                                  extra={"version": int(detail)})
+    return Unavailable(f"the store refused the write: {exc}", "store_error")
+
+
+@contextlib.contextmanager
+def _store():
+    try:
+        yield
+    except RedisError as exc:
+        raise _unavailable(exc) from None
+
+
+class RedisLog(EventLog):
+    def __init__(self, url: str, *, max_events: int | None = None, default_ttl: int | None = None,
+                 wait_replicas: int = 0) -> None:
+        super().__init__()
+        scheme, sep, rest = url.partition("://")
+        self.cluster = scheme.endswith("+cluster")
+        self.url = scheme.removesuffix("+cluster") + sep + rest
+        if self.cluster and wait_replicas:
+            raise ValueError("redis_wait_replicas is not supported with Redis Cluster")
+        self.max_events = max_events
+        self.default_ttl = default_ttl
+        self.wait_replicas = wait_replicas
+        self.node = secrets.token_hex(4)
+        #: names of the sessions someone is streaming on this node; set by the hub, read by the feed
+        self.watched: Collection[str] = ()
+        self._global_keys = [] if self.cluster else [INDEX, EXPIRING]
+        self._redis: Redis | RedisCluster | None = None
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._index_updates: list[tuple] = []  # Cluster only: the global keys, after the scripts
+        self._streams: dict[str, int] = {}  # this node's open streams per session
+        self._presence_dirty: set[str] = set()
+        self._presence_changed: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        #: ``callback(operations, seconds)`` after each pipelined batch of writes (metrics)
+        self.on_commit = None
+
+    def _keys(self, session: str) -> list[str]:
+        tag = f"{PREFIX}{{{session}}}:"
+        return [tag + "meta", tag + "events", tag + "keys", tag + "presence", *self._global_keys]
+
+    # -- life ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect lazily: a gateway started before Redis is up reports not ready until it is."""
+        options = dict(_CLIENT_OPTIONS, retry=Retry(NoBackoff(), 0))
+        if self.cluster:
+            self._redis = RedisCluster.from_url(self.url, **options)
+        else:
+            self._redis = Redis.from_url(self.url, **options)
+        self._feed = Redis.from_url(self.url, decode_responses=True, socket_connect_timeout=1.0,
+                                    socket_keepalive=True, retry=Retry(NoBackoff(), 0))
+        self._presence_changed = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._write_loop(), name="redis-writer"),
+                       asyncio.create_task(self._feed_loop(), name="redis-feed"),
+                       asyncio.create_task(self._presence_loop(), name="redis-presence")]
+
+    async def close(self) -> None:
+        if self._redis is None:
+            return
+        await self._queue.put(None)
+        for task in self._tasks[1:]:
+            task.cancel()
+        # On a forced exit asyncio cancels every task at once, the writer too: that is not an error here.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for session in self._streams:  # the streams of this node end with it
+            self._streams[session] = 0
+            self._presence_dirty.add(session)
+        with contextlib.suppress(RedisError, TimeoutError):
+            async with asyncio.timeout(2):
+                await self._flush_presence()
+                await self._redis.delete(PREFIX + "node:" + self.node)
+        await self._feed.aclose()
+        await self._redis.aclose()
+        self._redis = None
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    # -- reads -------------------------------------------------------------------
+
+    async def get_session(self, session: str) -> Session | None:
+        with _store():
+            h = await self._redis.hgetall(self._keys(session)[0])
+        return _session(session, h) if h else None
+
+    async def list_sessions(self, *, status: str | None = None, limit: int = 100) -> list[Session]:
+        found: list[Session] = []
+        start, chunk = 0, max(limit, 100)
+        with _store():
+            while len(found) < limit:
+                names = await self._redis.zrevrange(INDEX, start, start + chunk - 1)
+                if not names:
+                    break
+                pipe = self._redis.pipeline(transaction=False)
+                for name in names:
+                    pipe.hgetall(self._keys(name)[0])
+                for name, h in zip(names, await pipe.execute()):
+                    if h and (status is None or h["status"] == status):  # h is empty if deleted meanwhile
+                        found.append(_session(name, h))
+                start += chunk
+        return found[:limit]
+
+    async def read(self, session: str, after: int, limit: int) -> list[StoredEvent]:
+        with _store():
+            entries = await self._redis.xrange(self._keys(session)[1], min=f"({after}-0", max="+", count=limit)
+        return [StoredEvent(int(eid.partition("-")[0]), f["e"], f["d"], f["j"] == "1", int(f["t"]))
+                for eid, f in entries]
+
+    async def presence(self, session: str) -> tuple[int, int | None]:
+        """Streams of ``session`` open on all live nodes, and when one last closed (ms)."""
+        with _store():
+            counts = await self._redis.hgetall(self._keys(session)[3])
+            last_seen = counts.pop("last_seen", None)
+            counts.pop(self.node, None)  # this node's own count is known here, fresher
+            nodes = list(counts)
+            pipe = self._redis.pipeline(transaction=False)
+            for node in nodes:
+                pipe.exists(PREFIX + "node:" + node)
+            alive = await pipe.execute() if nodes else []
+        total = self._streams.get(session, 0) + sum(int(counts[n]) for n, up in zip(nodes, alive) if up)
+        return total, _int(last_seen)
+
+    def report_presence(self, session: str, delta: int) -> None:
+        """Called by the hub when a stream of ``session`` attaches (+1) or detaches (-1)."""
+        self._streams[session] = self._streams.get(session, 0) + delta
+        self._presence_dirty.add(session)
+        if self._presence_changed is not None:
+            self._presence_changed.set()
+
+    # -- writes: everything goes through the writer ----------------------------------
+
+    async def _submit(self, script: _Script, session: str, args: list, reply) -> Any:
+        if self._redis is None:
+            raise Unavailable("the store is closed", "store_closed")
+        op = _Op(script, session, args, reply)
+        self._queue.put_nowait(op)
+        return await op.future
+
+    def _args(self, op: str, session: str, *rest: Any, now: int | None = None) -> list:
+        return [op, session, now_ms() if now is None else now, CHANNEL, *rest]
+
+    def _row_reply(self, session: str) -> Callable[[Any], tuple[Session, None]]:
+        return lambda flat: (_session(session, _pairs(flat)), None)
+
+    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
+        def reply(flat: list) -> tuple[Session, None]:
+            row = _session(session, _pairs(flat))
+            self._index_later("zadd", INDEX, {session: row.created_at})
+            return row, None
+
+        args = self._args("create", session, new_epoch(), _dumps(metadata), "" if ttl_seconds is None else ttl_seconds)
+        return await self._submit(_APPEND, session, args, reply)
+
+    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
+        args = self._args("append", session, new_epoch(), int(create), self.max_events or 0)
+        ts = args[2]
+        for ev in events:
+            args += [ev.event, ev.data, int(ev.is_json), ev.idempotency_key or ""]
+
+        def reply(r: list) -> tuple[AppendResult, tuple | None]:
+            epoch, status, created_at, last_id, trimmed_id, created = r[:6]
+            ids, new = r[6::2], [bool(n) for n in r[7::2]]
+            stored = [StoredEvent(i, ev.event, ev.data, ev.is_json, ts)
+                      for i, fresh, ev in zip(ids, new, events) if fresh]
+            if created:
+                self._index_later("zadd", INDEX, {session: int(created_at)})
+            row = Session(id=session, epoch=epoch, created_at=int(created_at), status=status, last_id=last_id,
+                          trimmed_id=trimmed_id)
+            return AppendResult(ids, new, last_id, stored), ((stored, row) if stored else None)
+
+        return await self._submit(_APPEND, session, args, reply)
+
+    async def complete(self, session: str, result: Any = NO_RESULT) -> Session:
+        data = dump_json(None if result is NO_RESULT else result)
+
+        def reply(r: list) -> tuple[Session, tuple | None]:
+            h = _pairs(r[1:])
+            row = _session(session, h)
+            if not r[0]:
+                if result is not NO_RESULT and result != row.result:
+                    raise Conflict(f"session {session!r} was completed with another result", "session_completed")
+                return row, None
+            if "expires_at" in h:
+                self._index_later("zadd", EXPIRING, {session: int(h["expires_at"])})
+            return row, ([StoredEvent(row.last_id, END_EVENT, data, True, row.completed_at)], row)
+
+        args = self._args("complete", session, data, "" if self.default_ttl is None else self.default_ttl)
+        return await self._submit(_APPEND, session, args, reply)
+
+    async def ack(self, session: str, upto: int) -> Session:
+        return await self._submit(_SESSION, session, self._args("ack", session, upto), self._row_reply(session))
+
+    async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
+        args = self._args("state", session, dump_json(state), "" if if_version is None else if_version)
+        return await self._submit(_SESSION, session, args, self._row_reply(session))
+
+    async def trim(self, session: str, through: int) -> Session:
+        if through < 0:
+            raise BadRequest("trim needs a non-negative id", "invalid_trim")
+        return await self._submit(_SESSION, session, self._args("trim", session, through), self._row_reply(session))
+
+    def _removal_reply(self, session: str) -> Callable[[int], tuple[int, tuple | None]]:
+        def reply(done: int) -> tuple[int, tuple | None]:
+            if done >= 0:
+                self._index_later("zrem", INDEX, session)
+                self._index_later("zrem", EXPIRING, session)
+            return done, (([], None) if done == 1 else None)
+        return reply
+
+    async def delete_session(self, session: str) -> bool:
+        return await self._submit(_SESSION, session, self._args("delete", session), self._removal_reply(session)) == 1
+
+    async def sweep(self, now: int) -> int:
+        with _store():
+            due = await self._redis.zrangebyscore(EXPIRING, "-inf", now, start=0, num=100)
+        removed = 0
+        for session in due:
+            args = self._args("expire", session, now=now)
+            removed += await self._submit(_SESSION, session, args, self._removal_reply(session)) == 1
+        return removed
+
+    def _index_later(self, command: str, key: str, *args: Any) -> None:
+        if self.cluster:
+            self._index_updates.append((command, key, *args))
+
+    # -- the writer ---------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while True:
+            op = await self._queue.get()
+            if op is None:
+                return
+            batch = [op]
+            while len(batch) < _MAX_BATCH and not self._queue.empty():
+                op = self._queue.get_nowait()
+                if op is None:
+                    break
+                batch.append(op)
+            try:
+                await self._run_batch(batch)
+            except Exception as exc:  # a bug must not stop the writer: fail this batch, keep going
+                log.exception("write of %d operations failed", len(batch))
+                for each in batch:
+                    if not each.future.done():
+                        each.future.set_exception(Unavailable(f"the write failed: {exc}", "store_error"))
+            if op is None:
+                return
+
+    async def _run_batch(self, batch: list[_Op]) -> None:
+        replies: dict[_Op, Any] = {}
+        started = time.perf_counter()
+        replicated = True
+        pending = batch
+        try:
+            for _ in range(2):  # a second round only if Redis lost its scripts (restart, failover)
+                pipe = self._redis.pipeline(transaction=False)
+                for op in pending:
+                    keys = self._keys(op.session)
+                    pipe.evalsha(op.script.sha, len(keys), *keys, *op.args)
+                if self.wait_replicas:
+                    pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)
+                results = await pipe.execute(raise_on_error=False)
+                if self.wait_replicas:
+                    acks = results.pop()
+                    replicated = replicated and not isinstance(acks, Exception) and acks >= self.wait_replicas
+                replies.update(zip(pending, results))
+                pending = [op for op in pending if isinstance(replies[op], NoScriptError)]
+                if not pending:
+                    break
+                for script in (_APPEND, _SESSION):
+                    await self._redis.script_load(script.text)
+        except RedisError as exc:
+            replies.update(dict.fromkeys(pending, exc))
+        if self.on_commit is not None:
+            self.on_commit(len(batch), time.perf_counter() - started)
+        notify = []
+        for op in batch:
+            reply = replies[op]
+            try:
+                if isinstance(reply, Exception):
+                    raise _gateway_error(op.session, reply)
+                value, news = op.reply(reply)
+            except GatewayError as err:
+                op.future.set_exception(err)
+                continue
+            if news is not None:
+                notify.append((op.session, *news))
+            if replicated:
+                op.future.set_result(value)
+            else:
+                op.future.set_exception(Unavailable(
+                    f"the write is on the Redis primary but fewer than {self.wait_replicas} replica(s) confirmed it "
+                    "(retry with an idempotency key)", "store_not_replicated"))
+        for session, events, row in notify:
+            self._notify(session, events, row)
+        if self._index_updates:
+            await self._update_index()
+
+    async def _update_index(self) -> None:
+        updates, self._index_updates = self._index_updates, []
+        pipe = self._redis.pipeline(transaction=False)
+        for command, *args in updates:
+            getattr(pipe, command)(*args)
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            log.warning("could not update the session index (%d changes): %s", len(updates), exc)
+
+    # -- the live feed ----------------------------------------------------------------------
+
+    async def _feed_loop(self) -> None:
+        delay = 0.1
+        while True:
+            pubsub = self._feed.pubsub()
+            try:
+                await pubsub.subscribe(CHANNEL)
+                await self._refresh_watched()  # after subscribing: whatever happened before is in what we read
+                delay = 0.1
+                await self._listen(pubsub)
+            except (RedisError, OSError) as exc:
+                log.warning("live feed from Redis lost (%s); reconnecting in %.1fs", exc or type(exc).__name__,
+                            delay)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _listen(self, pubsub) -> None:
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        while True:
+            msg = await pubsub.get_message(timeout=FEED_PING)
+            if msg is None:
+                if loop.time() - heard > 2 * FEED_PING:
+                    raise RedisTimeout("no answer to PING")
+                await pubsub.ping()
+                continue
+            heard = loop.time()  # any reply counts: a message, a subscription, the answer to PING
+            if msg["type"] == "message":
+                self._on_feed(msg["data"])
+
+    def _on_feed(self, line: str) -> None:
+        session, epoch, last_id, status = line.split("\t")
+        if session not in self.watched:
+            return
+        row = None if status == "deleted" else Session(id=session, epoch=epoch, created_at=0, status=status,
+                                                         last_id=int(last_id))
+        self._notify(session, [], row)
+
+    async def _refresh_watched(self) -> None:
+        """Tell the hub the head of every watched session (after the feed was lost)."""
+        names = list(self.watched)
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            pipe = self._redis.pipeline(transaction=False)
+            for name in chunk:
+                pipe.hmget(self._keys(name)[0], "epoch", "status", "last_id")
+            for name, (epoch, status, last_id) in zip(chunk, await pipe.execute()):
+                row = None if epoch is None else Session(id=name, epoch=epoch, created_at=0, status=status,
+                                                         last_id=int(last_id))
+                self._notify(name, [], row)
+
+    # -- presence ---------------------------------------------------------------------------
+
+    async def _presence_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        beat_at = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._presence_changed.wait(), max(0.0, beat_at - loop.time()))
+            self._presence_changed.clear()
+            try:
+                if loop.time() >= beat_at:
+                    await self._redis.set(PREFIX + "node:" + self.node, 1, px=int(3000 * PRESENCE_PERIOD))
+                    beat_at = loop.time() + PRESENCE_PERIOD
+                await self._flush_presence()
+            except RedisError as exc:
+                log.warning("could not record presence: %s", exc)
+                await asyncio.sleep(PRESENCE_PERIOD)
+
+    async def _flush_presence(self) -> None:
+        """Write this node's changed counts; a session it no longer streams is forgotten."""
+        names = list(self._presence_dirty)
+        self._presence_dirty.clear()
+        if not names:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            keys = self._keys(name)
+            pipe.evalsha(_SESSION.sha, len(keys), *keys, *self._args("presence", name, self.node,
+                                                                    self._streams.get(name, 0)))
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except RedisError:
+            self._presence_dirty.update(names)
+            raise
+        for name, result in zip(names, results):
+            if isinstance(result, Exception):
+                self._presence_dirty.add(name)
+            elif self._streams.get(name) == 0:
+                del self._streams[name]
+        if any(isinstance(r, NoScriptError) for r in results):
+            await self._redis.script_load(_SESSION.text)
+            self._presence_changed.set()

@@ -1,0 +1,74 @@
+-- Change a session's row, delete it, or record how many streams one node has
+-- open on it: one atomic step on one session's keys (the key layout is in
+-- redis.py). Every check runs before the first write.
+--
+-- KEYS: meta, events, idempotency keys, presence, [index of sessions, expiry schedule]
+--       (the last two only outside Redis Cluster: they live in other slots)
+-- ARGV: op, session, now (ms), channel, then by op:
+--   ack       id                        acked_id moves forward only
+--   state     state JSON, version ('' any)
+--   trim      through
+--   delete                              returns 1, or 0 if there was no session
+--   expire                              delete if completed and due: 1; 0 stale entry; -1 not due
+--   presence  node, count               returns 0 if there is no session
+-- Errors are replies 'GW <code> [detail]'.
+
+local meta, events, idem, presence, index, expiring = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local op, name, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+
+if redis.call('EXISTS', meta) == 0 then
+  if op == 'expire' and expiring then redis.call('ZREM', expiring, name) end
+  if op == 'delete' or op == 'expire' or op == 'presence' then return 0 end
+  return redis.error_reply('GW session_not_found')
+end
+
+if op == 'expire' then
+  local due = redis.call('HGET', meta, 'expires_at')
+  if not due then  -- deleted and created again since it was scheduled
+    if expiring then redis.call('ZREM', expiring, name) end
+    return 0
+  end
+  if tonumber(due) > tonumber(now) then return -1 end
+  op = 'delete'
+end
+
+if op == 'delete' then
+  redis.call('DEL', meta, events, idem, presence)
+  if index then redis.call('ZREM', index, name) end
+  if expiring then redis.call('ZREM', expiring, name) end
+  redis.call('PUBLISH', channel, name .. '\t\t0\tdeleted')
+  return 1
+end
+
+if op == 'presence' then
+  if tonumber(ARGV[6]) > 0 then
+    redis.call('HSET', presence, ARGV[5], ARGV[6])
+  else
+    redis.call('HDEL', presence, ARGV[5])
+    redis.call('HSET', presence, 'last_seen', now)
+  end
+  return 1
+end
+
+if op == 'ack' then
+  local row = redis.call('HMGET', meta, 'last_id', 'acked_id')
+  local upto = tonumber(ARGV[5])
+  if upto < 0 or upto > tonumber(row[1]) then return redis.error_reply('GW invalid_ack ' .. row[1]) end
+  if upto > tonumber(row[2]) then redis.call('HSET', meta, 'acked_id', ARGV[5]) end
+elseif op == 'state' then
+  local row = redis.call('HMGET', meta, 'state_version', 'last_id')
+  if ARGV[6] ~= '' and tonumber(ARGV[6]) ~= tonumber(row[1]) then
+    return redis.error_reply('GW state_version_mismatch ' .. row[1])
+  end
+  redis.call('HSET', meta, 'state', ARGV[5], 'state_version', tonumber(row[1]) + 1, 'state_as_of', row[2])
+elseif op == 'trim' then
+  local row = redis.call('HMGET', meta, 'last_id', 'trimmed_id')
+  local through = math.min(tonumber(ARGV[5]), tonumber(row[1]))
+  if through > tonumber(row[2]) then
+    redis.call('HSET', meta, 'trimmed_id', through)
+    redis.call('XTRIM', events, 'MINID', string.format('%d-0', through + 1))
+  end
+else
+  return redis.error_reply('GW unknown_op')
+end
+return redis.call('HGETALL', meta)
