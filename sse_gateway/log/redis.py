@@ -337,8 +337,8 @@ class RedisLog(EventLog):
         return await self._submit(_APPEND, session, args, reply)
 
     async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
-        args = self._args("append", session, new_epoch(), int(create), self.max_events or 0)
-        ts = args[2]
+        ts = now_ms()
+        args = self._args("append", session, new_epoch(), int(create), self.max_events or 0, now=ts)
         for ev in events:
             args += [ev.event, ev.data, int(ev.is_json), ev.idempotency_key or ""]
 
@@ -432,35 +432,13 @@ class RedisLog(EventLog):
                 return
 
     async def _run_batch(self, batch: list[_Op]) -> None:
-        replies: dict[_Op, Any] = {}
         started = time.perf_counter()
-        replicated = True
-        pending = batch
-        try:
-            for _ in range(2):  # a second round only if Redis lost its scripts (restart, failover)
-                pipe = self._redis.pipeline(transaction=False)
-                for op in pending:
-                    keys = self._keys(op.session)
-                    pipe.evalsha(op.script.sha, len(keys), *keys, *op.args)
-                if self.wait_replicas:
-                    pipe.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)
-                results = await pipe.execute(raise_on_error=False)
-                if self.wait_replicas:
-                    acks = results.pop()
-                    replicated = replicated and not isinstance(acks, Exception) and acks >= self.wait_replicas
-                replies.update(zip(pending, results))
-                pending = [op for op in pending if isinstance(replies[op], NoScriptError)]
-                if not pending:
-                    break
-                for script in (_APPEND, _SESSION):
-                    await self._redis.script_load(script.text)
-        except RedisError as exc:
-            replies.update(dict.fromkeys(pending, exc))
+        replies, replicated = await self._eval([(op.script, op.session, op.args) for op in batch],
+                                               wait=self.wait_replicas)
         if self.on_commit is not None:
             self.on_commit(len(batch), time.perf_counter() - started)
         notify = []
-        for op in batch:
-            reply = replies[op]
+        for op, reply in zip(batch, replies):
             try:
                 if isinstance(reply, Exception):
                     raise _gateway_error(op.session, reply)
@@ -480,6 +458,61 @@ class RedisLog(EventLog):
             self._notify(session, events, row)
         if self._index_updates:
             await self._update_index()
+
+    async def _eval(self, calls: list[tuple[_Script, str, list]], wait: int = 0) -> tuple[list, bool]:
+        """Run the scripts; each session's in the given order. Returns their replies (an exception
+        for each that failed) and whether ``wait`` replicas confirmed the writes.
+
+        On one Redis they go as one pipeline, then ``WAIT``. Redis Cluster takes no EVALSHA in a
+        pipeline: there each session's scripts run one after the other, sessions concurrently.
+        """
+        replies: list[Any] = [None] * len(calls)
+        replicated = True
+        todo = list(range(len(calls)))
+        for _ in range(2):  # a second round only if Redis lost its scripts (restart, failover)
+            try:
+                if self.cluster:
+                    await self._eval_cluster(calls, todo, replies)
+                else:
+                    pipe = self._redis.pipeline(transaction=False)
+                    for i in todo:
+                        script, session, args = calls[i]
+                        keys = self._keys(session)
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    if wait:
+                        pipe.execute_command("WAIT", wait, WAIT_TIMEOUT_MS)
+                    results = await pipe.execute(raise_on_error=False)
+                    if wait:
+                        acks = results.pop()
+                        replicated = replicated and not isinstance(acks, Exception) and acks >= wait
+                    for i, result in zip(todo, results):
+                        replies[i] = result
+                todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+                if not todo:
+                    break
+                for script in (_APPEND, _SESSION):
+                    await self._redis.script_load(script.text)
+            except RedisError as exc:
+                for i in todo:
+                    replies[i] = exc
+                break
+        return replies, replicated
+
+    async def _eval_cluster(self, calls: list[tuple[_Script, str, list]], todo: list[int], replies: list) -> None:
+        by_session: dict[str, list[int]] = {}
+        for i in todo:
+            by_session.setdefault(calls[i][1], []).append(i)
+
+        async def run(indexes: list[int]) -> None:
+            for i in indexes:
+                script, session, args = calls[i]
+                keys = self._keys(session)
+                try:
+                    replies[i] = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+                except RedisError as exc:
+                    replies[i] = exc
+
+        await asyncio.gather(*(run(indexes) for indexes in by_session.values()))
 
     async def _update_index(self) -> None:
         updates, self._index_updates = self._index_updates, []
@@ -503,7 +536,7 @@ class RedisLog(EventLog):
                 delay = 0.1
                 await self._listen(pubsub)
             except (RedisError, OSError) as exc:
-                log.warning("live feed from Redis lost (%s); reconnecting in %.1fs", exc or type(exc).__name__,
+                log.warning("live feed from Redis lost (%s); reconnecting in %.1fs", str(exc) or type(exc).__name__,
                             delay)
             finally:
                 with contextlib.suppress(RedisError, OSError):
@@ -526,12 +559,16 @@ class RedisLog(EventLog):
                 self._on_feed(msg["data"])
 
     def _on_feed(self, line: str) -> None:
-        session, epoch, last_id, status = line.split("\t")
-        if session not in self.watched:
+        try:
+            session, epoch, last_id, status = line.split("\t")
+            head = int(last_id)
+        except ValueError:  # not from a gateway: never let it stop the feed
+            log.warning("ignored a malformed line on %s: %.100r", CHANNEL, line)
             return
-        row = None if status == "deleted" else Session(id=session, epoch=epoch, created_at=0, status=status,
-                                                         last_id=int(last_id))
-        self._notify(session, [], row)
+        if session in self.watched:
+            row = None if status == "deleted" else Session(id=session, epoch=epoch, created_at=0, status=status,
+                                                             last_id=head)
+            self._notify(session, [], row)
 
     async def _refresh_watched(self) -> None:
         """Tell the hub the head of every watched session (after the feed was lost)."""
@@ -570,21 +607,14 @@ class RedisLog(EventLog):
         self._presence_dirty.clear()
         if not names:
             return
-        pipe = self._redis.pipeline(transaction=False)
-        for name in names:
-            keys = self._keys(name)
-            pipe.evalsha(_SESSION.sha, len(keys), *keys, *self._args("presence", name, self.node,
-                                                                    self._streams.get(name, 0)))
-        try:
-            results = await pipe.execute(raise_on_error=False)
-        except RedisError:
-            self._presence_dirty.update(names)
-            raise
+        results, _ = await self._eval([(_SESSION, name, self._args("presence", name, self.node,
+                                                                     self._streams.get(name, 0)))
+                                       for name in names])
         for name, result in zip(names, results):
             if isinstance(result, Exception):
-                self._presence_dirty.add(name)
+                self._presence_dirty.add(name)  # tried again at the next change or heartbeat
             elif self._streams.get(name) == 0:
                 del self._streams[name]
-        if any(isinstance(r, NoScriptError) for r in results):
-            await self._redis.script_load(_SESSION.text)
-            self._presence_changed.set()
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise failed
