@@ -58,8 +58,9 @@ def json_response(body: Any, status: int = 200, headers: dict | None = None) -> 
     return Response(dump_json(body).encode(), status, headers, media_type="application/json")
 
 
-def session_json(row: Session, hub: Hub) -> dict:
-    subscribers, last_seen = hub.presence(row.id)
+def session_json(row: Session, hub: Hub, presence: tuple[int, int | None] | None = None) -> dict:
+    """``presence`` (streams, last detach in ms) if the log counts them across nodes, else the hub's."""
+    subscribers, last_seen = presence or hub.presence(row.id)
     return {
         "id": row.id, "epoch": row.epoch, "status": row.status,
         "created_at": rfc3339(row.created_at), "completed_at": rfc3339(row.completed_at),
@@ -493,7 +494,8 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         row = await gw.log.get_session(session)
         if row is None:
             raise NotFound(f"no session {session!r}")
-        return json_response(session_json(row, gw.hub))
+        presence = await gw.log.presence(session) if hasattr(gw.log, "presence") else None
+        return json_response(session_json(row, gw.hub, presence))
 
     @app.delete("/v1/sessions/{session}", tags=["sessions"], summary="Delete a session and its log")
     async def delete_session(session: str, request: Request) -> Response:

@@ -15,7 +15,8 @@ window. So
 
 Channels are created when the first stream attaches and dropped when the
 last one detaches. ``subscribers`` and ``last_seen_at`` are the presence
-the session API reports.
+the session API reports; a log that has ``report_presence`` (Redis) also
+hears of every attach and detach, and sums the streams of all nodes.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Hub:
         self.closing = False
         self.drain_start: float | None = None  # loop time the drain began
         self.drain_window = 0.0
+        self._report = getattr(log, "report_presence", None)
         log.add_listener(self._on_log)
         if hasattr(log, "watched"):
             log.watched = self.channels.keys()
@@ -104,12 +106,14 @@ class Hub:
         if ch is None:
             ch = self.channels[session] = Channel(session)
         ch.subscribers += 1
+        self._count(session, 1)
         return ch
 
     def settle(self, ch: Channel, row: Session) -> Channel:
         """Give a just-attached channel the row read after attaching; a new life gets a new channel."""
         if ch.epoch and ch.epoch != row.epoch:  # deleted and created again by another process
             ch.subscribers -= 1
+            self._count(ch.session, -1)
             self.close_channel(ch)
             ch = self.attach(row.id)
         ch.learn(row)
@@ -117,10 +121,15 @@ class Hub:
 
     def detach(self, ch: Channel) -> None:
         ch.subscribers -= 1
+        self._count(ch.session, -1)
         if ch.subscribers <= 0:
             self.last_seen[ch.session] = now_ms()
             if self.channels.get(ch.session) is ch:
                 del self.channels[ch.session]
+
+    def _count(self, session: str, delta: int) -> None:
+        if self._report is not None:
+            self._report(session, delta)
 
     def presence(self, session: str) -> tuple[int, int | None]:
         ch = self.channels.get(session)
