@@ -122,9 +122,9 @@ class Gateway:
 class RedisServer:
     """A private ``redis-server`` on a free loopback port; ``aof`` keeps its data across ``restart``."""
 
-    def __init__(self, tmp: Path, *, aof: bool = False, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, tmp: Path, *, aof: bool = False, port: int | None = None, args: tuple[str, ...] = ()) -> None:
         self.binary = require_binary("redis-server")
-        self.port = free_port()
+        self.port = port or free_port()
         self.dir = tmp / f"redis-{self.port}"
         self.dir.mkdir(parents=True)
         self.args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.dir),
@@ -155,7 +155,7 @@ class RedisServer:
 
 @pytest.fixture
 def start_redis(tmp_path: Path) -> Iterator:
-    """``start_redis(aof=False, args=())`` starts a private redis-server, killed after the test."""
+    """``start_redis(aof=False, port=None, args=())`` starts a private redis-server, killed after the test."""
     started: list[RedisServer] = []
 
     def start(**kw) -> RedisServer:

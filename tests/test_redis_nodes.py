@@ -1,0 +1,293 @@
+"""Several gateway processes on one Redis: ids, live feed, node and Redis failures, presence, Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+from conftest import free_port, require_binary
+from httpx_sse import aconnect_sse
+from util import Received, read_stream
+
+from sse_gateway.errors import Unavailable
+from sse_gateway.log.redis import RedisLog
+from sse_gateway.models import NewEvent
+
+
+def node(start_gateway, url: str):
+    return start_gateway("--backend", "redis", "--redis-url", url, "--heartbeat", "1")
+
+
+async def wait_until(check, timeout: float, what: str):
+    """Poll ``check()`` (a value or an awaitable) until it is true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def session_info(client: httpx.AsyncClient, base: str, session: str) -> dict:
+    return (await client.get(f"{base}/v1/sessions/{session}")).json()
+
+
+@pytest.mark.timeout(60)
+async def test_two_nodes_append_contiguous_ids(redis_server, start_gateway):
+    nodes = [node(start_gateway, redis_server), node(start_gateway, redis_server)]
+    per_publisher = 25
+
+    async def publisher(client: httpx.AsyncClient, p: int) -> list[int]:
+        base = nodes[p % 2].url
+        ids = []
+        for n in range(per_publisher):
+            r = await client.post(f"{base}/v1/sessions/run/events", json={"data": {"p": p, "n": n}})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        return ids
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        results = await asyncio.gather(*(publisher(client, p) for p in range(20)))
+        total = 20 * per_publisher
+        assert sorted(i for ids in results for i in ids) == list(range(1, total + 1))
+        for ids in results:
+            assert ids == sorted(ids)
+        events, after = [], 0
+        while len(events) < total:
+            page = (await client.get(f"{nodes[1].url}/v1/sessions/run/events",
+                                     params={"after": after, "limit": 1000})).json()
+            events += page["events"]
+            after = page["next_after"]
+    by_id = {e["id"]: e["data"] for e in events}
+    for p, ids in enumerate(results):
+        assert [by_id[i] for i in ids] == [{"p": p, "n": n} for n in range(per_publisher)]
+
+
+@pytest.mark.timeout(60)
+async def test_live_feed_across_nodes_and_resume_after_kill(redis_server, start_gateway):
+    a, b = node(start_gateway, redis_server), node(start_gateway, redis_server)
+    total = 20 * 10
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.post(f"{a.url}/v1/sessions", json={"id": "live"})).status_code == 201
+        got = Received()
+        reader = asyncio.create_task(read_stream(b.url, "live", received=got, until_id=total, timeout=30))
+        await wait_until(lambda: _subscribers(client, b.url, "live", 1), 5, "the stream on B")
+
+        async def publisher(p: int) -> None:
+            for n in range(10):
+                r = await client.post(f"{a.url}/v1/sessions/live/events", json={"data": [p, n]})
+                assert r.status_code == 201, r.text
+                await asyncio.sleep(0.005)
+
+        publishers = asyncio.gather(*(publisher(p) for p in range(20)))
+        await wait_until(lambda: len(got.ids) >= total // 4, 20, "live events on B")
+        b.kill()  # kill -9, mid-stream
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        seen_on_b = len(got.ids)
+        await read_stream(a.url, "live", received=got, until_id=total, timeout=30)
+        await publishers
+    assert 0 < seen_on_b < total
+    assert got.ids == list(range(1, total + 1))
+    assert got.connects >= 2
+
+
+async def _subscribers(client: httpx.AsyncClient, base: str, session: str, count: int) -> bool:
+    return (await session_info(client, base, session))["subscribers"] == count
+
+
+async def resuming_reader(base: str, session: str, until_id: int, got: Received) -> None:
+    """Like EventSource, plus: a 503 (store unavailable) is retried too, from the same cursor."""
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(5.0, read=30.0)) as client:
+        while not got.ids or got.ids[-1] < until_id:
+            headers = {"Last-Event-ID": got.cursor} if got.cursor else {}
+            try:
+                async with aconnect_sse(client, "GET", f"/v1/sessions/{session}/stream", headers=headers) as source:
+                    got.connects += 1
+                    if source.response.status_code != 200:
+                        assert source.response.status_code == 503, source.response.status_code
+                        await asyncio.sleep(0.1)
+                        continue
+                    async for sse in source.aiter_sse():
+                        if not sse.id and not sse.data:
+                            continue  # the `retry:` block, which carries no event
+                        if sse.event in ("gateway.gap", "gateway.reset"):
+                            got.notices.append((sse.event, sse.data))
+                            continue
+                        got.cursor = sse.id
+                        got.ids.append(int(sse.id.split(":")[0]))
+                        if got.ids[-1] >= until_id:
+                            return
+            except (httpx.HTTPError, OSError):
+                await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(90)
+async def test_redis_restart_keeps_acknowledged_events(start_redis, start_gateway):
+    redis = start_redis(aof=True)  # appendonly yes, appendfsync always
+    gw = node(start_gateway, redis.url)
+    publishers, per_publisher = 4, 30
+    total = publishers * per_publisher
+    acked: dict[int, tuple[int, int]] = {}  # id -> (publisher, n)
+
+    async def publisher(client: httpx.AsyncClient, p: int) -> None:
+        for n in range(per_publisher):
+            while True:  # retry until acknowledged; the idempotency key makes a retry safe
+                try:
+                    r = await client.post(f"{gw.url}/v1/sessions/durable/events", json={"data": [p, n]},
+                                          headers={"Idempotency-Key": f"{p}-{n}"})
+                except httpx.HTTPError:
+                    r = None
+                if r is not None and r.status_code in (200, 201):
+                    acked[r.json()["id"]] = (p, n)
+                    break
+                assert r is None or r.status_code == 503, r.text
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.01)
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.post(f"{gw.url}/v1/sessions", json={"id": "durable"})).status_code == 201
+        epoch = (await session_info(client, gw.url, "durable"))["epoch"]
+        got = Received()
+        reader = asyncio.create_task(resuming_reader(gw.url, "durable", total, got))
+        running = asyncio.gather(*(publisher(client, p) for p in range(publishers)))
+        await wait_until(lambda: len(acked) >= total // 3, 20, "the first acknowledged events")
+
+        redis.kill()
+        started = time.monotonic()
+        r = await client.post(f"{gw.url}/v1/sessions/durable/events", json={"data": "down"})
+        assert r.status_code == 503 and "retry-after" in r.headers, r.text
+        assert r.json()["error"]["code"] == "store_unavailable"
+        assert time.monotonic() - started < 3
+        assert (await client.get(f"{gw.url}/readyz")).status_code == 503
+        await asyncio.sleep(0.5)  # publishers keep failing meanwhile
+
+        redis.start()
+        await wait_until(lambda: _ready(client, gw.url), 10, "readyz after Redis came back")
+        await running
+        await asyncio.wait_for(reader, 30)
+        info = await session_info(client, gw.url, "durable")
+        history = (await client.get(f"{gw.url}/v1/sessions/durable/events", params={"limit": 1000})).json()
+    assert info["epoch"] == epoch and info["last_id"] == total
+    assert sorted(acked) == list(range(1, total + 1))
+    assert {e["id"]: tuple(e["data"]) for e in history["events"]} == acked
+    assert got.ids == list(range(1, total + 1))
+
+
+async def _ready(client: httpx.AsyncClient, base: str) -> bool:
+    return (await client.get(f"{base}/readyz")).status_code == 200
+
+
+@pytest.mark.timeout(60)
+async def test_presence_is_summed_over_nodes_and_forgets_a_killed_node(redis_server, start_gateway):
+    a, b = node(start_gateway, redis_server), node(start_gateway, redis_server)
+
+    async def hold(base: str) -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as c, \
+                c.stream("GET", f"{base}/v1/sessions/seen/stream") as r:
+            async for _ in r.aiter_bytes():
+                pass
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.post(f"{a.url}/v1/sessions", json={"id": "seen"})).status_code == 201
+        on_a = asyncio.create_task(hold(a.url))
+        on_b = [asyncio.create_task(hold(b.url)) for _ in range(2)]
+        for base in (a.url, b.url):
+            await wait_until(lambda base=base: _subscribers(client, base, "seen", 3), 5, "3 subscribers")
+        b.kill()  # its two streams must stop counting once its liveness key expires (6 s)
+        await wait_until(lambda: _subscribers(client, a.url, "seen", 1), 10, "B's streams to vanish")
+        on_a.cancel()
+        await wait_until(lambda: _subscribers(client, a.url, "seen", 0), 5, "no subscribers")
+        assert (await session_info(client, a.url, "seen"))["last_seen_at"] is not None
+        for task in on_b:
+            task.cancel()
+        await asyncio.gather(on_a, *on_b, return_exceptions=True)
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.bind(("127.0.0.1", port + 10000))
+                return port
+
+
+@pytest.mark.timeout(60)
+async def test_redis_cluster_appends_reads_and_feed(start_redis):
+    cli = require_binary("redis-cli")
+    servers = [start_redis(port=cluster_port(), args=("--cluster-enabled", "yes", "--cluster-config-file",
+                                                      "nodes.conf", "--cluster-node-timeout", "2000"))
+               for _ in range(3)]
+    subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers), "--cluster-replicas",
+                    "0", "--cluster-yes"], check=True, capture_output=True, timeout=30)
+    for s in servers:
+        deadline = time.monotonic() + 10
+        while b"cluster_state:ok" not in subprocess.run([cli, "-p", str(s.port), "cluster", "info"],
+                                                         capture_output=True, check=False).stdout:
+            assert time.monotonic() < deadline, "the cluster did not become ready"
+            await asyncio.sleep(0.1)
+
+    url = f"redis+cluster://127.0.0.1:{servers[0].port}"
+    writer, watcher = RedisLog(url), RedisLog(url)
+    await writer.open()
+    await watcher.open()
+    try:
+        names = [f"c{i}" for i in range(6)]  # spread over the slots of all three masters
+        heads: dict[str, int] = {}
+        watcher.watched = set(names)
+        watcher.add_listener(lambda s, events, row: row and heads.__setitem__(s, row.last_id))
+        await asyncio.sleep(0.2)  # let the watcher's feed subscribe
+        jobs = [(name, i) for name in names for i in range(20)]
+        results = await asyncio.gather(*(writer.append(name, [NewEvent("message", f'"{name}-{i}"')])
+                                         for name, i in jobs))
+        for name in names:
+            assert sorted(r.ids[0] for (n, _), r in zip(jobs, results) if n == name) == list(range(1, 21))
+            assert [e.id for e in await watcher.read(name, 0, 100)] == list(range(1, 21))
+        await wait_until(lambda: all(heads.get(n) == 20 for n in names), 5, "the feed on the watcher")
+        assert (await writer.complete("c0", {"ok": True})).last_id == 21
+        assert {r.id for r in await watcher.list_sessions()} == set(names)
+        assert await writer.delete_session("c1") is True
+        assert await watcher.get_session("c1") is None
+    finally:
+        await writer.close()
+        await watcher.close()
+
+
+@pytest.mark.timeout(30)
+async def test_wait_replicas_acknowledges_only_replicated_writes(start_redis):
+    primary = start_redis(args=("--repl-diskless-sync-delay", "0"))
+    replica = start_redis(args=("--replicaof", "127.0.0.1", str(primary.port)))
+    log, demanding = RedisLog(primary.url, wait_replicas=1), RedisLog(primary.url, wait_replicas=2)
+    await log.open()
+    await demanding.open()
+    try:
+        await wait_until(lambda: _replica_online(primary.port), 10, "the replica to sync")
+        assert (await log.append("w", [NewEvent("message", "1")])).ids == [1]
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as exc:
+            await demanding.append("w", [NewEvent("message", "2", idempotency_key="k")])
+        assert exc.value.code == "store_not_replicated" and time.monotonic() - started < 3
+        retry = await log.append("w", [NewEvent("message", "2", idempotency_key="k")])
+        assert retry.ids == [2] and retry.new == [False]  # it was stored; the retry learns its id
+    finally:
+        await log.close()
+        await demanding.close()
+        replica.kill()
+
+
+def _replica_online(port: int) -> bool:
+    info = subprocess.run([require_binary("redis-cli"), "-p", str(port), "info", "replication"],
+                          capture_output=True, text=True, check=False).stdout
+    return "state=online" in info
