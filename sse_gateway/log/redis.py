@@ -54,7 +54,11 @@ Cluster (URL ``redis+cluster://host:port``) they cannot be in a
 session's script, so the writer updates them right after it, best effort:
 a node that dies in between leaves a session unlisted and never expired
 (its keys stay until it is deleted). Listing is therefore complete on a
-single Redis and best effort on Cluster.
+single Redis and best effort on Cluster. Cluster also refuses EVALSHA in a
+pipeline, so there the writer runs each session's scripts one after the
+other (sessions concurrently), and the feed subscribes through the node
+named in the URL (a classic PUBLISH reaches every node of a cluster).
+``WAIT`` is not offered on Cluster.
 
 Live feed: every script that adds events or deletes a session publishes
 one line on ``sse-gateway:appends``. Each node holds ONE subscription to
