@@ -87,6 +87,8 @@ class Settings:
             raise ValueError("sqlite_synchronous must be NORMAL or FULL")
         if self.redis_wait_replicas < 0:
             raise ValueError("redis_wait_replicas must be 0 or more")
+        if self.redis_wait_replicas and "+cluster://" in self.redis_url:
+            raise ValueError("redis_wait_replicas is not supported with Redis Cluster")
         if not (0 < self.port < 65536):
             raise ValueError("port must be between 1 and 65535")
 
