@@ -186,7 +186,7 @@ def serve(args: argparse.Namespace) -> int:
                             timeout_keep_alive=settings.keep_alive, server_header=False)
     server = GatewayServer(config, app)
     where = "memory (nothing is kept)" if settings.backend == "memory" else (
-        settings.db if settings.backend == "sqlite" else settings.redis_url)
+        settings.db if settings.backend == "sqlite" else re.sub(r"//[^@/]*@", "//***@", settings.redis_url))
     log.info("sse-gateway %s on http://%s:%d  backend=%s (%s)  heartbeat=%gs", __version__, settings.host,
              settings.port, settings.backend, where, settings.heartbeat)
     return 0 if server.run() else 1

@@ -13,6 +13,19 @@ from util import read_stream
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request, start_redis) -> tuple[str, ...]:
+    """The session API runs on every backend: the arguments that select one."""
+    if request.param == "redis":
+        return ("--backend", "redis", "--redis-url", start_redis().url)
+    return ("--backend", "sqlite")
+
+
+@pytest.fixture
+def gateway(start_gateway, backend):
+    return start_gateway("--heartbeat", "1", *backend)
+
+
 def publish(c: httpx.Client, session: str, n: int) -> None:
     assert c.post(f"/v1/sessions/{session}/events", json=[{"data": i} for i in range(n)]).status_code == 201
 
@@ -138,8 +151,8 @@ async def test_trimmed_cursor_gets_an_exact_gap_then_the_rest(gateway, client):
     assert "gap" not in client.get("/v1/sessions/tr/events", params={"after": 12}).json()
 
 
-async def test_max_events_trims_while_streaming(start_gateway):
-    gw = start_gateway("--max-events", "100", "--heartbeat", "1")
+async def test_max_events_trims_while_streaming(start_gateway, backend):
+    gw = start_gateway("--max-events", "100", "--heartbeat", "1", *backend)
     with httpx.Client(base_url=gw.url) as c:
         for _ in range(5):
             publish(c, "cap", 100)
