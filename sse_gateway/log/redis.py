@@ -220,6 +220,7 @@ class RedisLog(EventLog):
         self._presence_dirty: set[str] = set()
         self._presence_changed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self._closing = False
         #: ``callback(operations, seconds)`` after each pipelined batch of writes (metrics)
         self.on_commit = None
 
@@ -246,6 +247,10 @@ class RedisLog(EventLog):
     async def close(self) -> None:
         if self._redis is None:
             return
+        # The loops also check _closing: asyncio.wait_for in 3.11 (and redis-py's own timeouts) can swallow
+        # a cancellation that lands as their timeout fires, which would leave a loop running forever.
+        self._closing = True
+        self._presence_changed.set()
         await self._queue.put(None)
         for task in self._tasks[1:]:
             task.cancel()
@@ -532,7 +537,7 @@ class RedisLog(EventLog):
 
     async def _feed_loop(self) -> None:
         delay = 0.1
-        while True:
+        while not self._closing:
             pubsub = self._feed.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
@@ -551,7 +556,7 @@ class RedisLog(EventLog):
     async def _listen(self, pubsub) -> None:
         loop = asyncio.get_running_loop()
         heard = loop.time()
-        while True:
+        while not self._closing:
             msg = await pubsub.get_message(timeout=FEED_PING)
             if msg is None:
                 if loop.time() - heard > 2 * FEED_PING:
@@ -592,7 +597,7 @@ class RedisLog(EventLog):
     async def _presence_loop(self) -> None:
         loop = asyncio.get_running_loop()
         beat_at = 0.0
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._presence_changed.wait(), max(0.0, beat_at - loop.time()))
             self._presence_changed.clear()
