@@ -26,10 +26,13 @@ process (``kill -9``) but may lose the last commits on a power cut;
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import logging
 import sqlite3
 import time
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +154,17 @@ class _Op:
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+@dataclass
+class _Writes:
+    """What one group commit writes, gathered while its operations run."""
+
+    events: list[tuple] = field(default_factory=list)
+    keys: list[tuple] = field(default_factory=list)
+    states: list[tuple] = field(default_factory=list)
+    touched: dict[str, tuple[int, Session]] = field(default_factory=dict)
+    notify: dict[str, tuple[list[StoredEvent], Session | None]] = field(default_factory=dict)
+
+
 class SqliteLog(EventLog):
     def __init__(self, path: str, *, max_events: int | None = None, default_ttl: int | None = None,
                  synchronous: str = "NORMAL", readers: int = 3, poll_interval: float = 0.05) -> None:
@@ -163,7 +177,8 @@ class SqliteLog(EventLog):
         self._n_readers = readers
         self._readers: list[aiosqlite.Connection] = []
         self._next_reader = 0
-        self._writer: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None  # the writer's, used only on self._thread
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         #: names of the sessions someone is streaming; set by the hub, read by the poller
@@ -174,11 +189,7 @@ class SqliteLog(EventLog):
     # -- life ------------------------------------------------------------
 
     async def open(self) -> None:
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._writer.execute("PRAGMA busy_timeout = 10000")
-        await self._writer.execute("PRAGMA journal_mode = WAL")
-        await self._writer.execute(f"PRAGMA synchronous = {self.synchronous}")
-        await self._writer.executescript(SCHEMA)
+        self._db = await asyncio.get_running_loop().run_in_executor(self._thread, self._connect_writer)
         for _ in range(self._n_readers + 1):
             conn = await aiosqlite.connect(self.path, isolation_level=None)
             await conn.execute("PRAGMA busy_timeout = 10000")
@@ -190,15 +201,17 @@ class SqliteLog(EventLog):
                        asyncio.create_task(self._poll_loop(), name="sqlite-poller")]
 
     async def close(self) -> None:
-        if self._writer is None:
+        if self._db is None:
             return
         await self._queue.put(None)
         await self._tasks[0]
         self._tasks[1].cancel()
         await asyncio.gather(self._tasks[1], return_exceptions=True)
-        for conn in [*self._readers, self._poll_conn, self._writer]:
+        for conn in [*self._readers, self._poll_conn]:
             await conn.close()
-        self._writer = None
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
+        self._thread.shutdown()
+        self._db = None
 
     async def ping(self) -> None:
         await self._query("SELECT 1")
@@ -209,7 +222,7 @@ class SqliteLog(EventLog):
 
     async def _query(self, sql: str, params: tuple = ()) -> list:
         """A read on one of the reader connections; a failure is a 503, never a traceback."""
-        if self._writer is None:
+        if self._db is None:
             raise Unavailable("the store is closed", "store_closed")
         try:
             return await self._reader().execute_fetchall(sql, params)
@@ -238,7 +251,7 @@ class SqliteLog(EventLog):
     # -- writes: everything goes through the writer ------------------------
 
     async def _submit(self, kind: str, session: str, *args: Any) -> Any:
-        if self._writer is None:
+        if self._db is None:
             raise Unavailable("the store is closed", "store_closed")
         op = _Op(kind, session, args)
         self._queue.put_nowait(op)
@@ -266,6 +279,7 @@ class SqliteLog(EventLog):
         return await self._submit("trim", session, through)
 
     async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             op = await self._queue.get()
             if op is None:
@@ -277,66 +291,23 @@ class SqliteLog(EventLog):
                     break
                 op = self._queue.get_nowait()
             if batch:
-                await self._run_batch(batch)
+                await self._run_batch(loop, batch)
             for purge in purges:
-                await self._run_purge(purge)
+                await self._settle([purge], loop.run_in_executor(self._thread, self._purge_sync, *purge.args))
+                if not purge.future.done():
+                    purge.future.set_result(None)
             if op is None:
                 return
 
-    async def _run_batch(self, batch: list[_Op]) -> None:
-        db = self._writer
-        outcomes: list[tuple[_Op, Any, BaseException | None]] = []
-        notify: dict[str, tuple[list[StoredEvent], Session | None]] = {}
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Op]) -> None:
         started = time.perf_counter()
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            names = list({op.session for op in batch})
-            rows: dict[str, tuple[int, Session] | None] = dict.fromkeys(names)
-            for i in range(0, len(names), 500):
-                chunk = names[i:i + 500]
-                for t in await db.execute_fetchall(
-                        f"SELECT {_ROW} FROM sessions WHERE name IN ({','.join('?' * len(chunk))})", chunk):
-                    rows[t[1]] = _row(t)
-            keys = await self._load_keys(db, batch, rows)
-            events: list[tuple] = []
-            new_keys: list[tuple] = []
-            touched: dict[str, tuple[int, Session]] = {}
-            states: list[tuple] = []
-            for op in batch:
-                try:
-                    value = await self._apply(db, op, rows, keys, events, new_keys, touched, states, notify)
-                    outcomes.append((op, value, None))
-                except GatewayError as err:
-                    outcomes.append((op, None, err))
-            if events:
-                await db.executemany("INSERT INTO events (sid, id, event, data, is_json, ts) VALUES (?,?,?,?,?,?)",
-                                     events)
-            if new_keys:
-                await db.executemany("INSERT INTO idem (sid, key, id) VALUES (?,?,?)", new_keys)
-            if touched:
-                await db.executemany(
-                    "UPDATE sessions SET status=?, completed_at=?, last_id=?, trimmed_id=?, acked_id=?, result=? "
-                    "WHERE sid=?",
-                    [(r.status, r.completed_at, r.last_id, r.trimmed_id, r.acked_id, _dumps(r.result), sid)
-                     for sid, r in touched.values()])
-            if states:
-                await db.executemany("UPDATE sessions SET state=?, state_version=?, state_as_of=? WHERE sid=?",
-                                     states)
-            await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            try:
-                await db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            err = store_error(exc)
-            log.error("write of %d operations failed: %s", len(batch), exc)
-            for op in batch:
-                if not op.future.done():
-                    op.future.set_exception(err)
+        done = await self._settle(batch, loop.run_in_executor(self._thread, self._commit, batch))
+        if done is None:
             return
+        outcomes, notify = done
         if self.on_commit is not None:
             self.on_commit(len(batch), time.perf_counter() - started)
-        for op, value, err in outcomes:
+        for op, (value, err) in zip(batch, outcomes, strict=True):
             if op.future.done():
                 continue
             if err is not None:
@@ -346,7 +317,84 @@ class SqliteLog(EventLog):
         for session, (new_events, row) in notify.items():
             self._notify(session, new_events, row)
 
-    async def _load_keys(self, db, batch, rows) -> dict[tuple[int, str], int]:
+    @staticmethod
+    async def _settle(batch: list[_Op], work: asyncio.Future) -> Any:
+        """Await the writer thread; if the whole transaction failed, every operation of it fails."""
+        try:
+            return await work
+        except Exception as exc:  # the store failed (or a bug did): nothing of the batch was committed
+            if isinstance(exc, GatewayError):
+                err = exc
+                log.error("write of %d operations failed: %s", len(batch), exc.message)
+            else:  # never let it end the writer: every later write would wait forever
+                err = Unavailable("the write failed; nothing was written", "store_error")
+                log.exception("write of %d operations failed", len(batch))
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(err)
+            return None
+
+    # The writer thread: one call per group commit, so a batch costs one hop between threads.
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        db.executescript(SCHEMA)
+        return db
+
+    def _transaction(self, body) -> Any:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            result = body(db)
+            db.execute("COMMIT")
+            return result
+        except BaseException as exc:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise store_error(exc) from None
+            raise
+
+    def _commit(self, batch: list[_Op]) -> tuple[list[tuple[Any, GatewayError | None]], dict]:
+        return self._transaction(lambda db: self._commit_in(db, batch))
+
+    def _commit_in(self, db: sqlite3.Connection, batch: list[_Op]) -> tuple[list, dict]:
+        names = list({op.session for op in batch})
+        rows: dict[str, tuple[int, Session] | None] = dict.fromkeys(names)
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            for t in db.execute(f"SELECT {_ROW} FROM sessions WHERE name IN ({','.join('?' * len(chunk))})", chunk):
+                rows[t[1]] = _row(t)
+        keys = self._load_keys(db, batch, rows)
+        writes = _Writes()
+        outcomes: list[tuple[Any, GatewayError | None]] = []
+        for op in batch:
+            try:
+                value = self._apply(db, op, rows, keys, writes)
+                outcomes.append((copy.copy(value) if isinstance(value, Session) else value, None))
+            except GatewayError as err:
+                outcomes.append((None, err))
+        if writes.events:
+            db.executemany("INSERT INTO events (sid, id, event, data, is_json, ts) VALUES (?,?,?,?,?,?)",
+                           writes.events)
+        if writes.keys:
+            db.executemany("INSERT INTO idem (sid, key, id) VALUES (?,?,?)", writes.keys)
+        if writes.touched:
+            db.executemany(
+                "UPDATE sessions SET status=?, completed_at=?, last_id=?, trimmed_id=?, acked_id=?, result=? "
+                "WHERE sid=?",
+                [(r.status, r.completed_at, r.last_id, r.trimmed_id, r.acked_id, _dumps(r.result), sid)
+                 for sid, r in writes.touched.values()])
+        if writes.states:
+            db.executemany("UPDATE sessions SET state=?, state_version=?, state_as_of=? WHERE sid=?", writes.states)
+        return outcomes, writes.notify
+
+    @staticmethod
+    def _load_keys(db: sqlite3.Connection, batch: list[_Op], rows: dict) -> dict[tuple[int, str], int]:
         wanted = [(rows[op.session][0], ev.idempotency_key) for op in batch if op.kind == "append"
                   and rows[op.session] is not None for ev in op.args[0] if ev.idempotency_key is not None]
         found: dict[tuple[int, str], int] = {}
@@ -354,11 +402,11 @@ class SqliteLog(EventLog):
             chunk = wanted[i:i + 400]
             sql = ("SELECT sid, key, id FROM idem WHERE (sid, key) IN (VALUES "
                    + ",".join(["(?,?)"] * len(chunk)) + ")")
-            for sid, key, id_ in await db.execute_fetchall(sql, [x for pair in chunk for x in pair]):
+            for sid, key, id_ in db.execute(sql, [x for pair in chunk for x in pair]):
                 found[(sid, key)] = id_
         return found
 
-    async def _apply(self, db, op: _Op, rows, keys, events, new_keys, touched, states, notify) -> Any:
+    def _apply(self, db: sqlite3.Connection, op: _Op, rows: dict, keys: dict, writes: _Writes) -> Any:
         """Run one operation against the rows loaded for this transaction."""
         entry = rows.get(op.session)
         if op.kind == "create" or (op.kind == "append" and entry is None and op.args[1]):
@@ -366,9 +414,8 @@ class SqliteLog(EventLog):
                 raise Conflict(f"session {op.session!r} exists", "session_exists")
             metadata, ttl = op.args if op.kind == "create" else (None, None)
             row = Session(id=op.session, epoch=new_epoch(), created_at=now_ms(), metadata=metadata, ttl_seconds=ttl)
-            cur = await db.execute(
-                "INSERT INTO sessions (name, epoch, created_at, metadata, ttl_seconds) VALUES (?,?,?,?,?)",
-                (row.id, row.epoch, row.created_at, _dumps(metadata), ttl))
+            cur = db.execute("INSERT INTO sessions (name, epoch, created_at, metadata, ttl_seconds) VALUES (?,?,?,?,?)",
+                             (row.id, row.epoch, row.created_at, _dumps(metadata), ttl))
             entry = rows[op.session] = (cur.lastrowid, row)
             if op.kind == "create":
                 return row
@@ -378,19 +425,18 @@ class SqliteLog(EventLog):
             raise NotFound(f"no session {op.session!r}")
         sid, row = entry
         if op.kind == "delete":
-            await db.execute("DELETE FROM sessions WHERE sid = ?", (sid,))
-            await db.execute("DELETE FROM idem WHERE sid = ?", (sid,))
-            await db.execute("INSERT OR REPLACE INTO doomed (sid, last_id) VALUES (?, ?)", (sid, row.last_id))
+            db.execute("DELETE FROM sessions WHERE sid = ?", (sid,))
+            db.execute("DELETE FROM idem WHERE sid = ?", (sid,))
+            db.execute("INSERT OR REPLACE INTO doomed (sid, last_id) VALUES (?, ?)", (sid, row.last_id))
             rows[op.session] = None
-            touched.pop(op.session, None)
-            notify[op.session] = ([], None)
+            writes.touched.pop(op.session, None)
+            writes.notify[op.session] = ([], None)
             return True
         new_events: list[StoredEvent] = []
         if op.kind == "append":
-            session_keys = _KeyView(keys, sid)
-            result, batch_keys = apply_append(row, op.args[0], session_keys, now_ms(), self.max_events)
+            result, batch_keys = apply_append(row, op.args[0], _KeyView(keys, sid), now_ms(), self.max_events)
             keys.update({(sid, k): v for k, v in batch_keys.items()})
-            new_keys.extend((sid, k, v) for k, v in batch_keys.items())
+            writes.keys.extend((sid, k, v) for k, v in batch_keys.items())
             new_events = result.events
             value: Any = result
         elif op.kind == "complete":
@@ -406,17 +452,25 @@ class SqliteLog(EventLog):
         elif op.kind == "state":
             state, if_version = op.args
             apply_state(row, state, if_version)
-            states.append((_dumps(state), row.state_version, row.state_as_of, sid))
-            row.state = state
+            writes.states.append((_dumps(state), row.state_version, row.state_as_of, sid))
             value = row
         else:  # pragma: no cover - a programming error
             raise ValueError(op.kind)
-        touched[op.session] = entry
+        writes.touched[op.session] = entry
         if new_events:
-            events.extend((sid, e.id, e.event, e.data, int(e.is_json), e.ts) for e in new_events)
-            previous = notify.get(op.session, ([], None))[0]
-            notify[op.session] = (previous + new_events, row)
+            writes.events.extend((sid, e.id, e.event, e.data, int(e.is_json), e.ts) for e in new_events)
+            previous = writes.notify.get(op.session, ([], None))[0]
+            writes.notify[op.session] = (previous + new_events, copy.copy(row))
         return value
+
+    def _purge_sync(self, sid: int, start: int, stop: int, last: bool) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM events WHERE sid = ? AND id > ? AND id <= ?", (sid, start, stop))
+            if last:
+                db.execute("DELETE FROM doomed WHERE sid = ?", (sid,))
+            db.execute("UPDATE sessions SET purged_id = ? WHERE sid = ? AND purged_id < ?", (stop, sid, stop))
+
+        self._transaction(body)
 
     # -- retention and other processes' commits -----------------------------
 
@@ -442,24 +496,6 @@ class SqliteLog(EventLog):
             stop = min(upto, start + _PURGE_CHUNK)
             await self._submit("purge", "", sid, start, stop, doomed and stop >= upto)
             start = stop
-
-    async def _run_purge(self, op: _Op) -> None:
-        sid, start, stop, last = op.args
-        db = self._writer
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            await db.execute("DELETE FROM events WHERE sid = ? AND id > ? AND id <= ?", (sid, start, stop))
-            if last:
-                await db.execute("DELETE FROM doomed WHERE sid = ?", (sid,))
-            await db.execute("UPDATE sessions SET purged_id = ? WHERE sid = ? AND purged_id < ?", (stop, sid, stop))
-            await db.execute("COMMIT")
-            op.future.set_result(None)
-        except sqlite3.Error as exc:
-            try:
-                await db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            op.future.set_exception(store_error(exc))
 
     async def _poll_loop(self) -> None:
         last_version = None
