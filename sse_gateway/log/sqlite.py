@@ -194,6 +194,10 @@ class SqliteLog(EventLog):
             f"SELECT {_FULL_ROW} FROM sessions {where} ORDER BY created_at DESC, sid DESC LIMIT ?", params)
         return [_row(r, full=True)[1] for r in rows]
 
+    async def count_sessions(self) -> int:
+        (count,), = await self._reader().execute_fetchall("SELECT count(*) FROM sessions")
+        return count
+
     async def read(self, session: str, after: int, limit: int) -> list[StoredEvent]:
         rows = await self._reader().execute_fetchall(
             "SELECT e.id, e.event, e.data, e.is_json, e.ts FROM sessions s JOIN events e ON e.sid = s.sid "
@@ -288,13 +292,17 @@ class SqliteLog(EventLog):
                 await db.executemany("UPDATE sessions SET state=?, state_version=?, state_as_of=? WHERE sid=?",
                                      states)
             await db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the store failed (or a bug did): nothing of the batch is committed
             try:
                 await db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            err = store_error(exc)
-            log.error("write of %d operations failed: %s", len(batch), exc)
+            if isinstance(exc, sqlite3.Error):
+                err = store_error(exc)
+                log.error("write of %d operations failed: %s", len(batch), exc)
+            else:  # never let it end the writer: every later write would wait forever
+                err = Unavailable("the write failed; nothing was written", "store_error")
+                log.exception("write of %d operations failed", len(batch))
             for op in batch:
                 if not op.future.done():
                     op.future.set_exception(err)
