@@ -255,8 +255,10 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         finally:
             await gw.stop()
 
+    # No trailing-slash redirects: /v1/sessions/%2F is an unknown path (404), not a 307 to another resource.
     app = FastAPI(title="sse-gateway", version=__version__, lifespan=lifespan, docs_url="/docs",
-                  redoc_url=None, description="Durable per-session event logs, streamed as Server-Sent Events "
+                  redoc_url=None, redirect_slashes=False,
+                  description="Durable per-session event logs, streamed as Server-Sent Events "
                   "with exact Last-Event-ID resume.")
 
     app.openapi = lambda: openapi.describe(app, settings)

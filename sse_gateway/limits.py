@@ -185,14 +185,15 @@ class HeaderDeadline(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._deadline is not None:
-            self._header_bytes += len(data)
-            if self._header_bytes > MAX_HEADER_BYTES:
-                self._disarm()
-                self._refuse(b"431 Request Header Fields Too Large", "headers_too_large",
-                             f"request headers are larger than {MAX_HEADER_BYTES} bytes")
-                return
         super().data_received(data)
+        if self._deadline is None or self.transport.is_closing():
+            return
+        # Still waiting for the end of the headers: what is buffered so far is at most one read beyond the limit.
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._disarm()
+            self._refuse(b"431 Request Header Fields Too Large", "headers_too_large",
+                         f"request headers are larger than {MAX_HEADER_BYTES} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
