@@ -104,6 +104,17 @@ def content_type(request: Request) -> tuple[str, str]:
     return kind.strip().lower(), charset
 
 
+def json_int(value: Any) -> int | None:
+    """An integer as JSON Schema counts them (``3`` and ``3.0`` alike); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def check_key(key: Any) -> str:
     if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY or not key.isprintable() or not key.isascii():
         raise BadRequest(f"idempotency key must be 1-{MAX_KEY} printable ASCII characters", "invalid_idempotency_key")
@@ -308,8 +319,12 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         header_key = request.headers.get("idempotency-key")
         if header_key is not None:
             header_key = check_key(header_key)
+        text_type = check_event_type(request.query_params.get("event", "message"))  # checked for every body
         try:
             if kind == "application/x-ndjson":
+                if header_key is not None:
+                    raise BadRequest("an NDJSON stream takes per-line idempotency_key, not the header",
+                                     "invalid_idempotency_key")
                 return await publish_ndjson(gw, session, request)
             body = await read_body(request, gw.settings.max_body_bytes)
             if kind == "application/json":
@@ -333,8 +348,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
                 except UnicodeDecodeError:
                     raise BadRequest("text/plain body is not valid UTF-8", "invalid_utf8") from None
                 gw.check_size(text)
-                event = NewEvent(check_event_type(request.query_params.get("event", "message")), text, False,
-                                 header_key)
+                event = NewEvent(text_type, text, False, header_key)
             else:
                 raise UnsupportedMedia("publish takes application/json, text/plain or application/x-ndjson",
                                        "unsupported_media_type")
@@ -497,8 +511,10 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
             raise BadRequest("id must be a string", "invalid_session_id")
         check_session_id(session)
         ttl = spec.get("ttl_seconds")
-        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl < 10**9):
-            raise BadRequest("ttl_seconds must be a positive integer", "invalid_ttl")
+        if ttl is not None:
+            ttl = json_int(ttl)
+            if ttl is None or not 0 < ttl < 10**9:
+                raise BadRequest("ttl_seconds must be a positive integer", "invalid_ttl")
         await gw.admit_session()
         row = await gw.log.create_session(session, metadata=spec.get("metadata"), ttl_seconds=ttl)
         token = gw.auth.mint(session)
@@ -521,8 +537,10 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         if not isinstance(spec, dict) or set(spec) - {"ttl_seconds"}:
             raise BadRequest("body must be a JSON object {\"ttl_seconds\"?}", "invalid_body")
         ttl = spec.get("ttl_seconds")
-        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TOKEN_TTL):
-            raise BadRequest(f"ttl_seconds must be an integer from 1 to {MAX_TOKEN_TTL}", "invalid_ttl")
+        if ttl is not None:
+            ttl = json_int(ttl)
+            if ttl is None or not 0 < ttl <= MAX_TOKEN_TTL:
+                raise BadRequest(f"ttl_seconds must be an integer from 1 to {MAX_TOKEN_TTL}", "invalid_ttl")
         token = gw.auth.mint(session, ttl)
         if token is None:
             raise NotConfigured("this gateway mints no tokens: start it with --token-secret", "tokens_not_configured")
@@ -582,9 +600,8 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         gw.auth.reader(request, session)
         spec = parse_json(await read_body(request, 4096))
         upto = spec.get("id") if isinstance(spec, dict) else None
-        if isinstance(upto, str):
-            upto = parse_cursor(upto)[0]
-        if not isinstance(upto, int) or isinstance(upto, bool):
+        upto = parse_cursor(upto)[0] if isinstance(upto, str) else json_int(upto)
+        if upto is None:
             raise BadRequest("body must be {\"id\": N}", "invalid_ack")
         row = await gw.log.ack(session, upto)
         return json_response({"session": session, "acked_id": row.acked_id})
@@ -640,8 +657,8 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         check_session_id(session)
         gw.auth.publisher(request)
         spec = parse_json(await read_body(request, 4096))
-        through = spec.get("through") if isinstance(spec, dict) else None
-        if not isinstance(through, int) or isinstance(through, bool) or through < 0:
+        through = json_int(spec.get("through")) if isinstance(spec, dict) else None
+        if through is None or through < 0:
             raise BadRequest("body must be {\"through\": N}", "invalid_trim")
         row = await gw.log.trim(session, through)
         return json_response({"session": session, "earliest_id": row.earliest_id, "last_id": row.last_id})

@@ -26,7 +26,9 @@ _EVENT_TYPE = {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$", "not": {
                "default": "message", "description": "types beginning with gateway. are reserved"}
 _EVENT = {
     "type": "object",
-    "properties": {"event": _EVENT_TYPE, "data": {}, "idempotency_key": {"type": "string", "pattern": _PRINTABLE}},
+    "properties": {"event": _EVENT_TYPE, "data": {},
+                   "idempotency_key": {"anyOf": [{"type": "string", "pattern": _PRINTABLE}, {"type": "null"}],
+                                       "description": "null or absent: none"}},
     "required": ["data"],
     "additionalProperties": False,
 }
@@ -34,9 +36,11 @@ _EVENT = {
 PUBLISH = {
     "parameters": [
         {"name": "event", "in": "query", "required": False, "schema": _EVENT_TYPE,
-         "description": "event type of a text/plain body"},
+         "description": "event type of a text/plain body (checked, and ignored, with other bodies)"},
         {"name": "Idempotency-Key", "in": "header", "required": False,
-         "schema": {"type": "string", "pattern": _PRINTABLE}, "description": "makes a retry of one event safe"},
+         "schema": {"type": "string", "pattern": _PRINTABLE},
+         "description": "makes a retry of one event safe; a batch or an NDJSON stream takes a per-item "
+         "idempotency_key instead, and an event with its own idempotency_key takes no header (400)"},
     ],
     "requestBody": {
         "required": True,
@@ -53,7 +57,8 @@ PUBLISH = {
 
 STREAM = {
     "parameters": [
-        {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"},
+        {"name": "Last-Event-ID", "in": "header", "required": False,
+         "schema": {"type": "string", "pattern": r"^\s*([0-9]{1,18}(:[A-Za-z0-9]{1,32})?)?\s*$"},
          "description": "the cursor EventSource sends back: ID:EPOCH or ID; empty means none"},
         {"name": "last_event_id", "in": "query", "required": False, "schema": {"type": "string", "pattern": CURSOR}},
         {"name": "from", "in": "query", "required": False, "description": "earliest, latest or a cursor",
@@ -69,12 +74,16 @@ _TTL = {"type": "integer", "minimum": 1, "maximum": 10**9 - 1}
 
 CREATE = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
     "type": "object",
-    "properties": {"id": {"type": "string", "pattern": SESSION_ID}, "metadata": {}, "ttl_seconds": _TTL},
+    "properties": {"id": {"anyOf": [{"type": "string", "pattern": SESSION_ID}, {"type": "null"}],
+                          "description": "null or absent: a generated id"},
+                   "metadata": {}, "ttl_seconds": {"anyOf": [_TTL, {"type": "null"}]}},
     "additionalProperties": False,
 }}}}}
 
 TOKENS = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
-    "type": "object", "properties": {"ttl_seconds": {"type": "integer", "minimum": 1, "maximum": MAX_TOKEN_TTL}},
+    "type": "object",
+    "properties": {"ttl_seconds": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_TOKEN_TTL},
+                                             {"type": "null"}], "description": "null or absent: --token-ttl"}},
     "additionalProperties": False}}}}}
 
 COMPLETE = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
@@ -201,9 +210,22 @@ def _error(status: int) -> dict:
     return response
 
 
+#: one event of the stream, as an SSE reader delivers it (OpenAPI 3.1: the schema of text/event-stream
+#: describes each event). Only log entries carry an id; gateway.gap and gateway.reset carry JSON data.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data", "event"],
+    "properties": {
+        "event": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$"},
+        "data": {"type": "string"},
+        "id": {"type": "string", "pattern": r"^[0-9]+:[a-z0-9]+$", "description": "ID:EPOCH"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+    "additionalProperties": False,
+}
 _STREAM_OK = {
-    "200": {"description": "the event stream: replay after the cursor, then live",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    "200": {"description": "the event stream: replay after the cursor, then live (with live=false, replay only)",
+            "content": {"text/event-stream": {"schema": SSE_EVENT}}},
     "204": {"description": "the session is completed and the cursor is at its end: stop reconnecting"},
 }
 _STATE_OK = {"description": "the state document", "content": _json("State"),
