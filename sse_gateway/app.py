@@ -319,8 +319,8 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         header_key = request.headers.get("idempotency-key")
         if header_key is not None:
             header_key = check_key(header_key)
-        text_type = check_event_type(request.query_params.get("event", "message"))  # checked for every body
         try:
+            text_type = check_event_type(request.query_params.get("event", "message"))  # checked for every body
             if kind == "application/x-ndjson":
                 if header_key is not None:
                     raise BadRequest("an NDJSON stream takes per-line idempotency_key, not the header",

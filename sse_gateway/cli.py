@@ -166,7 +166,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
-    from .limits import header_deadline
+    from .protocol import header_deadline
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
     for name in ("publish_key", "cors_origin"):

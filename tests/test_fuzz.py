@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from httpx_sse import EventSource
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from httpx_sse import EventSource
 
 pytestmark = pytest.mark.timeout(300)
 
