@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import secrets
 import sys
@@ -22,15 +23,15 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, Response
+from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 
-from . import __version__, demo, openapi
-from .auth import Auth
+from . import __version__, cors, demo, limits, openapi
+from .auth import MAX_TOKEN_TTL, Auth
 from .config import Settings
-from .errors import (BadRequest, Conflict, GatewayError, NotFound, TooLarge, Unavailable, UnsupportedMedia,
-                     error_body)
+from .errors import (BadRequest, Conflict, GatewayError, NotConfigured, NotFound, RequestTimeout, TooLarge,
+                     Unavailable, UnsupportedMedia, error_body)
 from .hub import Hub
 from .log import make_log
 from .log.base import NO_RESULT, EventLog
@@ -72,13 +73,8 @@ def session_json(row: Session, hub: Hub, presence: tuple[int, int | None] | None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"request body is larger than {limit} bytes", "body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The whole body, at most ``limit`` bytes, arrived within ``--body-timeout`` (see limits.py)."""
+    return await limits.read_body(request, limit, request.app.state.gw.settings.body_timeout)
 
 
 _LONG_DIGITS = re.compile(rb"\d{19}")
@@ -88,13 +84,23 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is infinity when parsed as double")
+    return value
+
+
 def parse_json(body: bytes) -> Any:
     """orjson, except for bodies with integers beyond 64 bits, which the standard library keeps exact."""
     try:
         if _LONG_DIGITS.search(body):
-            return json.loads(body, parse_constant=_no_constants)
+            # Decoded first, as orjson does: strict UTF-8, no byte order mark, no UTF-16 guessing.
+            value = json.loads(body.decode("utf-8"), parse_constant=_no_constants, parse_float=_finite)
+            dump_json(value).encode()  # lone surrogates (which orjson refuses) cannot be stored or sent
+            return value
         return orjson.loads(body)
-    except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError is a ValueError
+    except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError and UnicodeError are ValueErrors
         raise BadRequest(f"body is not valid JSON: {exc}", "invalid_json") from None
 
 
@@ -109,6 +115,17 @@ def content_type(request: Request) -> tuple[str, str]:
     return kind.strip().lower(), charset
 
 
+def json_int(value: Any) -> int | None:
+    """An integer as JSON Schema counts them (``3`` and ``3.0`` alike); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def check_key(key: Any) -> str:
     if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY or not key.isprintable() or not key.isascii():
         raise BadRequest(f"idempotency key must be 1-{MAX_KEY} printable ASCII characters", "invalid_idempotency_key")
@@ -119,10 +136,9 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer", f"invalid_{name}") from None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19):
+        raise BadRequest(f"{name} must be an integer", f"invalid_{name}")
+    value = int(raw)
     if not low <= value <= high:
         raise BadRequest(f"{name} must be between {low} and {high}", f"invalid_{name}")
     return value
@@ -137,6 +153,7 @@ class Gateway:
         self.hub = Hub(log_)
         self.stats = Stats()
         self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
+        self.streams = limits.StreamSlots(settings.max_streams, settings.max_streams_per_session)
         self.registry = make_registry(self)
         self.draining = False
         self._tasks: list[asyncio.Task] = []
@@ -214,14 +231,30 @@ class Gateway:
         if len(data) > self.settings.max_event_bytes // 4 and len(data.encode()) > self.settings.max_event_bytes:
             raise TooLarge(f"event data is larger than {self.settings.max_event_bytes} bytes", "event_too_large")
 
-    async def append(self, session: str, events: list[NewEvent]):
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+    async def admit_session(self) -> None:
+        """Raise ``503 too_many_sessions`` if the log holds ``--max-sessions`` already."""
+        limit = self.settings.max_sessions
+        if limit and await self.log.count_sessions() >= limit:
+            raise limits.too_many_sessions(limit)
+
+    async def _store_append(self, session: str, events: list[NewEvent], create: bool):
         try:
-            result = await self.log.append(session, events, create=self.settings.auto_create)
+            return await self.log.append(session, events, create=create)
         except Unavailable:
             self.stats.store_errors += 1
             raise
+
+    async def append(self, session: str, events: list[NewEvent]):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if self.settings.auto_create and self.settings.max_sessions:
+            try:  # only a publish that creates the session pays for counting sessions
+                result = await self._store_append(session, events, False)
+            except NotFound:
+                await self.admit_session()
+                result = await self._store_append(session, events, True)
+        else:
+            result = await self._store_append(session, events, self.settings.auto_create)
         self.stats.append_seconds.observe(loop.time() - started)
         fresh = len(result.events)
         self.stats.published += fresh
@@ -242,9 +275,13 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         finally:
             await gw.stop()
 
+    # No trailing-slash redirects: /v1/sessions/%2F is an unknown path (404), not a 307 to another resource.
     app = FastAPI(title="sse-gateway", version=__version__, lifespan=lifespan, docs_url="/docs",
-                  redoc_url=None, description="Durable per-session event logs, streamed as Server-Sent Events "
+                  redoc_url=None, redirect_slashes=False,
+                  description="Durable per-session event logs, streamed as Server-Sent Events "
                   "with exact Last-Event-ID resume.")
+
+    app.openapi = lambda: openapi.describe(app, settings)
 
     def gw_of(request: Request) -> Gateway:
         return request.app.state.gw
@@ -260,8 +297,11 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         codes = {404: "not_found", 405: "method_not_allowed"}
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of the path, not only those of the first route that matched
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return Response(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)), exc.status_code,
-                        getattr(exc, "headers", None), media_type="application/json")
+                        headers, media_type="application/json")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -289,7 +329,11 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         if header_key is not None:
             header_key = check_key(header_key)
         try:
+            text_type = check_event_type(request.query_params.get("event", "message"))  # checked for every body
             if kind == "application/x-ndjson":
+                if header_key is not None:
+                    raise BadRequest("an NDJSON stream takes per-line idempotency_key, not the header",
+                                     "invalid_idempotency_key")
                 return await publish_ndjson(gw, session, request)
             body = await read_body(request, gw.settings.max_body_bytes)
             if kind == "application/json":
@@ -313,8 +357,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
                 except UnicodeDecodeError:
                     raise BadRequest("text/plain body is not valid UTF-8", "invalid_utf8") from None
                 gw.check_size(text)
-                event = NewEvent(check_event_type(request.query_params.get("event", "message")), text, False,
-                                 header_key)
+                event = NewEvent(text_type, text, False, header_key)
             else:
                 raise UnsupportedMedia("publish takes application/json, text/plain or application/x-ndjson",
                                        "unsupported_media_type")
@@ -355,10 +398,22 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
             ids.extend(result.ids)
             any_new = any_new or any(result.new)
 
-        async for chunk in request.stream():
+        loop = asyncio.get_running_loop()
+        patience = gw.settings.ndjson_line_timeout
+        deadline = loop.time() + patience
+        chunks = request.stream()
+        while True:
+            try:
+                chunk = await limits.next_chunk(chunks, deadline)
+            except TimeoutError:
+                raise RequestTimeout(f"no complete NDJSON line arrived for {patience:g} s", "line_timeout",
+                                     extra={"ids": ids}) from None
+            if chunk is None:
+                break
             pending += chunk
             if b"\n" in chunk:
                 *lines, pending = pending.split(b"\n")
+                deadline = loop.time() + patience
                 await flush(lines)
             if len(pending) > limit:
                 raise TooLarge(f"an NDJSON line is longer than {limit} bytes", "line_too_long", extra={"ids": ids})
@@ -411,6 +466,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         start, notice = start_position(row, cursor, epoch)
         if row.completed and start >= row.last_id and not notice:
             return Response(status_code=204)
+        release = gw.streams.take(session)
         if notice:
             gw.stats.resets += 1
         elif resuming is not None and start > row.acked_id:
@@ -418,11 +474,12 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         gw.stats.streams_opened += 1
         return EventStream(gw.hub, session, cursor, epoch, prelude=encode_retry(gw.settings.retry_ms),
                            live=live in ("true", "1"), heartbeat=gw.settings.heartbeat,
-                           send_timeout=gw.settings.send_timeout, stats=gw.stats)
+                           send_timeout=gw.settings.send_timeout, stats=gw.stats, on_close=release)
 
     # -- history ------------------------------------------------------------------
 
-    @app.get("/v1/sessions/{session}/events", tags=["read"], summary="Read a session's events as JSON")
+    @app.get("/v1/sessions/{session}/events", tags=["read"], openapi_extra=openapi.HISTORY,
+             summary="Read a session's events as JSON")
     async def history(session: str, request: Request) -> Response:
         gw = gw_of(request)
         check_session_id(session)
@@ -463,8 +520,11 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
             raise BadRequest("id must be a string", "invalid_session_id")
         check_session_id(session)
         ttl = spec.get("ttl_seconds")
-        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl < 10**9):
-            raise BadRequest("ttl_seconds must be a positive integer", "invalid_ttl")
+        if ttl is not None:
+            ttl = json_int(ttl)
+            if ttl is None or not 0 < ttl < 10**9:
+                raise BadRequest("ttl_seconds must be a positive integer", "invalid_ttl")
+        await gw.admit_session()
         row = await gw.log.create_session(session, metadata=spec.get("metadata"), ttl_seconds=ttl)
         token = gw.auth.mint(session)
         stream_url = f"/v1/sessions/{session}/stream"
@@ -472,10 +532,31 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
                     "subscribe_token": token[0] if token else None}
         if token:
             body_out["stream_url"] = f"{stream_url}?token={token[0]}"
-            body_out["token_expires_at"] = token[1]
+            body_out["token_expires_at"] = rfc3339(token[1] * 1000)
         return json_response(body_out, 201)
 
-    @app.get("/v1/sessions", tags=["sessions"], summary="List sessions")
+    @app.post("/v1/sessions/{session}/tokens", tags=["sessions"], status_code=201, openapi_extra=openapi.TOKENS,
+              summary="Mint a subscribe token for a session")
+    async def mint_token(session: str, request: Request) -> Response:
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.publisher(request)
+        body = await read_body(request, 4096)
+        spec = parse_json(body) if body.strip() else {}
+        if not isinstance(spec, dict) or set(spec) - {"ttl_seconds"}:
+            raise BadRequest("body must be a JSON object {\"ttl_seconds\"?}", "invalid_body")
+        ttl = spec.get("ttl_seconds")
+        if ttl is not None:
+            ttl = json_int(ttl)
+            if ttl is None or not 0 < ttl <= MAX_TOKEN_TTL:
+                raise BadRequest(f"ttl_seconds must be an integer from 1 to {MAX_TOKEN_TTL}", "invalid_ttl")
+        token = gw.auth.mint(session, ttl)
+        if token is None:
+            raise NotConfigured("this gateway mints no tokens: start it with --token-secret", "tokens_not_configured")
+        return json_response({"token": token[0], "expires_at": rfc3339(token[1] * 1000),
+                              "stream_url": f"/v1/sessions/{session}/stream?token={token[0]}"}, 201)
+
+    @app.get("/v1/sessions", tags=["sessions"], openapi_extra=openapi.LIST, summary="List sessions")
     async def list_sessions(request: Request) -> Response:
         gw = gw_of(request)
         gw.auth.publisher(request)
@@ -529,9 +610,8 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         gw.auth.reader(request, session)
         spec = parse_json(await read_body(request, 4096))
         upto = spec.get("id") if isinstance(spec, dict) else None
-        if isinstance(upto, str):
-            upto = parse_cursor(upto)[0]
-        if not isinstance(upto, int) or isinstance(upto, bool):
+        upto = parse_cursor(upto)[0] if isinstance(upto, str) else json_int(upto)
+        if upto is None:
             raise BadRequest("body must be {\"id\": N}", "invalid_ack")
         row = await gw.log.ack(session, upto)
         return json_response({"session": session, "acked_id": row.acked_id})
@@ -555,10 +635,10 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         if_match = request.headers.get("if-match")
         version = None
         if if_match is not None and if_match.strip() != "*":
-            try:
-                version = int(if_match.strip().removeprefix("W/").strip('"'))
-            except ValueError:
-                raise BadRequest("If-Match must be a version ETag such as \"3\"", "invalid_if_match") from None
+            tag = if_match.strip().removeprefix("W/").strip('"')
+            if not (tag.isascii() and tag.isdigit() and len(tag) <= 19):
+                raise BadRequest("If-Match must be a version ETag such as \"3\"", "invalid_if_match")
+            version = int(tag)
         state = parse_json(await read_body(request, gw.settings.max_body_bytes))
         if not isinstance(state, dict):
             raise BadRequest("state must be a JSON object", "invalid_state")
@@ -569,6 +649,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         except NotFound:
             if not gw.settings.auto_create:
                 raise
+            await gw.admit_session()
             with contextlib.suppress(Conflict):
                 await gw.log.create_session(session)
             row = await gw.log.put_state(session, state, version)
@@ -586,8 +667,8 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         check_session_id(session)
         gw.auth.publisher(request)
         spec = parse_json(await read_body(request, 4096))
-        through = spec.get("through") if isinstance(spec, dict) else None
-        if not isinstance(through, int) or isinstance(through, bool) or through < 0:
+        through = json_int(spec.get("through")) if isinstance(spec, dict) else None
+        if through is None or through < 0:
             raise BadRequest("body must be {\"through\": N}", "invalid_trim")
         row = await gw.log.trim(session, through)
         return json_response({"session": session, "earliest_id": row.earliest_id, "last_id": row.last_id})
@@ -626,13 +707,18 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(RequestTimer, stats_of=lambda: getattr(getattr(app.state, "gw", None), "stats", None))
-    if settings.cors_origin:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origin), allow_credentials=True,
-                           allow_methods=["GET", "POST", "PUT", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key",
-                                          "If-Match"],
-                           expose_headers=["ETag", "Retry-After"])
+    app.add_middleware(limits.CloseUnreadBody)
+    cors.install(app, settings.cors_origin)
     return app
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route serves at this request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _ack_quietly(event_log: EventLog, session: str, upto: int) -> None:

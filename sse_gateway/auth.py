@@ -1,19 +1,27 @@
 """Who may do what: publisher keys and subscribe tokens.
 
 * **Publisher keys** (``--publish-key``) guard publishing and session
-  administration. Compared in constant time.
-* **Subscribe tokens** are HS256 JWTs signed with ``--token-secret``,
-  with ``sub`` = the session id and an ``exp``. A token reads exactly one
-  session. It is accepted as ``Authorization: Bearer``, as ``?token=``
-  (EventSource cannot set headers) or as the ``sse_gateway_token`` cookie.
-  A publisher key reads every session.
+  administration, and read every session. They are accepted only as
+  ``Authorization: Bearer KEY``: never from a query string or a cookie,
+  where they would end up in logs, browser history and other sites'
+  requests. Compared in constant time (digests of equal length, every key
+  compared).
+* **Subscribe tokens** are HS256 JWTs signed with ``--token-secret``, with
+  ``sub`` = the session id, ``scope`` = ``subscribe`` and an ``exp``. A
+  token reads exactly one session and nothing else. It is accepted as
+  ``Authorization: Bearer``, as ``?token=`` (EventSource cannot set
+  headers) or as the ``sse_gateway_token`` cookie. Only HS256 is accepted,
+  so ``alg: none`` and algorithm-confusion tokens are refused.
 
-With no keys configured the gateway is open (and listens on loopback only,
-unless ``--insecure``).
+Credentials are checked on every request, so a reconnect with an expired
+token gets ``401``, which makes EventSource stop. With no keys configured
+the gateway is open (and listens on loopback only, unless ``--insecure``);
+if it has a token secret, tokens that are presented anyway are still checked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 
@@ -23,7 +31,13 @@ from starlette.requests import Request
 from .errors import Forbidden, Unauthorized
 
 COOKIE = "sse_gateway_token"
+SCOPE = "subscribe"
+MAX_TOKEN_TTL = 30 * 86400
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="sse-gateway"'}
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
 
 
 def _bearer(request: Request) -> str | None:
@@ -36,7 +50,7 @@ def _bearer(request: Request) -> str | None:
 
 class Auth:
     def __init__(self, keys: tuple[str, ...] = (), secret: str | None = None, ttl: int = 3600) -> None:
-        self.keys = tuple(k.encode() for k in keys if k)
+        self.keys = tuple(_digest(k) for k in keys if k)
         self.secret = secret
         self.ttl = ttl
 
@@ -45,7 +59,7 @@ class Auth:
         return not self.keys
 
     def _is_key(self, credential: str) -> bool:
-        given = credential.encode()
+        given = _digest(credential)
         found = False
         for key in self.keys:  # compare with every key, so timing tells nothing about which matched
             found |= hmac.compare_digest(given, key)
@@ -57,33 +71,36 @@ class Auth:
             return
         credential = _bearer(request)
         if credential is None:
-            raise Unauthorized("this gateway needs a publisher key: Authorization: Bearer KEY",
-                               "missing_credentials", headers=_CHALLENGE)
+            raise Unauthorized("this needs a publisher key: Authorization: Bearer KEY", "missing_credentials",
+                               headers=_CHALLENGE)
         if not self._is_key(credential):
             raise Unauthorized("the publisher key is not valid", "invalid_credentials", headers=_CHALLENGE)
 
     def reader(self, request: Request, session: str) -> None:
         """Raise 401/403 unless the request may read ``session``."""
         if not self.keys and not self.secret:
+            return  # wide open: there is nothing to check credentials against
+        bearer = _bearer(request)
+        if bearer is not None and self.keys and self._is_key(bearer):
             return
-        credential = _bearer(request) or request.query_params.get("token") or request.cookies.get(COOKIE)
-        if not credential:
+        token = bearer or request.query_params.get("token") or request.cookies.get(COOKIE)
+        if not token:
             if not self.keys:
-                return  # tokens are minted, but reading without one is open like everything else
+                return  # no keys: reading is open like everything else
             raise Unauthorized("reading needs a subscribe token or a publisher key", "missing_credentials",
                                headers=_CHALLENGE)
-        if self.keys and self._is_key(credential):
-            return
         if not self.secret:
             raise Unauthorized("the credentials are not valid", "invalid_credentials", headers=_CHALLENGE)
         try:
-            claims = jwt.decode(credential, self.secret, algorithms=["HS256"],
-                                options={"require": ["exp", "sub"]})
+            claims = jwt.decode(token, self.secret, algorithms=["HS256"],
+                                options={"require": ["exp", "sub", "scope"]})
         except jwt.ExpiredSignatureError:
             raise Unauthorized("the subscribe token has expired", "token_expired", headers=_CHALLENGE) from None
         except jwt.PyJWTError:
             raise Unauthorized("the subscribe token is not valid", "invalid_token", headers=_CHALLENGE) from None
-        if claims.get("sub") != session:
+        if claims["scope"] != SCOPE:
+            raise Unauthorized("the token is not a subscribe token", "invalid_token", headers=_CHALLENGE)
+        if claims["sub"] != session:
             raise Forbidden("the subscribe token is for another session", "wrong_session")
 
     def mint(self, session: str, ttl: int | None = None) -> tuple[str, int] | None:
@@ -91,4 +108,4 @@ class Auth:
         if not self.secret:
             return None
         exp = int(time.time()) + (ttl or self.ttl)
-        return jwt.encode({"sub": session, "exp": exp, "scope": "subscribe"}, self.secret, algorithm="HS256"), exp
+        return jwt.encode({"sub": session, "exp": exp, "scope": SCOPE}, self.secret, algorithm="HS256"), exp

@@ -14,9 +14,9 @@ import logging
 import os
 import random
 import re
-import signal
 import sys
 import time
+import urllib.parse
 
 import orjson
 
@@ -126,13 +126,24 @@ def setup_logging(level: str) -> None:
 class _RedactTokens(logging.Filter):
     """Subscribe tokens travel in query strings; they never reach the logs."""
 
-    _TOKEN = re.compile(r"(token=)[^&\s\"]+")
-
     def filter(self, record: logging.LogRecord) -> bool:
         if record.args:
-            record.args = tuple(self._TOKEN.sub(r"\1REDACTED", a) if isinstance(a, str) else a
-                                for a in record.args)
+            record.args = tuple(redact_query(a) if isinstance(a, str) else a for a in record.args)
         return True
+
+
+def redact_query(target: str) -> str:
+    """``target`` with the value of every ``token`` query parameter replaced, however its name is encoded."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    parts = []
+    for part in query.split("&"):
+        name, eq, _ = part.partition("=")
+        if eq and urllib.parse.unquote_plus(name).lower() == "token":
+            part = name + "=REDACTED"
+        parts.append(part)
+    return path + "?" + "&".join(parts)
 
 
 class _QuietSlowConsumerCut(logging.Filter):
@@ -155,6 +166,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .protocol import header_deadline
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
     for name in ("publish_key", "cors_origin"):
@@ -172,6 +184,11 @@ def serve(args: argparse.Namespace) -> int:
                   "publish and read. Set --publish-key (and --token-secret), or pass --insecure.", file=sys.stderr)
             return 2
         log.warning("no publisher keys: the gateway is open to anyone who can reach %s", settings.host)
+    elif not settings.token_secret:
+        log.warning("publisher keys but no --token-secret: only publishers can read; browsers get no tokens")
+    if settings.token_secret and len(settings.token_secret.encode()) < 32:
+        log.warning("the token secret is shorter than 32 bytes: tokens can be forged by guessing it; generate one "
+                    "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
     if settings.backend == "sqlite":
         from .log.sqlite import preflight
 
@@ -183,7 +200,8 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=settings.access_log, log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
-                            timeout_keep_alive=settings.keep_alive, server_header=False)
+                            timeout_keep_alive=settings.keep_alive, server_header=False,
+                            http=header_deadline(settings.header_timeout))
     server = GatewayServer(config, app)
     where = "memory (nothing is kept)" if settings.backend == "memory" else (
         settings.db if settings.backend == "sqlite" else re.sub(r"//[^@/]*@", "//***@", settings.redis_url))

@@ -46,6 +46,17 @@ class Settings:
     max_event_bytes: int = _opt(1 << 20, "largest data of one event", metavar="BYTES")
     max_batch: int = _opt(1000, "most events in one batch", metavar="N")
     max_body_bytes: int = _opt(16 << 20, "largest request body (NDJSON streams: largest line)", metavar="BYTES")
+    max_sessions: int = _opt(100_000, "sessions the log may hold; creating one more is 503 (0: no limit)",
+                             metavar="N")
+    max_streams: int = _opt(10_000, "open SSE streams in this process; one more is 503 (0: no limit)", metavar="N")
+    max_streams_per_session: int = _opt(1000, "open SSE streams of one session in this process; one more is 429 "
+                                        "(0: no limit)", metavar="N")
+    header_timeout: float = _opt(10.0, "seconds a client may take to send a request's headers; then the "
+                                 "connection is closed", metavar="SECONDS")
+    body_timeout: float = _opt(30.0, "seconds a request body (not NDJSON) may take to arrive; then 408",
+                               metavar="SECONDS")
+    ndjson_line_timeout: float = _opt(300.0, "seconds an NDJSON publish stream may take to complete its next line "
+                                      "(a blank line counts); then 408", metavar="SECONDS")
     max_events: int = _opt(0, "events kept per session; older ones are trimmed (0: keep all)", metavar="N")
     session_ttl: int = _opt(86400, "seconds a completed session is kept (0: forever)", metavar="SECONDS")
     auto_create: bool = _opt(True, "publishing to an unknown session creates it", flag=True)
@@ -91,6 +102,14 @@ class Settings:
             raise ValueError("redis_wait_replicas is not supported with Redis Cluster")
         if not (0 < self.port < 65536):
             raise ValueError("port must be between 1 and 65535")
+        for name in ("max_sessions", "max_streams", "max_streams_per_session"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (no limit) or positive")
+        if self.token_ttl <= 0:
+            raise ValueError("token_ttl must be positive")
+        for name in ("header_timeout", "body_timeout", "ndjson_line_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
 
 
 def parse_value(f: dataclasses.Field, raw: str) -> Any:

@@ -8,11 +8,15 @@ into ``{"error": {"code": ..., "message": ...}}`` with its status::
     ├── Unauthorized        401       missing or bad credentials
     ├── Forbidden           403       credentials that do not reach this session
     ├── NotFound            404       session_not_found, not_found
+    ├── RequestTimeout      408       body_timeout, line_timeout (a body that trickles in)
     ├── Conflict            409       session_exists, session_completed
     ├── PreconditionFailed  412       state_version_mismatch
     ├── TooLarge            413       event_too_large, batch_too_large, body_too_large
     ├── UnsupportedMedia    415       unsupported_media_type
-    └── Unavailable         503       store_unavailable, draining (with Retry-After)
+    ├── NotConfigured       501       tokens_not_configured
+    └── Overloaded                    (try again later: always with Retry-After)
+        ├── TooManyRequests 429       too_many_streams_for_session
+        └── Unavailable     503       store_unavailable, draining, too_many_streams, too_many_sessions
 
 The event log raises these too (a completed session, a stale state
 version), so the HTTP layer never has to translate storage exceptions.
@@ -65,6 +69,17 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
+class RequestTimeout(GatewayError):
+    """The body did not arrive in time; the connection is closed after the answer."""
+
+    status = 408
+    code = "request_timeout"
+
+    def __init__(self, message: str, code: str | None = None, **kw) -> None:
+        super().__init__(message, code, **kw)
+        self.headers.setdefault("Connection", "close")
+
+
 class PreconditionFailed(GatewayError):
     status = 412
     code = "state_version_mismatch"
@@ -80,13 +95,27 @@ class UnsupportedMedia(GatewayError):
     code = "unsupported_media_type"
 
 
-class Unavailable(GatewayError):
-    status = 503
-    code = "unavailable"
+class Overloaded(GatewayError):
+    """A limit was reached for now: the answer says when to try again (``Retry-After``)."""
 
     def __init__(self, message: str, code: str | None = None, *, retry_after: int = 1, **kw) -> None:
         super().__init__(message, code, **kw)
         self.headers.setdefault("Retry-After", str(retry_after))
+
+
+class TooManyRequests(Overloaded):
+    status = 429
+    code = "too_many_requests"
+
+
+class NotConfigured(GatewayError):
+    status = 501
+    code = "not_configured"
+
+
+class Unavailable(Overloaded):
+    status = 503
+    code = "unavailable"
 
 
 def error_body(code: str, message: str, extra: dict | None = None) -> bytes:

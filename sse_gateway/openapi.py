@@ -1,80 +1,317 @@
-"""OpenAPI fragments for the bodies the routes parse by hand."""
+"""The OpenAPI description: bodies the routes parse by hand, every response, the credentials.
+
+The routes give their request bodies and extra parameters
+(``openapi_extra``); ``describe`` then owns what FastAPI cannot know: the
+responses of each operation (errors are always the gateway's JSON, never
+FastAPI's 422), the session id rule, and the security schemes that this
+deployment enforces. The description is tested against the running gateway
+with schemathesis (tests/test_schemathesis.py).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from .auth import COOKIE, MAX_TOKEN_TTL
+from .config import Settings
+
+SESSION_ID = r"^(?!\.{1,2}$)[A-Za-z0-9_.~-]{1,128}$"
+CURSOR = r"^\s*[0-9]{1,18}(:[A-Za-z0-9]{1,32})?\s*$"
+_PRINTABLE = r"^[\x20-\x7e]{1,256}$"
+
+_EVENT_TYPE = {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$", "not": {"pattern": r"^gateway\."},
+               "default": "message", "description": "types beginning with gateway. are reserved"}
 _EVENT = {
     "type": "object",
-    "properties": {
-        "event": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$", "default": "message"},
-        "data": {},
-        "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 256},
-    },
+    "properties": {"event": _EVENT_TYPE, "data": {},
+                   "idempotency_key": {"anyOf": [{"type": "string", "pattern": _PRINTABLE}, {"type": "null"}],
+                                       "description": "null or absent: none"}},
     "required": ["data"],
     "additionalProperties": False,
 }
 
-_JSON = {"application/json": {"schema": {"type": "object"}}}
-
 PUBLISH = {
     "parameters": [
-        {"name": "event", "in": "query", "required": False, "schema": {"type": "string"},
-         "description": "event type of a text/plain body"},
-        {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}},
+        {"name": "event", "in": "query", "required": False, "schema": _EVENT_TYPE,
+         "description": "event type of a text/plain body (checked, and ignored, with other bodies)"},
+        {"name": "Idempotency-Key", "in": "header", "required": False,
+         "schema": {"type": "string", "pattern": _PRINTABLE},
+         "description": "makes a retry of one event safe; a batch or an NDJSON stream takes a per-item "
+         "idempotency_key instead, and an event with its own idempotency_key takes no header (400)"},
     ],
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"oneOf": [_EVENT, {"type": "array", "items": _EVENT,
-                                                               "minItems": 1, "maxItems": 1000}]}},
+            "application/json": {"schema": {"oneOf": [_EVENT, {"type": "array", "items": _EVENT, "minItems": 1,
+                                                               "maxItems": 1000}]}},
             "text/plain": {"schema": {"type": "string"}},
-            "application/x-ndjson": {"schema": {"type": "string"},
-                                     "description": "one event object per line, appended as each line arrives"},
+            "application/x-ndjson": {"schema": {"type": "array", "items": _EVENT},
+                                     "description": "one event object per line, each appended as its line "
+                                     "arrives; blank lines are skipped"},
         },
-    },
-    "responses": {
-        "201": {"description": "appended", "content": _JSON},
-        "200": {"description": "idempotent retry: nothing appended", "content": _JSON},
     },
 }
 
 STREAM = {
     "parameters": [
-        {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}},
-        {"name": "last_event_id", "in": "query", "required": False, "schema": {"type": "string"}},
-        {"name": "from", "in": "query", "required": False, "schema": {"type": "string"},
-         "description": "earliest, latest or an id"},
-        {"name": "live", "in": "query", "required": False, "schema": {"type": "boolean", "default": True}},
-        {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}},
+        {"name": "Last-Event-ID", "in": "header", "required": False,
+         "schema": {"type": "string", "pattern": r"^\s*([0-9]{1,18}(:[A-Za-z0-9]{1,32})?)?\s*$"},
+         "description": "the cursor EventSource sends back: ID:EPOCH or ID; empty means none"},
+        {"name": "last_event_id", "in": "query", "required": False, "schema": {"type": "string", "pattern": CURSOR}},
+        {"name": "from", "in": "query", "required": False, "description": "earliest, latest or a cursor",
+         "schema": {"anyOf": [{"type": "string", "enum": ["earliest", "latest"]},
+                              {"type": "string", "pattern": CURSOR}]}},
+        {"name": "live", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": ["true", "false", "1", "0"], "default": "true"},
+         "description": "false: replay what exists, then close"},
     ],
-    "responses": {
-        "200": {"description": "the event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-        "204": {"description": "the session is completed and the cursor is at its end"},
-    },
 }
 
-CREATE = {
-    "requestBody": {
-        "required": False,
-        "content": {"application/json": {"schema": {
-            "type": "object",
-            "properties": {"id": {"type": "string", "pattern": r"^[A-Za-z0-9_.~-]{1,128}$"}, "metadata": {},
-                           "ttl_seconds": {"type": "integer", "minimum": 1}},
-            "additionalProperties": False,
-        }}},
-    },
-    "responses": {"201": {"description": "created", "content": _JSON}},
-}
+_TTL = {"type": "integer", "minimum": 1, "maximum": 10**9 - 1}
+
+CREATE = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+    "type": "object",
+    "properties": {"id": {"anyOf": [{"type": "string", "pattern": SESSION_ID}, {"type": "null"}],
+                          "description": "null or absent: a generated id"},
+                   "metadata": {}, "ttl_seconds": {"anyOf": [_TTL, {"type": "null"}]}},
+    "additionalProperties": False,
+}}}}}
+
+TOKENS = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+    "type": "object",
+    "properties": {"ttl_seconds": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_TOKEN_TTL},
+                                             {"type": "null"}], "description": "null or absent: --token-ttl"}},
+    "additionalProperties": False}}}}}
 
 COMPLETE = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
     "type": "object", "properties": {"result": {}}, "additionalProperties": False}}}}}
 
 ACK = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "properties": {"id": {"type": "integer", "minimum": 0}}, "required": ["id"]}}}}}
+    "type": "object",
+    "properties": {"id": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": CURSOR}],
+                          "description": "at most the session's last id"}},
+    "required": ["id"]}}}}}
 
 STATE = {
-    "parameters": [{"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}}],
+    "parameters": [{"name": "If-Match", "in": "header", "required": False,
+                    "schema": {"type": "string", "pattern": r'^\s*(\*|(W/)?"?[0-9]{1,18}"?)\s*$'}}],
     "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
 }
 
 TRIM = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "properties": {"through": {"type": "integer", "minimum": 0}}, "required": ["through"]}}}}}
+
+LIST = {"parameters": [
+    {"name": "status", "in": "query", "required": False, "schema": {"type": "string", "enum": ["open", "completed"]}},
+    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+]}
+
+HISTORY = {"parameters": [
+    {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0,
+                                                                   "maximum": 2**62}},
+    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+]}
+
+# -- responses ------------------------------------------------------------------
+
+_ID = {"type": "integer", "minimum": 0}
+_TIME = {"type": "string", "format": "date-time"}
+_NULLABLE_TIME = {"anyOf": [_TIME, {"type": "null"}]}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["code", "message"],
+                                 "properties": {"code": {"type": "string", "pattern": "^[a-z0-9_]+$"},
+                                                "message": {"type": "string"}}}},
+    },
+    "Appended": {
+        "type": "object", "required": ["session", "last_id"],
+        "properties": {"id": {"type": "integer", "minimum": 1}, "ids": {"type": "array", "items": _ID},
+                       "session": {"type": "string"}, "last_id": _ID},
+    },
+    "Event": {
+        "type": "object", "required": ["id", "event", "data", "ts"],
+        "properties": {"id": {"type": "integer", "minimum": 1}, "event": {"type": "string"}, "data": {},
+                       "ts": _TIME},
+    },
+    "History": {
+        "type": "object", "required": ["events", "epoch", "earliest_id", "last_id", "next_after"],
+        "properties": {
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+            "epoch": {"type": "string"}, "earliest_id": _ID, "last_id": _ID, "next_after": _ID,
+            "gap": {"type": "object", "required": ["from", "to"], "properties": {"from": _ID, "to": _ID}},
+        },
+    },
+    "Session": {
+        "type": "object",
+        "required": ["id", "epoch", "status", "created_at", "completed_at", "earliest_id", "last_id", "metadata",
+                     "subscribers", "last_seen_at", "acked_id", "state_version"],
+        "properties": {
+            "id": {"type": "string"}, "epoch": {"type": "string"},
+            "status": {"type": "string", "enum": ["open", "completed"]},
+            "created_at": _TIME, "completed_at": _NULLABLE_TIME, "earliest_id": _ID, "last_id": _ID,
+            "metadata": {}, "subscribers": _ID, "last_seen_at": _NULLABLE_TIME, "acked_id": _ID,
+            "state_version": _ID, "ttl_seconds": {"anyOf": [_ID, {"type": "null"}]}, "result": {},
+        },
+    },
+    "SessionList": {"type": "object", "required": ["sessions"],
+                    "properties": {"sessions": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}},
+    "Created": {
+        "type": "object", "required": ["id", "epoch", "stream_url", "subscribe_token"],
+        "properties": {"id": {"type": "string"}, "epoch": {"type": "string"}, "stream_url": {"type": "string"},
+                       "subscribe_token": {"type": ["string", "null"]}, "token_expires_at": _TIME},
+    },
+    "Token": {"type": "object", "required": ["token", "expires_at", "stream_url"],
+              "properties": {"token": {"type": "string"}, "expires_at": _TIME, "stream_url": {"type": "string"}}},
+    "Acked": {"type": "object", "required": ["session", "acked_id"],
+              "properties": {"session": {"type": "string"}, "acked_id": _ID}},
+    "State": {"type": "object", "required": ["version", "state", "as_of"],
+              "properties": {"version": _ID, "state": {"type": ["object", "null"]},
+                             "as_of": {"type": "string", "pattern": "^[0-9]+:[A-Za-z0-9]+$"}}},
+    "Trimmed": {"type": "object", "required": ["session", "earliest_id", "last_id"],
+                "properties": {"session": {"type": "string"}, "earliest_id": _ID, "last_id": _ID}},
+    "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+}
+
+_WHY = {
+    400: "bad input (invalid_session_id, invalid_json, invalid_cursor, ...)",
+    401: "no or bad credentials",
+    403: "a subscribe token for another session",
+    404: "no such session",
+    408: "the body arrived too slowly; the connection is closed",
+    409: "conflict: the session exists, or is completed",
+    412: "the state version moved (If-Match)",
+    413: "too large: event, batch, body or NDJSON line",
+    415: "unsupported content type or charset",
+    429: "too many streams of this session; try again after Retry-After",
+    501: "this gateway has no --token-secret",
+    503: "overloaded, draining, or the store is unavailable; try again after Retry-After",
+}
+
+
+def _json(name: str) -> dict:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+
+
+def _header(description: str) -> dict:
+    return {"description": description, "required": True, "schema": {"type": "string"}}
+
+
+def _error(status: int) -> dict:
+    response: dict = {"description": _WHY[status], "content": _json("Error")}
+    if status == 401:
+        response["headers"] = {"WWW-Authenticate": _header("Bearer challenge")}
+    elif status in (429, 503):
+        response["headers"] = {"Retry-After": _header("seconds to wait")}
+    return response
+
+
+#: one event of the stream, as an SSE reader delivers it (OpenAPI 3.1: the schema of text/event-stream
+#: describes each event). Only log entries carry an id; gateway.gap and gateway.reset carry JSON data.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data", "event"],
+    "properties": {
+        "event": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$"},
+        "data": {"type": "string"},
+        "id": {"type": "string", "pattern": r"^[0-9]+:[a-z0-9]+$", "description": "ID:EPOCH"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+    "additionalProperties": False,
+}
+_STREAM_OK = {
+    "200": {"description": "the event stream: replay after the cursor, then live (with live=false, replay only)",
+            "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+    "204": {"description": "the session is completed and the cursor is at its end: stop reconnecting"},
+}
+_STATE_OK = {"description": "the state document", "content": _json("State"),
+             "headers": {"ETag": _header("the version, quoted")}}
+
+#: (method, path) -> (success responses, error statuses, who may call it)
+OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
+    ("post", "/v1/sessions/{session}/events"): (
+        {"201": {"description": "appended", "content": _json("Appended")},
+         "200": {"description": "an idempotent retry: nothing appended", "content": _json("Appended")}},
+        (400, 401, 404, 408, 409, 413, 415, 503), "publisher"),
+    ("get", "/v1/sessions/{session}/stream"): (_STREAM_OK, (400, 401, 403, 404, 429, 503), "reader"),
+    ("get", "/v1/sessions/{session}/events"): (
+        {"200": {"description": "events after the cursor", "content": _json("History")}},
+        (400, 401, 403, 404), "reader"),
+    ("post", "/v1/sessions"): (
+        {"201": {"description": "created", "content": _json("Created")}},
+        (400, 401, 408, 409, 413, 503), "publisher"),
+    ("post", "/v1/sessions/{session}/tokens"): (
+        {"201": {"description": "a subscribe token", "content": _json("Token")}},
+        (400, 401, 408, 413, 501), "publisher"),
+    ("get", "/v1/sessions"): (
+        {"200": {"description": "sessions, newest first", "content": _json("SessionList")}}, (400, 401),
+        "publisher"),
+    ("get", "/v1/sessions/{session}"): (
+        {"200": {"description": "the session", "content": _json("Session")}}, (400, 401, 403, 404), "reader"),
+    ("delete", "/v1/sessions/{session}"): (
+        {"204": {"description": "deleted; open streams end"}}, (400, 401, 404, 503), "publisher"),
+    ("post", "/v1/sessions/{session}/complete"): (
+        {"200": {"description": "completed (or already was)", "content": _json("Session")}},
+        (400, 401, 404, 408, 409, 413, 503), "publisher"),
+    ("post", "/v1/sessions/{session}/ack"): (
+        {"200": {"description": "acked", "content": _json("Acked")}},
+        (400, 401, 403, 404, 408, 413, 503), "reader"),
+    ("get", "/v1/sessions/{session}/state"): ({"200": _STATE_OK}, (400, 401, 403, 404), "reader"),
+    ("put", "/v1/sessions/{session}/state"): ({"200": _STATE_OK}, (400, 401, 404, 408, 412, 413, 503), "publisher"),
+    ("post", "/v1/sessions/{session}/trim"): (
+        {"200": {"description": "trimmed", "content": _json("Trimmed")}},
+        (400, 401, 404, 408, 413, 503), "publisher"),
+    ("get", "/healthz"): ({"200": {"description": "alive", "content": _json("Status")}}, (), None),
+    ("get", "/readyz"): ({"200": {"description": "ready", "content": _json("Status")},
+                          "503": {"description": "draining or the store is unreachable",
+                                  "content": {"application/json": {"schema": {"type": "object"}}},
+                                  "headers": {"Retry-After": _header("seconds to wait")}}}, (), None),
+    ("get", "/metrics"): ({"200": {"description": "Prometheus text format",
+                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}, (), None),
+}
+
+
+def _security(settings: Settings) -> tuple[dict, dict[str | None, list]]:
+    """The schemes this deployment enforces, and what each kind of operation accepts."""
+    schemes: dict = {}
+    if settings.publish_keys or settings.token_secret:
+        schemes["bearer"] = {"type": "http", "scheme": "bearer",
+                             "description": "a publisher key, or (reading only) a subscribe token"}
+    if settings.token_secret:
+        schemes["token"] = {"type": "apiKey", "in": "query", "name": "token", "description": "a subscribe token"}
+        schemes["cookie"] = {"type": "apiKey", "in": "cookie", "name": COOKIE, "description": "a subscribe token"}
+    keys = [{"bearer": []}] if settings.publish_keys else []
+    # Without keys, reading is open; a token that is given anyway is still checked (401/403).
+    reader = ([{"bearer": []}, {"token": []}, {"cookie": []}] if settings.token_secret else keys) if keys else []
+    return schemes, {"publisher": keys, "reader": reader, None: []}
+
+
+def describe(app: FastAPI, settings: Settings) -> dict:
+    """The OpenAPI document of this gateway (built once)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemes, security = _security(settings)
+    checked = {"publisher": bool(settings.publish_keys),
+               "reader": bool(settings.publish_keys or settings.token_secret), None: False}
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            op["responses"].pop("422", None)  # validation errors are the gateway's own 400
+            if (method, path) not in OPERATIONS:
+                continue
+            ok, errors, role = OPERATIONS[(method, path)]
+            op["responses"] = {**ok, **{str(s): _error(s) for s in errors if checked[role] or s not in (401, 403)}}
+            op["security"] = security[role]
+            for param in op.get("parameters", ()):
+                if param["name"] == "session" and param["in"] == "path":
+                    param["schema"] = {"type": "string", "pattern": SESSION_ID}
+    doc.setdefault("components", {}).pop("schemas", None)  # FastAPI's validation error models, never sent
+    doc["components"]["schemas"] = SCHEMAS
+    if schemes:
+        doc["components"]["securitySchemes"] = schemes
+    app.openapi_schema = doc
+    return doc

@@ -40,7 +40,7 @@ HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-_CURSOR = re.compile(r"(\d{1,18})(?::([A-Za-z0-9]{1,32}))?")
+_CURSOR = re.compile(r"([0-9]{1,18})(?::([A-Za-z0-9]{1,32}))?")
 
 
 def parse_cursor(text: str) -> tuple[int, str | None]:
@@ -64,7 +64,7 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(self, hub: Hub, session: str, cursor: int, epoch: str | None, *, prelude: bytes, live: bool,
-                 heartbeat: float, send_timeout: float, stats=None) -> None:
+                 heartbeat: float, send_timeout: float, stats=None, on_close=None) -> None:
         self.hub = hub
         self.session = session
         self.cursor = cursor
@@ -74,12 +74,20 @@ class EventStream(Response):
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
         self.stats = stats
+        self.on_close = on_close  # called once when the stream ends (gives back its slot)
         self.status_code = 200
         self.background = None
         self.gone = False
         self._wakeup: asyncio.Future | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._serve(receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _serve(self, receive: Receive, send: Send) -> None:
         ch = self.hub.attach(self.session)  # before reading the head: see the module docstring
         watcher = asyncio.create_task(self._watch(receive))
         started = False

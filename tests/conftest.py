@@ -201,3 +201,21 @@ def gateway(start_gateway) -> Gateway:
 def client(gateway: Gateway) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gateway.url, timeout=10) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def start_module_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Like ``start_gateway``, for a gateway that the tests of one module share."""
+    started: list[Gateway] = []
+    tmp = tmp_path_factory.mktemp("gateway")
+
+    def start(*args: str, **kw) -> Gateway:
+        gw = Gateway(tmp, args=args, **kw)
+        started.append(gw)
+        return gw.start()
+
+    yield start
+    for gw in started:
+        gw.stop()
+    for gw in started:
+        assert "Traceback" not in gw.log(), f"the gateway logged a traceback:\n{gw.log()}"

@@ -82,6 +82,10 @@ class EventLog(abc.ABC):
     async def list_sessions(self, *, status: str | None = None, limit: int = 100) -> list[Session]:
         """Sessions, newest first, optionally only ``open`` or ``completed`` ones."""
 
+    async def count_sessions(self) -> int:
+        """How many sessions the log holds (for ``--max-sessions``); backends count without loading rows."""
+        return len(await self.list_sessions(limit=2**62))
+
     @abc.abstractmethod
     async def delete_session(self, session: str) -> bool:
         """Remove the session, its events and keys. False if there was none."""

@@ -56,6 +56,9 @@ class MemoryLog(EventLog):
         rows.sort(key=lambda r: r.created_at, reverse=True)
         return [copy.copy(r) for r in rows[:limit]]
 
+    async def count_sessions(self) -> int:
+        return len(self._sessions)
+
     async def delete_session(self, session: str) -> bool:
         if self._sessions.pop(session, None) is None:
             return False

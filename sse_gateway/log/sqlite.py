@@ -241,6 +241,10 @@ class SqliteLog(EventLog):
             f"SELECT {_FULL_ROW} FROM sessions {where} ORDER BY created_at DESC, sid DESC LIMIT ?", params)
         return [_row(r, full=True)[1] for r in rows]
 
+    async def count_sessions(self) -> int:
+        (count,), = await self._query("SELECT count(*) FROM sessions")
+        return count
+
     async def read(self, session: str, after: int, limit: int) -> list[StoredEvent]:
         rows = await self._query(
             "SELECT e.id, e.event, e.data, e.is_json, e.ts FROM sessions s JOIN events e ON e.sid = s.sid "
