@@ -172,6 +172,8 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         await self.log.open()
         self._tasks = [asyncio.create_task(self._sweep(), name="retention"),
+                       asyncio.create_task(self.hub.cut_slow_clients(self.settings.send_timeout),
+                                           name="slow-clients"),
                        asyncio.create_task(measure_loop_lag(self.stats), name="loop-lag")]
 
     def begin_drain(self, then) -> None:
@@ -474,7 +476,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         gw.stats.streams_opened += 1
         return EventStream(gw.hub, session, cursor, epoch, prelude=encode_retry(gw.settings.retry_ms),
                            live=live in ("true", "1"), heartbeat=gw.settings.heartbeat,
-                           send_timeout=gw.settings.send_timeout, stats=gw.stats, on_close=release)
+                           stats=gw.stats, on_close=release)
 
     # -- history ------------------------------------------------------------------
 

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 WINDOW = 1024
 
 
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
 class Channel:
     __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "subscribers", "closed")
 
@@ -93,6 +97,7 @@ class Hub:
         self.channels: dict[str, Channel] = {}
         self.last_seen: dict[str, int] = {}
         self.closing = False
+        self.streams: set = set()  # every EventStream being served, for the slow-client watchdog
         self.drain_start: float | None = None  # loop time the drain began
         self.drain_window = 0.0
         self._report = getattr(log, "report_presence", None)
@@ -155,6 +160,15 @@ class Hub:
         if self.channels.get(ch.session) is ch:
             del self.channels[ch.session]
         ch.wake()
+
+    async def cut_slow_clients(self, send_timeout: float) -> None:
+        """Forever: cancel each stream whose pending send has waited more than ``send_timeout``."""
+        while True:
+            await asyncio.sleep(min(1.0, send_timeout / 4))
+            limit = _loop_time() - send_timeout
+            for stream in [s for s in self.streams if 0.0 < s.send_since < limit]:
+                stream.cut_slow = True
+                stream.task.cancel()
 
     def begin_drain(self, window: float) -> None:
         """Each stream closes at a random moment of the next ``window`` seconds (see stream.py)."""

@@ -84,6 +84,7 @@ ENDPOINTS = {
     "get_session": ("GET", "/v1/sessions/{s}", {}, "reader", 200),
     "get_state": ("GET", "/v1/sessions/{s}/state", {}, "reader", 200),
     "ack": ("POST", "/v1/sessions/{s}/ack", {"json": {"id": 1}}, "reader", 200),
+    "demo_run": ("POST", "/v1/demo/runs", {"json": {"duration": 1}}, "publisher", 201),
 }
 PUBLIC = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
 
