@@ -199,7 +199,8 @@ async def test_helper_gets_a_new_token_when_the_old_one_expired(start_gateway, p
 
     async def serve(route) -> None:
         if "/fresh-token" in route.request.url:
-            fresh = jwt.encode({"sub": "tok", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+            fresh = jwt.encode({"sub": "tok", "exp": int(time.time()) + 600, "scope": "subscribe"}, secret,
+                               algorithm="HS256")
             await route.fulfill(json={"token": fresh})
         else:
             await route.fulfill(body=TOKEN_PAGE, content_type="text/html")
