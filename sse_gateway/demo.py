@@ -61,6 +61,7 @@ START_RUN_DOC: dict[str, Any] = {
         "required": False,
         "content": {"application/json": {"schema": {
             "type": "object",
+            "additionalProperties": False,
             "properties": {"duration": {"type": "number", "minimum": 1, "maximum": MAX_DURATION,
                                         "description": "approximate length of the run in seconds (default 20); "
                                         "the tool-call pause always lasts the heartbeat plus one second"}},

@@ -54,11 +54,13 @@ class Channel:
     def learn(self, row: Session) -> None:
         """Take what the log says about the session (at attach time, or from another writer)."""
         self.epoch = row.epoch
+        moved = row.last_id > self.head or (row.completed and self.end_id != row.last_id)
         if row.last_id > self.head:
             self.head = row.last_id
         if row.completed:
             self.end_id = row.last_id
-        self.wake()
+        if moved:  # waking every subscriber when nothing moved would make each attach cost O(subscribers)
+            self.wake()
 
     def extend(self, events: list[StoredEvent]) -> None:
         first = events[0].id

@@ -265,6 +265,12 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
     ("post", "/v1/sessions/{session}/trim"): (
         {"200": {"description": "trimmed", "content": _json("Trimmed")}},
         (400, 401, 404, 408, 413, 503), "publisher"),
+    ("post", "/v1/demo/runs"): (
+        {"201": {"description": "a simulated run has started", "content": {"application/json": {"schema": {
+            "type": "object", "required": ["session", "stream_url"],
+            "properties": {"session": {"type": "string"}, "stream_url": {"type": "string"},
+                           "heartbeat": {"type": "number"}, "duration": {"type": "number"}}}}}}},
+        (400, 401, 413, 503), "publisher"),
     ("get", "/healthz"): ({"200": {"description": "alive", "content": _json("Status")}}, (), None),
     ("get", "/readyz"): ({"200": {"description": "ready", "content": _json("Status")},
                           "503": {"description": "draining or the store is unreachable",

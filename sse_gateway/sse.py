@@ -17,9 +17,10 @@ import orjson
 
 from .models import StoredEvent
 
-# Heartbeats and the opening ``retry:`` end with one LF, not a blank line: a blank line after
-# them dispatches nothing by the SSE standard, but some parsers (httpx-sse) report a phantom
-# event there carrying the previous id.
+# A heartbeat is one comment line with no blank line after it: a blank line there dispatches
+# nothing by the SSE standard, but some parsers (httpx-sse) report a phantom event carrying
+# the previous id. The opening ``retry:`` keeps its blank line, so it is a block of its own
+# and never attaches to the first event.
 PING = b": ping\n"
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -46,4 +47,4 @@ def encode_control(event: str, payload: dict) -> bytes:
 def encode_retry(retry_ms: int, jitter: float = 0.5) -> bytes:
     """``retry:`` spread over [retry_ms, retry_ms * (1 + jitter)] so a fleet does not reconnect at once."""
     value = int(retry_ms * (1 + random.random() * jitter)) if retry_ms > 0 else 0
-    return b"retry: %d\n" % value
+    return b"retry: %d\n\n" % value
