@@ -1,0 +1,377 @@
+"""The bench's scenarios. Each takes a started server and returns its figures as a flat dict.
+
+Every scenario uses sessions of its own (``ctx.prefix``), times only its
+measured part, and reads three clocks around it: wall time, the server's
+CPU time (``/proc``) and the load generator's own CPU time. The last one
+is reported as ``client_busy``: near 1.0, the load generator was the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .servers import Server
+from .wire import Endpoint, Group, Publisher
+
+#: fan-out: the publisher waits while the slowest subscriber is this many events behind
+MAX_LAG = 200
+BATCH = 100  # events per request in ingest-batch
+BULK_PUBLISHERS = 8  # concurrent publishers in ingest-batch and ingest-ndjson
+FLEET_RATE = 20.0  # events/s per session
+LATENCY_RATE = 1000.0
+LATENCY_SUBSCRIBERS = 100
+
+
+@dataclass(frozen=True)
+class Sizes:
+    ingest_seconds: float
+    fanout_seconds: float
+    fleet_sessions: int
+    fleet_seconds: float
+    latency_seconds: float
+    replay_events: int
+    idle_streams: int
+    drain_timeout: float  # for subscribers to get the last event once publishing stops
+    replay_timeout: float
+
+
+FULL = Sizes(ingest_seconds=5, fanout_seconds=10, fleet_sessions=1000, fleet_seconds=10, latency_seconds=10,
+             replay_events=100_000, idle_streams=10_000, drain_timeout=30, replay_timeout=60)
+QUICK = Sizes(ingest_seconds=1, fanout_seconds=1, fleet_sessions=100, fleet_seconds=1.5, latency_seconds=1.5,
+              replay_events=10_000, idle_streams=500, drain_timeout=10, replay_timeout=15)
+
+
+@dataclass
+class Context:
+    server: Server
+    sizes: Sizes
+    prefix: str  # unique to this run and target: no two scenarios share a session
+
+    def publisher(self) -> Publisher:
+        return self.server.target.publisher()
+
+    def group(self, **kw) -> Group:
+        t = self.server.target
+        return Group(Endpoint(t.stream_url), last_event_id_style=t.last_event_id_style, **kw)
+
+
+class Meter:
+    """Wall time, server CPU and load-generator CPU from construction to ``stop``."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.cpu0 = server.cpu_seconds()
+        self.client0 = time.process_time()
+        self.t0 = time.perf_counter()
+
+    def stop(self, events: int | None = None) -> dict:
+        seconds = time.perf_counter() - self.t0
+        out = {"seconds": seconds, "client_busy": (time.process_time() - self.client0) / seconds}
+        if self.cpu0 is not None:
+            cpu = self.server.cpu_seconds() - self.cpu0
+            out["server_cpu_s"] = cpu
+            if events:
+                out["server_cpu_us_per_event"] = cpu / events * 1e6
+        return out
+
+
+async def gather_bounded(coros, limit: int = 100) -> list:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(coro):
+        async with gate:
+            return await coro
+
+    return await asyncio.gather(*(one(c) for c in coros))
+
+
+def percentiles(ns: list[int]) -> dict:
+    """p50 / p99 / max of latencies in nanoseconds, as milliseconds."""
+    if not ns:
+        return {}
+    ns.sort()
+    return {"p50_ms": ns[len(ns) // 2] / 1e6, "p99_ms": ns[min(len(ns) - 1, int(len(ns) * 0.99))] / 1e6,
+            "max_ms": ns[-1] / 1e6}
+
+
+# -- ingest --------------------------------------------------------------------
+
+
+async def _ingest(ctx: Context, publishers: int, mode: str) -> dict:
+    loop = asyncio.get_running_loop()
+    sessions = [f"{ctx.prefix}-{mode}{publishers}-{i}" for i in range(publishers)]
+    pubs = [ctx.publisher() for _ in sessions]
+    try:
+        for pub, session in zip(pubs, sessions, strict=True):
+            await pub.connect()
+            await pub.publish(session, 0)  # creates the session outside the timed part
+        meter = Meter(ctx.server)
+        until = loop.time() + ctx.sizes.ingest_seconds
+
+        async def single(pub: Publisher, session: str) -> int:
+            n = 0
+            while loop.time() < until:
+                n += 1
+                await pub.publish(session, n)
+            return n
+
+        async def batch(pub: Publisher, session: str) -> int:
+            n = 0
+            while loop.time() < until:
+                await pub.post(pub.request(session, pub.batch_body(n + 1, BATCH)))
+                n += BATCH
+            return n
+
+        async def ndjson(pub: Publisher, session: str) -> int:
+            return await pub.ndjson(session, until)
+
+        work = {"single": single, "batch": batch, "ndjson": ndjson}[mode]
+        total = sum(await asyncio.gather(*(work(p, s) for p, s in zip(pubs, sessions, strict=True))))
+        m = meter.stop(total)
+        return {"events_per_s": total / m["seconds"], "events": total, "publishers": publishers, **m}
+    finally:
+        for pub in pubs:
+            pub.close()
+
+
+async def ingest_1(ctx: Context) -> dict:
+    return await _ingest(ctx, 1, "single")
+
+
+async def ingest_32(ctx: Context) -> dict:
+    return await _ingest(ctx, 32, "single")
+
+
+async def ingest_batch(ctx: Context) -> dict:
+    return await _ingest(ctx, BULK_PUBLISHERS, "batch")
+
+
+async def ingest_ndjson(ctx: Context) -> dict:
+    return await _ingest(ctx, BULK_PUBLISHERS, "ndjson")
+
+
+# -- fan-out ---------------------------------------------------------------------
+
+
+async def _attach(group: Group, primes, timeout: float) -> None:
+    """Publish event 0 (``primes``), subscribe every member, wait until each has it."""
+    await gather_bounded(primes)
+    await group.open_all()
+    group.finish_at(0)
+    if not await group.wait_settled(timeout):
+        raise RuntimeError(f"only {group.settled} of {len(group.members)} subscribers got the first event "
+                           f"in {timeout}s ({group.failures[:3]})")
+    if group.failures:
+        raise RuntimeError(f"{len(group.failures)} subscribers failed: {group.failures[:3]}")
+
+
+async def _fanout(ctx: Context, subscribers: int) -> dict:
+    loop = asyncio.get_running_loop()
+    session = f"{ctx.prefix}-fanout{subscribers}"
+    pub = await ctx.publisher().connect()
+    group = ctx.group()
+    try:
+        for _ in range(subscribers):
+            group.subscribe(session)
+        await _attach(group, [pub.publish(session, 0)], ctx.sizes.drain_timeout)
+        meter = Meter(ctx.server)
+        until = loop.time() + ctx.sizes.fanout_seconds
+        n = 0
+        while loop.time() < until:
+            if n % 16 == 0:
+                while n + 1 - group.min_next() > MAX_LAG and loop.time() < until:
+                    await asyncio.sleep(0.001)
+            n += 1
+            await pub.publish(session, n)
+        group.finish_at(n)
+        drained = await group.wait_settled(ctx.sizes.drain_timeout)
+        delivered = group.received - subscribers  # event 0 came before the clock started
+        m = meter.stop(delivered)
+        return {"delivered_per_s": delivered / m["seconds"], "published_per_s": n / m["seconds"],
+                "cpu_us_per_delivered": m.get("server_cpu_us_per_event"), "exact": drained and group.exact,
+                "subscribers": subscribers, "delivered": delivered, "reconnects": group.reconnects, **m}
+    finally:
+        group.close()
+        pub.close()
+
+
+async def fanout_100(ctx: Context) -> dict:
+    return await _fanout(ctx, 100)
+
+
+async def fanout_1000(ctx: Context) -> dict:
+    return await _fanout(ctx, 1000)
+
+
+# -- paced publishing: fleet and latency ---------------------------------------------
+
+
+async def _paced(pub: Publisher, session: str, rate: float, start: float, until: float) -> int:
+    """Publish at ``rate`` events/s from ``start`` to ``until`` (loop time), catching up when late.
+
+    Returns how many were sent: fewer than ``rate * duration`` when the server's answers come too
+    slowly for one publisher to keep the pace (not sustained).
+    """
+    loop = asyncio.get_running_loop()
+    k = 0
+    while (due := start + k / rate) < until and loop.time() < until:
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        k += 1
+        await pub.publish(session, k)
+    return k
+
+
+async def fleet(ctx: Context) -> dict:
+    loop = asyncio.get_running_loop()
+    count = ctx.sizes.fleet_sessions
+    sessions = [f"{ctx.prefix}-fleet-{i}" for i in range(count)]
+    pubs = [ctx.publisher() for _ in sessions]
+    group = ctx.group(latencies=True)
+    try:
+        await gather_bounded(p.connect() for p in pubs)
+        subs = [group.subscribe(s) for s in sessions]
+        primes = (p.publish(s, 0) for p, s in zip(pubs, sessions, strict=True))
+        await _attach(group, primes, ctx.sizes.drain_timeout)
+        group.latencies.clear()
+        meter = Meter(ctx.server)
+        start = loop.time() + 0.1
+        until = start + ctx.sizes.fleet_seconds
+
+        async def one(i: int) -> int:
+            sent = await _paced(pubs[i], sessions[i], FLEET_RATE, start + i / count / FLEET_RATE, until)
+            subs[i].finish_at(sent)
+            return sent
+
+        published = sum(await asyncio.gather(*(one(i) for i in range(count))))
+        drained = await group.wait_settled(ctx.sizes.drain_timeout)
+        m = meter.stop(group.received - count)
+        wanted = count * FLEET_RATE * ctx.sizes.fleet_seconds
+        exact = drained and group.exact
+        return {"sessions": count, "published_per_s": published / ctx.sizes.fleet_seconds,
+                "wanted_per_s": wanted / ctx.sizes.fleet_seconds,
+                "sustained": exact and published >= 0.95 * wanted, "exact": exact,
+                **percentiles(group.latencies), **m}
+    finally:
+        group.close()
+        for pub in pubs:
+            pub.close()
+
+
+async def latency(ctx: Context) -> dict:
+    loop = asyncio.get_running_loop()
+    session = f"{ctx.prefix}-latency"
+    pub = await ctx.publisher().connect()
+    group = ctx.group(latencies=True)
+    try:
+        for _ in range(LATENCY_SUBSCRIBERS):
+            group.subscribe(session)
+        await _attach(group, [pub.publish(session, 0)], ctx.sizes.drain_timeout)
+        group.latencies.clear()
+        meter = Meter(ctx.server)
+        start = loop.time()
+        published = await _paced(pub, session, LATENCY_RATE, start, start + ctx.sizes.latency_seconds)
+        group.finish_at(published)
+        drained = await group.wait_settled(ctx.sizes.drain_timeout)
+        m = meter.stop(group.received - LATENCY_SUBSCRIBERS)
+        wanted = LATENCY_RATE * ctx.sizes.latency_seconds
+        exact = drained and group.exact
+        return {"subscribers": LATENCY_SUBSCRIBERS, "published_per_s": published / ctx.sizes.latency_seconds,
+                "sustained": exact and published >= 0.95 * wanted, "exact": exact,
+                **percentiles(group.latencies), **m}
+    finally:
+        group.close()
+        pub.close()
+
+
+# -- replay and idle ---------------------------------------------------------------------
+
+
+async def replay(ctx: Context) -> dict:
+    session = f"{ctx.prefix}-replay"
+    total = ctx.sizes.replay_events
+    pub = await ctx.publisher().connect()
+    try:
+        if ctx.server.target.batch:
+            for first in range(0, total, 1000):
+                await pub.post(pub.request(session, pub.batch_body(first, min(1000, total - first))))
+        else:  # one event per request, pipelined: order is kept, round trips are not waited for
+            for first in range(0, total, 100):
+                await pub.pipeline([pub.request(session, pub.event_body(n))
+                                    for n in range(first, min(first + 100, total))])
+    finally:
+        pub.close()
+    probe = ctx.group()
+    first = probe.subscribe(session)
+    await first.open()
+    first.finish_at(0)
+    got_first = await probe.wait_settled(ctx.sizes.drain_timeout)
+    probe.close()
+    if not got_first or first.first_id is None:
+        raise RuntimeError(f"could not read the first event's id ({probe.failures[:1]})")
+    await asyncio.sleep(0.5)  # let the server finish with the probe
+    group = ctx.group()
+    sub = group.subscribe(session, first_n=1)
+    sub.finish_at(total - 1)
+    meter = Meter(ctx.server)
+    try:
+        await sub.open(first.first_id)
+        finished = await group.wait_settled(ctx.sizes.replay_timeout)
+        m = meter.stop(sub.received)
+    finally:
+        group.close()
+    return {"stored": total, "received": sub.received, "finished": finished and not group.failures,
+            "exact": finished and group.exact, **m}
+
+
+async def idle(ctx: Context) -> dict:
+    session = f"{ctx.prefix}-idle"
+    pub = await ctx.publisher().connect()
+    try:
+        await pub.publish(session, 0)
+    finally:
+        pub.close()
+    gc.collect()
+    await asyncio.sleep(0.5)
+    before = ctx.server.rss_kb()
+    group = ctx.group()
+    try:
+        for _ in range(ctx.sizes.idle_streams):
+            group.subscribe(session)
+        await group.open_all()
+        all_open = await group.wait_opened(60)
+        await asyncio.sleep(1.0)  # let the server settle
+        after = ctx.server.rss_kb()
+        out = {"streams": group.opened, "all_open": all_open and not group.failures}
+        if before is not None and group.opened:
+            out["rss_kb_per_stream"] = (after - before) / group.opened
+            out["server_rss_mb"] = after / 1024
+        return out
+    finally:
+        group.close()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    run: Callable[[Context], Awaitable[dict]]
+    needs_batch: bool = False
+
+
+SCENARIOS = {s.name: s for s in [
+    Scenario("ingest-1", ingest_1),
+    Scenario("ingest-32", ingest_32),
+    Scenario("ingest-batch", ingest_batch, needs_batch=True),
+    Scenario("ingest-ndjson", ingest_ndjson, needs_batch=True),
+    Scenario("fanout-100", fanout_100),
+    Scenario("fanout-1000", fanout_1000),
+    Scenario("fleet", fleet),
+    Scenario("latency", latency),
+    Scenario("replay", replay),
+    Scenario("idle", idle),
+]}
