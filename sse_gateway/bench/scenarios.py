@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .servers import Server
-from .wire import Endpoint, Group, Publisher
+from .servers import ProcessTree, Server
+from .wire import Endpoint, Group, HTTPError, Publisher
 
 #: fan-out: the publisher waits while the slowest subscriber is this many events behind
 MAX_LAG = 200
@@ -60,23 +61,51 @@ class Context:
 
 
 class Meter:
-    """Wall time, server CPU and load-generator CPU from construction to ``stop``."""
+    """Wall time, and the CPU and run-queue wait of the server and of the load generator, until ``stop``.
+
+    ``client_busy`` is the share of the time the load generator was running or
+    waiting to run: near 1.0 it was the limit. ``client_wait`` and
+    ``server_wait`` are the shares spent runnable but kept off the CPU by
+    other processes: the machine's noise, in the figures' own units.
+    """
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        self.client = ProcessTree(os.getpid(), descendants=False)  # not the servers it started
         self.cpu0 = server.cpu_seconds()
-        self.client0 = time.process_time()
+        self.wait0 = server.wait_seconds()
+        self.client_cpu0, self.client_wait0 = time.process_time(), self.client.wait_seconds()
         self.t0 = time.perf_counter()
 
     def stop(self, events: int | None = None) -> dict:
         seconds = time.perf_counter() - self.t0
-        out = {"seconds": seconds, "client_busy": (time.process_time() - self.client0) / seconds}
+        client_cpu = time.process_time() - self.client_cpu0
+        client_wait = self.client.wait_seconds() - self.client_wait0
+        out = {"seconds": seconds, "client_busy": (client_cpu + client_wait) / seconds,
+               "client_wait": client_wait / seconds}
         if self.cpu0 is not None:
             cpu = self.server.cpu_seconds() - self.cpu0
             out["server_cpu_s"] = cpu
+            out["server_wait"] = (self.server.wait_seconds() - self.wait0) / seconds
             if events:
                 out["server_cpu_us_per_event"] = cpu / events * 1e6
         return out
+
+
+async def quiesce(server: Server, timeout: float = 10.0) -> None:
+    """Wait until the server has been (nearly) idle for 0.2 s: the work setup started is done."""
+    if server.cpu_seconds() is None:
+        await asyncio.sleep(0.5)
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = server.cpu_seconds()
+    while loop.time() < deadline:
+        await asyncio.sleep(0.2)
+        now = server.cpu_seconds()
+        if now - last <= 0.02:
+            return
+        last = now
 
 
 async def gather_bounded(coros, limit: int = 100) -> list:
@@ -89,11 +118,11 @@ async def gather_bounded(coros, limit: int = 100) -> list:
     return await asyncio.gather(*(one(c) for c in coros))
 
 
-def percentiles(ns: list[int]) -> dict:
+def percentiles(latencies) -> dict:
     """p50 / p99 / max of latencies in nanoseconds, as milliseconds."""
-    if not ns:
+    if not latencies:
         return {}
-    ns.sort()
+    ns = sorted(latencies)
     return {"p50_ms": ns[len(ns) // 2] / 1e6, "p99_ms": ns[min(len(ns) - 1, int(len(ns) * 0.99))] / 1e6,
             "max_ms": ns[-1] / 1e6}
 
@@ -178,6 +207,7 @@ async def _fanout(ctx: Context, subscribers: int) -> dict:
         for _ in range(subscribers):
             group.subscribe(session)
         await _attach(group, [pub.publish(session, 0)], ctx.sizes.drain_timeout)
+        await quiesce(ctx.server)
         meter = Meter(ctx.server)
         until = loop.time() + ctx.sizes.fanout_seconds
         n = 0
@@ -210,21 +240,52 @@ async def fanout_1000(ctx: Context) -> dict:
 # -- paced publishing: fleet and latency ---------------------------------------------
 
 
-async def _paced(pub: Publisher, session: str, rate: float, start: float, until: float) -> int:
-    """Publish at ``rate`` events/s from ``start`` to ``until`` (loop time), catching up when late.
+async def _paced(pubs: list[Publisher], sessions: list[str], rate: float, start: float, until: float) -> list[int]:
+    """Publish to each session at ``rate`` events/s from ``start`` to ``until`` (loop time); events sent to each.
 
-    Returns how many were sent: fewer than ``rate * duration`` when the server's answers come too
-    slowly for one publisher to keep the pace (not sustained).
+    The schedules interleave evenly: event j of the run goes to session
+    j % count at start + j / (count * rate), so one ticker paces them all. A
+    session whose previous request is still unanswered when the next is due
+    sends it as soon as the answer comes (catching up); what is still owed
+    at ``until`` is never sent, so a server that answers too slowly shows as
+    fewer events than ``rate * duration``: not sustained.
     """
     loop = asyncio.get_running_loop()
-    k = 0
-    while (due := start + k / rate) < until and loop.time() < until:
-        delay = due - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        k += 1
-        await pub.publish(session, k)
-    return k
+    count = len(sessions)
+    sent, owed, busy = [0] * count, [0] * count, [False] * count
+    errors: list[str] = []
+
+    def fire(i: int) -> None:
+        sent[i] += 1
+        busy[i] = True
+        pub = pubs[i]
+        pub.send(pub.request(sessions[i], pub.event_body(sent[i])), lambda status, body: answered(i, status, body))
+
+    def answered(i: int, status: int, body: bytes) -> None:
+        busy[i] = False
+        if not 200 <= status < 300:
+            errors.append(f"{sessions[i]}: {status or 'connection broken'} {body[:100]!r}")
+        elif owed[i] and loop.time() < until:
+            owed[i] -= 1
+            fire(i)
+
+    step = 1 / (count * rate)
+    j = 0
+    while (now := loop.time()) < until:
+        while (due := start + j * step) <= now and due < until:
+            i = j % count
+            if busy[i]:
+                owed[i] += 1
+            else:
+                fire(i)
+            j += 1
+        await asyncio.sleep(max(0.001, start + j * step - loop.time()))
+    deadline = loop.time() + 10
+    while any(busy) and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+    if errors:
+        raise HTTPError(f"{len(errors)} publishes failed, first: {errors[0]}")
+    return sent
 
 
 async def fleet(ctx: Context) -> dict:
@@ -238,20 +299,16 @@ async def fleet(ctx: Context) -> dict:
         subs = [group.subscribe(s) for s in sessions]
         primes = (p.publish(s, 0) for p, s in zip(pubs, sessions, strict=True))
         await _attach(group, primes, ctx.sizes.drain_timeout)
-        group.latencies.clear()
+        await quiesce(ctx.server)
+        del group.latencies[:]
         meter = Meter(ctx.server)
-        start = loop.time() + 0.1
-        until = start + ctx.sizes.fleet_seconds
-
-        async def one(i: int) -> int:
-            sent = await _paced(pubs[i], sessions[i], FLEET_RATE, start + i / count / FLEET_RATE, until)
-            subs[i].finish_at(sent)
-            return sent
-
-        published = sum(await asyncio.gather(*(one(i) for i in range(count))))
+        start = loop.time()
+        sent = await _paced(pubs, sessions, FLEET_RATE, start, start + ctx.sizes.fleet_seconds)
+        for sub, last in zip(subs, sent, strict=True):
+            sub.finish_at(last)
         drained = await group.wait_settled(ctx.sizes.drain_timeout)
         m = meter.stop(group.received - count)
-        wanted = count * FLEET_RATE * ctx.sizes.fleet_seconds
+        published, wanted = sum(sent), count * FLEET_RATE * ctx.sizes.fleet_seconds
         exact = drained and group.exact
         return {"sessions": count, "published_per_s": published / ctx.sizes.fleet_seconds,
                 "wanted_per_s": wanted / ctx.sizes.fleet_seconds,
@@ -272,10 +329,11 @@ async def latency(ctx: Context) -> dict:
         for _ in range(LATENCY_SUBSCRIBERS):
             group.subscribe(session)
         await _attach(group, [pub.publish(session, 0)], ctx.sizes.drain_timeout)
-        group.latencies.clear()
+        await quiesce(ctx.server)
+        del group.latencies[:]
         meter = Meter(ctx.server)
         start = loop.time()
-        published = await _paced(pub, session, LATENCY_RATE, start, start + ctx.sizes.latency_seconds)
+        published, = await _paced([pub], [session], LATENCY_RATE, start, start + ctx.sizes.latency_seconds)
         group.finish_at(published)
         drained = await group.wait_settled(ctx.sizes.drain_timeout)
         m = meter.stop(group.received - LATENCY_SUBSCRIBERS)
@@ -314,7 +372,7 @@ async def replay(ctx: Context) -> dict:
     probe.close()
     if not got_first or first.first_id is None:
         raise RuntimeError(f"could not read the first event's id ({probe.failures[:1]})")
-    await asyncio.sleep(0.5)  # let the server finish with the probe
+    await quiesce(ctx.server)  # let the server finish with the probe
     group = ctx.group()
     sub = group.subscribe(session, first_n=1)
     sub.finish_at(total - 1)

@@ -79,10 +79,13 @@ def raise_nofile() -> None:
 class ProcessTree:
     """CPU seconds and resident memory of a process and its descendants, from ``/proc``."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, descendants: bool = True) -> None:
         self.pid = pid
+        self.descendants = descendants
 
     def pids(self) -> list[int]:
+        if not self.descendants:
+            return [self.pid]
         children: dict[int, list[int]] = {}
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -108,6 +111,21 @@ class ProcessTree:
                 continue
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
         return ticks / CLK_TCK
+
+    def wait_seconds(self) -> float:
+        """Time the tree's threads were runnable but waiting for a CPU (``/proc/*/task/*/schedstat``)."""
+        ns = 0
+        for pid in self.pids():
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tasks:
+                try:
+                    ns += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+                except (OSError, IndexError):
+                    continue
+        return ns / 1e9
 
     def rss_kb(self) -> int:
         total = 0
@@ -182,6 +200,9 @@ class Server:
 
     def cpu_seconds(self) -> float | None:
         return self.tree.cpu_seconds() if self.tree else None
+
+    def wait_seconds(self) -> float | None:
+        return self.tree.wait_seconds() if self.tree else None
 
     def rss_kb(self) -> int | None:
         return self.tree.rss_kb() if self.tree else None
