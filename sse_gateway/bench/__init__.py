@@ -26,6 +26,7 @@ import gc
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -150,6 +151,8 @@ async def measure(plan: Plan) -> dict:
     no scenario inherits another's memory or data; the targets of one
     scenario run one after the other, so they see the same machine.
     """
+    # SIGTERM cancels like Ctrl-C does, so every server started is stopped on the way out.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     results = {t: {s.name: [] for s in plan.scenarios} for t in plan.targets}
     timeout = 600 if plan.sizes is FULL else 90
     with tempfile.TemporaryDirectory(prefix="sse-bench-") as tmp:
@@ -205,7 +208,11 @@ def run(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, {plan.client_cpu})
     say(f"targets {', '.join(plan.targets)}; scenarios {', '.join(s.name for s in plan.scenarios)}; "
         f"{plan.runs} run(s); server on CPU {plan.server_cpu}, load generator on CPU {plan.client_cpu}")
-    raw = run_async(measure(plan))
+    try:
+        raw = run_async(measure(plan))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("sse-gateway bench: interrupted", file=sys.stderr)
+        return 130
     results = {t: {s: summarize(runs) for s, runs in by_scenario.items()} for t, by_scenario in raw.items()}
     info = machine(plan.server_cpu, plan.client_cpu)
     if args.json:

@@ -27,13 +27,17 @@ ROWS = [
     ("fleet", "published_per_s", "fleet: published events/s", "rate"),
     ("fleet", "p50_ms", "fleet: p50 publish→receive ms", "ms"),
     ("fleet", "p99_ms", "fleet: p99 publish→receive ms", "ms"),
+    ("fleet", "drain_s", "fleet: backlog after the last publish, s", "s"),
     ("latency", "sustained", "latency, 1k ev/s × 100 subscribers: sustained", "bool"),
     ("latency", "p50_ms", "latency: p50 ms", "ms"),
     ("latency", "p99_ms", "latency: p99 ms", "ms"),
     ("latency", "max_ms", "latency: max ms", "ms"),
+    ("latency", "drain_s", "latency: backlog after the last publish, s", "s"),
     ("replay", "seconds", "replay of {replay_events:,} events: seconds", "s"),
     ("replay", "exact", "replay: exact", "bool"),
     ("idle", "rss_kb_per_stream", "idle, {idle_streams:,} streams: server RSS KB/stream", "kb"),
+    ("idle", "streams", "idle: streams open (within 60 s)", "count"),
+    ("idle", "seconds", "idle: seconds to open them", "s"),
 ]
 BUSY = 0.9  # load generator CPU share from which a figure is marked client-bound
 
@@ -73,7 +77,9 @@ def cell(summary: dict | None, scenario_figure: str, kind: str) -> str:
         if not value and runs and not runs.startswith("0/"):
             text += f" ({runs})"
         return text
-    if kind == "rate":
+    if kind == "count":
+        text = f"{value:,.0f}"
+    elif kind == "rate":
         text = f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.0f}"
     elif kind == "s":
         text = f"{value:.3f}" if value < 10 else f"{value:.1f}"

@@ -9,12 +9,15 @@ is reported as ``client_busy``: near 1.0, the load generator was the limit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from .profile import Profiler
 from .servers import ProcessTree, Server
 from .wire import Endpoint, Group, HTTPError, Publisher
 
@@ -23,6 +26,8 @@ MAX_LAG = 200
 BATCH = 100  # events per request in ingest-batch
 BULK_PUBLISHERS = 8  # concurrent publishers in ingest-batch and ingest-ndjson
 FLEET_RATE = 20.0  # events/s per session
+MAX_IN_FLIGHT = 1000  # paced publishing: unanswered requests per connection before events are skipped
+SUSTAIN_DRAIN = 0.05  # sustained: the backlog left at the end drains within this share of the duration
 LATENCY_RATE = 1000.0
 LATENCY_SUBSCRIBERS = 100
 
@@ -51,6 +56,19 @@ class Context:
     server: Server
     sizes: Sizes
     prefix: str  # unique to this run and target: no two scenarios share a session
+    profile: Path | None = None  # where py-spy writes the measured part's profile (``--profile``)
+    profiler: Profiler | None = None
+
+    def meter(self) -> Meter:
+        """Start the clocks (and the profiler) of the measured part."""
+        if self.profile is not None and self.server.tree is not None:
+            self.profiler = Profiler(self.server.tree.pid, self.profile, f"py-spy profile of {self.profile.name}")
+        return Meter(self.server, self.stop_profiler)
+
+    def stop_profiler(self) -> None:
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
 
     def publisher(self) -> Publisher:
         return self.server.target.publisher()
@@ -69,8 +87,9 @@ class Meter:
     other processes: the machine's noise, in the figures' own units.
     """
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, on_stop: Callable[[], None] = lambda: None) -> None:
         self.server = server
+        self.on_stop = on_stop
         self.client = ProcessTree(os.getpid(), descendants=False)  # not the servers it started
         self.cpu0 = server.cpu_seconds()
         self.wait0 = server.wait_seconds()
@@ -89,6 +108,7 @@ class Meter:
             out["server_wait"] = (self.server.wait_seconds() - self.wait0) / seconds
             if events:
                 out["server_cpu_us_per_event"] = cpu / events * 1e6
+        self.on_stop()
         return out
 
 
@@ -138,7 +158,7 @@ async def _ingest(ctx: Context, publishers: int, mode: str) -> dict:
         for pub, session in zip(pubs, sessions, strict=True):
             await pub.connect()
             await pub.publish(session, 0)  # creates the session outside the timed part
-        meter = Meter(ctx.server)
+        meter = ctx.meter()
         until = loop.time() + ctx.sizes.ingest_seconds
 
         async def single(pub: Publisher, session: str) -> int:
@@ -208,7 +228,7 @@ async def _fanout(ctx: Context, subscribers: int) -> dict:
             group.subscribe(session)
         await _attach(group, [pub.publish(session, 0)], ctx.sizes.drain_timeout)
         await quiesce(ctx.server)
-        meter = Meter(ctx.server)
+        meter = ctx.meter()
         until = loop.time() + ctx.sizes.fanout_seconds
         n = 0
         while loop.time() < until:
@@ -241,51 +261,49 @@ async def fanout_1000(ctx: Context) -> dict:
 
 
 async def _paced(pubs: list[Publisher], sessions: list[str], rate: float, start: float, until: float) -> list[int]:
-    """Publish to each session at ``rate`` events/s from ``start`` to ``until`` (loop time); events sent to each.
+    """Offer ``rate`` events/s to each session from ``start`` to ``until`` (loop time); events sent to each.
 
-    The schedules interleave evenly: event j of the run goes to session
-    j % count at start + j / (count * rate), so one ticker paces them all. A
-    session whose previous request is still unanswered when the next is due
-    sends it as soon as the answer comes (catching up); what is still owed
-    at ``until`` is never sent, so a server that answers too slowly shows as
-    fewer events than ``rate * duration``: not sustained.
+    Open loop: event j of the run goes to session j % count at start +
+    j / (count * rate), one ticker paces them all, and each event is sent
+    when it is due whether or not the previous one was answered (HTTP/1.1
+    pipelining keeps a connection's requests in order). A slow server
+    cannot slow the offered load down and so hide its queue: the queue
+    shows in the latencies and in the drain after publishing stops.
     """
     loop = asyncio.get_running_loop()
     count = len(sessions)
-    sent, owed, busy = [0] * count, [0] * count, [False] * count
+    sent, in_flight = [0] * count, [0] * count
     errors: list[str] = []
 
-    def fire(i: int) -> None:
-        sent[i] += 1
-        busy[i] = True
-        pub = pubs[i]
-        pub.send(pub.request(sessions[i], pub.event_body(sent[i])), lambda status, body: answered(i, status, body))
-
     def answered(i: int, status: int, body: bytes) -> None:
-        busy[i] = False
+        in_flight[i] -= 1
         if not 200 <= status < 300:
             errors.append(f"{sessions[i]}: {status or 'connection broken'} {body[:100]!r}")
-        elif owed[i] and loop.time() < until:
-            owed[i] -= 1
-            fire(i)
 
+    callbacks = [functools.partial(answered, i) for i in range(count)]
     step = 1 / (count * rate)
     j = 0
     while (now := loop.time()) < until:
         while (due := start + j * step) <= now and due < until:
             i = j % count
-            if busy[i]:
-                owed[i] += 1
-            else:
-                fire(i)
+            if in_flight[i] < MAX_IN_FLIGHT:
+                sent[i] += 1
+                in_flight[i] += 1
+                pub = pubs[i]
+                pub.send(pub.request(sessions[i], pub.event_body(sent[i])), callbacks[i])
             j += 1
         await asyncio.sleep(max(0.001, start + j * step - loop.time()))
-    deadline = loop.time() + 10
-    while any(busy) and loop.time() < deadline:
+    deadline = loop.time() + 30
+    while any(in_flight) and loop.time() < deadline:
         await asyncio.sleep(0.005)
     if errors:
         raise HTTPError(f"{len(errors)} publishes failed, first: {errors[0]}")
     return sent
+
+
+def _sustained(exact: bool, published: int, wanted: float, drain: float, duration: float) -> bool:
+    """Every event delivered, (nearly) all offered, and no backlog left: the last arrived soon after the end."""
+    return exact and published >= 0.95 * wanted and drain <= max(0.1, SUSTAIN_DRAIN * duration)
 
 
 async def fleet(ctx: Context) -> dict:
@@ -301,18 +319,20 @@ async def fleet(ctx: Context) -> dict:
         await _attach(group, primes, ctx.sizes.drain_timeout)
         await quiesce(ctx.server)
         del group.latencies[:]
-        meter = Meter(ctx.server)
+        meter = ctx.meter()
         start = loop.time()
-        sent = await _paced(pubs, sessions, FLEET_RATE, start, start + ctx.sizes.fleet_seconds)
+        until = start + ctx.sizes.fleet_seconds
+        sent = await _paced(pubs, sessions, FLEET_RATE, start, until)
         for sub, last in zip(subs, sent, strict=True):
             sub.finish_at(last)
         drained = await group.wait_settled(ctx.sizes.drain_timeout)
+        drain = loop.time() - until
         m = meter.stop(group.received - count)
         published, wanted = sum(sent), count * FLEET_RATE * ctx.sizes.fleet_seconds
         exact = drained and group.exact
         return {"sessions": count, "published_per_s": published / ctx.sizes.fleet_seconds,
-                "wanted_per_s": wanted / ctx.sizes.fleet_seconds,
-                "sustained": exact and published >= 0.95 * wanted, "exact": exact,
+                "wanted_per_s": wanted / ctx.sizes.fleet_seconds, "drain_s": drain,
+                "sustained": _sustained(exact, published, wanted, drain, ctx.sizes.fleet_seconds), "exact": exact,
                 **percentiles(group.latencies), **m}
     finally:
         group.close()
@@ -331,16 +351,19 @@ async def latency(ctx: Context) -> dict:
         await _attach(group, [pub.publish(session, 0)], ctx.sizes.drain_timeout)
         await quiesce(ctx.server)
         del group.latencies[:]
-        meter = Meter(ctx.server)
+        meter = ctx.meter()
         start = loop.time()
-        published, = await _paced([pub], [session], LATENCY_RATE, start, start + ctx.sizes.latency_seconds)
+        until = start + ctx.sizes.latency_seconds
+        published, = await _paced([pub], [session], LATENCY_RATE, start, until)
         group.finish_at(published)
         drained = await group.wait_settled(ctx.sizes.drain_timeout)
+        drain = loop.time() - until
         m = meter.stop(group.received - LATENCY_SUBSCRIBERS)
         wanted = LATENCY_RATE * ctx.sizes.latency_seconds
         exact = drained and group.exact
         return {"subscribers": LATENCY_SUBSCRIBERS, "published_per_s": published / ctx.sizes.latency_seconds,
-                "sustained": exact and published >= 0.95 * wanted, "exact": exact,
+                "drain_s": drain, "exact": exact,
+                "sustained": _sustained(exact, published, wanted, drain, ctx.sizes.latency_seconds),
                 **percentiles(group.latencies), **m}
     finally:
         group.close()
@@ -376,7 +399,7 @@ async def replay(ctx: Context) -> dict:
     group = ctx.group()
     sub = group.subscribe(session, first_n=1)
     sub.finish_at(total - 1)
-    meter = Meter(ctx.server)
+    meter = ctx.meter()
     try:
         await sub.open(first.first_id)
         finished = await group.wait_settled(ctx.sizes.replay_timeout)
@@ -401,11 +424,13 @@ async def idle(ctx: Context) -> dict:
     try:
         for _ in range(ctx.sizes.idle_streams):
             group.subscribe(session)
+        meter = ctx.meter()
         await group.open_all()
         all_open = await group.wait_opened(60)
+        m = meter.stop(group.opened)  # seconds to open them all, and server CPU per stream opened
         await asyncio.sleep(1.0)  # let the server settle
         after = ctx.server.rss_kb()
-        out = {"streams": group.opened, "all_open": all_open and not group.failures}
+        out = {"streams": group.opened, "all_open": all_open and not group.failures, **m}
         if before is not None and group.opened:
             out["rss_kb_per_stream"] = (after - before) / group.opened
             out["server_rss_mb"] = after / 1024
