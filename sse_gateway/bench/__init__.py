@@ -36,6 +36,7 @@ from pathlib import Path
 import orjson
 
 from .. import __version__
+from . import profile
 from .report import headline, machine, summarize, table
 from .scenarios import FULL, QUICK, SCENARIOS, Context, Scenario, Sizes
 from .servers import NCHAN_CONF, PRESETS, Server, make_server, raise_nofile
@@ -68,6 +69,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes and short durations, for a smoke run")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--no-pin", action="store_true", help="do not pin the server and the load generator to CPUs")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="record py-spy profiles of the (Python) server during each measured part into DIR")
     remote = p.add_argument_group("a server that is already running")
     remote.add_argument("--url", help="base URL of the server to drive (no server is started)")
     remote.add_argument("--pid", type=int, help="its process id, to read its CPU time and memory from /proc")
@@ -94,6 +97,7 @@ class Plan:
     client_cpu: int | None
     nchan_conf: Path
     remote: Server | None = None
+    profile: Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -115,9 +119,13 @@ class Plan:
             unknown = [t for t in targets if t not in PRESETS]
             if unknown or not targets:
                 raise ValueError(f"unknown target(s) {', '.join(unknown)}: use {', '.join(ALL_TARGETS)} or all")
+        if args.profile is not None:
+            if not profile.available():
+                raise ValueError("--profile needs py-spy (pip install py-spy)")
+            args.profile.mkdir(parents=True, exist_ok=True)
         server_cpu, client_cpu = pick_cpus(args.no_pin or remote is not None and args.pid is None)
         return cls(targets, scenarios, args.runs, QUICK if args.quick else FULL, server_cpu, client_cpu,
-                   args.nchan_conf, remote)
+                   args.nchan_conf, remote, args.profile)
 
 
 def pick_scenarios(spec: str) -> list[Scenario]:
@@ -179,12 +187,15 @@ async def run_one(plan: Plan, scenario: Scenario, name: str, workdir: Path, time
         server.stop()
         return {"error": f"server did not start: {exc}"}
     ctx = Context(server, plan.sizes, prefix=f"b{secrets.token_hex(3)}r{run_no}")
+    if plan.profile is not None and name != "nchan":
+        ctx.profile = plan.profile / f"{name}-{scenario.name}-run{run_no}"
     gc.collect()
     try:
         return await asyncio.wait_for(scenario.run(ctx), timeout)
     except Exception as exc:  # one failed scenario is reported in the table; the others still run
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     finally:
+        ctx.stop_profiler()
         await asyncio.sleep(0.3)  # let the server finish with the scenario's connections
         server.stop()
 

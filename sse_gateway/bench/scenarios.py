@@ -1,9 +1,9 @@
 """The bench's scenarios. Each takes a started server and returns its figures as a flat dict.
 
 Every scenario uses sessions of its own (``ctx.prefix``), times only its
-measured part, and reads three clocks around it: wall time, the server's
-CPU time (``/proc``) and the load generator's own CPU time. The last one
-is reported as ``client_busy``: near 1.0, the load generator was the limit.
+measured part (``Meter``), and reads around it the wall time and, from
+``/proc``, the CPU time and run-queue wait of the server and of the load
+generator: ``client_busy`` near 1.0 means the load generator was the limit.
 """
 
 from __future__ import annotations
