@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from conftest import ROOT, free_port, require_binary, wait_for_port
+from sse_gateway.bench.profile import summarize
 from sse_gateway.bench.wire import Endpoint, Group
 from util import read_stream
 
@@ -120,6 +121,22 @@ def test_parser_reads_a_raw_body_and_notices_a_missing_event():
 def test_parser_counts_a_refused_stream_as_a_failure():
     group, sub = feed(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 100)
     assert group.failures and group.settled == 1 and not group.exact
+
+
+def test_profile_summary_attributes_samples_to_the_event_loop_thread():
+    collapsed = "\n".join([
+        "thread (1): MainThread;_run_module_as_main (<frozen runpy>:198);Runner.run (asyncio/runners.py:118);"
+        "EventStream._pump (sse_gateway/stream.py:150) 6",
+        "thread (1): MainThread;EventStream._send (sse_gateway/stream.py:120) 2",  # a coroutine's frames alone
+        "thread (1): MainThread 2",
+        "thread (9): Thread-1 (_connection_worker_thread);Thread.run (threading.py:975) 5",
+    ])
+    text = summarize(collapsed)
+    assert "10 samples of the event-loop thread" in text
+    assert "Thread-1 (_connection_worker_thread) 5" in text
+    assert "  60.0%  EventStream._pump (sse_gateway/stream.py)" in text
+    assert "  20.0%  (no Python frame: native code)" in text
+    assert "  80.0%  sse_gateway/stream.py" in text  # own time by package
 
 
 # -- the naive baseline ------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from collections import Counter
 from pathlib import Path
 
 RATE = 250  # samples per second
-MAIN = "_run_module_as_main"  # the root frame of the thread that runs ``python -m``: the event loop's
 
 
 def available() -> bool:
@@ -38,7 +37,7 @@ class Profiler:
         self.raw = stem.with_suffix(".txt")
         self.log = open(stem.with_suffix(".log"), "wb")  # py-spy's own messages; closed in stop()
         self.proc = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", str(RATE), "--format", "raw",
-                                      "--nonblocking", "--output", str(self.raw)],
+                                      "--threads", "--nonblocking", "--output", str(self.raw)],
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
@@ -54,6 +53,17 @@ class Profiler:
         self.stem.with_suffix(".top.txt").write_text(f"{self.title}\n{text}\n")
 
 
+def _package(frame: str) -> str:
+    """Where a function lives, coarsely: the gateway's module, or the top package of a dependency."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")")
+    if name == "Runner.run" and path == "asyncio/runners.py":
+        return "event loop, native code (uvloop: polling, socket I/O, callbacks)"
+    if path.startswith("sse_gateway/"):
+        return path
+    return path.split("/")[0] if "/" in path else path or name
+
+
 def _frame(raw: str) -> str:
     """``func (path/file.py:123)`` -> ``func (path/file.py)``: one entry per function, not per line."""
     name, _, where = raw.partition(" (")
@@ -61,28 +71,46 @@ def _frame(raw: str) -> str:
 
 
 def summarize(collapsed: str, top: int = 25) -> str:
-    """The event-loop thread's top functions, by own and by inclusive share of its samples."""
+    """The event-loop thread's top functions, by own and by inclusive share of its samples.
+
+    Stacks are recorded with ``--threads``: each begins ``thread (TID): NAME``,
+    and the event loop runs in ``MainThread``. (Under uvloop a sample may hold
+    only the running coroutine's frames, without the loop's: the thread's name
+    still tells whose it is.)
+    """
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    total = others = 0
+    threads: Counter[str] = Counter()
+    total = 0
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         n = int(count)
-        if not stack.startswith(MAIN):
-            others += n
+        thread, _, rest = stack.partition(";")
+        name = thread.partition(": ")[2]
+        if name != "MainThread":
+            threads[name] += n
             continue
         total += n
-        frames = [_frame(f) for f in stack.split(";")]
+        if not rest:
+            own["(no Python frame: native code)"] += n
+            continue
+        frames = [_frame(f) for f in rest.split(";")]
         own[frames[-1]] += n
         for f in set(frames):
             inclusive[f] += n
     if not total:
         return "no samples of the event-loop thread"
-    lines = [f"{total} samples of the event-loop thread ({others} of other threads, e.g. SQLite's)",
+    lines = [f"{total} samples of the event-loop thread (MainThread); other threads, in samples of the same "
+             f"length: " + (", ".join(f"{name} {n}" for name, n in threads.most_common(6)) or "none"),
              "", "own time (where the CPU goes):"]
     lines += [f"{100 * n / total:6.1f}%  {f}" for f, n in own.most_common(top)]
-    lines += ["", "inclusive time (what it goes to; frames in every sample left out):"]
-    lines += [f"{100 * n / total:6.1f}%  {f}" for f, n in inclusive.most_common() if n < 0.99 * total][:top]
+    packages: Counter[str] = Counter()
+    for f, n in own.items():
+        packages[_package(f)] += n
+    lines += ["", "own time by package:"]
+    lines += [f"{100 * n / total:6.1f}%  {f}" for f, n in packages.most_common(12)]
+    lines += ["", "inclusive time (what it goes to; frames in 90% of the samples or more, the roots, left out):"]
+    lines += [f"{100 * n / total:6.1f}%  {f}" for f, n in inclusive.most_common() if n < 0.9 * total][:top]
     return "\n".join(lines)
