@@ -68,6 +68,30 @@ def test_quick_bench_against_nchan():
     check_exact(doc, "nchan")
 
 
+def test_quick_bench_drives_a_gateway_already_running(tmp_path):
+    # Started here rather than by the ``gateway`` fixture: stopped the way the bench stops its own
+    # servers (one SIGTERM, no drain), which is what this test is about.
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log_path = tmp_path / "gateway.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sse_gateway", "serve", "--port", str(port), "--db",
+                                 str(tmp_path / "g.db"), "--drain-seconds", "0"], cwd=tmp_path, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc=proc)
+        doc = bench("--url", f"http://127.0.0.1:{port}", "--scenarios", "ingest-1,fanout-100")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    results = doc["results"]["gateway"]
+    assert results["ingest-1"]["median"]["events_per_s"] > 0
+    fanout = results["fanout-100"]["median"]
+    assert fanout["exact"] is True
+    assert "cpu_us_per_delivered" not in fanout  # no --pid: the server's CPU is not known
+    assert "Traceback" not in log_path.read_text(errors="replace")
+
+
 def test_bench_refuses_unknown_names():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for args in (["--target", "nginx"], ["--scenarios", "fanout-7"], ["--pid", "1"]):

@@ -115,7 +115,7 @@ def headline(scenario: str, figures: dict | None) -> str:
         return f"error: {figures['error']}"
     parts = []
     for s, fig, _, kind in ROWS:
-        if s == scenario and fig in figures:
+        if s == scenario and figures.get(fig) is not None:
             parts.append(f"{fig}={cell({'median': {fig: figures[fig]}}, fig, kind)}")
     parts.append(f"client {figures.get('client_busy', 0):.0%} busy")
     return "  ".join(parts)
