@@ -174,13 +174,12 @@ def redis_server(start_redis) -> str:
     return start_redis().url
 
 
-@pytest.fixture
-def start_gateway(tmp_path: Path) -> Iterator:
-    """``start_gateway(*args, backend=..., env=...)`` starts a gateway that is stopped after the test."""
+def _gateways(tmp: Path) -> Iterator:
+    """A starter of gateways in ``tmp``; each is stopped afterwards and must not have logged a traceback."""
     started: list[Gateway] = []
 
     def start(*args: str, **kw) -> Gateway:
-        gw = Gateway(tmp_path, args=args, **kw)
+        gw = Gateway(tmp, args=args, **kw)
         started.append(gw)
         return gw.start()
 
@@ -189,6 +188,12 @@ def start_gateway(tmp_path: Path) -> Iterator:
         gw.stop()
     for gw in started:
         assert "Traceback" not in gw.log(), f"the gateway logged a traceback:\n{gw.log()}"
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator:
+    """``start_gateway(*args, backend=..., env=...)`` starts a gateway that is stopped after the test."""
+    yield from _gateways(tmp_path)
 
 
 @pytest.fixture
@@ -206,16 +211,4 @@ def client(gateway: Gateway) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def start_module_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Like ``start_gateway``, for a gateway that the tests of one module share."""
-    started: list[Gateway] = []
-    tmp = tmp_path_factory.mktemp("gateway")
-
-    def start(*args: str, **kw) -> Gateway:
-        gw = Gateway(tmp, args=args, **kw)
-        started.append(gw)
-        return gw.start()
-
-    yield start
-    for gw in started:
-        gw.stop()
-    for gw in started:
-        assert "Traceback" not in gw.log(), f"the gateway logged a traceback:\n{gw.log()}"
+    yield from _gateways(tmp_path_factory.mktemp("gateway"))
