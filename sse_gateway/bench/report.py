@@ -38,6 +38,7 @@ ROWS = [
     ("idle", "rss_kb_per_stream", "idle, {idle_streams:,} streams: server RSS KB/stream", "kb"),
     ("idle", "streams", "idle: streams open (within 60 s)", "count"),
     ("idle", "seconds", "idle: seconds to open them", "s"),
+    ("idle", "idle_cpu_us_per_stream_second", "idle: server CPU µs per stream per second (1 s heartbeat)", "us"),
 ]
 BUSY = 0.9  # load generator CPU share from which a figure is marked client-bound
 

@@ -413,6 +413,9 @@ async def replay(ctx: Context) -> dict:
             "exact": finished and group.exact, **m}
 
 
+SOAK_SECONDS = 5.0  # the gateway the bench starts sends a heartbeat every second
+
+
 async def idle(ctx: Context) -> dict:
     session = f"{ctx.prefix}-idle"
     pub = await ctx.publisher().connect()
@@ -437,6 +440,11 @@ async def idle(ctx: Context) -> dict:
         if before is not None and group.opened:
             out["rss_kb_per_stream"] = (after - before) / group.opened
             out["server_rss_mb"] = after / 1024
+        cpu0 = ctx.server.cpu_seconds()
+        if cpu0 is not None and group.opened:  # the soak: idle streams kept open by heartbeats alone
+            await asyncio.sleep(SOAK_SECONDS)
+            out["idle_cpu_us_per_stream_second"] = (ctx.server.cpu_seconds() - cpu0) / SOAK_SECONDS \
+                / group.opened * 1e6
         return out
     finally:
         group.close()

@@ -233,7 +233,7 @@ def make_server(name: str, workdir: Path, *, cpu: int | None, nchan_conf: Path =
     py = [sys.executable, "-m"]
     if name == "gateway":
         cmd = py + ["sse_gateway", "serve", "--port", str(port), "--db", str(home / "bench.db"),
-                    "--drain-seconds", "0", "--log-level", "warning",
+                    "--drain-seconds", "0", "--log-level", "warning", "--heartbeat", "1",
                     # the bench opens more streams than a deployment allows by default
                     "--max-streams", "0", "--max-streams-per-session", "0", "--max-sessions", "0"]
     elif name == "baseline":
