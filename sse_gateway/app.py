@@ -288,6 +288,16 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
     def gw_of(request: Request) -> Gateway:
         return request.app.state.gw
 
+    async def readable_row(request: Request, session: str) -> tuple[Gateway, Session]:
+        """The gateway and the session's row, for a reader allowed to see it (400/401/403/404 otherwise)."""
+        gw = gw_of(request)
+        check_session_id(session)
+        gw.auth.reader(request, session)
+        row = await gw.log.get_session(session)
+        if row is None:
+            raise NotFound(f"no session {session!r}")
+        return gw, row
+
     # -- errors: always JSON ----------------------------------------------------
 
     @app.exception_handler(GatewayError)
@@ -571,12 +581,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
 
     @app.get("/v1/sessions/{session}", tags=["sessions"], summary="A session's status, presence and acks")
     async def get_session(session: str, request: Request) -> Response:
-        gw = gw_of(request)
-        check_session_id(session)
-        gw.auth.reader(request, session)
-        row = await gw.log.get_session(session)
-        if row is None:
-            raise NotFound(f"no session {session!r}")
+        gw, row = await readable_row(request, session)
         presence = await gw.log.presence(session) if hasattr(gw.log, "presence") else None
         return json_response(session_json(row, gw.hub, presence))
 
@@ -620,13 +625,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
 
     @app.get("/v1/sessions/{session}/state", tags=["sessions"], summary="The run's state document")
     async def get_state(session: str, request: Request) -> Response:
-        gw = gw_of(request)
-        check_session_id(session)
-        gw.auth.reader(request, session)
-        row = await gw.log.get_session(session)
-        if row is None:
-            raise NotFound(f"no session {session!r}")
-        return state_response(row)
+        return state_response((await readable_row(request, session))[1])
 
     @app.put("/v1/sessions/{session}/state", tags=["sessions"], openapi_extra=openapi.STATE,
              summary="Replace the run's state document")
