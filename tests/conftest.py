@@ -39,7 +39,7 @@ def require_binary(name: str, *candidates: str) -> str:
     message = f"{name} is not installed (.ci/run installs it)"
     if IN_CI:
         pytest.fail(message)
-    pytest.skip(message)
+    pytest.skip(reason=message)
 
 
 def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:

@@ -122,7 +122,7 @@ def test_systemd_unit_is_hardened_and_restarts():
 def test_systemd_accepts_the_unit(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed; the structural test above still runs")
+        pytest.skip(reason="systemd-analyze is not installed; the structural test above still runs")
     program = systemd_unit()["Service"]["ExecStart"].split()[0]
     unit = tmp_path / "sse-gateway.service"  # the same unit, with a program that exists on this machine
     unit.write_text((DEPLOY / "sse-gateway.service").read_text().replace(program, sys.executable))

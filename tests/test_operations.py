@@ -148,7 +148,7 @@ def _mount_tmpfs(path: Path, size: str) -> None:
         message = f"cannot mount a small tmpfs here ({r.stderr.decode().strip()}); needs root"
         if IN_CI:
             pytest.fail(message)
-        pytest.skip(message)
+        pytest.skip(reason=message)
 
 
 @pytest.mark.timeout(90)
