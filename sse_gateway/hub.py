@@ -38,7 +38,8 @@ def _loop_time() -> float:
 
 
 class Channel:
-    __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "subscribers", "closed")
+    __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "subscribers", "closed",
+                 "_joined")
 
     def __init__(self, session: str) -> None:
         self.session = session
@@ -50,6 +51,7 @@ class Channel:
         self.waiting: set[asyncio.Future] = set()
         self.subscribers = 0
         self.closed = False  # the session was deleted, or the gateway is shutting down
+        self._joined: tuple[int, int, bytes] = (-1, -1, b"")  # (cursor, last id, frames after it), shared
 
     def learn(self, row: Session) -> None:
         """Take what the log says about the session (at attach time, or from another writer)."""
@@ -84,7 +86,12 @@ class Channel:
         start = cursor + 1 - self.first_id
         if not self.frames or start < 0 or start >= len(self.frames):
             return None
-        return b"".join(self.frames[start:]), self.first_id + len(self.frames) - 1
+        last = self.first_id + len(self.frames) - 1
+        joined_cursor, joined_last, body = self._joined
+        if joined_cursor != cursor or joined_last != last:  # the first subscriber at this cursor joins, the rest reuse
+            body = b"".join(self.frames[start:])
+            self._joined = (cursor, last, body)
+        return body, last
 
     def wake(self) -> None:
         for fut in self.waiting:

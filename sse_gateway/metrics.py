@@ -10,6 +10,7 @@ stays bounded whatever the traffic.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import re
 import time
 from dataclasses import dataclass, field
@@ -32,12 +33,7 @@ class Histogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        i = 0
-        for bound in self.bounds:
-            if value <= bound:
-                break
-            i += 1
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
     def buckets(self) -> list[tuple[str, int]]:

@@ -80,7 +80,7 @@ class StoredEvent:
         return {
             "id": self.id,
             "event": self.event,
-            "data": orjson_fragment(self.data) if self.is_json else self.data,
+            "data": orjson.Fragment(self.data) if self.is_json else self.data,
             "ts": rfc3339(self.ts),
         }
 
@@ -92,9 +92,6 @@ def dump_json(value: Any) -> str:
     except TypeError:  # an integer beyond 64 bits (orjson's limit); rare, so the slow path is fine
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
-
-def orjson_fragment(text: str) -> Any:
-    return orjson.Fragment(text)
 
 
 @dataclass(slots=True)

@@ -95,6 +95,7 @@ class EventStream(Response):
     async def _serve(self, receive: Receive, send: Send) -> None:
         ch = self.hub.attach(self.session)  # before reading the head: see the module docstring
         self.task = asyncio.current_task()
+        self._clock = self.task.get_loop().time
         self.hub.streams.add(self)
         watcher = asyncio.create_task(self._watch(receive))
         started = False
@@ -144,7 +145,7 @@ class EventStream(Response):
             self._wakeup.set_result(None)
 
     async def _send(self, send: Send, body: bytes) -> None:
-        self.send_since = self.task.get_loop().time()
+        self.send_since = self._clock()
         await send({"type": "http.response.body", "body": body, "more_body": True})
         self.send_since = 0.0
 
