@@ -385,6 +385,13 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         pending = b""
         limit = gw.settings.max_body_bytes
 
+        async def append_all(events: list[NewEvent]) -> None:
+            nonlocal any_new
+            for i in range(0, len(events), gw.settings.max_batch):
+                result = await gw.append(session, events[i:i + gw.settings.max_batch])
+                ids.extend(result.ids)
+                any_new = any_new or any(result.new)
+
         async def flush(lines: list[bytes]) -> None:
             events = []
             try:
@@ -392,23 +399,10 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
                     if line.strip():
                         events.append(gw.parse_item(parse_json(line)))
             except GatewayError as err:
-                if events:  # the good lines before the bad one are kept, as if they had come alone
-                    result = await gw.append(session, events)
-                    ids.extend(result.ids)
+                await append_all(events)  # the good lines before the bad one are kept, as if they had come alone
                 err.extra = {"ids": ids}
                 raise
-            if events:
-                if len(events) > gw.settings.max_batch:
-                    for i in range(0, len(events), gw.settings.max_batch):
-                        await flush_events(events[i:i + gw.settings.max_batch])
-                else:
-                    await flush_events(events)
-
-        async def flush_events(events: list[NewEvent]) -> None:
-            nonlocal any_new
-            result = await gw.append(session, events)
-            ids.extend(result.ids)
-            any_new = any_new or any(result.new)
+            await append_all(events)
 
         loop = asyncio.get_running_loop()
         patience = gw.settings.ndjson_line_timeout
