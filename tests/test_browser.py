@@ -187,11 +187,11 @@ TOKEN_PAGE = """<!doctype html><meta charset="utf-8"><title>helper with expiring
 </script>"""
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 async def test_helper_gets_a_new_token_when_the_old_one_expired(start_gateway, page):
     secret = "a-token-secret-of-at-least-32-bytes"
     gw = start_gateway("--heartbeat", "1", "--retry-ms", "50", "--publish-key", "pk", "--token-secret", secret,
-                       "--token-ttl", "2")
+                       "--token-ttl", "4")
     api = httpx.AsyncClient(base_url=gw.url, headers={"Authorization": "Bearer pk"})
     token = (await api.post("/v1/sessions", json={"id": "tok"})).json()["subscribe_token"]
     refused: list[str] = []
@@ -211,13 +211,13 @@ async def test_helper_gets_a_new_token_when_the_old_one_expired(start_gateway, p
         await page.route(f"{origin}/fresh-token", serve)
         await page.goto(f"{origin}/token-test?session=tok&token={token}")
         (await api.post("/v1/sessions/tok/events", json=[{"data": n} for n in range(50)])).raise_for_status()
-        await page.wait_for_function("window.ids.length === 50", timeout=10_000)
-        await asyncio.sleep(3)  # the token in the stream's URL expires
+        await page.wait_for_function("window.ids.length === 50", timeout=20_000)
+        await asyncio.sleep(5)  # the token in the stream's URL expires
         await asyncio.to_thread(proxy.drop_all)  # the browser reconnects with it and gets 401
         (await api.post("/v1/sessions/tok/events", json=[{"data": n} for n in range(50)])).raise_for_status()
         (await api.post("/v1/sessions/tok/complete")).raise_for_status()
         await api.aclose()
-        await page.wait_for_function("window.ended", timeout=15_000)
+        await page.wait_for_function("window.ended", timeout=40_000)
         ids = await page.evaluate("window.ids")
         token_requests = await page.evaluate("window.tokenRequests")
     print(f"token: {len(refused)} refused request(s), {token_requests} new token(s), {len(ids)} events")
