@@ -150,8 +150,8 @@ class Gateway:
     def __init__(self, settings: Settings, log_: EventLog) -> None:
         self.settings = settings
         self.log = log_
-        self.hub = Hub(log_)
         self.stats = Stats()
+        self.hub = Hub(log_, self.stats)
         self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
         self.streams = limits.StreamSlots(settings.max_streams, settings.max_streams_per_session)
         self.registry = make_registry(self)

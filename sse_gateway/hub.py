@@ -10,8 +10,12 @@ window. So
 * a slow subscriber costs no memory (it falls back to reading the log);
 * replay and live are one code path, so there is no seam to get wrong;
 * a write this process did not see (another process on the same SQLite
-  file, another node on Redis) only moves the head, and subscribers read
-  the missing events from the log: no gap is possible.
+  file, another node on Redis) only moves the head, and the missing events
+  come from the log: no gap is possible. Subscribers at the end of the
+  window share ONE read per channel (``Hub.fill``), which extends the
+  window for all of them; only a subscriber behind the window reads alone.
+  So an event appended elsewhere costs one read per node that streams its
+  session, not one per subscriber.
 
 Channels are created when the first stream attaches and dropped when the
 last one detaches. ``subscribers`` and ``last_seen_at`` are the presence
@@ -29,6 +33,7 @@ from .sse import encode_event
 
 if TYPE_CHECKING:
     from .log.base import EventLog
+    from .metrics import Stats
 
 WINDOW = 1024
 
@@ -39,7 +44,7 @@ def _loop_time() -> float:
 
 class Channel:
     __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "subscribers", "closed",
-                 "_joined")
+                 "filling", "_joined")
 
     def __init__(self, session: str) -> None:
         self.session = session
@@ -51,6 +56,7 @@ class Channel:
         self.waiting: set[asyncio.Future] = set()
         self.subscribers = 0
         self.closed = False  # the session was deleted, or the gateway is shutting down
+        self.filling: asyncio.Task | None = None  # the shared read that extends the window (``Hub.fill``)
         self._joined: tuple[int, int, bytes] = (-1, -1, b"")  # (cursor, last id, frames after it), shared
 
     def learn(self, row: Session) -> None:
@@ -65,6 +71,11 @@ class Channel:
             self.wake()
 
     def extend(self, events: list[StoredEvent]) -> None:
+        end = self.first_id + len(self.frames)
+        if self.frames and events[0].id < end:  # some are in the window already (a fill raced an append)
+            events = [ev for ev in events if ev.id >= end]
+            if not events:
+                return
         first = events[0].id
         if not self.frames or first != self.first_id + len(self.frames):
             self.frames = []
@@ -93,6 +104,11 @@ class Channel:
             self._joined = (cursor, last, body)
         return body, last
 
+    def fills(self, cursor: int) -> bool:
+        """Whether a shared read (``Hub.fill``) serves a subscriber at ``cursor``: it is live (at most a
+        window behind the head) and the window is empty or ends at its cursor. One far behind replays alone."""
+        return self.head - cursor <= WINDOW and (not self.frames or cursor == self.first_id + len(self.frames) - 1)
+
     def wake(self) -> None:
         for fut in self.waiting:
             if not fut.done():
@@ -100,9 +116,15 @@ class Channel:
         self.waiting.clear()
 
 
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class Hub:
-    def __init__(self, log: EventLog) -> None:
+    def __init__(self, log: EventLog, stats: Stats | None = None) -> None:
         self.log = log
+        self.stats = stats
         self.channels: dict[str, Channel] = {}
         self.last_seen: dict[str, int] = {}
         self.closing = False
@@ -163,6 +185,25 @@ class Hub:
             self.close_channel(ch)  # deleted and created again by another process
         elif row.last_id > ch.head or (row.completed and ch.end_id is None):
             ch.learn(row)
+
+    async def fill(self, ch: Channel, cursor: int) -> None:
+        """Extend ``ch``'s window with the events after ``cursor`` (its end): one read, shared by every
+        subscriber that asks while it runs. It runs as a task of its own, so a subscriber that goes away
+        does not cancel it for the others."""
+        if ch.filling is None:
+            ch.filling = asyncio.create_task(self._fill(ch, cursor))
+            ch.filling.add_done_callback(_retrieve)  # a failure nobody awaits any more is not logged as lost
+        await asyncio.shield(ch.filling)
+
+    async def _fill(self, ch: Channel, cursor: int) -> None:
+        try:
+            events = await self.log.read(ch.session, cursor, WINDOW)
+            if self.stats:
+                self.stats.window_fills += 1
+            if events and not ch.closed and self.channels.get(ch.session) is ch:
+                ch.extend(events)
+        finally:
+            ch.filling = None
 
     def close_channel(self, ch: Channel) -> None:
         ch.closed = True

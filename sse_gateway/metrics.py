@@ -51,6 +51,7 @@ class Stats:
     publish_rejected: int = 0     # publish requests refused with an error
     delivered: int = 0            # events written to streams
     replayed: int = 0             # of which read back from the log
+    window_fills: int = 0         # shared reads that extended a session's window (events appended elsewhere)
     gaps: int = 0
     resets: int = 0
     heartbeats: int = 0
@@ -79,6 +80,7 @@ class Stats:
 _COUNTERS = {
     "delivered": "Events written to SSE streams",
     "replayed": "Events read back from the log for a stream (replay or catch-up)",
+    "window_fills": "Shared log reads of events appended elsewhere, one for all of a session's streams on this node",
     "gaps": "gateway.gap notices sent (history already trimmed)",
     "resets": "gateway.reset notices sent (cursor from another epoch or the future)",
     "heartbeats": "Heartbeat comments sent",

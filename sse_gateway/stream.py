@@ -191,8 +191,12 @@ class EventStream(Response):
                 self._wakeup = None
 
     async def _next(self, ch: Channel, cursor: int) -> tuple[bytes, int]:
-        """The frames after ``cursor``: from the hub's window, else from the log."""
+        """The frames after ``cursor``: from the hub's window (extended by a shared read if the cursor
+        is at its end), else from the log."""
         got = ch.window_after(cursor)
+        if got is None and ch.fills(cursor):
+            await self.hub.fill(ch, cursor)
+            got = ch.window_after(cursor)
         if got is not None:
             if self.stats:
                 self.stats.delivered += got[1] - cursor

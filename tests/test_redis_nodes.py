@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import free_port, require_binary
 from httpx_sse import aconnect_sse
-from util import Received, read_stream
+from util import RawStream, Received, metric, read_stream
 
 from sse_gateway.errors import Unavailable
 from sse_gateway.log.redis import RedisLog
@@ -100,6 +100,42 @@ async def test_live_feed_across_nodes_and_resume_after_kill(redis_server, start_
     assert 0 < seen_on_b < total
     assert got.ids == list(range(1, total + 1))
     assert got.connects >= 2
+
+
+@pytest.mark.timeout(90)
+async def test_events_from_another_node_cost_one_read_per_node_not_per_subscriber(redis_server, start_gateway):
+    """50 streams on B, 300 events published on A: B reads each new event once for all 50 (one shared
+    read per notification), and every stream gets exactly 1..300. Read per subscriber, it was 15,000."""
+    a, b = node(start_gateway, redis_server), node(start_gateway, redis_server)
+    streams, total = 50, 300
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.post(f"{a.url}/v1/sessions", json={"id": "wide"})).status_code == 201
+        readers = [read_stream(b.url, "wide", until_id=total, timeout=60) for _ in range(streams)]
+        reading = asyncio.gather(*readers)
+        await wait_until(lambda: _subscribers(client, b.url, "wide", streams), 20, "50 streams on B")
+        for n in range(total):
+            assert (await client.post(f"{a.url}/v1/sessions/wide/events", json={"data": n})).status_code == 201
+        got = await reading
+    assert all(r.ids == list(range(1, total + 1)) for r in got)
+    fills = await metric(b.url, "sse_gateway_window_fills_total")
+    replayed = await metric(b.url, "sse_gateway_replayed_total")
+    assert 1 <= fills <= total and replayed == 0, (fills, replayed)
+
+
+@pytest.mark.timeout(90)
+async def test_hundreds_of_streams_attaching_at_once_wait_for_a_redis_connection(redis_server, start_gateway):
+    """600 streams open at the same moment: each attach reads Redis, more at once than the connection pool
+    holds. They queue for a connection (none is refused with 503), and each gets the whole session."""
+    gw = node(start_gateway, redis_server)
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.post(f"{gw.url}/v1/sessions/crowd/events", json={"data": 1})).status_code == 201
+        streams = [RawStream(gw.port, "crowd") for _ in range(600)]
+        running = asyncio.gather(*(s.run() for s in streams))
+        await wait_until(lambda: all(s.status for s in streams), 30, "600 answers")
+        assert (await client.post(f"{gw.url}/v1/sessions/crowd/complete", json={"result": "ok"})).status_code == 200
+        await asyncio.wait_for(running, 30)
+    assert {s.status for s in streams} == {200}
+    assert all(s.ids == [1, 2] and s.events[-1] == "gateway.end" for s in streams)
 
 
 async def _subscribers(client: httpx.AsyncClient, base: str, session: str, count: int) -> bool:

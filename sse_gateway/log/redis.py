@@ -94,7 +94,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -116,6 +116,9 @@ WAIT_TIMEOUT_MS = 1000
 _MAX_BATCH = 500
 _CLIENT_OPTIONS = {"decode_responses": True, "socket_timeout": 2.0, "socket_connect_timeout": 1.0,
                    "socket_keepalive": True}
+#: connections to one Redis per node; more concurrent commands wait (up to the socket timeout) for a free one,
+#: instead of failing with "Too many connections" when a thousand streams attach at once
+POOL_SIZE = 64
 
 
 class _Script:
@@ -236,7 +239,10 @@ class RedisLog(EventLog):
         if self.cluster:
             self._redis = RedisCluster.from_url(self.url, **options)
         else:
-            self._redis = Redis.from_url(self.url, **options)
+            pool = BlockingConnectionPool.from_url(self.url, max_connections=POOL_SIZE,
+                                                   timeout=_CLIENT_OPTIONS["socket_timeout"], **options)
+            self._redis = Redis(connection_pool=pool)
+            self._redis.auto_close_connection_pool = True
         self._feed = Redis.from_url(self.url, decode_responses=True, socket_connect_timeout=1.0,
                                     socket_keepalive=True, retry=Retry(NoBackoff(), 0))
         self._presence_changed = asyncio.Event()
