@@ -104,15 +104,16 @@ async def test_live_feed_across_nodes_and_resume_after_kill(redis_server, start_
 
 @pytest.mark.timeout(90)
 async def test_events_from_another_node_cost_one_read_per_node_not_per_subscriber(redis_server, start_gateway):
-    """50 streams on B, 300 events published on A: B reads each new event once for all 50 (one shared
-    read per notification), and every stream gets exactly 1..300. Read per subscriber, it was 15,000."""
+    """50 streams on B and 10 on A, 300 events published on A: B reads each new event once for all 50
+    (one shared read per notification; read per subscriber, it was 15,000), A reads none (its writer
+    hands the hub its own events; its own feed lines are skipped), and every stream gets exactly 1..300."""
     a, b = node(start_gateway, redis_server), node(start_gateway, redis_server)
     streams, total = 50, 300
     async with httpx.AsyncClient(timeout=10) as client:
         assert (await client.post(f"{a.url}/v1/sessions", json={"id": "wide"})).status_code == 201
-        readers = [read_stream(b.url, "wide", until_id=total, timeout=60) for _ in range(streams)]
+        readers = [read_stream(gw.url, "wide", until_id=total, timeout=60) for gw in [b] * streams + [a] * 10]
         reading = asyncio.gather(*readers)
-        await wait_until(lambda: _subscribers(client, b.url, "wide", streams), 20, "50 streams on B")
+        await wait_until(lambda: _subscribers(client, b.url, "wide", streams + 10), 20, "60 streams")
         for n in range(total):
             assert (await client.post(f"{a.url}/v1/sessions/wide/events", json={"data": n})).status_code == 201
         got = await reading
@@ -120,6 +121,8 @@ async def test_events_from_another_node_cost_one_read_per_node_not_per_subscribe
     fills = await metric(b.url, "sse_gateway_window_fills_total")
     replayed = await metric(b.url, "sse_gateway_replayed_total")
     assert 1 <= fills <= total and replayed == 0, (fills, replayed)
+    assert await metric(a.url, "sse_gateway_window_fills_total") == 0
+    assert await metric(a.url, "sse_gateway_replayed_total") == 0
 
 
 @pytest.mark.timeout(90)
@@ -327,3 +330,29 @@ def _replica_online(port: int) -> bool:
     info = subprocess.run([require_binary("redis-cli"), "-p", str(port), "info", "replication"],
                           capture_output=True, text=True, check=False).stdout
     return "state=online" in info
+
+
+@pytest.mark.timeout(60)
+async def test_a_write_whose_reply_was_lost_still_reaches_this_nodes_streams(start_redis):
+    """A node skips its own feed lines (its writer hands the hub the events), except when the writer
+    never got the reply: Redis, busy for 3 s, runs the append after the node gave up waiting (2 s,
+    503 to the publisher); the line that follows is then this node's only news of it."""
+    server = start_redis(args=("--enable-debug-command", "local"))
+    store = RedisLog(server.url)
+    await store.open()
+    heads: list[int] = []
+    try:
+        await store.create_session("late")
+        store.watched = {"late"}
+        store.add_listener(lambda s, events, row: row and heads.append(row.last_id))
+        await asyncio.sleep(0.2)  # let the feed subscribe
+        busy = subprocess.Popen([require_binary("redis-cli"), "-p", str(server.port), "DEBUG", "SLEEP", "3"])
+        await asyncio.sleep(0.3)
+        with pytest.raises(Unavailable):
+            await store.append("late", [NewEvent("message", '"late"')])
+        assert heads == []
+        busy.wait(timeout=10)
+        await wait_until(lambda: heads == [1], 5, "the head from this node's own feed line")
+        assert [e.id for e in await store.read("late", 0, 10)] == [1]
+    finally:
+        await store.close()

@@ -46,7 +46,7 @@ and one script can change them all::
     sse-gateway:sessions            sorted set: session by created_at (listing)
     sse-gateway:expiring            sorted set: completed session by expiry time (retention)
     sse-gateway:node:NODE           string with a 6 s expiry: the node is alive
-    sse-gateway:appends             pub/sub channel: "SESSION\\tEPOCH\\tLAST_ID\\tSTATUS"
+    sse-gateway:appends             pub/sub channel: "SESSION\\tEPOCH\\tLAST_ID\\tSTATUS\\tNODE"
 
 The two sorted sets are global keys. On a single Redis (or a primary with
 replicas) the scripts update them atomically with the session. On Redis
@@ -63,10 +63,17 @@ named in the URL (a classic PUBLISH reaches every node of a cluster).
 Live feed: every script that adds events or deletes a session publishes
 one line on ``sse-gateway:appends``. Each node holds ONE subscription to
 it, on a dedicated connection, whatever the number of sessions; a line
-about a session this node streams (``watched``, set by the hub) moves that
-session's head (``_notify(session, [], row)``) and the subscribers read
-the new events from the log by cursor. The cost is one small message per
-append per node, and nothing per idle session. If the feed connection
+from another node about a session this node streams (``watched``, set by
+the hub) moves that session's head (``_notify(session, [], row)``) and the
+hub reads the new events from the log once for all its subscribers. A
+node's own lines are not needed: its writer hands the hub its own
+appends, events included. A line of its own that arrives while the
+writer waits for that session's reply (the usual race between two
+connections) is held until the reply, then dropped, or applied if the
+reply was lost (timeout, broken connection: the script may have run). One
+that arrives when no write of that session is pending (a script run late)
+is applied. The cost is one small message per append per node, and
+nothing per idle session. If the feed connection
 breaks, the node reconnects with backoff (0.1 s doubling to 2 s), and once
 subscribed again re-reads the head of every watched session, so a write
 made meanwhile is never missed; streams stay open meanwhile (with their
@@ -223,6 +230,8 @@ class RedisLog(EventLog):
         self._presence_dirty: set[str] = set()
         self._presence_changed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self._writing: set[str] = set()  # the sessions of the batch whose replies the writer waits for
+        self._held: dict[str, Session | None] = {}  # this node's feed lines about them, until the replies
         self._closing = False
         #: ``callback(operations, seconds)`` after each pipelined batch of writes (metrics)
         self.on_commit = None
@@ -337,7 +346,7 @@ class RedisLog(EventLog):
         return await op.future
 
     def _args(self, op: str, session: str, *rest: Any, now: int | None = None) -> list:
-        return [op, session, now_ms() if now is None else now, CHANNEL, *rest]
+        return [op, session, now_ms() if now is None else now, CHANNEL, self.node, *rest]
 
     def _row_reply(self, session: str) -> Callable[[Any], tuple[Session, None]]:
         return lambda flat: (_session(session, _pairs(flat)), None)
@@ -447,30 +456,40 @@ class RedisLog(EventLog):
                 return
 
     async def _run_batch(self, batch: list[_Op]) -> None:
-        started = time.perf_counter()
-        replies, replicated = await self._eval([(op.script, op.session, op.args) for op in batch],
-                                               wait=self.wait_replicas)
-        if self.on_commit is not None:
-            self.on_commit(len(batch), time.perf_counter() - started)
-        notify = []
-        for op, reply in zip(batch, replies):
-            try:
-                if isinstance(reply, Exception):
-                    raise _gateway_error(op.session, reply)
-                value, news = op.reply(reply)
-            except GatewayError as err:
-                op.future.set_exception(err)
-                continue
-            if news is not None:
-                notify.append((op.session, *news))
-            if replicated:
-                op.future.set_result(value)
-            else:
-                op.future.set_exception(Unavailable(
-                    f"the write is on the Redis primary but fewer than {self.wait_replicas} replica(s) confirmed it "
-                    "(retry with an idempotency key)", "store_not_replicated"))
-        for session, events, row in notify:
-            self._notify(session, events, row)
+        self._writing = lost = {op.session for op in batch}  # until the replies say which writes happened
+        try:
+            started = time.perf_counter()
+            replies, replicated = await self._eval([(op.script, op.session, op.args) for op in batch],
+                                                   wait=self.wait_replicas)
+            if self.on_commit is not None:
+                self.on_commit(len(batch), time.perf_counter() - started)
+            # A reply that never came (timeout, broken connection): the script may have run.
+            lost = {op.session for op, reply in zip(batch, replies)
+                    if isinstance(reply, RedisError) and not isinstance(reply, ResponseError)}
+            notify = []
+            for op, reply in zip(batch, replies):
+                try:
+                    if isinstance(reply, Exception):
+                        raise _gateway_error(op.session, reply)
+                    value, news = op.reply(reply)
+                except GatewayError as err:
+                    op.future.set_exception(err)
+                    continue
+                if news is not None:
+                    notify.append((op.session, *news))
+                if replicated:
+                    op.future.set_result(value)
+                else:
+                    op.future.set_exception(Unavailable(
+                        f"the write is on the Redis primary but fewer than {self.wait_replicas} replica(s) "
+                        "confirmed it (retry with an idempotency key)", "store_not_replicated"))
+            for session, events, row in notify:
+                self._notify(session, events, row)
+        finally:
+            held, self._held, self._writing = self._held, {}, set()
+            for session, row in held.items():  # this node's feed lines that came before the replies
+                if session in lost:
+                    self._notify(session, [], row)
         if self._index_updates:
             await self._update_index()
 
@@ -547,7 +566,7 @@ class RedisLog(EventLog):
             pubsub = self._feed.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
-                await self._refresh_watched()  # after subscribing: whatever happened before is in what we read
+                await self._refresh(list(self.watched))  # after subscribing: what happened before is in what we read
                 delay = 0.1
                 await self._listen(pubsub)
             except (RedisError, OSError) as exc:
@@ -575,7 +594,7 @@ class RedisLog(EventLog):
 
     def _on_feed(self, line: str) -> None:
         try:
-            session, epoch, last_id, status = line.split("\t")
+            session, epoch, last_id, status, origin = line.split("\t")
             head = int(last_id)
         except ValueError:  # not from a gateway: never let it stop the feed
             log.warning("ignored a malformed line on %s: %.100r", CHANNEL, line)
@@ -583,11 +602,13 @@ class RedisLog(EventLog):
         if session in self.watched:
             row = None if status == "deleted" else Session(id=session, epoch=epoch, created_at=0, status=status,
                                                              last_id=head)
-            self._notify(session, [], row)
+            if origin == self.node and session in self._writing:
+                self._held[session] = row  # see the module docstring: the writer's reply decides
+            else:
+                self._notify(session, [], row)
 
-    async def _refresh_watched(self) -> None:
-        """Tell the hub the head of every watched session (after the feed was lost)."""
-        names = list(self.watched)
+    async def _refresh(self, names: list[str]) -> None:
+        """Tell the hub the heads of these sessions (after the feed or a write's reply was lost)."""
         for i in range(0, len(names), 500):
             chunk = names[i:i + 500]
             pipe = self._redis.pipeline(transaction=False)

@@ -4,7 +4,7 @@
 --
 -- KEYS: meta, events, idempotency keys, presence, [index of sessions, expiry schedule]
 --       (the last two only outside Redis Cluster: they live in other slots)
--- ARGV: op, session, now (ms), channel, then by op:
+-- ARGV: op, session, now (ms), channel, origin (the node writing), then by op:
 --   create    epoch, metadata JSON ('' none), ttl seconds ('' none)
 --   append    epoch (if created), create (1|0), max events (0: no limit),
 --             then 4 per event: type, data, is JSON (1|0), idempotency key ('' none)
@@ -13,9 +13,10 @@
 
 local meta, events, idem, index, expiring = KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6]
 local op, name, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local origin = table.remove(ARGV, 5)  -- what follows keeps the places the ops below use
 
 local function publish(epoch, last_id, status)
-  redis.call('PUBLISH', channel, name .. '\t' .. epoch .. '\t' .. last_id .. '\t' .. status)
+  redis.call('PUBLISH', channel, name .. '\t' .. epoch .. '\t' .. last_id .. '\t' .. status .. '\t' .. origin)
 end
 
 local function create(epoch)

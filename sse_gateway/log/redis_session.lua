@@ -4,7 +4,7 @@
 --
 -- KEYS: meta, events, idempotency keys, presence, [index of sessions, expiry schedule]
 --       (the last two only outside Redis Cluster: they live in other slots)
--- ARGV: op, session, now (ms), channel, then by op:
+-- ARGV: op, session, now (ms), channel, origin (the node writing), then by op:
 --   ack       id                        acked_id moves forward only
 --   state     state JSON, version ('' any)
 --   trim      through
@@ -15,6 +15,7 @@
 
 local meta, events, idem, presence, index, expiring = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local op, name, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local origin = table.remove(ARGV, 5)  -- what follows keeps the places the ops below use
 
 if redis.call('EXISTS', meta) == 0 then
   if op == 'expire' and expiring then redis.call('ZREM', expiring, name) end
@@ -36,7 +37,7 @@ if op == 'delete' then
   redis.call('DEL', meta, events, idem, presence)
   if index then redis.call('ZREM', index, name) end
   if expiring then redis.call('ZREM', expiring, name) end
-  redis.call('PUBLISH', channel, name .. '\t\t0\tdeleted')
+  redis.call('PUBLISH', channel, name .. '\t\t0\tdeleted\t' .. origin)
   return 1
 end
 
