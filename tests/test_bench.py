@@ -68,6 +68,23 @@ def test_quick_bench_against_nchan():
     check_exact(doc, "nchan")
 
 
+def test_quick_bench_against_one_and_two_nodes_on_redis():
+    """Two nodes: publishers on node 1, subscribers spread from node 2, events cross through Redis;
+    Redis' own CPU is reported apart from the gateways'."""
+    require_binary("redis-server")
+    doc = bench("--target", "redis-1,redis-2", "--scenarios", "ingest-32,fanout-100,replay")
+    for target in ("redis-1", "redis-2"):
+        results = doc["results"][target]
+        assert all("errors" not in (r or {}) for r in results.values()), results
+        check_exact(doc, target)
+        ingest = results["ingest-32"]["median"]
+        assert ingest["events_per_s"] > 0
+        # Redis' CPU is part of the server's (every process of the target), not all of it
+        assert 0 < ingest["redis_cpu_s"] < ingest["server_cpu_s"]
+        assert 0 < ingest["redis_cpu_us_per_published"] < ingest["server_cpu_us_per_event"]
+        assert results["fanout-100"]["median"]["redis_cpu_us_per_published"] > 0
+
+
 def test_quick_bench_drives_a_gateway_already_running(tmp_path):
     # Started here rather than by the ``gateway`` fixture: stopped the way the bench stops its own
     # servers (one SIGTERM, no drain), which is what this test is about.
@@ -114,7 +131,7 @@ def chunked(body: bytes, size: int) -> bytes:
 
 
 def feed(raw: bytes, piece: int):
-    group = Group(Endpoint("http://127.0.0.1:9/s/{session}"))
+    group = Group([Endpoint("http://127.0.0.1:9/s/{session}")])
     sub = group.subscribe("s")
     for i in range(0, len(raw), piece):
         sub.data_received(raw[i:i + piece])

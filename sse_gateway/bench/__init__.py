@@ -12,7 +12,12 @@ Targets, all run in the same invocation so their ratios are fair:
 * ``baseline``: ``sse_gateway.baseline``, FastAPI + sse-starlette + lists;
 * ``nchan``: nginx with ``deploy/nchan.conf`` (C, in memory);
 * ``floor``: ``sse_gateway.bench.floor``, a raw asyncio server writing
-  pre-encoded bytes: the load generator's own ceiling.
+  pre-encoded bytes: the load generator's own ceiling;
+* ``redis-1``, ``redis-2``: one or two gateways (``--backend redis``) on
+  a private ``redis-server``. Publisher k posts to node k mod N and
+  subscriber k streams from node (k + 1) mod N, so on two nodes events
+  cross from one node to the other through Redis; Redis' own CPU is
+  reported per published event. Not part of ``all``.
 
 Every scenario of every run gets a freshly started server (see ``measure``);
 the table shows the median of the runs.
@@ -50,6 +55,7 @@ while it runs on CPU 1, and reports the median of --runs runs.
 
   sse-gateway bench                               the gateway, every scenario, 3 runs
   sse-gateway bench --target all                  gateway, baseline, nchan and floor in one run
+  sse-gateway bench --target redis-1,redis-2      one vs two gateway nodes on one Redis
   sse-gateway bench --quick --scenarios ingest    a smoke run of the ingest scenarios
   sse-gateway bench --url http://127.0.0.1:8000 --pid 1234    a gateway already running
 
@@ -62,7 +68,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure throughput, fan-out, latency, replay and memory",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="gateway",
-                   help="gateway, baseline, nchan, floor or all; comma-separated (default: gateway)")
+                   help="gateway, baseline, nchan, floor, all (those four), redis-1 or redis-2 (one or two "
+                        "gateway nodes on a private redis-server); comma-separated (default: gateway)")
     p.add_argument("--scenarios", default="", metavar="LIST",
                    help="comma-separated scenario names or prefixes (default: all)")
     p.add_argument("--runs", type=int, default=3, help="runs per target; the table shows medians (default: 3)")
@@ -118,7 +125,7 @@ class Plan:
             targets = list(ALL_TARGETS) if args.target == "all" else [t.strip() for t in args.target.split(",")]
             unknown = [t for t in targets if t not in PRESETS]
             if unknown or not targets:
-                raise ValueError(f"unknown target(s) {', '.join(unknown)}: use {', '.join(ALL_TARGETS)} or all")
+                raise ValueError(f"unknown target(s) {', '.join(unknown)}: use {', '.join(PRESETS)} or all")
         if args.profile is not None:
             if not profile.available():
                 raise ValueError("--profile needs py-spy (pip install py-spy)")
@@ -180,11 +187,13 @@ async def run_one(plan: Plan, scenario: Scenario, name: str, workdir: Path, time
                   run_no: int) -> dict | None:
     if scenario.needs_batch and not (plan.remote.target if plan.remote else PRESETS[name]).batch:
         return None
-    server = plan.remote or make_server(name, workdir, cpu=plan.server_cpu, nchan_conf=plan.nchan_conf)
+    server = None
     try:
+        server = plan.remote or make_server(name, workdir, cpu=plan.server_cpu, nchan_conf=plan.nchan_conf)
         await server.start()
     except (OSError, RuntimeError) as exc:
-        server.stop()
+        if server is not None:
+            server.stop()
         return {"error": f"server did not start: {exc}"}
     ctx = Context(server, plan.sizes, prefix=f"b{secrets.token_hex(3)}r{run_no}")
     if plan.profile is not None and name != "nchan":

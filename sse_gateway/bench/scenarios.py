@@ -70,16 +70,22 @@ class Context:
             self.profiler.stop()
             self.profiler = None
 
-    def publisher(self) -> Publisher:
-        return self.server.target.publisher()
+    def publisher(self, k: int = 0) -> Publisher:
+        """Publisher ``k``: on node k mod N (subscribers start from the next node: ``Group.subscribe``)."""
+        nodes = self.server.nodes
+        return nodes[k % len(nodes)].publisher()
 
     def group(self, **kw) -> Group:
         t = self.server.target
-        return Group(Endpoint(t.stream_url), last_event_id_style=t.last_event_id_style, **kw)
+        return Group([Endpoint(n.stream_url) for n in self.server.nodes], last_event_id_style=t.last_event_id_style,
+                     **kw)
 
 
 class Meter:
     """Wall time, and the CPU and run-queue wait of the server and of the load generator, until ``stop``.
+
+    The server's named parts (Redis under the ``redis-*`` targets) are
+    also reported alone: ``redis_cpu_s``, and per published event.
 
     ``client_busy`` is the share of the time the load generator was running or
     waiting to run: near 1.0 it was the limit. ``client_wait`` and
@@ -92,11 +98,12 @@ class Meter:
         self.on_stop = on_stop
         self.client = ProcessTree(os.getpid(), descendants=False)  # not the servers it started
         self.cpu0 = server.cpu_seconds()
+        self.parts0 = {name: tree.cpu_seconds() for name, tree in server.parts.items()}
         self.wait0 = server.wait_seconds()
         self.client_cpu0, self.client_wait0 = time.process_time(), self.client.wait_seconds()
         self.t0 = time.perf_counter()
 
-    def stop(self, events: int | None = None) -> dict:
+    def stop(self, events: int | None = None, published: int | None = None) -> dict:
         seconds = time.perf_counter() - self.t0
         client_cpu = time.process_time() - self.client_cpu0
         client_wait = self.client.wait_seconds() - self.client_wait0
@@ -108,6 +115,11 @@ class Meter:
             out["server_wait"] = (self.server.wait_seconds() - self.wait0) / seconds
             if events:
                 out["server_cpu_us_per_event"] = cpu / events * 1e6
+        for name, cpu0 in self.parts0.items():
+            cpu = self.server.parts[name].cpu_seconds() - cpu0
+            out[f"{name}_cpu_s"] = cpu
+            if published:
+                out[f"{name}_cpu_us_per_published"] = cpu / published * 1e6
         self.on_stop()
         return out
 
@@ -153,7 +165,7 @@ def percentiles(latencies) -> dict:
 async def _ingest(ctx: Context, publishers: int, mode: str) -> dict:
     loop = asyncio.get_running_loop()
     sessions = [f"{ctx.prefix}-{mode}{publishers}-{i}" for i in range(publishers)]
-    pubs = [ctx.publisher() for _ in sessions]
+    pubs = [ctx.publisher(k) for k in range(len(sessions))]
     try:
         for pub, session in zip(pubs, sessions, strict=True):
             await pub.connect()
@@ -180,7 +192,7 @@ async def _ingest(ctx: Context, publishers: int, mode: str) -> dict:
 
         work = {"single": single, "batch": batch, "ndjson": ndjson}[mode]
         total = sum(await asyncio.gather(*(work(p, s) for p, s in zip(pubs, sessions, strict=True))))
-        m = meter.stop(total)
+        m = meter.stop(total, published=total)
         return {"events_per_s": total / m["seconds"], "events": total, "publishers": publishers, **m}
     finally:
         for pub in pubs:
@@ -240,7 +252,7 @@ async def _fanout(ctx: Context, subscribers: int) -> dict:
         group.finish_at(n)
         drained = await group.wait_settled(ctx.sizes.drain_timeout)
         delivered = group.received - subscribers  # event 0 came before the clock started
-        m = meter.stop(delivered)
+        m = meter.stop(delivered, published=n)
         out = {"delivered_per_s": delivered / m["seconds"], "published_per_s": n / m["seconds"],
                "exact": drained and group.exact, "subscribers": subscribers, "delivered": delivered,
                "reconnects": group.reconnects, **m}
@@ -313,7 +325,7 @@ async def fleet(ctx: Context) -> dict:
     loop = asyncio.get_running_loop()
     count = ctx.sizes.fleet_sessions
     sessions = [f"{ctx.prefix}-fleet-{i}" for i in range(count)]
-    pubs = [ctx.publisher() for _ in sessions]
+    pubs = [ctx.publisher(k) for k in range(count)]
     group = ctx.group(latencies=True)
     try:
         await gather_bounded(p.connect() for p in pubs)
@@ -330,8 +342,8 @@ async def fleet(ctx: Context) -> dict:
             sub.finish_at(last)
         drained = await group.wait_settled(ctx.sizes.drain_timeout)
         drain = loop.time() - until
-        m = meter.stop(group.received - count)
         published, wanted = sum(sent), count * FLEET_RATE * ctx.sizes.fleet_seconds
+        m = meter.stop(group.received - count, published=published)
         exact = drained and group.exact
         return {"sessions": count, "published_per_s": published / ctx.sizes.fleet_seconds,
                 "wanted_per_s": wanted / ctx.sizes.fleet_seconds, "drain_s": drain,
@@ -361,7 +373,7 @@ async def latency(ctx: Context) -> dict:
         group.finish_at(published)
         drained = await group.wait_settled(ctx.sizes.drain_timeout)
         drain = loop.time() - until
-        m = meter.stop(group.received - LATENCY_SUBSCRIBERS)
+        m = meter.stop(group.received - LATENCY_SUBSCRIBERS, published=published)
         wanted = LATENCY_RATE * ctx.sizes.latency_seconds
         exact = drained and group.exact
         return {"subscribers": LATENCY_SUBSCRIBERS, "published_per_s": published / ctx.sizes.latency_seconds,

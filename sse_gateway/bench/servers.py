@@ -61,7 +61,11 @@ PRESETS = {
     "baseline": Target("baseline", *_GATEWAY_URLS),
     "nchan": Target("nchan", "/pub/{session}", "/sub/{session}", envelope=False),
     "floor": Target("floor", *_GATEWAY_URLS, batch=True),
+    "redis-1": Target("redis-1", *_GATEWAY_URLS, batch=True),
+    "redis-2": Target("redis-2", *_GATEWAY_URLS, batch=True),
 }
+#: targets that are gateways on a private redis-server: name -> number of gateway nodes
+REDIS_NODES = {"redis-1": 1, "redis-2": 2}
 
 
 def free_port() -> int:
@@ -137,8 +141,52 @@ class ProcessTree:
         return total
 
 
+class ProcessTrees:
+    """Several process trees measured as one (``ProcessTree``'s figures, summed); ``pid`` is the first's."""
+
+    def __init__(self, trees: list[ProcessTree]) -> None:
+        self.trees = trees
+        self.pid = trees[0].pid
+
+    def cpu_seconds(self) -> float:
+        return sum(t.cpu_seconds() for t in self.trees)
+
+    def wait_seconds(self) -> float:
+        return sum(t.wait_seconds() for t in self.trees)
+
+    def rss_kb(self) -> int:
+        return sum(t.rss_kb() for t in self.trees)
+
+
+def spawn(cmd: list[str], *, cpu: int | None, log_path: Path, cwd: Path | None = None,
+          env: dict | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in a session of its own, pinned to ``cpu`` if given, its output appended to ``log_path``."""
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                preexec_fn=raise_nofile, start_new_session=True)
+
+
+def terminate(proc: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL to the whole process group after 15 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class Server:
-    """A server under test: started by the bench (``command``), or already running (``url``)."""
+    """A server under test: started by the bench (``command``), or already running (``url``).
+
+    ``nodes`` are the targets publishers and subscribers spread over (one
+    for every server but ``RedisNodes``); ``parts`` names process trees
+    whose CPU the bench also reports on their own.
+    """
 
     def __init__(self, target: Target, url: str, *, command: list[str] | None = None, pid: int | None = None,
                  workdir: Path | None = None, cpu: int | None = None, env: dict | None = None) -> None:
@@ -149,17 +197,14 @@ class Server:
         self.cpu = cpu
         self.env = env
         self.proc: subprocess.Popen | None = None
-        self.tree = ProcessTree(pid) if pid else None
+        self.tree: ProcessTree | ProcessTrees | None = ProcessTree(pid) if pid else None
+        self.nodes = [self.target]
+        self.parts: dict[str, ProcessTree] = {}
         self.log_path = workdir / f"{target.name}.log" if workdir else None
 
     async def start(self, timeout: float = 30.0) -> None:
         if self.command is not None:
-            cmd = self.command
-            if self.cpu is not None:
-                cmd = ["taskset", "-c", str(self.cpu), *cmd]
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                             env=self.env, preexec_fn=raise_nofile, start_new_session=True)
+            self.proc = spawn(self.command, cpu=self.cpu, log_path=self.log_path, cwd=self.workdir, env=self.env)
             self.tree = ProcessTree(self.proc.pid)
         await self.ready(timeout)
 
@@ -184,14 +229,7 @@ class Server:
         raise RuntimeError(f"{self.target.name} not ready after {timeout}s ({last}):\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        terminate(self.proc)
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -206,6 +244,77 @@ class Server:
 
     def rss_kb(self) -> int | None:
         return self.tree.rss_kb() if self.tree else None
+
+
+class RedisNodes(Server):
+    """``count`` gateways (``--backend redis``) on one private ``redis-server``, started and stopped together.
+
+    Redis runs as a deployment would (AOF on, ``appendfsync everysec``,
+    no snapshots) in the run's directory. Every process is pinned to the
+    server CPU, so the figures of ``Server`` (CPU, wait, memory) cover
+    them all, Redis included; ``parts["redis"]`` is Redis alone.
+    """
+
+    def __init__(self, target: Target, workdir: Path, *, cpu: int | None, count: int) -> None:
+        redis = shutil.which("redis-server")
+        if redis is None:
+            raise RuntimeError(f"{target.name} needs redis-server (Debian package redis-server)")
+        port = free_port()
+        self.redis_command = [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(workdir)]
+        self.redis_port = port
+        self.redis_proc: subprocess.Popen | None = None
+        self.gateways = [gateway_server(target, workdir / f"node{i + 1}", cpu=cpu,
+                                        extra=["--backend", "redis", "--redis-url", f"redis://127.0.0.1:{port}/0"])
+                         for i in range(count)]
+        super().__init__(target, self.gateways[0].url, workdir=workdir, cpu=cpu)
+        self.nodes = [g.target for g in self.gateways]
+        self.log_path = workdir / "redis.log"
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self.redis_proc = spawn(self.redis_command, cpu=self.cpu, log_path=self.log_path, cwd=self.workdir)
+        await self._redis_ready(timeout)
+        for gateway in self.gateways:
+            await gateway.start(timeout)
+        self.parts = {"redis": ProcessTree(self.redis_proc.pid)}
+        self.tree = ProcessTrees([self.parts["redis"], *(g.tree for g in self.gateways)])
+
+    async def _redis_ready(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.redis_proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.redis_proc.returncode}:\n{self.log_tail()}")
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+                writer.write(b"PING\r\n")
+                answer = await reader.readline()
+                writer.close()
+                if answer.startswith(b"+PONG"):
+                    return
+            except OSError:
+                pass
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"redis-server not ready after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        for gateway in self.gateways:
+            gateway.stop()
+        terminate(self.redis_proc)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(filter(None, [super().log_tail(lines), *(g.log_tail(lines) for g in self.gateways)]))
+
+
+def gateway_server(target: Target, home: Path, *, cpu: int | None, extra: list[str] = ()) -> Server:
+    """``sse-gateway serve`` on a free port with its files in ``home``, as the bench runs it."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "sse_gateway", "serve", "--port", str(port), "--db", str(home / "bench.db"),
+           "--drain-seconds", "0", "--log-level", "warning", "--heartbeat", "1",
+           # the bench opens more streams than a deployment allows by default
+           "--max-streams", "0", "--max-streams-per-session", "0", "--max-sessions", "0", *extra]
+    return Server(target, f"http://127.0.0.1:{port}", command=cmd, workdir=home, cpu=cpu, env=python_env())
 
 
 def python_env() -> dict:
@@ -225,18 +334,17 @@ def nchan_config(template: str, port: int) -> str:
 
 def make_server(name: str, workdir: Path, *, cpu: int | None, nchan_conf: Path = NCHAN_CONF) -> Server:
     """A server of kind ``name``, not started yet, in its own part of ``workdir``."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     home = workdir / name
     home.mkdir(parents=True, exist_ok=True)
     target = PRESETS[name]
-    py = [sys.executable, "-m"]
     if name == "gateway":
-        cmd = py + ["sse_gateway", "serve", "--port", str(port), "--db", str(home / "bench.db"),
-                    "--drain-seconds", "0", "--log-level", "warning", "--heartbeat", "1",
-                    # the bench opens more streams than a deployment allows by default
-                    "--max-streams", "0", "--max-streams-per-session", "0", "--max-sessions", "0"]
-    elif name == "baseline":
+        return gateway_server(target, home, cpu=cpu)
+    if name in REDIS_NODES:
+        return RedisNodes(target, home, cpu=cpu, count=REDIS_NODES[name])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    py = [sys.executable, "-m"]
+    if name == "baseline":
         cmd = py + ["sse_gateway.baseline", "--port", str(port)]
     elif name == "floor":
         cmd = py + ["sse_gateway.bench.floor", "--port", str(port)]

@@ -231,9 +231,9 @@ class Group:
     1,000 subscribers costs nothing per delivered event.
     """
 
-    def __init__(self, endpoint: Endpoint, *, last_event_id_style: str = "header", latencies: bool = False,
+    def __init__(self, endpoints: list[Endpoint], *, last_event_id_style: str = "header", latencies: bool = False,
                  max_reconnects: int = 5) -> None:
-        self.endpoint = endpoint
+        self.endpoints = endpoints  # members take them in turn, from the second (see ``subscribe``)
         self.style = last_event_id_style
         self.latencies: array | None = array("q") if latencies else None  # ns; an array is not traversed by gc
         self.max_reconnects = max_reconnects
@@ -246,7 +246,11 @@ class Group:
         self._waiters: list[tuple[asyncio.Future, object]] = []
 
     def subscribe(self, session: str, first_n: int = 0) -> Subscriber:
-        sub = Subscriber(self, session, first_n)
+        """A new member. With several nodes, member k streams from node (k + 1) mod N while publisher k
+        publishes to node k mod N: on two nodes, every subscriber of the fleet and half of those of one
+        session read through a node other than the one its events were published to."""
+        endpoint = self.endpoints[(len(self.members) + 1) % len(self.endpoints)]
+        sub = Subscriber(self, session, first_n, endpoint)
         self.members.append(sub)
         return sub
 
@@ -317,8 +321,9 @@ class Subscriber(asyncio.Protocol):
     got, as EventSource does, and exactness carries over the reconnect.
     """
 
-    def __init__(self, group: Group, session: str, first_n: int) -> None:
+    def __init__(self, group: Group, session: str, first_n: int, endpoint: Endpoint) -> None:
         self.group = group
+        self.endpoint = endpoint
         self.session = session
         self.next_n = first_n
         self.final_n: int | None = None
@@ -354,8 +359,8 @@ class Subscriber(asyncio.Protocol):
             self.group._changed()
 
     async def open(self, last_event_id: bytes | None = None) -> None:
-        g = self.group
-        path = g.endpoint.path(self.session)
+        g, endpoint = self.group, self.endpoint
+        path = endpoint.path(self.session)
         extra = b""
         if last_event_id is not None:
             if g.style == "query":
@@ -364,12 +369,12 @@ class Subscriber(asyncio.Protocol):
                 extra = b"Last-Event-ID: " + last_event_id + b"\r\n"
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: self, g.endpoint.host, g.endpoint.port)
+            await loop.create_connection(lambda: self, endpoint.host, endpoint.port)
         except OSError as exc:
             self._fail(f"{self.session}: connect failed: {exc!r}")
             return
         self.transport.write(b"GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n"
-                             b"Cache-Control: no-cache\r\n%s\r\n" % (path, g.endpoint.host_header, extra))
+                             b"Cache-Control: no-cache\r\n%s\r\n" % (path, endpoint.host_header, extra))
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
