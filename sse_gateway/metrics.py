@@ -50,7 +50,7 @@ class Stats:
     publish_duplicates: int = 0   # idempotent replays: nothing appended
     publish_rejected: int = 0     # publish requests refused with an error
     delivered: int = 0            # events written to streams
-    replayed: int = 0             # of which read back from the log
+    replayed: int = 0             # of which a stream read back from the log on its own
     window_fills: int = 0         # shared reads that extended a session's window (events appended elsewhere)
     gaps: int = 0
     resets: int = 0
@@ -79,7 +79,7 @@ class Stats:
 
 _COUNTERS = {
     "delivered": "Events written to SSE streams",
-    "replayed": "Events read back from the log for a stream (replay or catch-up)",
+    "replayed": "Events a stream read back from the log on its own (replay from behind the window)",
     "window_fills": "Shared log reads of events appended elsewhere, one for all of a session's streams on this node",
     "gaps": "gateway.gap notices sent (history already trimmed)",
     "resets": "gateway.reset notices sent (cursor from another epoch or the future)",

@@ -23,16 +23,18 @@ async def test_metrics_count_what_happened(gateway, client):
     client.post("/v1/sessions/m/events", json={"data": "k"}, headers={"Idempotency-Key": "k"})
     client.post("/v1/sessions/m/events", json={"data": "k"}, headers={"Idempotency-Key": "k"})
     client.post("/v1/sessions/m/events", json={"event": "gateway.x", "data": 1})
-    await read_stream(url, "m", params={"live": "false"})  # 11 replayed and delivered
+    await read_stream(url, "m", params={"live": "false"})  # 11 delivered, read by one shared read (a fill)
     client.post("/v1/sessions/m/trim", json={"through": 4})
-    await read_stream(url, "m", params={"live": "false"}, headers={"Last-Event-ID": "2"})  # gap, then 7
-    # reset, then from the start: gap 1..4, then 7
+    # gap, then 7: the shared read starts at 5, after the trim, so this stream reads 5..11 on its own
+    await read_stream(url, "m", params={"live": "false"}, headers={"Last-Event-ID": "2"})
+    # reset, then from the start: gap 1..4, then 7 (the same way)
     await read_stream(url, "m", params={"live": "false"}, headers={"Last-Event-ID": "1:wrongepoch"})
     assert await metric(url, "sse_gateway_events_published_total", 'outcome="appended"') == 11
     assert await metric(url, "sse_gateway_events_published_total", 'outcome="duplicate"') == 1
     assert await metric(url, "sse_gateway_events_published_total", 'outcome="rejected"') == 1
     assert await metric(url, "sse_gateway_delivered_total") == 11 + 7 + 7
-    assert await metric(url, "sse_gateway_replayed_total") == 11 + 7 + 7
+    assert await metric(url, "sse_gateway_replayed_total") == 7 + 7
+    assert await metric(url, "sse_gateway_window_fills_total") == 3
     assert await metric(url, "sse_gateway_gaps_total") == 2
     assert await metric(url, "sse_gateway_resets_total") == 1
     assert await metric(url, "sse_gateway_streams_opened_total") == 3
