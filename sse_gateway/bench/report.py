@@ -26,13 +26,14 @@ ROWS = [
     ("fanout-1000", "cpu_us_per_delivered", "fan-out, 1,000 subscribers: server CPU µs/delivered", "us"),
     ("fanout-1000", "delivered_per_s", "fan-out, 1,000 subscribers: delivered/s", "rate"),
     ("fanout-1000", "exact", "fan-out, 1,000 subscribers: exact", "bool"),
-    ("fanout-1000", "redis_cpu_us_per_published", "fan-out, 1,000 subscribers: Redis CPU µs/published", "us"),
+    ("fanout-1000", "redis_cpu_share", "fan-out, 1,000 subscribers: Redis CPU, share of one core", "share"),
     ("fleet", "sustained", "fleet, {fleet_sessions:,} sessions × 20 ev/s: sustained", "bool"),
     ("fleet", "published_per_s", "fleet: published events/s", "rate"),
     ("fleet", "p50_ms", "fleet: p50 publish→receive ms", "ms"),
     ("fleet", "p99_ms", "fleet: p99 publish→receive ms", "ms"),
     ("fleet", "drain_s", "fleet: backlog after the last publish, s", "s"),
     ("fleet", "redis_cpu_us_per_published", "fleet: Redis CPU µs/published", "us"),
+    ("fleet", "redis_cpu_share", "fleet: Redis CPU, share of one core", "share"),
     ("latency", "sustained", "latency, 1k ev/s × 100 subscribers: sustained", "bool"),
     ("latency", "p50_ms", "latency: p50 ms", "ms"),
     ("latency", "p99_ms", "latency: p99 ms", "ms"),
@@ -87,6 +88,8 @@ def cell(summary: dict | None, scenario_figure: str, kind: str) -> str:
         text = f"{value:,.0f}"
     elif kind == "rate":
         text = f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.0f}"
+    elif kind == "share":
+        text = f"{value:.0%}"
     elif kind == "s":
         text = f"{value:.3f}" if value < 10 else f"{value:.1f}"
     else:

@@ -85,7 +85,8 @@ class Meter:
     """Wall time, and the CPU and run-queue wait of the server and of the load generator, until ``stop``.
 
     The server's named parts (Redis under the ``redis-*`` targets) are
-    also reported alone: ``redis_cpu_s``, and per published event.
+    also reported alone: ``redis_cpu_s``, its share of one core, and per
+    published event.
 
     ``client_busy`` is the share of the time the load generator was running or
     waiting to run: near 1.0 it was the limit. ``client_wait`` and
@@ -118,6 +119,7 @@ class Meter:
         for name, cpu0 in self.parts0.items():
             cpu = self.server.parts[name].cpu_seconds() - cpu0
             out[f"{name}_cpu_s"] = cpu
+            out[f"{name}_cpu_share"] = cpu / seconds  # of one core
             if published:
                 out[f"{name}_cpu_us_per_published"] = cpu / published * 1e6
         self.on_stop()
