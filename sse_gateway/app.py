@@ -28,7 +28,7 @@ from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 
 from . import __version__, cors, demo, limits, openapi
-from .auth import MAX_TOKEN_TTL, Auth
+from .auth import MAX_TOKEN_TTL, Auth, check_life
 from .config import Settings
 from .errors import (BadRequest, Conflict, GatewayError, NotConfigured, NotFound, RequestTimeout, TooLarge,
                      Unavailable, UnsupportedMedia, error_body)
@@ -292,10 +292,11 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         """The gateway and the session's row, for a reader allowed to see it (400/401/403/404 otherwise)."""
         gw = gw_of(request)
         check_session_id(session)
-        gw.auth.reader(request, session)
+        bound = gw.auth.reader(request, session)
         row = await gw.log.get_session(session)
         if row is None:
             raise NotFound(f"no session {session!r}")
+        check_life(bound, row.epoch)
         return gw, row
 
     # -- errors: always JSON ----------------------------------------------------
@@ -441,7 +442,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
     async def stream(session: str, request: Request) -> Response:
         gw = gw_of(request)
         check_session_id(session)
-        gw.auth.reader(request, session)
+        bound = gw.auth.reader(request, session)
         if gw.draining:
             raise Unavailable("the gateway is shutting down; reconnect", "draining", retry_after=1)
         q = request.query_params
@@ -467,6 +468,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         row = await gw.log.get_session(session)
         if row is None:
             raise NotFound(f"no session {session!r}")
+        check_life(bound, row.epoch)
         if from_latest:
             cursor, epoch = row.last_id, row.epoch
         start, notice = start_position(row, cursor, epoch)
@@ -489,12 +491,13 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
     async def history(session: str, request: Request) -> Response:
         gw = gw_of(request)
         check_session_id(session)
-        gw.auth.reader(request, session)
+        bound = gw.auth.reader(request, session)
         after = query_int(request, "after", 0, 0, 2**62)
         limit = query_int(request, "limit", 100, 1, 1000)
         row = await gw.log.get_session(session)
         if row is None:
             raise NotFound(f"no session {session!r}")
+        check_life(bound, row.epoch)
         events = await gw.log.read(session, after, limit)
         body: dict = {
             "events": [e.to_json() for e in events], "epoch": row.epoch, "earliest_id": row.earliest_id,
@@ -532,7 +535,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
                 raise BadRequest("ttl_seconds must be a positive integer", "invalid_ttl")
         await gw.admit_session()
         row = await gw.log.create_session(session, metadata=spec.get("metadata"), ttl_seconds=ttl)
-        token = gw.auth.mint(session)
+        token = gw.auth.mint(session, epoch=row.epoch)
         stream_url = f"/v1/sessions/{session}/stream"
         body_out = {"id": session, "epoch": row.epoch, "stream_url": stream_url,
                     "subscribe_token": token[0] if token else None}
@@ -556,7 +559,8 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
             ttl = json_int(ttl)
             if ttl is None or not 0 < ttl <= MAX_TOKEN_TTL:
                 raise BadRequest(f"ttl_seconds must be an integer from 1 to {MAX_TOKEN_TTL}", "invalid_ttl")
-        token = gw.auth.mint(session, ttl)
+        row = await gw.log.get_session(session)  # an existing session binds the token to its life
+        token = gw.auth.mint(session, ttl, epoch=row.epoch if row else None)
         if token is None:
             raise NotConfigured("this gateway mints no tokens: start it with --token-secret", "tokens_not_configured")
         return json_response({"token": token[0], "expires_at": rfc3339(token[1] * 1000),
@@ -608,12 +612,16 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
     async def ack(session: str, request: Request) -> Response:
         gw = gw_of(request)
         check_session_id(session)
-        gw.auth.reader(request, session)
+        bound = gw.auth.reader(request, session)
         spec = parse_json(await read_body(request, 4096))
         upto = spec.get("id") if isinstance(spec, dict) else None
         upto = parse_cursor(upto)[0] if isinstance(upto, str) else json_int(upto)
         if upto is None:
             raise BadRequest("body must be {\"id\": N}", "invalid_ack")
+        if bound is not None:
+            row = await gw.log.get_session(session)
+            if row is not None:
+                check_life(bound, row.epoch)
         row = await gw.log.ack(session, upto)
         return json_response({"session": session, "acked_id": row.acked_id})
 

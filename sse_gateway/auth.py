@@ -7,8 +7,11 @@
   requests. Compared in constant time (digests of equal length, every key
   compared).
 * **Subscribe tokens** are HS256 JWTs signed with ``--token-secret``, with
-  ``sub`` = the session id, ``scope`` = ``subscribe`` and an ``exp``. A
-  token reads exactly one session and nothing else. It is accepted as
+  ``sub`` = the session id, ``scope`` = ``subscribe``, an ``exp`` and,
+  when the session exists as it is minted, ``ep`` = its epoch. A token
+  reads exactly one session and nothing else: with ``ep``, not even a
+  session deleted and created again under the same id (``check_life``).
+  It is accepted as
   ``Authorization: Bearer``, as ``?token=`` (EventSource cannot set
   headers) or as the ``sse_gateway_token`` cookie. Only HS256 is accepted,
   so ``alg: none`` and algorithm-confusion tokens are refused.
@@ -76,17 +79,18 @@ class Auth:
         if not self._is_key(credential):
             raise Unauthorized("the publisher key is not valid", "invalid_credentials", headers=_CHALLENGE)
 
-    def reader(self, request: Request, session: str) -> None:
-        """Raise 401/403 unless the request may read ``session``."""
+    def reader(self, request: Request, session: str) -> str | None:
+        """Raise 401/403 unless the request may read ``session``; the epoch its token is bound to, if any
+        (pass it to ``check_life`` with the session's row)."""
         if not self.keys and not self.secret:
-            return  # wide open: there is nothing to check credentials against
+            return None  # wide open: there is nothing to check credentials against
         bearer = _bearer(request)
         if bearer is not None and self.keys and self._is_key(bearer):
-            return
+            return None
         token = bearer or request.query_params.get("token") or request.cookies.get(COOKIE)
         if not token:
             if not self.keys:
-                return  # no keys: reading is open like everything else
+                return None  # no keys: reading is open like everything else
             raise Unauthorized("reading needs a subscribe token or a publisher key", "missing_credentials",
                                headers=_CHALLENGE)
         if not self.secret:
@@ -102,10 +106,23 @@ class Auth:
             raise Unauthorized("the token is not a subscribe token", "invalid_token", headers=_CHALLENGE)
         if claims["sub"] != session:
             raise Forbidden("the subscribe token is for another session", "wrong_session")
+        epoch = claims.get("ep")
+        return epoch if isinstance(epoch, str) else None
 
-    def mint(self, session: str, ttl: int | None = None) -> tuple[str, int] | None:
-        """A subscribe token for ``session`` and its expiry (Unix seconds), or None without a secret."""
+    def mint(self, session: str, ttl: int | None = None, epoch: str | None = None) -> tuple[str, int] | None:
+        """A subscribe token for ``session`` (bound to its life ``epoch`` if given) and its expiry (Unix
+        seconds), or None without a secret."""
         if not self.secret:
             return None
         exp = int(time.time()) + (ttl or self.ttl)
-        return jwt.encode({"sub": session, "exp": exp, "scope": SCOPE}, self.secret, algorithm="HS256"), exp
+        claims = {"sub": session, "exp": exp, "scope": SCOPE}
+        if epoch is not None:
+            claims["ep"] = epoch
+        return jwt.encode(claims, self.secret, algorithm="HS256"), exp
+
+
+def check_life(bound: str | None, epoch: str) -> None:
+    """403 if a token bound to one life of a session (``bound``) is used on another (``epoch``)."""
+    if bound is not None and bound != epoch:
+        raise Forbidden("the subscribe token is for an earlier life of this session (it was deleted and "
+                        "created again)", "wrong_session")

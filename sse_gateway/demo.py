@@ -89,10 +89,10 @@ async def start_run(request: Request) -> Response:
     gw.auth.publisher(request)
     duration = _duration(await _small_body(request))
     session = "demo-" + secrets.token_urlsafe(8)
-    await gw.log.create_session(session, metadata={"demo": True}, ttl_seconds=KEEP_SECONDS)
+    row = await gw.log.create_session(session, metadata={"demo": True}, ttl_seconds=KEEP_SECONDS)
     gw.spawn(simulate(gw, session, duration))
     stream_url = f"/v1/sessions/{session}/stream"
-    token = gw.auth.mint(session)
+    token = gw.auth.mint(session, epoch=row.epoch)
     if token:
         stream_url += f"?token={token[0]}"
     body = {"session": session, "stream_url": stream_url, "heartbeat": gw.settings.heartbeat,

@@ -185,6 +185,40 @@ def test_tokens_endpoint(c):
         assert r.status_code == 400 and r.json()["error"]["code"] in ("invalid_ttl", "invalid_body"), bad
 
 
+def test_a_token_reads_only_the_life_of_the_session_it_was_minted_for(c):
+    """Deleted and created again under the same id, a session is another session: the old token
+    (bound to the old epoch) gets 403 everywhere it used to read; a new one reads; a token minted
+    before the session existed is bound to nothing and reads whatever life the id has."""
+    early = c.post("/v1/sessions/tok-life/tokens", headers=AS_PUBLISHER).json()["token"]
+    assert "ep" not in jwt.decode(early, SECRET, algorithms=["HS256"])
+    first = c.post("/v1/sessions", json={"id": "tok-life"}, headers=AS_PUBLISHER).json()
+    old = first["subscribe_token"]
+    assert jwt.decode(old, SECRET, algorithms=["HS256"])["ep"] == first["epoch"]
+    minted = c.post("/v1/sessions/tok-life/tokens", headers=AS_PUBLISHER).json()["token"]
+    assert jwt.decode(minted, SECRET, algorithms=["HS256"])["ep"] == first["epoch"]
+    seed(c, "tok-life")
+    reads = [("GET", "/v1/sessions/tok-life/stream", {"params": {"live": "false"}}),
+             ("GET", "/v1/sessions/tok-life/events", {}),
+             ("GET", "/v1/sessions/tok-life", {}),
+             ("GET", "/v1/sessions/tok-life/state", {}),
+             ("POST", "/v1/sessions/tok-life/ack", {"json": {"id": 1}})]
+    for method, path, kw in reads:
+        assert c.request(method, path, headers={"Authorization": f"Bearer {old}"}, **kw).status_code == 200, path
+    assert c.delete("/v1/sessions/tok-life", headers=AS_PUBLISHER).status_code == 204
+    second = c.post("/v1/sessions", json={"id": "tok-life"}, headers=AS_PUBLISHER).json()
+    seed(c, "tok-life")
+    assert second["epoch"] != first["epoch"]
+    for token in (old, minted):
+        for method, path, kw in reads:
+            r = c.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "wrong_session", (path, r.text)
+    assert c.get("/v1/sessions/tok-life", headers=AS_PUBLISHER).json()["acked_id"] == 0  # the old token acked nothing
+    for token in (second["subscribe_token"], early):
+        for method, path, kw in reads:
+            r = c.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
+            assert r.status_code == 200, (path, r.text)
+
+
 def bad_tokens(session: str) -> dict[str, str]:
     good = token_for(session)
     head, payload, sig = good.split(".")
