@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import copy
 import logging
 import sqlite3
@@ -108,22 +110,38 @@ def _dumps(value: Any) -> str | None:
     return None if value is None else dump_json(value)
 
 
-def store_error(exc: sqlite3.Error) -> GatewayError:
-    """What a failed write means to a publisher; nothing of the batch was committed."""
+def store_error(exc: sqlite3.Error, path: str | None = None) -> GatewayError:
+    """What a failed write means to a publisher; nothing of the batch was committed. A file system that
+    went read-only under an open database (ext4's errors=remount-ro) shows only as a disk I/O error, so
+    ``path``'s file system is asked."""
     text = str(exc).lower()
     if "full" in text:
         err = Unavailable("the store is out of space; nothing was written", "store_full", retry_after=5)
         err.status = 507
         return err
-    if "readonly" in text or "read-only" in text:
+    if "readonly" in text or "read-only" in text or (path is not None and "i/o" in text and _read_only(path)):
         return Unavailable("the store is read-only; nothing was written", "store_read_only", retry_after=5)
     if "locked" in text or "busy" in text:
         return Unavailable("the store is busy; nothing was written", "store_busy", retry_after=1)
     return Unavailable(f"the store failed: {exc}; nothing was written", "store_error", retry_after=1)
 
 
+def _read_only(path: str) -> bool:
+    """Whether the file system of ``path`` refuses writes (EROFS). Only a write tells: a file system
+    turned read-only after an error still says rw in its mount flags."""
+    probe = os.path.join(os.path.dirname(os.path.abspath(path)), f".sse-gateway-probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    return False
+
+
 def preflight(path: str) -> str | None:
     """Why the file cannot serve as the log (locked, corrupt, unwritable), in one sentence; None if it can."""
+    if _read_only(path):
+        return f"{path} is on a read-only file system; the log needs to write there (check the disk and remount it)"
     try:
         conn = sqlite3.connect(path, timeout=2, isolation_level=None)
     except sqlite3.Error as exc:
@@ -360,7 +378,7 @@ class SqliteLog(EventLog):
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise store_error(exc) from None
+                raise store_error(exc, self.path) from None
             raise
 
     def _commit(self, batch: list[_Op]) -> tuple[list[tuple[Any, GatewayError | None]], dict]:
