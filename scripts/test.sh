@@ -11,6 +11,7 @@ command -v nginx >/dev/null || need+=(nginx)
 [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || need+=(libnginx-mod-nchan)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v curl >/dev/null || need+=(curl)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)  # the read-only disk test mounts a small ext4
 command -v npm >/dev/null || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
