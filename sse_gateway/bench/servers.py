@@ -277,7 +277,7 @@ class RedisNodes(Server):
         for gateway in self.gateways:
             await gateway.start(timeout)
         self.parts = {"redis": ProcessTree(self.redis_proc.pid)}
-        self.tree = ProcessTrees([self.parts["redis"], *(g.tree for g in self.gateways)])
+        self.tree = ProcessTrees([*(g.tree for g in self.gateways), self.parts["redis"]])  # pid: node 1's
 
     async def _redis_ready(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
