@@ -356,3 +356,34 @@ async def test_a_write_whose_reply_was_lost_still_reaches_this_nodes_streams(sta
         assert [e.id for e in await store.read("late", 0, 10)] == [1]
     finally:
         await store.close()
+
+
+@pytest.mark.timeout(30)
+async def test_feed_takes_lines_of_older_nodes_and_survives_garbage(redis_server):
+    """The live feed's line is SESSION, EPOCH, LAST_ID, STATUS and, since nodes skip their own, NODE. A line
+    without NODE (an older node, mid rolling upgrade) still moves the head; junk on the channel is logged
+    and skipped, and the feed goes on."""
+    import redis.asyncio as aredis
+
+    from sse_gateway.log.redis import CHANNEL
+
+    writer, watcher = RedisLog(redis_server), RedisLog(redis_server)
+    raw = aredis.Redis.from_url(redis_server)
+    await writer.open()
+    await watcher.open()
+    heads: list[int] = []
+    try:
+        epoch = (await writer.create_session("mixed")).epoch
+        watcher.watched = {"mixed"}
+        watcher.add_listener(lambda s, events, row: row and heads.append(row.last_id))
+        await asyncio.sleep(0.2)  # let the watcher's feed subscribe
+        for junk in (b"", b"no tabs", b"mixed\tx\tnot-a-number\topen", b"\xff\xfe", b"a\tb"):
+            await raw.publish(CHANNEL, junk)
+        await raw.publish(CHANNEL, f"mixed\t{epoch}\t7\topen")  # the shape an older node publishes
+        await wait_until(lambda: heads == [7], 5, "the older node's line")
+        await writer.append("mixed", [NewEvent("message", '"x"')])
+        await wait_until(lambda: heads == [7, 1], 5, "a line from a current node")
+    finally:
+        await raw.aclose()
+        await writer.close()
+        await watcher.close()

@@ -252,7 +252,8 @@ class RedisLog(EventLog):
                                                    timeout=_CLIENT_OPTIONS["socket_timeout"], **options)
             self._redis = Redis(connection_pool=pool)
             self._redis.auto_close_connection_pool = True
-        self._feed = Redis.from_url(self.url, decode_responses=True, socket_connect_timeout=1.0,
+        # bytes, not str: anything published on the channel, even invalid UTF-8, must reach _on_feed
+        self._feed = Redis.from_url(self.url, decode_responses=False, socket_connect_timeout=1.0,
                                     socket_keepalive=True, retry=Retry(NoBackoff(), 0))
         self._presence_changed = asyncio.Event()
         self._tasks = [asyncio.create_task(self._write_loop(), name="redis-writer"),
@@ -566,12 +567,14 @@ class RedisLog(EventLog):
             pubsub = self._feed.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
-                await self._refresh(list(self.watched))  # after subscribing: what happened before is in what we read
+                await self._refresh_watched()  # after subscribing: whatever happened before is in what we read
                 delay = 0.1
                 await self._listen(pubsub)
             except (RedisError, OSError) as exc:
                 log.warning("live feed from Redis lost (%s); reconnecting in %.1fs", str(exc) or type(exc).__name__,
                             delay)
+            except Exception:  # a bug must not end the feed for good: this node's streams would go silent
+                log.exception("live feed from Redis failed; reconnecting in %.1fs", delay)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
@@ -592,9 +595,12 @@ class RedisLog(EventLog):
             if msg["type"] == "message":
                 self._on_feed(msg["data"])
 
-    def _on_feed(self, line: str) -> None:
+    def _on_feed(self, data: bytes) -> None:
+        line = data.decode("utf-8", "replace")
         try:
-            session, epoch, last_id, status, origin = line.split("\t")
+            fields = line.split("\t")
+            session, epoch, last_id, status = fields[:4]  # a line from an older node has no origin
+            origin = fields[4] if len(fields) > 4 else ""
             head = int(last_id)
         except ValueError:  # not from a gateway: never let it stop the feed
             log.warning("ignored a malformed line on %s: %.100r", CHANNEL, line)
@@ -607,8 +613,9 @@ class RedisLog(EventLog):
             else:
                 self._notify(session, [], row)
 
-    async def _refresh(self, names: list[str]) -> None:
-        """Tell the hub the heads of these sessions (after the feed or a write's reply was lost)."""
+    async def _refresh_watched(self) -> None:
+        """Tell the hub the head of every watched session (after the feed was lost)."""
+        names = list(self.watched)
         for i in range(0, len(names), 500):
             chunk = names[i:i + 500]
             pipe = self._redis.pipeline(transaction=False)
