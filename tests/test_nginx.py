@@ -7,6 +7,8 @@ changed, and can tell a stream nginx cut from one that is merely quiet.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import select
 import socket
 import subprocess
@@ -18,7 +20,7 @@ import pytest
 
 import nginx_conf
 from conftest import free_port, require_binary, wait_for_port
-from util import read_stream
+from util import metric, read_stream
 
 SILENCE = 10.0  # seconds in which nothing is published
 READ_TIMEOUT = 3  # nginx's proxy_read_timeout in these tests, in seconds
@@ -26,13 +28,13 @@ READ_TIMEOUT = 3  # nginx's proxy_read_timeout in these tests, in seconds
 
 @pytest.fixture
 def start_nginx(tmp_path) -> Iterator[Callable[..., int]]:
-    """``start_nginx(upstream_port, read_timeout="3s")`` runs nginx in the foreground; returns its port."""
+    """``start_nginx(*upstream_ports, read_timeout="3s")`` runs nginx in the foreground; returns its port."""
     binary = require_binary("nginx", "/usr/sbin/nginx")
     procs: list[subprocess.Popen] = []
 
-    def start(upstream_port: int, read_timeout: str = f"{READ_TIMEOUT}s") -> int:
+    def start(*upstream_ports: int, read_timeout: str = f"{READ_TIMEOUT}s") -> int:
         port = free_port()
-        conf = nginx_conf.render(tmp_path, upstreams=[f"127.0.0.1:{upstream_port}"], port=port,
+        conf = nginx_conf.render(tmp_path, upstreams=[f"127.0.0.1:{p}" for p in upstream_ports], port=port,
                                  read_timeout=read_timeout)
         with open(tmp_path / "nginx.out", "ab") as out:
             proc = subprocess.Popen([binary, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c",
@@ -174,3 +176,59 @@ async def test_exact_resume_through_nginx(start_gateway, start_nginx):
     assert got.ids == list(range(cursor + 1, total + 1)), "Last-Event-ID did not survive nginx"
     assert got.data == [f'{{"n":{n}}}' for n in range(cursor + 1, total + 1)]
     assert got.notices == []
+
+
+@pytest.mark.timeout(120)
+async def test_a_node_killed_behind_the_shipped_nginx_loses_no_stream_and_no_publish(redis_server, start_gateway,
+                                                                                     start_nginx):
+    """The compose topology without Docker: two gateways on one Redis behind deploy/nginx.conf. Ten
+    streams and four publishers go through nginx; one gateway is killed with -9 mid-run. Streams it
+    held reconnect through nginx to the other with their Last-Event-ID; publishes cut by the kill
+    (502) are retried with their Idempotency-Key. Every stream ends with exactly ids 1..N, each
+    event once, each publisher's events in its order."""
+    total, kill_at, streams, publishers = 400, 150, 10, 4
+    a, b = (start_gateway("--backend", "redis", "--redis-url", redis_server, "--heartbeat", "1") for _ in range(2))
+    base = f"http://127.0.0.1:{start_nginx(a.port, b.port, read_timeout='5m')}"
+    acked, retried = [], 0
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        assert (await client.post("/v1/sessions", json={"id": "fo"})).status_code == 201
+        readers = asyncio.gather(*(read_stream(base, "fo", until_id=total, timeout=90, retry_statuses=(502, 503))
+                                   for _ in range(streams)))
+        deadline = time.monotonic() + 20
+        while (await client.get("/v1/sessions/fo")).json()["subscribers"] < streams:
+            assert time.monotonic() < deadline, "the streams did not all open"
+            await asyncio.sleep(0.05)
+        on_a = await metric(a.url, "sse_gateway_open_streams")
+        assert 1 <= on_a < streams, f"nginx (least_conn) put {on_a:.0f} of {streams} streams on the node to kill"
+
+        async def publish(p: int) -> None:
+            nonlocal retried
+            for n in range(p, total, publishers):
+                while True:
+                    try:
+                        r = await client.post("/v1/sessions/fo/events", json={"data": [p, n]},
+                                              headers={"Idempotency-Key": f"k{n}"})
+                    except httpx.TransportError:
+                        r = None
+                    if r is not None and r.status_code == 201:
+                        break
+                    assert r is None or r.status_code in (502, 503), r.text
+                    retried += 1
+                    await asyncio.sleep(0.05)
+                acked.append(n)
+                if len(acked) == kill_at:
+                    a.kill()
+                await asyncio.sleep(0.002)
+
+        await asyncio.gather(*(publish(p) for p in range(publishers)))
+        got = await readers
+    for stream in got:
+        assert stream.ids == list(range(1, total + 1))
+        data = [json.loads(d) for d in stream.data]
+        assert sorted(n for _, n in data) == list(range(total))  # each event once
+        for p in range(publishers):
+            assert [n for q, n in data if q == p] == list(range(p, total, publishers))
+    reconnected = sum(stream.connects > 1 for stream in got)
+    assert reconnected >= on_a, (reconnected, on_a)
+    print(f"{on_a:.0f} of {streams} streams were on the killed node and resumed on the other; "
+          f"{retried} publish attempts retried")

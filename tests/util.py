@@ -104,10 +104,11 @@ class Received:
 
 async def read_stream(base_url: str, session: str, *, until_id: int | None = None, timeout: float = 60,
                       received: Received | None = None, headers: dict | None = None,
-                      params: dict | None = None) -> Received:
+                      params: dict | None = None, retry_statuses: tuple[int, ...] = ()) -> Received:
     """Read a session like EventSource does: resume with Last-Event-ID after every drop.
 
-    Stops at ``gateway.end``, at ``until_id``, on a 204, or fails after ``timeout`` seconds.
+    Stops at ``gateway.end``, at ``until_id``, on a 204, or fails after ``timeout`` seconds. A status
+    in ``retry_statuses`` (a proxy's 502 while a node dies) is retried like a drop.
     """
     got = received or Received()
 
@@ -124,6 +125,9 @@ async def read_stream(base_url: str, session: str, *, until_id: int | None = Non
                         if source.response.status_code == 204:
                             got.ended = True
                             return
+                        if source.response.status_code in retry_statuses:
+                            await asyncio.sleep(0.1)
+                            continue
                         assert source.response.status_code == 200, source.response.status_code
                         async for sse in source.aiter_sse():
                             if not sse.data and sse.id in ("", got.cursor):
