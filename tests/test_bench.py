@@ -82,7 +82,7 @@ def test_quick_bench_against_one_and_two_nodes_on_redis():
         # Redis' CPU is part of the server's (every process of the target), not all of it
         assert 0 < ingest["redis_cpu_s"] < ingest["server_cpu_s"]
         assert 0 < ingest["redis_cpu_us_per_published"] < ingest["server_cpu_us_per_event"]
-        assert 0 < results["fanout-100"]["median"]["redis_cpu_share"] < 1.5
+        assert 0 <= results["fanout-100"]["median"]["redis_cpu_share"] < 1.5  # CPU time comes in 10 ms ticks
 
 
 def test_quick_bench_drives_a_gateway_already_running(tmp_path):

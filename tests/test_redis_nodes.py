@@ -42,6 +42,37 @@ async def session_info(client: httpx.AsyncClient, base: str, session: str) -> di
     return (await client.get(f"{base}/v1/sessions/{session}")).json()
 
 
+async def feeds_subscribed(url: str, count: int) -> None:
+    """Wait until ``count`` gateway feeds listen on the appends channel (what they miss before, they never hear)."""
+    import redis.asyncio as aredis
+
+    from sse_gateway.log.redis import CHANNEL
+
+    async with aredis.Redis.from_url(url) as raw:
+        async def listening() -> bool:
+            return (await raw.pubsub_numsub(CHANNEL))[0][1] >= count
+        await wait_until(listening, 10, f"{count} feed subscription(s)")
+
+
+async def redis_busy(port: int) -> None:
+    """Wait until Redis stops answering (a DEBUG SLEEP has begun)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PING\r\n")
+            try:
+                await asyncio.wait_for(reader.readline(), 0.2)
+            except TimeoutError:
+                return
+            finally:
+                writer.close()
+        except OSError:
+            pass
+        await asyncio.sleep(0.02)
+    raise AssertionError("Redis kept answering")
+
+
 @pytest.mark.timeout(60)
 async def test_two_nodes_append_contiguous_ids(redis_server, start_gateway):
     nodes = [node(start_gateway, redis_server), node(start_gateway, redis_server)]
@@ -335,7 +366,7 @@ def _replica_online(port: int) -> bool:
 @pytest.mark.timeout(60)
 async def test_a_write_whose_reply_was_lost_still_reaches_this_nodes_streams(start_redis):
     """A node skips its own feed lines (its writer hands the hub the events), except when the writer
-    never got the reply: Redis, busy for 3 s, runs the append after the node gave up waiting (2 s,
+    never got the reply: Redis, busy for 4 s, runs the append after the node gave up waiting (2 s,
     503 to the publisher); the line that follows is then this node's only news of it."""
     server = start_redis(args=("--enable-debug-command", "local"))
     store = RedisLog(server.url)
@@ -345,9 +376,9 @@ async def test_a_write_whose_reply_was_lost_still_reaches_this_nodes_streams(sta
         await store.create_session("late")
         store.watched = {"late"}
         store.add_listener(lambda s, events, row: row and heads.append(row.last_id))
-        await asyncio.sleep(0.2)  # let the feed subscribe
-        busy = subprocess.Popen([require_binary("redis-cli"), "-p", str(server.port), "DEBUG", "SLEEP", "3"])
-        await asyncio.sleep(0.3)
+        await feeds_subscribed(server.url, 1)
+        busy = subprocess.Popen([require_binary("redis-cli"), "-p", str(server.port), "DEBUG", "SLEEP", "4"])
+        await redis_busy(server.port)
         with pytest.raises(Unavailable):
             await store.append("late", [NewEvent("message", '"late"')])
         assert heads == []
@@ -376,7 +407,7 @@ async def test_feed_takes_lines_of_older_nodes_and_survives_garbage(redis_server
         epoch = (await writer.create_session("mixed")).epoch
         watcher.watched = {"mixed"}
         watcher.add_listener(lambda s, events, row: row and heads.append(row.last_id))
-        await asyncio.sleep(0.2)  # let the watcher's feed subscribe
+        await feeds_subscribed(redis_server, 2)
         for junk in (b"", b"no tabs", b"mixed\tx\tnot-a-number\topen", b"\xff\xfe", b"a\tb"):
             await raw.publish(CHANNEL, junk)
         await raw.publish(CHANNEL, f"mixed\t{epoch}\t7\topen")  # the shape an older node publishes
