@@ -208,3 +208,19 @@ def test_baseline_serves_a_stream_and_resumes(baseline):
     assert [json.loads(d)["text"] for d in got.data] == ["one", "two", "three"]
     resumed = asyncio.run(read_stream(baseline, "run1", until_id=3, timeout=20, headers={"Last-Event-ID": "1"}))
     assert resumed.ids == [2, 3]
+
+
+def test_table_shows_a_row_only_where_some_target_has_its_figure():
+    from sse_gateway.bench.report import summarize as medians
+    from sse_gateway.bench.report import table
+    from sse_gateway.bench.scenarios import QUICK
+
+    results = {"gateway": {"ingest-32": medians([{"events_per_s": 8000.0, "server_cpu_us_per_event": 120.0}])},
+               "redis-1": {"ingest-32": medians([{"events_per_s": 6000.0, "server_cpu_us_per_event": 160.0,
+                                                   "redis_cpu_us_per_published": 18.0}])}}
+    both = table(results, QUICK, "both")
+    assert "Redis CPU µs/event" in both and "18.0" in both
+    alone = table({"gateway": results["gateway"]}, QUICK, "gateway only")
+    assert "Redis" not in alone and "8.0k" in alone
+    failed = table({"gateway": {"ingest-32": medians([{"error": "server did not start"}])}}, QUICK, "failed")
+    assert "ingest, 32 publishers" in failed and "error" in failed

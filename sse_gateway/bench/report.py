@@ -97,10 +97,15 @@ def cell(summary: dict | None, scenario_figure: str, kind: str) -> str:
     return text + "*" if med.get("client_busy", 0) >= BUSY else text
 
 
+def _shows(summary: dict | None, figure: str) -> bool:
+    """A row is shown if some target has its figure, or failed the scenario (the row says so)."""
+    return summary is not None and (figure in summary["median"] or bool(summary.get("errors")))
+
+
 def table(results: dict, sizes: Sizes, header: str) -> str:
     targets = list(results)
     rows = [(label.format(**vars(sizes)), [cell(results[t].get(s), fig, kind) for t in targets])
-            for s, fig, label, kind in ROWS if any(s in results[t] for t in targets)]
+            for s, fig, label, kind in ROWS if any(_shows(results[t].get(s), fig) for t in targets)]
     width = max(len(label) for label, _ in rows)
     cols = [max(len(t), 8) for t in targets]
     lines = [header, "", " " * width + "".join(f"  {t:>{w}}" for t, w in zip(targets, cols, strict=True))]
