@@ -713,8 +713,8 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
     app.add_middleware(RequestTimer, stats_of=lambda: getattr(getattr(app.state, "gw", None), "stats", None))
     app.add_middleware(limits.CloseUnreadBody)
     cors.install(app, settings.cors_origin)
-    app.streams = DirectRoute(None, method="GET", action="stream", endpoint=stream, on_error=gateway_error,
-                              unless_origin=True)
+    app.stream_route = DirectRoute(None, method="GET", action="stream", endpoint=stream, on_error=gateway_error,
+                                   unless_origin=True)
     return app
 
 
@@ -724,16 +724,16 @@ class GatewayApp(FastAPI):
     A stream's task resumes through every ASGI layer it was called through,
     once per wake-up, and each of its sends passes through Starlette's
     error layer: at 1,000 subscribers those layers were ~8% of the CPU.
-    ``streams`` (a ``DirectRoute``) answers stream requests first; anything
+    ``stream_route`` (a ``DirectRoute``) answers stream requests first; anything
     else, and a stream request it does not take, goes through FastAPI.
     """
 
-    streams: DirectRoute | None = None
+    stream_route: DirectRoute | None = None
 
     async def __call__(self, scope, receive, send) -> None:
-        if self.streams is not None and scope["type"] == "http":
+        if self.stream_route is not None and scope["type"] == "http":
             scope["app"] = self  # what Starlette would set: endpoints find the gateway through it
-            if await self.streams.serve(scope, receive, send):
+            if await self.stream_route.serve(scope, receive, send):
                 return
         await super().__call__(scope, receive, send)
 
