@@ -44,7 +44,7 @@ from .. import __version__
 from . import profile
 from .report import headline, machine, summarize, table
 from .scenarios import FULL, QUICK, SCENARIOS, Context, Scenario, Sizes
-from .servers import NCHAN_CONF, PRESETS, Server, make_server, raise_nofile
+from .servers import NCHAN_CONF, PRESETS, REDIS_NODES, Server, make_server, raise_nofile
 
 ALL_TARGETS = ("gateway", "baseline", "nchan", "floor")
 
@@ -81,7 +81,7 @@ def add_parser(subparsers) -> None:
     remote = p.add_argument_group("a server that is already running")
     remote.add_argument("--url", help="base URL of the server to drive (no server is started)")
     remote.add_argument("--pid", type=int, help="its process id, to read its CPU time and memory from /proc")
-    remote.add_argument("--preset", choices=sorted(PRESETS), default="gateway",
+    remote.add_argument("--preset", choices=sorted(set(PRESETS) - set(REDIS_NODES)), default="gateway",
                         help="its URL shape (default: gateway)")
     remote.add_argument("--publish-url", metavar="TEMPLATE",
                         help="publish URL with {session}, absolute or a path under --url")
