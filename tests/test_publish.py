@@ -71,6 +71,8 @@ BAD = [
     ("application/json", b'{"event":"a\\r\\nid: 9","data":1}', None, None, 400, "invalid_event_type"),
     ("application/json", b'{"event":"","data":1}', None, None, 400, "invalid_event_type"),
     ("application/json", b'{"event":5,"data":1}', None, None, 400, "invalid_event_type"),
+    ("application/json", b'{"event":["x"],"data":1}', None, None, 400, "invalid_event_type"),  # unhashable
+    ("application/json", b'{"event":{"x":1},"data":1}', None, None, 400, "invalid_event_type"),
     ("application/json", b'{"event":"' + b"e" * 65 + b'","data":1}', None, None, 400, "invalid_event_type"),
     ("application/json", b'{"data":1,"idempotency_key":""}', None, None, 400, "invalid_idempotency_key"),
     ("application/json", b'{"data":1,"idempotency_key":7}', None, None, 400, "invalid_idempotency_key"),
