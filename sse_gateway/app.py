@@ -298,11 +298,15 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         gw = gw_of(request)
         check_session_id(session)
         bound = gw.auth.reader(request, session)
+        return gw, await row_for_reader(gw, session, bound)
+
+    async def row_for_reader(gw: Gateway, session: str, bound: str | None) -> Session:
+        """The session's row (404 if none) for a reader whose token is bound to life ``bound`` (403 if another)."""
         row = await gw.log.get_session(session)
         if row is None:
             raise NotFound(f"no session {session!r}")
         check_life(bound, row.epoch)
-        return gw, row
+        return row
 
     # -- errors: always JSON ----------------------------------------------------
 
@@ -470,10 +474,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         live = q.get("live", "true").lower()
         if live not in ("true", "false", "1", "0"):
             raise BadRequest("live must be true or false", "invalid_live")
-        row = await gw.log.get_session(session)
-        if row is None:
-            raise NotFound(f"no session {session!r}")
-        check_life(bound, row.epoch)
+        row = await row_for_reader(gw, session, bound)
         if from_latest:
             cursor, epoch = row.last_id, row.epoch
         start, notice = start_position(row, cursor, epoch)
@@ -499,10 +500,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         bound = gw.auth.reader(request, session)
         after = query_int(request, "after", 0, 0, 2**62)
         limit = query_int(request, "limit", 100, 1, 1000)
-        row = await gw.log.get_session(session)
-        if row is None:
-            raise NotFound(f"no session {session!r}")
-        check_life(bound, row.epoch)
+        row = await row_for_reader(gw, session, bound)
         events = await gw.log.read(session, after, limit)
         body: dict = {
             "events": [e.to_json() for e in events], "epoch": row.epoch, "earliest_id": row.earliest_id,

@@ -77,7 +77,7 @@ class Channel:
             if not events:
                 return
         first = events[0].id
-        if not self.frames or first != self.first_id + len(self.frames):
+        if not self.frames or first != end:
             self.frames = []
             self.first_id = first
         self.frames.extend(encode_event(ev, self.epoch) for ev in events)

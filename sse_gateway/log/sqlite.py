@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import os
 import copy
+import errno
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Collection, Sequence
