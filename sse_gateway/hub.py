@@ -177,12 +177,11 @@ class Hub:
             self.last_seen.pop(session, None)
         if ch is None:
             return
-        if row is None:
-            self.close_channel(ch)
+        if row is None or (ch.epoch and row.epoch != ch.epoch):
+            self.close_channel(ch)  # deleted (and perhaps created again by another process)
         elif events:
+            ch.epoch = row.epoch  # a channel attached but not yet settled does not know it: its frames need it
             ch.extend(events)
-        elif ch.epoch and row.epoch != ch.epoch:
-            self.close_channel(ch)  # deleted and created again by another process
         elif row.last_id > ch.head or (row.completed and ch.end_id is None):
             ch.learn(row)
 

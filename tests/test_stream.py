@@ -182,3 +182,27 @@ async def test_slow_consumer_is_cut_and_resumes_exactly(start_gateway):
     s.close()
     got = await read_stream(gw.url, "slow", params={"live": "false"})
     assert got.ids == list(range(1, 3001))
+
+
+async def test_events_appended_while_a_stream_attaches_carry_the_epoch(tmp_path):
+    """A stream attaches to its channel before reading the session; an append landing in between
+    reaches the channel first. Its frames must still say ``id: N:EPOCH``: a browser that kept
+    ``N:`` as its cursor was refused (400) on its next reconnect."""
+    from sse_gateway.hub import Hub
+    from sse_gateway.log.sqlite import SqliteLog
+    from sse_gateway.models import NewEvent
+
+    log = SqliteLog(str(tmp_path / "events.db"))
+    await log.open()
+    try:
+        hub = Hub(log)
+        ch = hub.attach("s")  # what a stream does first
+        await log.append("s", [NewEvent("message", str(n)) for n in range(3)])  # the publish in between
+        row = await log.get_session("s")
+        ch = hub.settle(ch, row)
+        body, last = ch.window_after(0)
+        assert last == 3
+        assert [line for line in body.split(b"\n") if line.startswith(b"id:")] == [
+            b"id: %d:%s" % (n, row.epoch.encode()) for n in (1, 2, 3)]
+    finally:
+        await log.close()
