@@ -153,7 +153,7 @@ class Gateway:
         self.settings = settings
         self.log = log_
         self.stats = Stats()
-        self.hub = Hub(log_, self.stats)
+        self.hub = Hub(log_, self.stats, coalesce=self.settings.coalesce_ms / 1000)
         self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
         self.streams = limits.StreamSlots(settings.max_streams, settings.max_streams_per_session)
         self.registry = make_registry(self)

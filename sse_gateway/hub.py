@@ -44,10 +44,13 @@ def _loop_time() -> float:
 
 class Channel:
     __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "subscribers", "closed",
-                 "filling", "_joined")
+                 "filling", "_joined", "coalesce", "_woke_at", "_timer")
 
-    def __init__(self, session: str) -> None:
+    def __init__(self, session: str, coalesce: float = 0.0) -> None:
         self.session = session
+        self.coalesce = coalesce  # seconds: new events wake the waiting subscribers at most once per this
+        self._woke_at = float("-inf")
+        self._timer: asyncio.TimerHandle | None = None
         self.epoch = ""
         self.head = 0
         self.end_id: int | None = None
@@ -68,7 +71,7 @@ class Channel:
         if row.completed:
             self.end_id = row.last_id
         if moved:  # waking every subscriber when nothing moved would make each attach cost O(subscribers)
-            self.wake()
+            self.moved()
 
     def extend(self, events: list[StoredEvent]) -> None:
         end = self.first_id + len(self.frames)
@@ -90,7 +93,12 @@ class Channel:
             self.head = last.id
         if last.event == END_EVENT:
             self.end_id = last.id
-        self.wake()
+        self.moved()
+
+    def ready(self, cursor: int) -> bool:
+        """Whether a subscriber at ``cursor`` takes the events after it now, or waits for the coalesced
+        wake-up that is due (never longer than ``coalesce``; one far behind the window never waits)."""
+        return cursor < self.head and (self._timer is None or self.head - cursor > WINDOW)
 
     def window_after(self, cursor: int) -> tuple[bytes, int] | None:
         """The frames after ``cursor`` if the window holds the next one, and the new cursor."""
@@ -109,7 +117,31 @@ class Channel:
         window behind the head) and the window is empty or ends at its cursor. One far behind replays alone."""
         return self.head - cursor <= WINDOW and (not self.frames or cursor == self.first_id + len(self.frames) - 1)
 
+    def moved(self) -> None:
+        """The head moved: wake the waiting subscribers, at once if the last such wake-up is ``coalesce``
+        ago, else when it will be (``ready`` holds the busy ones until then too). A session publishing
+        faster than that is written to each subscriber in batches, one write per batch instead of one
+        per event; a quiet one is not delayed at all."""
+        if self._timer is not None:
+            return  # a wake-up is due already
+        loop = asyncio.get_running_loop()
+        due = self._woke_at + self.coalesce
+        if loop.time() >= due:
+            self._woke_at = loop.time()
+            self.wake()
+        else:
+            self._timer = loop.call_at(due, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        self._woke_at = asyncio.get_running_loop().time()
+        self.wake()
+
     def wake(self) -> None:
+        """Wake every waiting subscriber now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for fut in self.waiting:
             if not fut.done():
                 fut.set_result(None)
@@ -122,8 +154,9 @@ def _retrieve(task: asyncio.Task) -> None:
 
 
 class Hub:
-    def __init__(self, log: EventLog, stats: Stats | None = None) -> None:
+    def __init__(self, log: EventLog, stats: Stats | None = None, *, coalesce: float = 0.0) -> None:
         self.log = log
+        self.coalesce = coalesce
         self.stats = stats
         self.channels: dict[str, Channel] = {}
         self.last_seen: dict[str, int] = {}
@@ -140,7 +173,7 @@ class Hub:
         """Count a new stream of ``session``; learn its head from the log *after* this call."""
         ch = self.channels.get(session)
         if ch is None:
-            ch = self.channels[session] = Channel(session)
+            ch = self.channels[session] = Channel(session, self.coalesce)
         ch.subscribers += 1
         self._count(session, 1)
         return ch

@@ -50,6 +50,7 @@ class Stats:
     publish_duplicates: int = 0   # idempotent replays: nothing appended
     publish_rejected: int = 0     # publish requests refused with an error
     delivered: int = 0            # events written to streams
+    stream_writes: int = 0        # writes that carried them (several events per write when coalesced)
     replayed: int = 0             # of which a stream read back from the log on its own
     window_fills: int = 0         # shared reads that extended a session's window (events appended elsewhere)
     gaps: int = 0
@@ -79,6 +80,8 @@ class Stats:
 
 _COUNTERS = {
     "delivered": "Events written to SSE streams",
+    "stream_writes": "Writes of events to SSE streams; delivered / stream_writes is the events one write carries "
+                     "(see --coalesce-ms)",
     "replayed": "Events a stream read back from the log on its own (replay from behind the window)",
     "window_fills": "Shared log reads of events appended elsewhere, one for all of a session's streams on this node",
     "gaps": "gateway.gap notices sent (history already trimmed)",

@@ -160,9 +160,11 @@ class EventStream(Response):
                 return
             if stop_at is not None and cursor >= stop_at:
                 return
-            if cursor < ch.head:
+            if ch.ready(cursor):
                 chunk, cursor = await self._next(ch, cursor)
                 if chunk:
+                    if self.stats:
+                        self.stats.stream_writes += 1
                     await self._send(send, chunk)
                     last_write = loop.time()
                 continue

@@ -38,6 +38,8 @@ def test_refuses_open_non_loopback_host_without_insecure(tmp_path):
     assert r.returncode == 2 and "--insecure" in r.stderr and "Traceback" not in r.stderr
     r = cli("serve", "--heartbeat", "nope")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = cli("serve", "--coalesce-ms", "-1")
+    assert r.returncode == 2 and "coalesce_ms" in r.stderr and "Traceback" not in r.stderr
     r = cli("serve", env={"SSE_GATEWAY_PORT": "notaport"})
     assert r.returncode == 2 and "SSE_GATEWAY_PORT" in r.stderr
 

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from util import read_stream
+from util import RawStream, metric, read_stream
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -206,3 +206,42 @@ async def test_events_appended_while_a_stream_attaches_carry_the_epoch(tmp_path)
             b"id: %d:%s" % (n, row.epoch.encode()) for n in (1, 2, 3)]
     finally:
         await log.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_busy_session_is_written_in_batches_and_a_quiet_one_at_once(start_gateway):
+    """--coalesce-ms: the first event after a quiet spell wakes the streams at once; events that follow
+    within the window wait for the next wake-up and go out together, one write per stream instead of
+    one per event."""
+    gw = start_gateway("--coalesce-ms", "1000")
+    streams = [RawStream(gw.port, "co") for _ in range(3)]
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as api:
+        assert (await api.post("/v1/sessions", json={"id": "co"})).status_code == 201
+        readers = [asyncio.create_task(s.run()) for s in streams]
+
+        async def until(check, what: str) -> None:
+            deadline = time.monotonic() + 20
+            while not check():
+                assert time.monotonic() < deadline, what
+                await asyncio.sleep(0.005)
+
+        while (await api.get("/v1/sessions/co")).json()["subscribers"] < len(streams):
+            await asyncio.sleep(0.02)
+        start = time.monotonic()
+        assert (await api.post("/v1/sessions/co/events", json={"data": 1})).status_code == 201
+        await until(lambda: all(s.ids == [1] for s in streams), "the first event did not arrive")
+        first_after = time.monotonic() - start
+        writes = await metric(gw.url, "sse_gateway_stream_writes_total")
+        start = time.monotonic()
+        for n in range(2, 22):
+            assert (await api.post("/v1/sessions/co/events", json={"data": n})).status_code == 201
+        posting = time.monotonic() - start
+        await until(lambda: all(len(s.ids) == 21 for s in streams), "the burst did not arrive")
+        writes = await metric(gw.url, "sse_gateway_stream_writes_total") - writes
+        assert (await api.post("/v1/sessions/co/complete")).status_code == 200
+        await asyncio.wait_for(asyncio.gather(*readers), 10)
+    print(f"first event after {first_after * 1000:.0f} ms; 20 events posted in {posting * 1000:.0f} ms "
+          f"went out in {writes:.0f} writes to {len(streams)} streams")
+    assert first_after < 0.5, "a quiet session's event waited for the coalescing window"
+    assert all(s.ids == list(range(1, 23)) for s in streams)
+    assert writes <= len(streams) * (int(posting) + 2), "one write per event: not coalesced"
