@@ -17,6 +17,12 @@ window. So
   So an event appended elsewhere costs one read per node that streams its
   session, not one per subscriber.
 
+New events wake a channel's waiting subscribers at once after a quiet spell;
+while a wake-up's subscribers are writing, and for ``coalesce`` seconds after
+the last of them has, further events are held and go out together at the
+next wake-up (``Channel.moved``). A busy session is thus written in batches
+that grow with its audience, one write per subscriber per batch.
+
 Channels are created when the first stream attaches and dropped when the
 last one detaches. ``subscribers`` and ``last_seen_at`` are the presence
 the session API reports; a log that has ``report_presence`` (Redis) also

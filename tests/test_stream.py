@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import uuid
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from util import RawStream, metric, read_stream
 
 pytestmark = pytest.mark.timeout(30)
@@ -245,3 +248,61 @@ async def test_a_busy_session_is_written_in_batches_and_a_quiet_one_at_once(star
     assert first_after < 0.5, "a quiet session's event waited for the coalescing window"
     assert all(s.ids == list(range(1, 23)) for s in streams)
     assert writes <= len(streams) * (int(posting) + 2), "one write per event: not coalesced"
+
+
+SCHEDULES = st.lists(st.one_of(
+    st.tuples(st.just("publish"), st.integers(1, 30)),  # that many single-event POSTs, back to back
+    st.tuples(st.just("batch"), st.integers(1, 300)),  # one POST of that many events
+    st.tuples(st.just("pause"), st.integers(0, 40)),  # milliseconds
+    st.tuples(st.just("attach"), st.integers(0, 100)),  # a stream resuming after this % of what is published
+), min_size=1, max_size=12)
+
+
+@pytest.fixture(scope="module")
+def coalescing(start_module_gateway):
+    return start_module_gateway("--coalesce-ms", "20", "--heartbeat", "1")
+
+
+@pytest.mark.timeout(180)
+@settings(max_examples=30, deadline=None)
+@given(schedule=SCHEDULES)
+def test_coalesced_streams_are_exact_whatever_the_timing(coalescing, schedule):
+    """Property: with wake-ups coalesced, however publishes, pauses and arriving streams interleave
+    (arrivals during a wake-up, during the hold after it, at quiet moments), every stream gets
+    exactly the events after its cursor, each once, in order, then gateway.end."""
+
+    async def run() -> None:
+        session = f"p{uuid.uuid4().hex[:12]}"
+        published = 0
+        streams: list[tuple[int, RawStream]] = []
+        readers = []
+        async with httpx.AsyncClient(base_url=coalescing.url, timeout=10) as api:
+            epoch = (await api.post("/v1/sessions", json={"id": session})).json()["epoch"]
+
+            def attach(cursor: int) -> None:
+                stream = RawStream(coalescing.port, session, f"{cursor}:{epoch}" if cursor else None)
+                streams.append((cursor, stream))
+                readers.append(asyncio.create_task(stream.run()))
+
+            attach(0)
+            for step, n in schedule:
+                if step == "publish":
+                    for _ in range(n):
+                        published += 1
+                        r = await api.post(f"/v1/sessions/{session}/events", json={"data": published})
+                        assert r.status_code == 201, r.text
+                elif step == "batch":
+                    r = await api.post(f"/v1/sessions/{session}/events",
+                                       json=[{"data": published + i} for i in range(1, n + 1)])
+                    assert r.status_code == 201, r.text
+                    published += n
+                elif step == "pause":
+                    await asyncio.sleep(n / 1000)
+                else:
+                    attach(published * n // 100)
+            assert (await api.post(f"/v1/sessions/{session}/complete")).status_code == 200
+            await asyncio.wait_for(asyncio.gather(*readers), 30)
+        for cursor, stream in streams:
+            assert stream.ids == list(range(cursor + 1, published + 2)), (cursor, schedule)
+
+    asyncio.run(run())
