@@ -35,8 +35,8 @@ class Settings:
     redis_wait_replicas: int = _opt(0, "Redis replicas that must confirm each write before it is acknowledged "
                                     "(WAIT; 0: do not wait)", metavar="N")
     heartbeat: float = _opt(15.0, "seconds of silence before a ': ping' comment", metavar="SECONDS")
-    coalesce_ms: float = _opt(5.0, "a busy session wakes its waiting streams at most once per this many ms, so "
-                              "they write its events in batches (0: wake on every event)", metavar="MS")
+    coalesce_ms: float = _opt(5.0, "a busy session's streams are woken again this many ms after they have "
+                              "written, so they write its events in batches (0: wake on every event)", metavar="MS")
     retry_ms: int = _opt(1000, "reconnect delay sent to clients as 'retry:' (plus up to 50%% jitter)", metavar="MS")
     publish_key: tuple[str, ...] = _opt((), "publisher key (repeatable; env: comma-separated); none means open",
                                         metavar="KEY", repeat=True)

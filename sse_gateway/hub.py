@@ -50,12 +50,13 @@ def _loop_time() -> float:
 
 class Channel:
     __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "subscribers", "closed",
-                 "filling", "_joined", "coalesce", "_woke_at", "_timer", "_held")
+                 "filling", "_joined", "coalesce", "_woke_at", "_woke_head", "_timer", "_held")
 
     def __init__(self, session: str, coalesce: float = 0.0) -> None:
         self.session = session
-        self.coalesce = coalesce  # seconds: new events wake the waiting subscribers at most once per this
+        self.coalesce = coalesce  # seconds between a wake-up's subscribers having written and the next wake-up
         self._woke_at: float | None = float("-inf")  # when the last wake-up's subscribers had run; None: running
+        self._woke_head = 0  # the head the last wake-up was for
         self._timer: asyncio.TimerHandle | None = None  # the coalesced wake-up that is due
         self._held = False  # events arrived while a wake-up's subscribers ran: wake again ``coalesce`` after it
         self.epoch = ""
@@ -104,8 +105,10 @@ class Channel:
 
     def ready(self, cursor: int) -> bool:
         """Whether a subscriber at ``cursor`` takes the events after it now, or waits for the coalesced
-        wake-up that is due (never longer than ``coalesce``; one far behind the window never waits)."""
-        return cursor < self.head and ((self._timer is None and not self._held) or self.head - cursor > WINDOW)
+        wake-up that is due: only one that has written everything the last wake-up was for waits, and
+        one far behind the window never does."""
+        return cursor < self.head and (cursor < self._woke_head or (self._timer is None and not self._held)
+                                       or self.head - cursor > WINDOW)
 
     def window_after(self, cursor: int) -> tuple[bytes, int] | None:
         """The frames after ``cursor`` if the window holds the next one, and the new cursor."""
@@ -146,6 +149,7 @@ class Channel:
                 self._timer = loop.call_at(due, self._due, loop)
 
     def _due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._woke_head = self.head
         self.wake()
         self._woke_at = None
         loop.call_soon(self._woken, loop)  # queued behind the woken subscribers' turns
