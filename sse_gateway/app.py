@@ -622,9 +622,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
         if upto is None:
             raise BadRequest("body must be {\"id\": N}", "invalid_ack")
         if bound is not None:
-            row = await gw.log.get_session(session)
-            if row is not None:
-                check_life(bound, row.epoch)
+            await row_for_reader(gw, session, bound)
         row = await gw.log.ack(session, upto)
         return json_response({"session": session, "acked_id": row.acked_id})
 

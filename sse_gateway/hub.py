@@ -50,7 +50,7 @@ def _loop_time() -> float:
 
 class Channel:
     __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "subscribers", "closed",
-                 "filling", "_joined", "coalesce", "_woke_at", "_woke_head", "_timer", "_held")
+                 "filling", "_joined", "coalesce", "_woke_at", "_woke_head", "_timer")
 
     def __init__(self, session: str, coalesce: float = 0.0) -> None:
         self.session = session
@@ -58,7 +58,6 @@ class Channel:
         self._woke_at: float | None = float("-inf")  # when the last wake-up's subscribers had run; None: running
         self._woke_head = 0  # the head the last wake-up was for
         self._timer: asyncio.TimerHandle | None = None  # the coalesced wake-up that is due
-        self._held = False  # events arrived while a wake-up's subscribers ran: wake again ``coalesce`` after it
         self.epoch = ""
         self.head = 0
         self.end_id: int | None = None
@@ -107,8 +106,8 @@ class Channel:
         """Whether a subscriber at ``cursor`` takes the events after it now, or waits for the coalesced
         wake-up that is due: only one that has written everything the last wake-up was for waits, and
         one far behind the window never does."""
-        return cursor < self.head and (cursor < self._woke_head or (self._timer is None and not self._held)
-                                       or self.head - cursor > WINDOW)
+        held = self._timer is not None or self._woke_at is None
+        return cursor < self.head and (cursor < self._woke_head or not held or self.head - cursor > WINDOW)
 
     def window_after(self, cursor: int) -> tuple[bytes, int] | None:
         """The frames after ``cursor`` if the window holds the next one, and the new cursor."""
@@ -136,10 +135,8 @@ class Channel:
         subscribers: writing to 1,000 of them takes longer than the gap between two publishes."""
         if not self.coalesce:
             self.wake()
-        elif self._timer is not None or self._held:
-            return  # a wake-up is due already
-        elif self._woke_at is None:
-            self._held = True  # the subscribers of the last wake-up are still running: then
+        elif self._timer is not None or self._woke_at is None:
+            return  # a wake-up is due, or the last one's subscribers are still running (``_woken`` sees the head)
         else:
             loop = asyncio.get_running_loop()
             due = self._woke_at + self.coalesce
@@ -156,8 +153,7 @@ class Channel:
 
     def _woken(self, loop: asyncio.AbstractEventLoop) -> None:
         self._woke_at = loop.time()
-        if self._held:
-            self._held = False
+        if self.head > self._woke_head:  # events came while they ran
             self._timer = loop.call_at(self._woke_at + self.coalesce, self._due, loop)
 
     def wake(self) -> None:
