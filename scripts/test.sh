@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs (Debian packages, the Python package with its
-# test extras, the Node test client), then run the whole suite. Extra arguments go to pytest.
+# Install everything the test suite needs, then run the whole suite. Extra arguments go to pytest
+# (for example `bash scripts/test.sh -m "not system"` runs the fast tier only).
+#
+# Python packages come from the hashed lock requirements/test.txt into a virtual environment of the
+# suite's own (.venv, made afresh on every run), never from the system's site-packages: every run,
+# on every machine, tests exactly the locked versions. Debian packages (redis-server, nginx with
+# nchan, chromium) and the Node test client are installed when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -20,6 +25,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-python3 -m pip install -q -e '.[test]'
-(cd tests/node && npm install --silent --no-audit --no-fund >/dev/null)
-exec python3 -m pytest "$@"
+python3 -m venv --clear .venv
+.venv/bin/python -m pip install -q --require-hashes -r requirements/test.txt
+.venv/bin/python -m pip install -q --no-deps -e .
+(cd tests/node && npm ci --silent --no-audit --no-fund >/dev/null)
+exec .venv/bin/python -m pytest "$@"

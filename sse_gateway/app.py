@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import secrets
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +41,10 @@ from .stream import EventStream, parse_cursor, start_position
 log = logging.getLogger("sse_gateway")
 
 def _static_dir() -> Path:
-    """``static/`` beside the package (a checkout) or where a wheel installs it (``share/sse-gateway``)."""
-    for candidate in (Path(__file__).resolve().parent.parent / "static",
-                      Path(sys.prefix) / "share" / "sse-gateway" / "static"):
-        if candidate.is_dir():
+    """The demo page and helper: ``sse_gateway/static`` in an installed wheel, ``static/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "static", here.parent / "static"):
+        if (candidate / "index.html").is_file():
             return candidate
     return candidate
 
