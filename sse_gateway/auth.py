@@ -35,7 +35,6 @@ from .errors import Forbidden, Unauthorized
 
 COOKIE = "sse_gateway_token"
 SCOPE = "subscribe"
-MAX_TOKEN_TTL = 30 * 86400
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="sse-gateway"'}
 
 

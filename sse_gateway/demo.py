@@ -23,7 +23,8 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from .errors import BadRequest, GatewayError, TooLarge
+from .bodies import json_object, read_body
+from .errors import BadRequest, GatewayError
 from .models import NewEvent
 
 log = logging.getLogger("sse_gateway.demo")
@@ -87,7 +88,9 @@ def split_tokens(text: str) -> list[str]:
 async def start_run(request: Request) -> Response:
     gw = request.app.state.gw
     gw.auth.publisher(request)
-    duration = _duration(await _small_body(request))
+    spec = json_object(await read_body(request, MAX_BODY), frozenset({"duration"}), '{"duration"?}', "invalid_body")
+    duration = _duration(spec)
+    await gw.writes.admit_session()
     session = "demo-" + secrets.token_urlsafe(8)
     row = await gw.log.create_session(session, metadata={"demo": True}, ttl_seconds=KEEP_SECONDS)
     gw.spawn(simulate(gw, session, duration))
@@ -100,24 +103,7 @@ async def start_run(request: Request) -> Response:
     return Response(orjson.dumps(body), 201, media_type="application/json")
 
 
-async def _small_body(request: Request) -> bytes:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise TooLarge(f"a demo run takes at most {MAX_BODY} bytes of options", "body_too_large")
-    return body
-
-
-def _duration(body: bytes) -> float:
-    if not body.strip():
-        return DEFAULT_DURATION
-    try:
-        spec = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest("body must be a JSON object {\"duration\"?}", "invalid_json") from None
-    if not isinstance(spec, dict) or set(spec) - {"duration"}:
-        raise BadRequest("body must be a JSON object {\"duration\"?}", "invalid_body")
+def _duration(spec: dict) -> float:
     duration = spec.get("duration", DEFAULT_DURATION)
     if isinstance(duration, bool) or not isinstance(duration, int | float) or not 1 <= duration <= MAX_DURATION:
         raise BadRequest(f"duration must be a number of seconds between 1 and {MAX_DURATION:g}", "invalid_duration")
@@ -133,7 +119,7 @@ async def simulate(gw, session: str, duration: float) -> None:
     interval = max(duration - pause, MIN_TYPING) / (len(first) + len(second))
 
     async def publish(event: str, data: Any) -> None:
-        await gw.append(session, [NewEvent(event, orjson.dumps(data).decode())])
+        await gw.writes.append(session, [NewEvent(event, orjson.dumps(data).decode())])
 
     async def type_out(pieces: list[str]) -> None:
         begin = loop.time()

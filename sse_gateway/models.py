@@ -10,23 +10,23 @@ import json
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from . import rules
 from .errors import BadRequest
 
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.~-]{1,128}")
-EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-RESERVED_PREFIX = "gateway."
+SESSION_ID_RE = re.compile(rules.SESSION_ID)
+EVENT_TYPE_RE = re.compile(rules.EVENT_TYPE)
 END_EVENT = "gateway.end"
 
 _EPOCH_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
 
 def check_session_id(session: str) -> str:
-    if not SESSION_ID_RE.fullmatch(session) or session in (".", ".."):
+    if not SESSION_ID_RE.fullmatch(session):
         raise BadRequest(
             "session id must be 1-128 characters of A-Z a-z 0-9 _ . ~ - and not '.' or '..'",
             "invalid_session_id",
@@ -37,7 +37,7 @@ def check_session_id(session: str) -> str:
 def check_event_type(event: Any) -> str:
     if not isinstance(event, str) or not EVENT_TYPE_RE.fullmatch(event):
         raise BadRequest("event type must be 1-64 characters of A-Z a-z 0-9 _ . : -", "invalid_event_type")
-    if event.startswith(RESERVED_PREFIX):
+    if event.startswith(rules.RESERVED_PREFIX):
         raise BadRequest("event types beginning with 'gateway.' are reserved", "reserved_event_type")
     return event
 
@@ -112,7 +112,6 @@ class Session:
     state_version: int = 0
     state_as_of: int = 0
     result: Any = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def earliest_id(self) -> int:

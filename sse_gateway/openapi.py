@@ -3,9 +3,11 @@
 The routes give their request bodies and extra parameters
 (``openapi_extra``); ``describe`` then owns what FastAPI cannot know: the
 responses of each operation (errors are always the gateway's JSON, never
-FastAPI's 422), the session id rule, and the security schemes that this
-deployment enforces. The description is tested against the running gateway
-with schemathesis (tests/test_schemathesis.py).
+FastAPI's 422), the session id rule, the limits this deployment was
+started with (``--max-batch``) and the security schemes it enforces.
+Patterns and bounds are the objects of ``rules`` that the validators use.
+The description is tested against the running gateway with schemathesis
+(tests/test_schemathesis.py).
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .auth import COOKIE, MAX_TOKEN_TTL
+from . import rules
+from .auth import COOKIE
 from .config import Settings
+from .rules import CURSOR, SESSION_ID
 
-SESSION_ID = r"^(?!\.{1,2}$)[A-Za-z0-9_.~-]{1,128}$"
-CURSOR = r"^\s*[0-9]{1,18}(:[A-Za-z0-9]{1,32})?\s*$"
-_PRINTABLE = r"^[\x20-\x7e]{1,256}$"
+_PRINTABLE = rules.IDEMPOTENCY_KEY
 
-_EVENT_TYPE = {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$", "not": {"pattern": r"^gateway\."},
-               "default": "message", "description": "types beginning with gateway. are reserved"}
+_EVENT_TYPE = {"type": "string", "pattern": rules.EVENT_TYPE,
+               "not": {"pattern": "^" + rules.RESERVED_PREFIX.replace(".", r"\.")},
+               "default": "message", "description": f"types beginning with {rules.RESERVED_PREFIX} are reserved"}
 _EVENT = {
     "type": "object",
     "properties": {"event": _EVENT_TYPE, "data": {},
@@ -45,8 +48,7 @@ PUBLISH = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"oneOf": [_EVENT, {"type": "array", "items": _EVENT, "minItems": 1,
-                                                               "maxItems": 1000}]}},
+            "application/json": {"schema": {"oneOf": [_EVENT, {"type": "array", "items": _EVENT, "minItems": 1}]}},
             "text/plain": {"schema": {"type": "string"}},
             "application/x-ndjson": {"schema": {"type": "array", "items": _EVENT},
                                      "description": "one event object per line, each appended as its line "
@@ -70,7 +72,7 @@ STREAM = {
     ],
 }
 
-_TTL = {"type": "integer", "minimum": 1, "maximum": 10**9 - 1}
+_TTL = rules.SESSION_TTL.schema()
 
 CREATE = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
     "type": "object",
@@ -82,8 +84,8 @@ CREATE = {"requestBody": {"required": False, "content": {"application/json": {"s
 
 TOKENS = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
     "type": "object",
-    "properties": {"ttl_seconds": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_TOKEN_TTL},
-                                             {"type": "null"}], "description": "null or absent: --token-ttl"}},
+    "properties": {"ttl_seconds": {"anyOf": [rules.TOKEN_TTL.schema(), {"type": "null"}],
+                                   "description": "null or absent: --token-ttl"}},
     "additionalProperties": False}}}}}
 
 COMPLETE = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
@@ -93,7 +95,7 @@ ACK = {"requestBody": {"required": True, "content": {"application/json": {"schem
     "type": "object",
     "properties": {"id": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": CURSOR}],
                           "description": "at most the session's last id"}},
-    "required": ["id"]}}}}}
+    "required": ["id"], "additionalProperties": False}}}}}
 
 STATE = {
     "parameters": [{"name": "If-Match", "in": "header", "required": False,
@@ -102,17 +104,17 @@ STATE = {
 }
 
 TRIM = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "properties": {"through": {"type": "integer", "minimum": 0}}, "required": ["through"]}}}}}
+    "type": "object", "properties": {"through": {"type": "integer", "minimum": 0}}, "required": ["through"],
+    "additionalProperties": False}}}}}
 
 LIST = {"parameters": [
     {"name": "status", "in": "query", "required": False, "schema": {"type": "string", "enum": ["open", "completed"]}},
-    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+    {"name": "limit", "in": "query", "required": False, "schema": rules.LIST_LIMIT.schema()},
 ]}
 
 HISTORY = {"parameters": [
-    {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0,
-                                                                   "maximum": 2**62}},
-    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+    {"name": "after", "in": "query", "required": False, "schema": rules.READ_AFTER.schema()},
+    {"name": "limit", "in": "query", "required": False, "schema": rules.READ_LIMIT.schema()},
 ]}
 
 # -- responses ------------------------------------------------------------------
@@ -315,6 +317,9 @@ def describe(app: FastAPI, settings: Settings) -> dict:
             for param in op.get("parameters", ()):
                 if param["name"] == "session" and param["in"] == "path":
                     param["schema"] = {"type": "string", "pattern": SESSION_ID}
+    body = doc["paths"]["/v1/sessions/{session}/events"]["post"]["requestBody"]["content"]["application/json"]
+    one, many = body["schema"]["oneOf"]  # shared with the route's openapi_extra: replaced, not changed
+    body["schema"] = {"oneOf": [one, {**many, "maxItems": settings.max_batch}]}  # this deployment's --max-batch
     doc.setdefault("components", {}).pop("schemas", None)  # FastAPI's validation error models, never sent
     doc["components"]["schemas"] = SCHEMAS
     if schemes:

@@ -1,0 +1,89 @@
+"""The gateway process: what every request needs, built in the lifespan, and its life.
+
+``Gateway`` owns the event log, the hub, auth, stream slots, metrics and the
+background tasks (retention sweep, slow-client watchdog, loop-lag probe).
+It is created when the app starts (never at import: every asyncio object
+belongs to the running loop), drains on SIGTERM, and closes the log last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import limits
+from .auth import Auth
+from .config import Settings
+from .errors import GatewayError
+from .hub import Hub
+from .log.base import EventLog
+from .metrics import Stats, make_registry, measure_loop_lag
+from .models import now_ms
+from .writes import Writes
+
+log = logging.getLogger("sse_gateway")
+
+
+class Gateway:
+    """Everything a request needs (``request.app.state.gw``)."""
+
+    def __init__(self, settings: Settings, log_: EventLog) -> None:
+        self.settings = settings
+        self.log = log_
+        self.stats = Stats()
+        self.hub = Hub(log_, self.stats, coalesce=self.settings.coalesce_ms / 1000)
+        self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
+        self.streams = limits.StreamSlots(settings.max_streams, settings.max_streams_per_session)
+        self.writes = Writes(settings, log_, self.stats)
+        self.registry = make_registry(self)
+        self.draining = False
+        self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+        if hasattr(log_, "on_commit"):
+            log_.on_commit = self.stats.observe_commit
+
+    def spawn(self, coro) -> None:
+        """Run ``coro`` in the background, keeping a reference until it is done (cancelled at stop)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.log.open()
+        self._tasks = [asyncio.create_task(self._sweep(), name="retention"),
+                       asyncio.create_task(self.hub.cut_slow_clients(self.settings.send_timeout),
+                                           name="slow-clients"),
+                       asyncio.create_task(measure_loop_lag(self.stats), name="loop-lag")]
+
+    def begin_drain(self, then) -> None:
+        """Refuse new streams, close open ones spread over the drain window, then call ``then``."""
+        self.draining = True
+        window = self.settings.drain_seconds
+        self.hub.begin_drain(window * 0.8)
+
+        async def wait_for_streams() -> None:
+            deadline = self.loop.time() + window
+            while self.hub.channels and self.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            then()
+
+        self.spawn(wait_for_streams())
+
+    async def stop(self) -> None:
+        self.hub.shutdown()
+        pending = [*self._tasks, *self._background]  # background work must not outlive the log
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self.log.close()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                removed = await self.log.sweep(now_ms())
+                if removed:
+                    log.info("retention removed %d expired session(s)", removed)
+            except GatewayError as exc:
+                log.warning("retention sweep failed: %s", exc.message)

@@ -1,0 +1,127 @@
+"""Publishing: ``POST /v1/sessions/{session}/events`` (one event, a batch, text, or an NDJSON stream).
+
+A ``201`` is sent only after the events are committed; ``200`` when every
+event was an idempotent retry of one already stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from .. import limits, openapi
+from ..bodies import check_key, check_size, content_type, parse_event, parse_json, read_body
+from ..errors import BadRequest, GatewayError, RequestTimeout, TooLarge, UnsupportedMedia
+from ..gateway import Gateway
+from ..models import AppendResult, NewEvent, check_event_type
+from .common import json_response, publisher
+
+router = APIRouter(tags=["publish"])
+
+
+@router.post("/v1/sessions/{session}/events", status_code=201, openapi_extra=openapi.PUBLISH,
+             summary="Append events to a session")
+async def publish(session: str, request: Request) -> Response:
+    gw = publisher(request, session)
+    kind, charset = content_type(request)
+    header_key = request.headers.get("idempotency-key")
+    if header_key is not None:
+        header_key = check_key(header_key)
+    settings = gw.settings
+    try:
+        text_type = check_event_type(request.query_params.get("event", "message"))  # checked for every body
+        if kind == "application/x-ndjson":
+            if header_key is not None:
+                raise BadRequest("an NDJSON stream takes per-line idempotency_key, not the header",
+                                 "invalid_idempotency_key")
+            return await _publish_ndjson(gw, session, request)
+        body = await read_body(request, settings.max_body_bytes)
+        if kind == "application/json":
+            payload = parse_json(body)
+            if isinstance(payload, list):
+                if header_key is not None:
+                    raise BadRequest("a batch takes per-item idempotency_key, not the header",
+                                     "invalid_idempotency_key")
+                if not payload:
+                    raise BadRequest("a batch needs at least one event", "empty_batch")
+                if len(payload) > settings.max_batch:
+                    raise TooLarge(f"a batch holds at most {settings.max_batch} events", "batch_too_large")
+                events = [parse_event(item, settings.max_event_bytes) for item in payload]
+                return _appended(session, await gw.writes.append(session, events), batch=True)
+            event = parse_event(payload, settings.max_event_bytes, header_key)
+        elif kind == "text/plain":
+            if charset not in ("", "utf-8", "utf8", "us-ascii"):
+                raise UnsupportedMedia("text/plain must be UTF-8", "unsupported_charset")
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("text/plain body is not valid UTF-8", "invalid_utf8") from None
+            check_size(text, settings.max_event_bytes)
+            event = NewEvent(text_type, text, False, header_key)
+        else:
+            raise UnsupportedMedia("publish takes application/json, text/plain or application/x-ndjson",
+                                   "unsupported_media_type")
+        return _appended(session, await gw.writes.append(session, [event]), batch=False)
+    except GatewayError:
+        gw.stats.publish_rejected += 1
+        raise
+
+
+async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Response:
+    """Each complete line is appended as it arrives; lines that arrive together share a commit."""
+    ids: list[int] = []
+    any_new = False
+    pending = b""
+    settings = gw.settings
+
+    async def append_all(events: list[NewEvent]) -> None:
+        nonlocal any_new
+        for i in range(0, len(events), settings.max_batch):
+            result = await gw.writes.append(session, events[i:i + settings.max_batch])
+            ids.extend(result.ids)
+            any_new = any_new or any(result.new)
+
+    async def flush(lines: list[bytes]) -> None:
+        events = []
+        try:
+            for line in lines:
+                if line.strip():
+                    events.append(parse_event(parse_json(line), settings.max_event_bytes))
+        except GatewayError as err:
+            await append_all(events)  # the good lines before the bad one are kept, as if they had come alone
+            err.extra = {"ids": ids}
+            raise
+        await append_all(events)
+
+    loop = asyncio.get_running_loop()
+    patience = settings.ndjson_line_timeout
+    deadline = loop.time() + patience
+    chunks = request.stream()
+    while True:
+        try:
+            chunk = await limits.next_chunk(chunks, deadline)
+        except TimeoutError:
+            raise RequestTimeout(f"no complete NDJSON line arrived for {patience:g} s", "line_timeout",
+                                 extra={"ids": ids}) from None
+        if chunk is None:
+            break
+        pending += chunk
+        if b"\n" in chunk:
+            *lines, pending = pending.split(b"\n")
+            deadline = loop.time() + patience
+            await flush(lines)
+        if len(pending) > settings.max_body_bytes:
+            raise TooLarge(f"an NDJSON line is longer than {settings.max_body_bytes} bytes", "line_too_long",
+                           extra={"ids": ids})
+    await flush([pending])
+    return json_response({"ids": ids, "session": session, "last_id": ids[-1] if ids else 0},
+                         201 if any_new else 200)
+
+
+def _appended(session: str, result: AppendResult, *, batch: bool) -> Response:
+    body = {"ids": result.ids} if batch else {"id": result.ids[0]}
+    body["session"] = session
+    body["last_id"] = result.last_id
+    return json_response(body, 201 if any(result.new) else 200)

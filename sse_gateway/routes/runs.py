@@ -1,0 +1,82 @@
+"""A run's state within its session: completion with a result, delivery acks, the state document, trimming."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from .. import openapi, rules
+from ..bodies import check_size, json_int, json_object, parse_json, read_body
+from ..errors import BadRequest
+from ..log.base import NO_RESULT
+from ..models import Session, dump_json
+from ..stream import parse_cursor
+from .common import json_response, publisher, readable_row, reader, row_for_reader, session_json
+
+router = APIRouter(tags=["sessions"])
+
+
+@router.post("/v1/sessions/{session}/complete", openapi_extra=openapi.COMPLETE,
+             summary="Complete a session with its final result")
+async def complete(session: str, request: Request) -> Response:
+    gw = publisher(request, session)
+    spec = json_object(await read_body(request, gw.settings.max_body_bytes), frozenset({"result"}),
+                       '{"result"?}', "invalid_body")
+    if "result" in spec:
+        check_size(dump_json(spec["result"]), gw.settings.max_event_bytes)
+    row = await gw.log.complete(session, spec.get("result", NO_RESULT))
+    return json_response(session_json(row, gw))
+
+
+@router.post("/v1/sessions/{session}/ack", openapi_extra=openapi.ACK, summary="Confirm delivery up to an id")
+async def ack(session: str, request: Request) -> Response:
+    gw, bound = reader(request, session)
+    spec = json_object(await read_body(request, rules.SMALL_BODY), frozenset({"id"}), '{"id": N}', "invalid_ack",
+                       empty=False)
+    upto = spec.get("id")
+    upto = parse_cursor(upto)[0] if isinstance(upto, str) else json_int(upto)
+    if upto is None:
+        raise BadRequest("body must be {\"id\": N}", "invalid_ack")
+    if bound is not None:
+        await row_for_reader(gw, session, bound)
+    row = await gw.log.ack(session, upto)
+    return json_response({"session": session, "acked_id": row.acked_id})
+
+
+def _state_response(row: Session) -> Response:
+    return json_response({"version": row.state_version, "state": row.state, "as_of": f"{row.state_as_of}:{row.epoch}"},
+                         headers={"ETag": f'"{row.state_version}"'})
+
+
+@router.get("/v1/sessions/{session}/state", summary="The run's state document")
+async def get_state(session: str, request: Request) -> Response:
+    return _state_response((await readable_row(request, session))[1])
+
+
+@router.put("/v1/sessions/{session}/state", openapi_extra=openapi.STATE, summary="Replace the run's state document")
+async def put_state(session: str, request: Request) -> Response:
+    gw = publisher(request, session)
+    if_match = request.headers.get("if-match")
+    version = None
+    if if_match is not None and if_match.strip() != "*":
+        tag = if_match.strip().removeprefix("W/").strip('"')
+        if not (tag.isascii() and tag.isdigit() and len(tag) <= 19):
+            raise BadRequest("If-Match must be a version ETag such as \"3\"", "invalid_if_match")
+        version = int(tag)
+    state = parse_json(await read_body(request, gw.settings.max_body_bytes))
+    if not isinstance(state, dict):
+        raise BadRequest("state must be a JSON object", "invalid_state")
+    return _state_response(await gw.writes.put_state(session, state, version))
+
+
+@router.post("/v1/sessions/{session}/trim", openapi_extra=openapi.TRIM,
+             summary="Remove events up to an id (retention)")
+async def trim(session: str, request: Request) -> Response:
+    gw = publisher(request, session)
+    spec = json_object(await read_body(request, rules.SMALL_BODY), frozenset({"through"}), '{"through": N}',
+                       "invalid_trim", empty=False)
+    through = json_int(spec.get("through"))
+    if through is None or through < 0:
+        raise BadRequest("body must be {\"through\": N}", "invalid_trim")
+    row = await gw.log.trim(session, through)
+    return json_response({"session": session, "earliest_id": row.earliest_id, "last_id": row.last_id})

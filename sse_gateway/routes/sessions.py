@@ -1,0 +1,86 @@
+"""Sessions: create one, mint subscribe tokens for it, list, look at and delete them."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from .. import openapi, rules
+from ..bodies import bounded_int, json_object, query_int, read_body
+from ..errors import BadRequest, NotConfigured, NotFound
+from ..models import check_session_id, rfc3339
+from .common import json_response, publisher, readable_row, session_json
+
+router = APIRouter(tags=["sessions"])
+
+_CREATE_FIELDS = frozenset({"id", "metadata", "ttl_seconds"})
+_TOKEN_FIELDS = frozenset({"ttl_seconds"})
+
+
+def _stream_url(session: str, token: str | None) -> str:
+    url = f"/v1/sessions/{session}/stream"
+    return f"{url}?token={token}" if token else url
+
+
+@router.post("/v1/sessions", status_code=201, openapi_extra=openapi.CREATE, summary="Create a session")
+async def create_session(request: Request) -> Response:
+    gw = publisher(request)
+    spec = json_object(await read_body(request, gw.settings.max_body_bytes), _CREATE_FIELDS,
+                       '{"id"?, "metadata"?, "ttl_seconds"?}', "invalid_body", unknown_code="unknown_field")
+    session = spec.get("id")
+    if session is None:
+        session = "s_" + secrets.token_urlsafe(12)
+    elif not isinstance(session, str):
+        raise BadRequest("id must be a string", "invalid_session_id")
+    check_session_id(session)
+    ttl = bounded_int(spec.get("ttl_seconds"), rules.SESSION_TTL, "ttl_seconds", "invalid_ttl")
+    await gw.writes.admit_session()
+    row = await gw.log.create_session(session, metadata=spec.get("metadata"), ttl_seconds=ttl)
+    token = gw.auth.mint(session, epoch=row.epoch)
+    body = {"id": session, "epoch": row.epoch, "stream_url": _stream_url(session, token and token[0]),
+            "subscribe_token": token[0] if token else None}
+    if token:
+        body["token_expires_at"] = rfc3339(token[1] * 1000)
+    return json_response(body, 201)
+
+
+@router.post("/v1/sessions/{session}/tokens", status_code=201, openapi_extra=openapi.TOKENS,
+             summary="Mint a subscribe token for a session")
+async def mint_token(session: str, request: Request) -> Response:
+    gw = publisher(request, session)
+    spec = json_object(await read_body(request, rules.SMALL_BODY), _TOKEN_FIELDS, '{"ttl_seconds"?}',
+                       "invalid_body")
+    ttl = bounded_int(spec.get("ttl_seconds"), rules.TOKEN_TTL, "ttl_seconds", "invalid_ttl")
+    row = await gw.log.get_session(session)  # an existing session binds the token to its life
+    token = gw.auth.mint(session, ttl, epoch=row.epoch if row else None)
+    if token is None:
+        raise NotConfigured("this gateway mints no tokens: start it with --token-secret", "tokens_not_configured")
+    return json_response({"token": token[0], "expires_at": rfc3339(token[1] * 1000),
+                          "stream_url": _stream_url(session, token[0])}, 201)
+
+
+@router.get("/v1/sessions", openapi_extra=openapi.LIST, summary="List sessions")
+async def list_sessions(request: Request) -> Response:
+    gw = publisher(request)
+    status = request.query_params.get("status")
+    if status not in (None, "open", "completed"):
+        raise BadRequest("status must be open or completed", "invalid_status")
+    rows = await gw.log.list_sessions(status=status, limit=query_int(request, "limit", rules.LIST_LIMIT))
+    return json_response({"sessions": [session_json(r, gw) for r in rows]})
+
+
+@router.get("/v1/sessions/{session}", summary="A session's status, presence and acks")
+async def get_session(session: str, request: Request) -> Response:
+    gw, row = await readable_row(request, session)
+    presence = await gw.log.presence(session) if hasattr(gw.log, "presence") else None
+    return json_response(session_json(row, gw, presence))
+
+
+@router.delete("/v1/sessions/{session}", summary="Delete a session and its log")
+async def delete_session(session: str, request: Request) -> Response:
+    gw = publisher(request, session)
+    if not await gw.log.delete_session(session):
+        raise NotFound(f"no session {session!r}")
+    return Response(status_code=204)

@@ -1,0 +1,82 @@
+"""Reading a session: the SSE stream (replay after a cursor, then live) and the same events as JSON."""
+
+from __future__ import annotations
+
+import contextlib
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from .. import openapi, rules
+from ..bodies import query_int
+from ..errors import BadRequest, GatewayError, Unavailable
+from ..log.base import EventLog
+from ..sse import encode_retry
+from ..stream import EventStream, parse_cursor, start_position
+from .common import json_response, reader, row_for_reader
+
+router = APIRouter(tags=["read"])
+
+
+@router.get("/v1/sessions/{session}/stream", openapi_extra=openapi.STREAM, response_class=Response,
+            summary="Stream a session as Server-Sent Events")
+async def stream(session: str, request: Request) -> Response:
+    gw, bound = reader(request, session)
+    if gw.draining:
+        raise Unavailable("the gateway is shutting down; reconnect", "draining", retry_after=1)
+    q = request.query_params
+    header = request.headers.get("last-event-id")
+    resuming = header if header is not None else q.get("last_event_id")
+    if resuming is not None and resuming.strip() == "":
+        resuming = None  # an empty Last-Event-ID means no cursor, as EventSource sends it
+    cursor, epoch = (0, None)
+    from_latest = False
+    if resuming is not None:
+        cursor, epoch = parse_cursor(resuming)
+    elif "from" in q:
+        start = q["from"]
+        if start == "latest":
+            from_latest = True
+        elif start != "earliest":
+            cursor, epoch = parse_cursor(start)
+    live = q.get("live", "true").lower()
+    if live not in ("true", "false", "1", "0"):
+        raise BadRequest("live must be true or false", "invalid_live")
+    row = await row_for_reader(gw, session, bound)
+    if from_latest:
+        cursor, epoch = row.last_id, row.epoch
+    start, notice = start_position(row, cursor, epoch)
+    if row.completed and start >= row.last_id and not notice:
+        return Response(status_code=204)
+    release = gw.streams.take(session)
+    if notice:
+        gw.stats.resets += 1
+    elif resuming is not None and start > row.acked_id:
+        gw.spawn(_ack_quietly(gw.log, session, start))  # a reconnect's cursor is also an ack
+    gw.stats.streams_opened += 1
+    return EventStream(gw.hub, session, cursor, epoch, prelude=encode_retry(gw.settings.retry_ms),
+                       live=live in ("true", "1"), heartbeat=gw.settings.heartbeat,
+                       stats=gw.stats, on_close=release)
+
+
+async def _ack_quietly(event_log: EventLog, session: str, upto: int) -> None:
+    with contextlib.suppress(GatewayError):
+        await event_log.ack(session, upto)
+
+
+@router.get("/v1/sessions/{session}/events", openapi_extra=openapi.HISTORY,
+            summary="Read a session's events as JSON")
+async def history(session: str, request: Request) -> Response:
+    gw, bound = reader(request, session)
+    after = query_int(request, "after", rules.READ_AFTER)
+    limit = query_int(request, "limit", rules.READ_LIMIT)
+    row = await row_for_reader(gw, session, bound)
+    events = await gw.log.read(session, after, limit)
+    body: dict = {
+        "events": [e.to_json() for e in events], "epoch": row.epoch, "earliest_id": row.earliest_id,
+        "last_id": row.last_id, "next_after": events[-1].id if events else after,
+    }
+    first = events[0].id if events else row.trimmed_id + 1
+    if after + 1 < first and after < row.trimmed_id:
+        body["gap"] = {"from": after + 1, "to": min(first - 1, row.trimmed_id)}
+    return json_response(body)

@@ -1,0 +1,49 @@
+"""The rules a request must keep: name patterns, numeric bounds, fixed limits.
+
+One source for both sides: the validators (``models``, ``bodies``, the
+routes) and the OpenAPI description (``openapi``) read these objects, so
+what is checked and what is documented cannot drift apart. Limits that a
+deployment sets (``--max-batch``, ``--max-event-bytes``, ...) live in
+``Settings``; ``openapi.describe`` reads them from there.
+
+Patterns are written once, in the subset of regular expressions that both
+Python's ``re`` and JSON Schema (ECMA 262) understand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: A session id: 1-128 of A-Z a-z 0-9 _ . ~ -, and neither "." nor ".." (they are path segments).
+SESSION_ID = r"^(?!\.{1,2}$)[A-Za-z0-9_.~-]{1,128}$"
+#: An event type a publisher may use; types beginning with ``gateway.`` are the gateway's own.
+EVENT_TYPE = r"^[A-Za-z0-9_.:-]{1,64}$"
+RESERVED_PREFIX = "gateway."
+#: A cursor: ``ID`` or ``ID:EPOCH`` (surrounding blanks are ignored).
+CURSOR = r"^\s*[0-9]{1,18}(:[A-Za-z0-9]{1,32})?\s*$"
+#: An idempotency key: 1-256 printable ASCII characters.
+MAX_IDEMPOTENCY_KEY = 256
+IDEMPOTENCY_KEY = r"^[\x20-\x7e]{1,256}$"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An integer that must lie in ``low..high``; ``default`` when it is not given."""
+
+    low: int
+    high: int
+    default: int | None = None
+
+    def holds(self, value: int) -> bool:
+        return self.low <= value <= self.high
+
+    def schema(self) -> dict:
+        return {"type": "integer", "minimum": self.low, "maximum": self.high}
+
+
+SESSION_TTL = Bound(1, 10**9 - 1)           # ttl_seconds of a session
+TOKEN_TTL = Bound(1, 30 * 86400)            # ttl_seconds of a minted subscribe token
+LIST_LIMIT = Bound(1, 1000, default=100)    # GET /v1/sessions?limit=
+READ_LIMIT = Bound(1, 1000, default=100)    # GET .../events?limit=
+READ_AFTER = Bound(0, 2**62, default=0)     # GET .../events?after=
+SMALL_BODY = 4096                           # bodies of ack, trim and token requests
