@@ -18,10 +18,7 @@ ENV_PREFIX = "SSE_GATEWAY_"
 
 
 def _opt(default: Any, help: str, *, metavar: str | None = None, repeat: bool = False, flag: bool = False) -> Any:
-    meta = {"help": help, "metavar": metavar, "repeat": repeat, "flag": flag}
-    if isinstance(default, tuple):
-        return field(default=default, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata={"help": help, "metavar": metavar, "repeat": repeat, "flag": flag})
 
 
 @dataclass(frozen=True)

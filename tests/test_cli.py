@@ -107,3 +107,15 @@ def test_tail_resumes_by_itself_after_drops(gateway):
     ids = [int(json.loads(line)["id"].split(":")[0]) for line in out.splitlines()]
     assert ids == list(range(1, 302))
     assert err.count("connection lost") == 5
+
+
+def test_serve_does_not_load_the_bench_or_the_naive_baseline():
+    """The command line only declares the bench's options; its code loads when ``bench`` runs."""
+    code = ("import sys; from sse_gateway import cli; cli.build_parser(); "
+            "from sse_gateway.app import create_app; create_app(); "
+            "print(sorted(m for m in sys.modules if m.startswith('sse_gateway.bench')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["['sse_gateway.bench']"]
+    from sse_gateway.bench import ALL_TARGETS
+    from sse_gateway.bench.servers import PRESETS, REDIS_NODES
+    assert set(ALL_TARGETS) == set(PRESETS) - set(REDIS_NODES)  # --preset's choices are the presets

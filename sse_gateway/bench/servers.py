@@ -345,7 +345,7 @@ def make_server(name: str, workdir: Path, *, cpu: int | None, nchan_conf: Path =
     url = f"http://127.0.0.1:{port}"
     py = [sys.executable, "-m"]
     if name == "baseline":
-        cmd = py + ["sse_gateway.baseline", "--port", str(port)]
+        cmd = py + ["sse_gateway.bench._baseline", "--port", str(port)]
     elif name == "floor":
         cmd = py + ["sse_gateway.bench.floor", "--port", str(port)]
     elif name == "nchan":

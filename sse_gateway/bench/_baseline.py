@@ -8,7 +8,7 @@ It is written carefully enough to be exact (the subscriber's queue is
 registered before the history is copied, and ids already sent are skipped),
 so the bench compares speed, not bugs.
 
-    python -m sse_gateway.baseline --port 8001
+    python -m sse_gateway.bench._baseline --port 8001
 """
 
 from __future__ import annotations
