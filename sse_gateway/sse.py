@@ -6,6 +6,12 @@ against ``[A-Za-z0-9_.:-]``, JSON data is compact JSON (orjson escapes
 control characters inside strings, so it is one line), and text data is
 split on CR, LF and CRLF into one ``data:`` line each. No value a publisher
 controls can end a line of the frame.
+
+Some parsers split lines more eagerly than the SSE standard, the way
+Python's ``str.splitlines`` does (on U+0085, U+2028 and U+2029 as well).
+JSON data carries those three escaped (``\u2028``: the same JSON value), so
+even such a parser sees one line. Text data keeps them as sent: it is not
+JSON, and a parser that follows the standard reads it exactly.
 """
 
 from __future__ import annotations
@@ -25,8 +31,15 @@ PING = b": ping\n"
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
+_EAGER_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def data_lines(data: str, is_json: bool) -> bytes:
-    if is_json or ("\n" not in data and "\r" not in data):
+    if is_json:
+        if "\u2028" in data or "\u2029" in data or "\x85" in data:  # only inside JSON strings: escape them there
+            data = data.translate(_EAGER_BREAKS)
+        return b"data: " + data.encode() + b"\n"
+    if "\n" not in data and "\r" not in data:
         return b"data: " + data.encode() + b"\n"
     return b"".join(b"data: " + line.encode() + b"\n" for line in _LINE_BREAK.split(data))
 

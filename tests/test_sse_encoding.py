@@ -81,3 +81,18 @@ def test_control_frames_carry_no_id():
 def test_retry_is_jittered_upwards():
     values = {int(encode_retry(1000).split()[1]) for _ in range(50)}
     assert min(values) >= 1000 and max(values) <= 1500 and len(values) > 5
+
+
+@settings(max_examples=300)
+@given(value=json_values, id_=st.integers(1, 2**53),
+       forged=st.lists(st.sampled_from(["\u2028", "\u2029", "\x85", "id: 999:x", "event: gateway.end", "data: x",
+                                        "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]), max_size=8))
+def test_json_data_is_one_line_even_for_parsers_that_split_like_splitlines(value, id_, forged):
+    """A decoder splitting with ``str.splitlines`` (httpx-sse 0.4.0 did) still sees one event, unchanged."""
+    data = orjson.dumps([value, "".join(forged)]).decode()
+    frame = encode_event(StoredEvent(id_, "token", data, True, 0), "ep0ch1")
+    decoder = SSEDecoder()
+    events = [e for line in frame.decode().splitlines() if (e := decoder.decode(line)) is not None]
+    assert len(events) == 1
+    assert events[0].id == f"{id_}:ep0ch1" and events[0].event == "token"
+    assert orjson.loads(events[0].data) == [value, "".join(forged)]
