@@ -4,7 +4,10 @@ uvicorn times out idle keep-alive connections, but not a client that
 connects and says nothing, nor one that sends its request headers a byte at
 a time (slow loris): each would hold a connection for ever. Bodies are the
 application's business (``limits.py``); headers arrive before there is a
-request to hand to it, so they are watched here.
+request to hand to it, so they are watched here. So are requests the HTTP
+parser refuses (a duplicate Content-Length, a bad chunk size, a NUL in a
+header, a path that is not ASCII): they get the gateway's JSON error like
+every other refusal, not uvicorn's plain text.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ class HeaderDeadline(HttpToolsProtocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
-        self._header_bytes = 0
+        self._buffered = 0  # bytes read while waiting for the end of the headers
+        self._header_bytes = 0  # bytes of the current request's request line and headers
         self._begun = False  # a request has started to arrive and its headers are not complete
 
     def _arm(self) -> None:
-        self._header_bytes = 0
+        self._buffered = 0
         self._deadline = self.loop.call_later(self.header_timeout, self._expire)
 
     def _disarm(self) -> None:
@@ -67,20 +71,45 @@ class HeaderDeadline(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def _refuse_large(self) -> None:
+        self._disarm()
+        self._refuse(b"431 Request Header Fields Too Large", "headers_too_large",
+                     f"request headers are larger than {MAX_HEADER_BYTES} bytes")
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._deadline is None or self.transport.is_closing():
             return
         # Still waiting for the end of the headers: what is buffered so far is at most one read beyond the limit.
-        self._header_bytes += len(data)
+        self._buffered += len(data)
+        if self._buffered > MAX_HEADER_BYTES:
+            self._refuse_large()
+
+    def send_400_response(self, msg: str) -> None:
+        """What uvicorn sends when the parser refuses a request: the gateway's JSON instead of plain text."""
+        if self._header_bytes > MAX_HEADER_BYTES:  # the parse was stopped by on_header/on_url below
+            self._refuse_large()
+        elif not self.transport.is_closing():
+            self._refuse(b"400 Bad Request", "invalid_http", f"the request is not valid HTTP/1.1 ({msg})")
+
+    # Headers that arrive in one read are parsed in one go: their size is counted as the parser meets them.
+    def _count(self, size: int) -> None:
+        self._header_bytes += size
         if self._header_bytes > MAX_HEADER_BYTES:
-            self._disarm()
-            self._refuse(b"431 Request Header Fields Too Large", "headers_too_large",
-                         f"request headers are larger than {MAX_HEADER_BYTES} bytes")
+            raise ValueError("request headers too large")  # stops the parser: see send_400_response
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._begun = True
+        self._header_bytes = 0
         if self._deadline is None:
             self._arm()
 

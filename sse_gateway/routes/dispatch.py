@@ -23,12 +23,12 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import GatewayError
-from .errors import internal_error, render
+from .errors import client_gone, internal_error, render
 
 Endpoint = Callable[[str, Request], Awaitable[Response]]
 
@@ -55,6 +55,8 @@ def endpoint_app(endpoint: Endpoint) -> ASGIApp:
             response = await endpoint(scope["path"].split("/")[3], request)
         except GatewayError as exc:
             response = render(request, exc)
+        except ClientDisconnect:
+            response = client_gone(request)
         except Exception as exc:  # a bug: still the gateway's JSON, never a plain-text 500
             response = internal_error(request, exc)
         try:

@@ -1,9 +1,10 @@
 """Every error is the gateway's JSON (``{"error": {"code", "message"}}``), whatever raised it.
 
 ``install`` hands FastAPI the handlers for the framework's own refusals
-(unknown path, wrong method, a parameter it validated) and for bugs;
-``render`` and ``internal_error`` are what the hot-path dispatcher uses for
-the same cases, so both paths answer alike.
+(unknown path, wrong method, a parameter it validated), for a client that
+leaves mid-body (not a bug: logged at debug level) and for bugs;
+``render``, ``client_gone`` and ``internal_error`` are what the hot-path
+dispatcher uses for the same cases, so both paths answer alike.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 
@@ -28,6 +30,13 @@ def render(request: Request, exc: GatewayError) -> Response:
         if gw is not None:
             gw.stats.auth_failures += 1
     return Response(exc.body(), exc.status, exc.headers, media_type="application/json")
+
+
+def client_gone(request: Request) -> Response:
+    """A client that left in the middle of its request body: not a bug, nobody reads the answer."""
+    log.debug("client left during %s %s", request.method, request.url.path)
+    return Response(error_body("client_disconnected", "the client left before its request body arrived"), 400,
+                    media_type="application/json")
 
 
 def internal_error(request: Request, exc: BaseException) -> Response:
@@ -53,12 +62,16 @@ def install(app: FastAPI) -> None:
         return Response(error_body("invalid_request", f"{where}: {first.get('msg', 'invalid')}"), 400,
                         media_type="application/json")
 
+    async def disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        return client_gone(request)
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         return internal_error(request, exc)
 
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ClientDisconnect, disconnected)
     app.add_exception_handler(Exception, unexpected)
 
 
