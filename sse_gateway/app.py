@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
     app.add_middleware(limits.CloseUnreadBody)
     cors.install(app, settings.cors_origin)
 
+    app.guard = cors.SiteGuard(settings)
     app.hot = dispatch.HotPaths()
     app.hot.add("POST", "events", limits.CloseUnreadBody(RequestTimer(
         dispatch.endpoint_app(routes.publish.publish), stats_of=stats)))

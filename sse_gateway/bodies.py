@@ -17,7 +17,7 @@ import orjson
 from starlette.requests import Request
 
 from . import limits, rules
-from .errors import BadRequest, TooLarge
+from .errors import BadRequest, TooLarge, UnsupportedMedia
 from .models import NewEvent, check_event_type, dump_json
 
 
@@ -54,14 +54,39 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest(f"body is not valid JSON: {exc}", "invalid_json") from None
 
 
-def json_object(body: bytes, fields: frozenset[str], shape: str, code: str, *, unknown_code: str | None = None,
-                empty: bool = True) -> dict:
-    """``body`` as a JSON object with no keys beyond ``fields`` (an empty body is ``{}`` if ``empty``).
+async def read_json(request: Request, limit: int) -> Any:
+    """A JSON body: ``415`` unless it is sent as ``application/json`` (see ``json_object``)."""
+    body = await read_body(request, limit)
+    require_json(request, body)
+    return parse_json(body)
+
+
+def require_json(request: Request, body: bytes) -> None:
+    """``415 unsupported_media_type`` for a body not sent as ``application/json``.
+
+    A web page on another site can send ``text/plain`` or a form to any
+    address without asking first (no CORS preflight); JSON it can send only
+    with the gateway's consent. So a JSON body must say it is JSON.
+    """
+    kind, charset = content_type(request)
+    if kind != "application/json" or charset not in ("", "utf-8", "utf8"):
+        raise UnsupportedMedia("this request takes an application/json body", "unsupported_media_type")
+
+
+async def json_object(request: Request, limit: int, fields: frozenset[str], shape: str, code: str, *,
+                      unknown_code: str | None = None, empty: bool = True) -> dict:
+    """The request's body as a JSON object with no keys beyond ``fields`` (an empty body is ``{}`` if ``empty``).
 
     Not an object is ``400 code`` with ``shape`` as the message; an unknown
-    key is ``400 unknown_code`` (``code`` if not given).
+    key is ``400 unknown_code`` (``code`` if not given); a body not sent as
+    JSON is ``415`` (``require_json``).
     """
-    value = parse_json(body) if body.strip() or not empty else {}
+    body = await read_body(request, limit)
+    if body.strip() or not empty:
+        require_json(request, body)
+        value = parse_json(body)
+    else:
+        value = {}
     if not isinstance(value, dict):
         raise BadRequest(f"body must be a JSON object {shape}", code)
     if not value.keys() <= fields:

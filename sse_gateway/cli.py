@@ -165,7 +165,7 @@ def serve(args: argparse.Namespace) -> int:
     from .protocol import header_deadline
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
-    for name in ("publish_key", "cors_origin"):
+    for name in ("publish_key", "cors_origin", "allowed_host"):
         if overrides[name] is not None:
             overrides[name] = tuple(overrides[name])
     try:

@@ -42,6 +42,9 @@ class Settings:
     insecure: bool = _opt(False, "allow a non-loopback --host with no publisher keys", flag=True)
     cors_origin: tuple[str, ...] = _opt((), "allowed CORS origin (repeatable; env: comma-separated)",
                                         metavar="ORIGIN", repeat=True)
+    allowed_host: tuple[str, ...] = _opt((), "host name a gateway without publisher keys answers to, besides "
+                                         "IP addresses and localhost (repeatable; env: comma-separated; '*': any)",
+                                         metavar="NAME", repeat=True)
     max_event_bytes: int = _opt(1 << 20, "largest data of one event", metavar="BYTES")
     max_batch: int = _opt(1000, "most events in one batch", metavar="N")
     max_body_bytes: int = _opt(16 << 20, "largest request body (NDJSON streams: largest line)", metavar="BYTES")

@@ -5,16 +5,35 @@ Credentials (the ``sse_gateway_token`` cookie, ``EventSource(url,
 with ``*``: a wildcard that also allowed credentials would let any site
 read with its visitors' cookies. A refused preflight gets the gateway's
 JSON error like every other refusal.
+
+CORS only governs what a page may *read*; a browser sends some writes
+(a form, a ``text/plain`` POST) to any address without asking first. So
+``SiteGuard`` refuses, before any route runs:
+
+* a write (POST, PUT, PATCH, DELETE) from a page whose ``Origin`` is neither
+  the gateway's own nor one of ``--cors-origin``: ``403 cross_site_refused``;
+* on a gateway without publisher keys (open, meant for one machine), a
+  request whose ``Host`` is a name other than ``localhost`` (or a name of
+  ``--allowed-host``): ``403 host_not_allowed``. A page of any site can
+  make its own name resolve to 127.0.0.1 (DNS rebinding) and would then be
+  same-origin with the gateway; IP addresses cannot be rebound.
+
+Clients that are not browsers send no ``Origin`` and are not affected.
 """
 
 from __future__ import annotations
+
+import ipaddress
+import urllib.parse
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
+from starlette.types import Scope
 
-from .errors import error_body
+from .config import Settings
+from .errors import Forbidden, GatewayError, error_body
 
 METHODS = ["GET", "POST", "PUT", "DELETE"]
 HEADERS = ["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "If-Match"]
@@ -36,3 +55,71 @@ def install(app: FastAPI, origins: tuple[str, ...]) -> None:
     if origins:
         app.add_middleware(_CORS, allow_origins=list(origins), allow_credentials="*" not in origins,
                            allow_methods=METHODS, allow_headers=HEADERS, expose_headers=EXPOSED)
+
+
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _split_host(host: str) -> tuple[str, int | None]:
+    """``name:port`` (or ``[v6]:port``) as a lower-case name and a port (None when absent or unreadable)."""
+    name, port = host.lower(), None
+    if name.startswith("["):
+        name, _, rest = name[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif name.count(":") == 1:
+        name, port = name.split(":")
+    return name, int(port) if port and port.isdigit() else None
+
+
+def _is_local_name(name: str) -> bool:
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class SiteGuard:
+    """Refuses cross-site writes and, on an open gateway, names that may have been rebound (module docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.origins = frozenset(o.lower() for o in settings.cors_origin)
+        self.any_origin = "*" in self.origins
+        self.check_host = not settings.publish_keys and "*" not in settings.allowed_host
+        self.hosts = frozenset(h.lower() for h in settings.allowed_host)
+
+    def check(self, scope: Scope) -> GatewayError | None:
+        """The refusal for this request, or None."""
+        host = origin = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"origin":
+                origin = value.decode("latin-1")
+        if self.check_host and host is not None:
+            name = _split_host(host)[0]
+            if not _is_local_name(name) and name not in self.hosts:
+                return Forbidden(f"this gateway has no publisher keys and answers only to localhost and IP "
+                                 f"addresses, not {name[:100]!r}; start it with --allowed-host {name[:100]} "
+                                 "or with --publish-key", "host_not_allowed")
+        if origin is not None and scope["method"] in _WRITES and not self._allowed(origin, host):
+            return Forbidden(f"a page of {origin[:100]} may not write to this gateway; list the site with "
+                             "--cors-origin", "cross_site_refused")
+        return None
+
+    def _allowed(self, origin: str, host: str | None) -> bool:
+        origin = origin.lower()
+        if self.any_origin or origin in self.origins:
+            return True
+        parts = urllib.parse.urlsplit(origin)
+        if host is None or parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            return False  # "null" (a sandboxed page, a file) and other schemes are never the gateway's own page
+        try:
+            origin_port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        except ValueError:
+            return False
+        host_name, host_port = _split_host(host)
+        return host_name == parts.hostname and (host_port or _DEFAULT_PORTS[parts.scheme]) == origin_port

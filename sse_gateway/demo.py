@@ -23,7 +23,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from .bodies import json_object, read_body
+from .bodies import json_object
 from .errors import BadRequest, GatewayError
 from .models import NewEvent
 
@@ -88,7 +88,7 @@ def split_tokens(text: str) -> list[str]:
 async def start_run(request: Request) -> Response:
     gw = request.app.state.gw
     gw.auth.publisher(request)
-    spec = json_object(await read_body(request, MAX_BODY), frozenset({"duration"}), '{"duration"?}', "invalid_body")
+    spec = await json_object(request, MAX_BODY, frozenset({"duration"}), '{"duration"?}', "invalid_body")
     duration = _duration(spec)
     await gw.writes.admit_session()
     session = "demo-" + secrets.token_urlsafe(8)

@@ -182,13 +182,13 @@ SCHEMAS: dict[str, Any] = {
 _WHY = {
     400: "bad input (invalid_session_id, invalid_json, invalid_cursor, ...)",
     401: "no or bad credentials",
-    403: "a subscribe token for another session",
+    403: "a subscribe token for another session; a write from a site --cors-origin does not list",
     404: "no such session",
     408: "the body arrived too slowly; the connection is closed",
     409: "conflict: the session exists, or is completed",
     412: "the state version moved (If-Match)",
     413: "too large: event, batch, body or NDJSON line",
-    415: "unsupported content type or charset",
+    415: "unsupported content type or charset (a JSON body must be sent as application/json)",
     429: "too many streams of this session; try again after Retry-After",
     501: "this gateway has no --token-secret",
     503: "overloaded, draining, or the store is unavailable; try again after Retry-After",
@@ -245,10 +245,10 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
         (400, 401, 403, 404), "reader"),
     ("post", "/v1/sessions"): (
         {"201": {"description": "created", "content": _json("Created")}},
-        (400, 401, 408, 409, 413, 503), "publisher"),
+        (400, 401, 408, 409, 413, 415, 503), "publisher"),
     ("post", "/v1/sessions/{session}/tokens"): (
         {"201": {"description": "a subscribe token", "content": _json("Token")}},
-        (400, 401, 408, 413, 501), "publisher"),
+        (400, 401, 408, 413, 415, 501), "publisher"),
     ("get", "/v1/sessions"): (
         {"200": {"description": "sessions, newest first", "content": _json("SessionList")}}, (400, 401),
         "publisher"),
@@ -258,21 +258,21 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
         {"204": {"description": "deleted; open streams end"}}, (400, 401, 404, 503), "publisher"),
     ("post", "/v1/sessions/{session}/complete"): (
         {"200": {"description": "completed (or already was)", "content": _json("Session")}},
-        (400, 401, 404, 408, 409, 413, 503), "publisher"),
+        (400, 401, 404, 408, 409, 413, 415, 503), "publisher"),
     ("post", "/v1/sessions/{session}/ack"): (
         {"200": {"description": "acked", "content": _json("Acked")}},
-        (400, 401, 403, 404, 408, 413, 503), "reader"),
+        (400, 401, 403, 404, 408, 413, 415, 503), "reader"),
     ("get", "/v1/sessions/{session}/state"): ({"200": _STATE_OK}, (400, 401, 403, 404), "reader"),
-    ("put", "/v1/sessions/{session}/state"): ({"200": _STATE_OK}, (400, 401, 404, 408, 412, 413, 503), "publisher"),
+    ("put", "/v1/sessions/{session}/state"): ({"200": _STATE_OK}, (400, 401, 404, 408, 412, 413, 415, 503), "publisher"),
     ("post", "/v1/sessions/{session}/trim"): (
         {"200": {"description": "trimmed", "content": _json("Trimmed")}},
-        (400, 401, 404, 408, 413, 503), "publisher"),
+        (400, 401, 404, 408, 413, 415, 503), "publisher"),
     ("post", "/v1/demo/runs"): (
         {"201": {"description": "a simulated run has started", "content": {"application/json": {"schema": {
             "type": "object", "required": ["session", "stream_url"],
             "properties": {"session": {"type": "string"}, "stream_url": {"type": "string"},
                            "heartbeat": {"type": "number"}, "duration": {"type": "number"}}}}}}},
-        (400, 401, 413, 503), "publisher"),
+        (400, 401, 413, 415, 503), "publisher"),
     ("get", "/healthz"): ({"200": {"description": "alive", "content": _json("Status")}}, (), None),
     ("get", "/readyz"): ({"200": {"description": "ready", "content": _json("Status")},
                           "503": {"description": "draining or the store is unreachable",

@@ -123,7 +123,7 @@ def slow_gw(start_gateway):
 
 def test_trickling_headers_are_cut_and_others_are_served(slow_gw):
     endless = b"X-Slow: " + b"a" * 1000
-    clients = [Trickler(slow_gw.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", endless) for _ in range(20)]
+    clients = [Trickler(slow_gw.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n", endless) for _ in range(20)]
     silent = Trickler(slow_gw.port, b"", b"")  # connects and says nothing
     silent.pause = 0
     for t in (*clients, silent):
@@ -138,7 +138,7 @@ def test_trickling_headers_are_cut_and_others_are_served(slow_gw):
 
 
 def test_a_keep_alive_connection_cannot_trickle_its_next_request(slow_gw):
-    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    first = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     t = Trickler(slow_gw.port, first + b"GET /healthz HTTP/1.1\r\n", b"X-Slow: " + b"a" * 100)
     t.start()
     t.join(10)
@@ -147,7 +147,7 @@ def test_a_keep_alive_connection_cannot_trickle_its_next_request(slow_gw):
 
 def test_oversized_headers_are_refused(slow_gw):
     with socket.create_connection(("127.0.0.1", slow_gw.port), timeout=5) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         try:
             for _ in range(100):
                 s.sendall(b"X-Big: " + b"b" * 4000 + b"\r\n")
@@ -158,7 +158,7 @@ def test_oversized_headers_are_refused(slow_gw):
 
 
 def test_trickling_bodies_are_cut_and_nothing_is_appended(slow_gw):
-    head = (b"POST /v1/sessions/slow/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /v1/sessions/slow/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 200\r\n\r\n")
     clients = [Trickler(slow_gw.port, head, b'{"data": "' + b"z" * 180 + b'"}') for _ in range(10)]
     for t in clients:
@@ -172,7 +172,7 @@ def test_trickling_bodies_are_cut_and_nothing_is_appended(slow_gw):
 
 
 def test_an_ndjson_stream_must_complete_a_line_in_time(slow_gw):
-    head = (b"POST /v1/sessions/nd/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+    head = (b"POST /v1/sessions/nd/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-ndjson\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
 
     def chunk(data: bytes) -> bytes:
@@ -201,7 +201,7 @@ def test_an_ndjson_stream_must_complete_a_line_in_time(slow_gw):
 
 def test_a_body_nobody_reads_ends_the_connection(start_gateway):
     gw = start_gateway("--publish-key", "k" * 40)
-    head = b"POST /v1/sessions/x/events HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    head = b"POST /v1/sessions/x/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
     t = Trickler(gw.port, head, b"y" * 100, pause=0.05)
     t.start()
     t.join(15)

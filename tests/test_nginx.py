@@ -54,7 +54,7 @@ class RawStream:
 
     def __init__(self, port: int, path: str, headers: dict[str, str] | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        lines = [f"GET {path} HTTP/1.1", "Host: gateway.test", "Accept: text/event-stream",
+        lines = [f"GET {path} HTTP/1.1", "Host: localhost", "Accept: text/event-stream",
                  "Accept-Encoding: gzip", *(f"{k}: {v}" for k, v in (headers or {}).items())]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         self.local_address = self.sock.getsockname()

@@ -281,10 +281,10 @@ async def test_ten_thousand_connect_disconnect_cycles_leak_nothing(start_gateway
                 writer.write(b"GET /v1/sessions/big/stream HTTP/1.1\r\nHo")
                 await writer.drain()
             elif kind == 1:  # gone mid-replay of 20,000 events
-                writer.write(b"GET /v1/sessions/big/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+                writer.write(b"GET /v1/sessions/big/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 await reader.readexactly(random.randint(200, 60000))
             else:  # gone mid-live, after the replay
-                writer.write(b"GET /v1/sessions/quiet/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+                writer.write(b"GET /v1/sessions/quiet/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 await reader.readuntil(b"id: 1:")
         finally:
             if random.random() < 0.5:

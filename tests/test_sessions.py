@@ -114,7 +114,7 @@ async def test_presence_returns_to_zero_after_attach_detach_cycles(gateway, clie
 
     def raw_stream() -> socket.socket:
         s = socket.create_connection(("127.0.0.1", gateway.port))
-        s.sendall(b"GET /v1/sessions/pr/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /v1/sessions/pr/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         s.recv(100)
         return s
 

@@ -24,7 +24,7 @@ def publish(client: httpx.Client, session: str, n: int, start: int = 1) -> None:
 def raw_get(port: int, path: str, headers: str = "", *, seconds: float) -> bytes:
     """Read whatever the gateway writes for ``seconds`` on a raw socket."""
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
         s.settimeout(0.2)
         out = b""
         deadline = time.monotonic() + seconds
@@ -168,7 +168,7 @@ async def test_slow_consumer_is_cut_and_resumes_exactly(start_gateway):
     # A client that reads nothing: the socket buffers fill, the gateway's send stalls, and it cuts the stream.
     s = socket.create_connection(("127.0.0.1", gw.port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.sendall(b"GET /v1/sessions/slow/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"GET /v1/sessions/slow/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     async with httpx.AsyncClient(base_url=gw.url) as c:
         start = time.monotonic()
         for i in range(0, 3000, 100):  # the publisher is never slowed by the stuck reader

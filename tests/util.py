@@ -186,7 +186,7 @@ class RawStream:
 
     async def run(self, *, stop_at_end: bool = True) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        head = f"GET /v1/sessions/{self.session}/stream HTTP/1.1\r\nHost: x\r\n"
+        head = f"GET /v1/sessions/{self.session}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         if self.cursor:
             head += f"Last-Event-ID: {self.cursor}\r\n"
         writer.write((head + "\r\n").encode())

@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..cors import SiteGuard
 from ..errors import GatewayError
 from .errors import client_gone, internal_error, render
 
@@ -34,14 +35,20 @@ Endpoint = Callable[[str, Request], Awaitable[Response]]
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, with ``hot`` (a ``HotPaths``) asked first for every HTTP request."""
+    """FastAPI, with ``guard`` (a ``cors.SiteGuard``) and then ``hot`` (a ``HotPaths``) first for every request."""
 
     hot: HotPaths | None = None
+    guard: SiteGuard | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.hot is not None and scope["type"] == "http":
+        if scope["type"] == "http":
             scope["app"] = self  # what Starlette would set: endpoints find the gateway through it
-            if await self.hot.serve(scope, receive, send):
+            if self.guard is not None and (refusal := self.guard.check(scope)) is not None:
+                response = render(Request(scope, receive), refusal)
+                response.headers["connection"] = "close"  # its body, if any, is never read
+                await response(scope, receive, send)
+                return
+            if self.hot is not None and await self.hot.serve(scope, receive, send):
                 return
         await super().__call__(scope, receive, send)
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .. import openapi, rules
-from ..bodies import check_size, json_int, json_object, parse_json, read_body
+from ..bodies import check_size, json_int, json_object, read_json
 from ..errors import BadRequest
 from ..log.base import NO_RESULT
 from ..models import Session, dump_json
@@ -20,7 +20,7 @@ router = APIRouter(tags=["sessions"])
              summary="Complete a session with its final result")
 async def complete(session: str, request: Request) -> Response:
     gw = publisher(request, session)
-    spec = json_object(await read_body(request, gw.settings.max_body_bytes), frozenset({"result"}),
+    spec = await json_object(request, gw.settings.max_body_bytes, frozenset({"result"}),
                        '{"result"?}', "invalid_body")
     if "result" in spec:
         check_size(dump_json(spec["result"]), gw.settings.max_event_bytes)
@@ -31,7 +31,7 @@ async def complete(session: str, request: Request) -> Response:
 @router.post("/v1/sessions/{session}/ack", openapi_extra=openapi.ACK, summary="Confirm delivery up to an id")
 async def ack(session: str, request: Request) -> Response:
     gw, bound = reader(request, session)
-    spec = json_object(await read_body(request, rules.SMALL_BODY), frozenset({"id"}), '{"id": N}', "invalid_ack",
+    spec = await json_object(request, rules.SMALL_BODY, frozenset({"id"}), '{"id": N}', "invalid_ack",
                        empty=False)
     upto = spec.get("id")
     upto = parse_cursor(upto)[0] if isinstance(upto, str) else json_int(upto)
@@ -63,7 +63,7 @@ async def put_state(session: str, request: Request) -> Response:
         if not (tag.isascii() and tag.isdigit() and len(tag) <= 19):
             raise BadRequest("If-Match must be a version ETag such as \"3\"", "invalid_if_match")
         version = int(tag)
-    state = parse_json(await read_body(request, gw.settings.max_body_bytes))
+    state = await read_json(request, gw.settings.max_body_bytes)
     if not isinstance(state, dict):
         raise BadRequest("state must be a JSON object", "invalid_state")
     return _state_response(await gw.writes.put_state(session, state, version))
@@ -73,7 +73,7 @@ async def put_state(session: str, request: Request) -> Response:
              summary="Remove events up to an id (retention)")
 async def trim(session: str, request: Request) -> Response:
     gw = publisher(request, session)
-    spec = json_object(await read_body(request, rules.SMALL_BODY), frozenset({"through"}), '{"through": N}',
+    spec = await json_object(request, rules.SMALL_BODY, frozenset({"through"}), '{"through": N}',
                        "invalid_trim", empty=False)
     through = json_int(spec.get("through"))
     if through is None or through < 0:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .. import openapi, rules
-from ..bodies import bounded_int, json_object, query_int, read_body
+from ..bodies import bounded_int, json_object, query_int
 from ..errors import BadRequest, NotConfigured, NotFound
 from ..models import check_session_id, rfc3339
 from .common import json_response, publisher, readable_row, session_json
@@ -27,7 +27,7 @@ def _stream_url(session: str, token: str | None) -> str:
 @router.post("/v1/sessions", status_code=201, openapi_extra=openapi.CREATE, summary="Create a session")
 async def create_session(request: Request) -> Response:
     gw = publisher(request)
-    spec = json_object(await read_body(request, gw.settings.max_body_bytes), _CREATE_FIELDS,
+    spec = await json_object(request, gw.settings.max_body_bytes, _CREATE_FIELDS,
                        '{"id"?, "metadata"?, "ttl_seconds"?}', "invalid_body", unknown_code="unknown_field")
     session = spec.get("id")
     if session is None:
@@ -50,7 +50,7 @@ async def create_session(request: Request) -> Response:
              summary="Mint a subscribe token for a session")
 async def mint_token(session: str, request: Request) -> Response:
     gw = publisher(request, session)
-    spec = json_object(await read_body(request, rules.SMALL_BODY), _TOKEN_FIELDS, '{"ttl_seconds"?}',
+    spec = await json_object(request, rules.SMALL_BODY, _TOKEN_FIELDS, '{"ttl_seconds"?}',
                        "invalid_body")
     ttl = bounded_int(spec.get("ttl_seconds"), rules.TOKEN_TTL, "ttl_seconds", "invalid_ttl")
     row = await gw.log.get_session(session)  # an existing session binds the token to its life
