@@ -152,15 +152,14 @@ class Gateway:
         self.settings = settings
         self.log = log_
         self.stats = Stats()
-        self.hub = Hub(log_, self.stats, coalesce=self.settings.coalesce_ms / 1000)
-        self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
         self.streams = limits.StreamSlots(settings.max_streams, settings.max_streams_per_session)
+        self.hub = Hub(log_, self.stats, coalesce=self.settings.coalesce_ms / 1000, slots=self.streams)
+        self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
         self.registry = make_registry(self)
         self.draining = False
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
-        if hasattr(log_, "on_commit"):
-            log_.on_commit = self.stats.observe_commit
+        log_.add_observer(self.stats)
 
     def spawn(self, coro) -> None:
         """Run ``coro`` in the background, keeping a reference until it is done."""
@@ -582,7 +581,7 @@ def create_app(settings: Settings | None = None, event_log: EventLog | None = No
     @app.get("/v1/sessions/{session}", tags=["sessions"], summary="A session's status, presence and acks")
     async def get_session(session: str, request: Request) -> Response:
         gw, row = await readable_row(request, session)
-        presence = await gw.log.presence(session) if hasattr(gw.log, "presence") else None
+        presence = await gw.log.presence(session)
         return json_response(session_json(row, gw.hub, presence))
 
     @app.delete("/v1/sessions/{session}", tags=["sessions"], summary="Delete a session and its log")

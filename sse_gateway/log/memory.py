@@ -28,6 +28,8 @@ class _Entry:
 
 
 class MemoryLog(EventLog):
+    shared_store = False  # one process's memory: nothing else writes to it
+
     def __init__(self, *, max_events: int | None = None, default_ttl: int | None = None) -> None:
         super().__init__()
         self.max_events = max_events
@@ -62,7 +64,7 @@ class MemoryLog(EventLog):
     async def delete_session(self, session: str) -> bool:
         if self._sessions.pop(session, None) is None:
             return False
-        self._notify(session, [], None)
+        self._deleted(session)
         return True
 
     async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
@@ -83,7 +85,7 @@ class MemoryLog(EventLog):
             cut = bisect.bisect_right(entry.events, entry.row.trimmed_id, key=lambda e: e.id)
             del entry.events[:cut]
         if events:
-            self._notify(entry.row.id, events, copy.copy(entry.row))
+            self._appended(entry.row.id, events, copy.copy(entry.row))
 
     async def read(self, session: str, after: int, limit: int) -> list[StoredEvent]:
         entry = self._sessions.get(session)
