@@ -65,8 +65,9 @@ so callers never probe for it:
 * ``streams`` / ``streams_changed``: the hub hands the log its one count of
   this process's open streams (``limits.StreamSlots``) and says when a
   session's count changed. ``presence(session)`` is the number of open
-  streams of a session and when one last closed: by default this process's
-  count; Redis sums the counts of all live nodes.
+  streams of a session and when their number last fell to 0: by default
+  this process's count; a backend with ``shared_presence`` (Redis) sums
+  the counts of every live instance on the store.
 
 Backends: ``memory`` (the reference, for tests and benchmarks), ``sqlite``
 (the default) and ``redis`` (many nodes). The contract suite
@@ -139,6 +140,8 @@ class EventLog(abc.ABC):
 
     #: other instances (processes, nodes) may open the same store; their writes reach ``moved``/``deleted``
     shared_store = False
+    #: ``presence`` counts the streams of every instance on the store, not only this process's
+    shared_presence = False
 
     def __init__(self) -> None:
         #: the sessions whose changes by other writers this log reports (``shared_store`` only); set by the hub

@@ -211,6 +211,7 @@ def _store():
 
 class RedisLog(EventLog):
     shared_store = True  # every node opens the same Redis: the feed hears the others' writes
+    shared_presence = True  # every node writes its count of streams per session; presence() sums the live ones
 
     def __init__(self, url: str, *, max_events: int | None = None, default_ttl: int | None = None,
                  wait_replicas: int = 0) -> None:
