@@ -82,7 +82,8 @@ class MemoryLog(EventLog):
         return True
 
     async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
-        self._writable()
+        if self._closed:
+            self._writable()
         entry = self._sessions.get(session)
         if entry is None:
             if not create:

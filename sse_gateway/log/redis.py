@@ -30,10 +30,10 @@ The contract of ``log.base`` holds across nodes:
 Writes go through one queue to one writer task (``group_commit``), which
 sends everything queued as one pipeline: concurrent publishers share a
 round trip (and one ``WAIT``), and this node's observers hear of its own
-appends (``appended``) in id order. Reads use the connection pool. Every Redis failure becomes
-``503 store_unavailable`` within a socket timeout of two seconds; a write
-that timed out may or may not have happened, which an idempotency key
-settles on retry.
+appends (``appended``) in id order. Reads use the connection pool. Every
+Redis failure becomes ``503 store_unavailable`` within a socket timeout of
+two seconds; a write that timed out may or may not have happened, which an
+idempotency key settles on retry.
 
 Keys: one session's keys share the hash tag ``{SESSION}`` (session ids are
 ``[A-Za-z0-9_.~-]``, never braces), so they live in one Redis Cluster slot
@@ -146,7 +146,7 @@ class _Op(Write):
         super().__init__(session)
         self.script = script
         self.args = args
-        #: the script's reply -> (the caller's value, (new events, row) to announce, ``DELETED``, or None)
+        #: the script's reply -> (the caller's value, (new events, row) to announce (row None: deleted), or None)
         self.reply = reply
 
 
