@@ -409,6 +409,32 @@ async def test_presence_is_this_process_s_streams_by_default(log):
         await until_async(recorded, "the store records when the last stream closed")
 
 
+async def test_the_hub_hands_the_log_the_one_count_of_streams(log):
+    """limits.StreamSlots counts the streams; the hub's channels, its presence and the log's read that count."""
+    from sse_gateway.hub import Hub
+    from sse_gateway.limits import StreamSlots
+
+    slots = StreamSlots()
+    hub = Hub(log, slots=slots)
+    assert log.streams is slots and log.watched == hub.channels.keys()
+    row = await log.create_session("s")
+    releases = [slots.take("s"), slots.take("s")]  # what the stream route does before a stream starts
+    assert hub.presence("s") == (2, None) and (await log.presence("s"))[0] == 2
+    first, second = hub.settle(hub.attach("s"), row), hub.settle(hub.attach("s"), row)
+    assert first is second and "s" in log.watched
+    releases[0]()
+    hub.detach(first)
+    assert "s" in hub.channels  # the session still has a stream
+    releases[1]()
+    hub.detach(second)
+    assert "s" not in hub.channels and "s" not in log.watched
+    count, last_seen = hub.presence("s")
+    assert count == 0 and last_seen is not None and slots.total == 0
+    assert (await log.presence("s"))[0] == 0
+    await log.delete_session("s")
+    assert hub.presence("s") == (0, None)  # a deleted session's last close is forgotten
+
+
 # -- two instances on one store: another process (SQLite) or node (Redis) ------------------------
 
 
