@@ -50,7 +50,6 @@ class Histogram:
 class Stats(LogObserver):
     """The gateway's counters; also the log's observer of group commits (``committed``)."""
 
-
     published: int = 0            # events appended
     publish_duplicates: int = 0   # idempotent replays: nothing appended
     publish_rejected: int = 0     # publish requests refused with an error
