@@ -505,13 +505,13 @@ async def test_sqlite_own_commits_cost_the_poller_no_reread(tmp_path):
     """The poller re-reads watched rows only when another process committed; ``PRAGMA data_version``
     of a reader moved on this process's own commits too, so a busy session was re-read every 50 ms."""
     log = SqliteLog(str(tmp_path / "busy.db"), poll_interval=0.01)
+    heard = Heard()
+    log.add_observer(heard)
+    log.watched = {"s"}
     await log.open()
     try:
-        heard = Heard()
-        log.add_observer(heard)
+        await until(lambda: heard.facts, "the first poll reads the watched rows once")
         await log.create_session("s")
-        log.watched = {"s"}
-        await asyncio.sleep(0.1)  # the first poll reads the watched rows once
         heard.facts.clear()
         for i in range(50):  # over 20 poll intervals, each with a commit of this process
             await log.append("s", [ev(f'"{i}"')])
