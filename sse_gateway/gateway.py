@@ -31,16 +31,15 @@ class Gateway:
         self.settings = settings
         self.log = log_
         self.stats = Stats()
-        self.hub = Hub(log_, self.stats, coalesce=self.settings.coalesce_ms / 1000)
-        self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
         self.streams = limits.StreamSlots(settings.max_streams, settings.max_streams_per_session)
+        self.hub = Hub(log_, self.stats, coalesce=self.settings.coalesce_ms / 1000, slots=self.streams)
+        self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
         self.writes = Writes(settings, log_, self.stats)
         self.registry = make_registry(self)
         self.draining = False
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
-        if hasattr(log_, "on_commit"):
-            log_.on_commit = self.stats.observe_commit
+        log_.add_observer(self.stats)
 
     def spawn(self, coro) -> None:
         """Run ``coro`` in the background, keeping a reference until it is done (cancelled at stop)."""

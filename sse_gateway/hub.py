@@ -24,9 +24,16 @@ next wake-up (``Channel.moved``). A busy session is thus written in batches
 that grow with its audience, one write per subscriber per batch.
 
 Channels are created when the first stream attaches and dropped when the
-last one detaches. ``subscribers`` and ``last_seen_at`` are the presence
-the session API reports; a log that has ``report_presence`` (Redis) also
-hears of every attach and detach, and sums the streams of all nodes.
+session's last stream detaches. Streams are counted in one place,
+``limits.StreamSlots`` (``Hub.slots``): a stream holds its slot from before
+it attaches until after it detaches, so a channel lives while its
+session's count is above 0. The log reads the same count for presence
+(``EventLog.presence``; Redis sums the counts of all nodes), and the
+metrics read it for the ``open_streams`` gauge.
+
+The hub is the log's observer (``log.base.LogObserver``): ``appended``
+extends a channel's window, ``moved`` (another writer) moves its head,
+``deleted`` closes it. ``log.watched`` is the hub's set of channels.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from .models import END_EVENT, Session, StoredEvent, now_ms
+from .limits import StreamSlots
+from .log.base import LogObserver
+from .models import END_EVENT, Session, StoredEvent
 from .sse import encode_event
 
 if TYPE_CHECKING:
@@ -49,7 +58,7 @@ def _loop_time() -> float:
 
 
 class Channel:
-    __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "subscribers", "closed",
+    __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "closed",
                  "filling", "_joined", "coalesce", "_woke_at", "_woke_head", "_timer")
 
     def __init__(self, session: str, coalesce: float = 0.0) -> None:
@@ -64,7 +73,6 @@ class Channel:
         self.frames: list[bytes] = []  # frames[i] is the frame of event first_id + i
         self.first_id = 0
         self.waiting: set[asyncio.Future] = set()
-        self.subscribers = 0
         self.closed = False  # the session was deleted, or the gateway is shutting down
         self.filling: asyncio.Task | None = None  # the shared read that extends the window (``Hub.fill``)
         self._joined: tuple[int, int, bytes] = (-1, -1, b"")  # (cursor, last id, frames after it), shared
@@ -172,70 +180,72 @@ def _retrieve(task: asyncio.Task) -> None:
         task.exception()
 
 
-class Hub:
-    def __init__(self, log: EventLog, stats: Stats | None = None, *, coalesce: float = 0.0) -> None:
+class Hub(LogObserver):
+    def __init__(self, log: EventLog, stats: Stats | None = None, *, coalesce: float = 0.0,
+                 slots: StreamSlots | None = None) -> None:
         self.log = log
         self.coalesce = coalesce
         self.stats = stats
+        self.slots = slots if slots is not None else StreamSlots()
         self.channels: dict[str, Channel] = {}
-        self.last_seen: dict[str, int] = {}
-        self.closing = False
         self.streams: set = set()  # every EventStream being served, for the slow-client watchdog
         self.drain_start: float | None = None  # loop time the drain began
         self.drain_window = 0.0
-        self._report = getattr(log, "report_presence", None)
-        log.add_listener(self._on_log)
-        if hasattr(log, "watched"):
-            log.watched = self.channels.keys()
+        self.slots.changed = log.streams_changed
+        log.streams = self.slots
+        log.watched = self.channels.keys()
+        log.add_observer(self)
 
     def attach(self, session: str) -> Channel:
-        """Count a new stream of ``session``; learn its head from the log *after* this call."""
+        """The channel of ``session`` for a new stream; learn its head from the log *after* this call."""
         ch = self.channels.get(session)
         if ch is None:
             ch = self.channels[session] = Channel(session, self.coalesce)
-        ch.subscribers += 1
-        self._count(session, 1)
         return ch
 
     def settle(self, ch: Channel, row: Session) -> Channel:
         """Give a just-attached channel the row read after attaching; a new life gets a new channel."""
         if ch.epoch and ch.epoch != row.epoch:  # deleted and created again by another process
-            ch.subscribers -= 1
-            self._count(ch.session, -1)
             self.close_channel(ch)
             ch = self.attach(row.id)
         ch.learn(row)
         return ch
 
     def detach(self, ch: Channel) -> None:
-        ch.subscribers -= 1
-        self._count(ch.session, -1)
-        if ch.subscribers <= 0:
-            self.last_seen[ch.session] = now_ms()
-            if self.channels.get(ch.session) is ch:
-                del self.channels[ch.session]
-
-    def _count(self, session: str, delta: int) -> None:
-        if self._report is not None:
-            self._report(session, delta)
+        """A stream of ``ch`` ended (after giving back its slot): drop the channel if it was the session's last."""
+        if not self.slots.count(ch.session):
+            self.channels.pop(ch.session, None)
 
     def presence(self, session: str) -> tuple[int, int | None]:
-        ch = self.channels.get(session)
-        return (ch.subscribers if ch else 0), self.last_seen.get(session)
+        """This process's streams of ``session`` and when their number last fell to 0 (ms)."""
+        return self.slots.count(session), self.slots.last_closed(session)
 
-    def _on_log(self, session: str, events: list[StoredEvent], row: Session | None) -> None:
+    # -- what the log tells (LogObserver) --------------------------------------------
+
+    def appended(self, session: str, events: list[StoredEvent], row: Session) -> None:
         ch = self.channels.get(session)
-        if row is None:
-            self.last_seen.pop(session, None)
         if ch is None:
             return
-        if row is None or (ch.epoch and row.epoch != ch.epoch):
-            self.close_channel(ch)  # deleted (and perhaps created again by another process)
-        elif events:
+        if ch.epoch and row.epoch != ch.epoch:
+            self.close_channel(ch)  # deleted and created again by another process
+        else:
             ch.epoch = row.epoch  # a channel attached but not yet settled does not know it: its frames need it
             ch.extend(events)
+
+    def moved(self, session: str, row: Session) -> None:
+        ch = self.channels.get(session)
+        if ch is None:
+            return
+        if ch.epoch and row.epoch != ch.epoch:
+            self.close_channel(ch)  # deleted and created again by another process
         elif row.last_id > ch.head or (row.completed and ch.end_id is None):
             ch.learn(row)
+
+    def deleted(self, session: str) -> None:
+        self.slots.forget(session)
+        ch = self.channels.get(session)
+        if ch is not None:
+            self.close_channel(ch)
 
     async def fill(self, ch: Channel, cursor: int) -> None:
         """Extend ``ch``'s window with the events after ``cursor`` (its end): one read, shared by every
@@ -280,6 +290,5 @@ class Hub:
 
     def shutdown(self) -> None:
         """End every stream (clients reconnect, to this process or another)."""
-        self.closing = True
         for ch in list(self.channels.values()):
             self.close_channel(ch)

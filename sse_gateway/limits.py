@@ -9,9 +9,10 @@ a JSON error with ``Retry-After``.
   retention removes sessions, hence 503 and not 429. Concurrent creations
   can overshoot it by the number that race.
 * **Streams** (``--max-streams``, ``--max-streams-per-session``), counted
-  per process: beyond the total, ``503 too_many_streams`` (the process is
-  full); beyond one session's share, ``429 too_many_streams_for_session``
-  (that session's readers are asking for too much).
+  per process by ``StreamSlots``, the one count of open streams: beyond
+  the total, ``503 too_many_streams`` (the process is full); beyond one
+  session's share, ``429 too_many_streams_for_session`` (that session's
+  readers are asking for too much).
 * **Slow clients.** Headers must arrive within ``--header-timeout`` of the
   connection being opened or the request being started (``protocol.py``,
   below the application); a whole body within
@@ -30,19 +31,41 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import RequestTimeout, TooLarge, TooManyRequests, Unavailable
+from .log.base import OpenStreams
+from .models import now_ms
 
 STREAM_RETRY_AFTER = 5
 SESSION_RETRY_AFTER = 60
 
 
-class StreamSlots:
-    """Open streams of this process, in total and per session."""
+class StreamSlots(OpenStreams):
+    """The open streams of this process, in total and per session: THE count of them.
 
-    def __init__(self, total: int, per_session: int) -> None:
+    A stream holds its slot from before it attaches to the hub until after it
+    detaches. Everything that needs the number reads it here: the limits
+    below, the hub (a session's channel lives while the session has a
+    stream), presence (``EventLog.presence``; Redis writes this node's count
+    for the others, told by ``changed``) and the ``open_streams`` gauge.
+    """
+
+    def __init__(self, total: int = 0, per_session: int = 0) -> None:
         self.max_total = total
         self.max_per_session = per_session
         self.total = 0
         self.by_session: dict[str, int] = {}
+        self.last_seen: dict[str, int] = {}  # when the count of a session last fell to 0 (ms)
+        #: ``changed(session)`` after a session's count moved; the hub sets it to the log's ``streams_changed``
+        self.changed: Callable[[str], None] = _nothing
+
+    def count(self, session: str) -> int:
+        return self.by_session.get(session, 0)
+
+    def last_closed(self, session: str) -> int | None:
+        return self.last_seen.get(session)
+
+    def forget(self, session: str) -> None:
+        """The session was deleted: its last close is no longer news."""
+        self.last_seen.pop(session, None)
 
     def take(self, session: str) -> Callable[[], None]:
         """Count one more stream of ``session`` (or raise 429/503); returns the function that gives it back."""
@@ -55,6 +78,7 @@ class StreamSlots:
                               "too_many_streams", retry_after=STREAM_RETRY_AFTER)
         self.total += 1
         self.by_session[session] = held + 1
+        self.changed(session)
         released = False
 
         def release() -> None:
@@ -68,8 +92,14 @@ class StreamSlots:
                 self.by_session[session] = left
             else:
                 del self.by_session[session]
+                self.last_seen[session] = now_ms()
+            self.changed(session)
 
         return release
+
+
+def _nothing(session: str) -> None:
+    pass
 
 
 def too_many_sessions(limit: int) -> Unavailable:

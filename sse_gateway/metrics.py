@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .log.base import LogObserver
+
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -45,7 +47,9 @@ class Histogram:
 
 
 @dataclass
-class Stats:
+class Stats(LogObserver):
+    """The gateway's counters; also the log's observer of group commits (``committed``)."""
+
     published: int = 0            # events appended
     publish_duplicates: int = 0   # idempotent replays: nothing appended
     publish_rejected: int = 0     # publish requests refused with an error
@@ -66,7 +70,7 @@ class Stats:
     commit_batch: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZES))
     requests: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (route, status class)
 
-    def observe_commit(self, operations: int, seconds: float) -> None:
+    def committed(self, operations: int, seconds: float) -> None:
         self.commit_batch.observe(operations)
         self.commit_seconds.observe(seconds)
 
@@ -122,8 +126,8 @@ class _Collector:
         for name, doc in _COUNTERS.items():
             yield CounterMetricFamily(f"sse_gateway_{name}", doc, value=getattr(st, name))
         hub = self.gw.hub
-        yield GaugeMetricFamily("sse_gateway_open_streams", "SSE streams attached now",
-                                value=sum(ch.subscribers for ch in hub.channels.values()))
+        yield GaugeMetricFamily("sse_gateway_open_streams", "SSE streams open now",
+                                value=hub.slots.total)
         yield GaugeMetricFamily("sse_gateway_watched_sessions", "Sessions with at least one stream attached",
                                 value=len(hub.channels))
         yield GaugeMetricFamily("sse_gateway_asyncio_tasks", "asyncio tasks alive in the gateway's loop",

@@ -79,20 +79,13 @@ class EventStream(Response):
         self.cut_slow = False  # set by the hub's watchdog just before it cancels this stream
         self.task: asyncio.Task | None = None
         self.stats = stats
-        self.on_close = on_close  # called once when the stream ends (gives back its slot)
+        self.on_close = on_close  # called once when the stream ends, before it detaches (gives back its slot)
         self.status_code = 200
-        self.background = None
+        self.background = None  # FastAPI reads (and may set) it on every Response a route returns; never run here
         self.gone = False
         self._wakeup: asyncio.Future | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self._serve(receive, send)
-        finally:
-            if self.on_close is not None:
-                self.on_close()
-
-    async def _serve(self, receive: Receive, send: Send) -> None:
         ch = self.hub.attach(self.session)  # before reading the head: see the module docstring
         self.task = asyncio.current_task()
         self._clock = self.task.get_loop().time
@@ -132,6 +125,8 @@ class EventStream(Response):
         finally:
             watcher.cancel()
             self.hub.streams.discard(self)
+            if self.on_close is not None:
+                self.on_close()  # first: the hub drops the channel once the session has no stream left
             self.hub.detach(ch)
 
     async def _watch(self, receive: Receive) -> None:

@@ -1,14 +1,21 @@
-"""The EventLog contract (sse_gateway/log/base.py), run against every backend."""
+"""The EventLog contract (sse_gateway/log/base.py), run against every backend.
+
+A new backend that passes this suite works: ids, atomicity, idempotency,
+epochs, retention, error codes, what its observers hear (its own appends,
+deletes, commits; another instance's writes on a shared store), that close
+drains pending writes, and presence.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from sse_gateway.errors import Conflict, NotFound, PreconditionFailed
-from sse_gateway.log.base import EventLog
+from sse_gateway.errors import BadRequest, Conflict, NotFound, PreconditionFailed, Unavailable
+from sse_gateway.log.base import EventLog, LogObserver, OpenStreams
 from sse_gateway.log.memory import MemoryLog
 from sse_gateway.log.redis import RedisLog
 from sse_gateway.log.sqlite import SqliteLog
@@ -209,12 +216,311 @@ async def test_sweep_removes_expired_completed_sessions(log):
     assert await log.get_session("open") is not None
 
 
-async def test_listeners_see_new_events_in_order(log):
-    seen = []
-    log.add_listener(lambda session, events, row: seen.append((session, [e.id for e in events])))
+class Heard(LogObserver):
+    """Every fact a log tells, in order."""
+
+    def __init__(self) -> None:
+        self.facts: list[tuple] = []
+        self.commits: list[int] = []
+
+    def appended(self, session, events, row) -> None:
+        assert events and [e.id for e in events] == list(range(events[0].id, row.last_id + 1))
+        self.facts.append(("appended", session, [e.id for e in events], row.status))
+
+    def moved(self, session, row) -> None:
+        self.facts.append(("moved", session, row.epoch, row.last_id, row.status))
+
+    def deleted(self, session) -> None:
+        self.facts.append(("deleted", session))
+
+    def committed(self, operations, seconds) -> None:
+        assert operations >= 1 and seconds >= 0
+        self.commits.append(operations)
+
+    def of(self, kind: str, session: str = "s") -> list[tuple]:
+        return [f for f in self.facts if f[0] == kind and f[1] == session]
+
+
+class Counted(OpenStreams):
+    """What limits.StreamSlots gives a log: this process's open streams per session."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.closed_at: dict[str, int] = {}
+
+    def count(self, session: str) -> int:
+        return self.counts.get(session, 0)
+
+    def last_closed(self, session: str) -> int | None:
+        return self.closed_at.get(session)
+
+
+async def until(check: Callable[[], object], what: str, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"{what} within {seconds} s"
+        await asyncio.sleep(0.01)
+
+
+async def until_async(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await check():
+        assert time.monotonic() < deadline, f"{what} within {seconds} s"
+        await asyncio.sleep(0.01)
+
+
+async def test_observer_hears_appends_in_order(log):
+    heard = Heard()
+    log.add_observer(heard)
     await asyncio.gather(*(log.append("s", [ev()]) for _ in range(20)))
-    ids = [i for s, evs in seen if s == "s" for i in evs]
-    assert ids == list(range(1, 21))
+    await log.append("s", [ev("x", key="k")])
+    await log.append("s", [ev("x", key="k")])  # a replay adds nothing: nothing to hear
+    await log.complete("s", {"ok": True})
+    ids = [i for f in heard.of("appended") for i in f[2]]
+    assert ids == list(range(1, 23))
+    assert heard.of("appended")[-1] == ("appended", "s", [22], "completed")
+    assert heard.of("moved") == []  # this instance's own writes are appends, never moves
+
+
+async def test_observer_hears_deletes_and_nothing_for_writes_without_events(log):
+    heard = Heard()
+    log.add_observer(heard)
+    await log.create_session("s")
+    await log.append("s", [ev(), ev()])
+    await log.ack("s", 1)
+    await log.put_state("s", {"step": 1}, None)
+    await log.trim("s", 1)
+    assert [f[0] for f in heard.facts] == ["appended"]
+    assert await log.delete_session("s") is True
+    assert await log.delete_session("s") is False
+    assert heard.facts[1:] == [("deleted", "s")]
+    await log.create_session("short", ttl_seconds=1)
+    row = await log.complete("short")
+    assert await log.sweep(row.completed_at + 1500) == 1
+    assert heard.facts[-1] == ("deleted", "short")
+
+
+async def test_the_old_listener_form_hears_the_same_facts(log):
+    seen = []
+    log.add_listener(lambda session, events, row: seen.append((session, [e.id for e in events], row is None)))
+    await log.append("s", [ev(), ev()])
+    await log.delete_session("s")
+    assert seen == [("s", [1, 2], False), ("s", [], True)]
+
+
+async def test_an_observer_that_overrides_nothing_is_never_called(log):
+    class Deaf(LogObserver):
+        pass
+
+    log.add_observer(Deaf())
+    assert await log.append("s", [ev()])  # and nothing breaks
+
+
+async def test_commits_are_observed_by_backends_that_batch(log):
+    heard = Heard()
+    log.add_observer(heard)
+    await asyncio.gather(*(log.append("s", [ev()]) for _ in range(50)))
+    if isinstance(log, MemoryLog):
+        assert heard.commits == []  # it writes in place: no commit to time
+    else:
+        assert sum(heard.commits) == 50 and len(heard.commits) < 50  # every write counted, commits shared
+
+
+async def test_a_write_whose_caller_went_away_does_not_fail_the_rest_of_its_batch(log):
+    """A publisher that disconnects cancels its append; the group commit it was queued in still answers
+    every other write of the batch (setting the result of a cancelled future raised, on Redis, and failed
+    them all with 503)."""
+    await log.create_session("s")
+    writes = [asyncio.create_task(log.append("s", [ev(f'"{i}"')])) for i in range(20)]
+    await asyncio.sleep(0)  # every write is queued
+    writes[0].cancel()
+    results = await asyncio.gather(*writes[1:])
+    ids = sorted(r.ids[0] for r in results)
+    stored = [e.id for e in await log.read("s", 0, 100)]
+    assert stored == list(range(1, len(stored) + 1)) and set(ids) <= set(stored) and len(ids) == 19
+
+
+async def test_error_codes(log):
+    for call in (lambda: log.append("nope", [ev()], create=False), lambda: log.complete("nope"),
+                 lambda: log.ack("nope", 0), lambda: log.put_state("nope", {}, None), lambda: log.trim("nope", 0)):
+        with pytest.raises(NotFound) as exc:
+            await call()
+        assert exc.value.status == 404 and exc.value.code == "session_not_found"
+    await log.create_session("s")
+    with pytest.raises(Conflict) as exc:
+        await log.create_session("s")
+    assert exc.value.status == 409 and exc.value.code == "session_exists"
+    await log.append("s", [ev(), ev()])
+    for bad in (3, -1):
+        with pytest.raises(BadRequest) as exc:
+            await log.ack("s", bad)
+        assert exc.value.status == 400 and exc.value.code == "invalid_ack"
+    with pytest.raises(BadRequest) as exc:
+        await log.trim("s", -1)
+    assert exc.value.status == 400 and exc.value.code == "invalid_trim"
+    await log.put_state("s", {"v": 1}, 0)
+    with pytest.raises(PreconditionFailed) as exc:
+        await log.put_state("s", {"v": 2}, 0)
+    assert exc.value.status == 412 and exc.value.code == "state_version_mismatch"
+    assert exc.value.extra == {"version": 1}
+    await log.complete("s")
+    with pytest.raises(Conflict) as exc:
+        await log.append("s", [ev()])
+    assert exc.value.status == 409 and exc.value.code == "session_completed"
+    row = await log.get_session("s")
+    assert row.last_id == 3 and row.acked_id == 0 and row.state_version == 1  # refused writes changed nothing
+
+
+async def test_close_drains_pending_writes(make_log):
+    first = make_log()
+    await first.open()
+    writes = [asyncio.create_task(first.append("s", [ev(f'"{i}"')])) for i in range(200)]
+    await asyncio.sleep(0)  # every write is queued (or done) before close
+    await first.close()
+    assert all(w.done() for w in writes)
+    assert sorted(w.result().ids[0] for w in writes) == list(range(1, 201))
+    with pytest.raises(Unavailable) as exc:
+        await first.append("s", [ev()])
+    assert exc.value.status == 503 and exc.value.code == "store_closed"
+    again = make_log()  # another instance on the same store (memory: the same one, opened again)
+    await again.open()
+    try:
+        assert [e.id for e in await again.read("s", 0, 1000)] == list(range(1, 201))
+    finally:
+        await again.close()
+
+
+async def test_presence_is_this_process_s_streams_by_default(log):
+    assert await log.presence("s") == (0, None)  # nobody handed the log a count: none
+    streams = Counted()
+    log.streams = streams
+    await log.create_session("s")
+    streams.counts["s"] = 2
+    log.streams_changed("s")
+    assert await log.presence("s") == (2, None)
+    streams.counts["s"] = 0
+    streams.closed_at["s"] = 1234
+    log.streams_changed("s")
+    if not log.shared_presence:
+        assert await log.presence("s") == (0, 1234)
+    else:  # the store keeps when an instance's count last fell to 0, once that instance has written it
+        async def recorded() -> bool:
+            count, last_seen = await log.presence("s")
+            return count == 0 and last_seen is not None
+
+        await until_async(recorded, "the store records when the last stream closed")
+
+
+async def test_the_hub_hands_the_log_the_one_count_of_streams(log):
+    """limits.StreamSlots counts the streams; the hub's channels, its presence and the log's read that count."""
+    from sse_gateway.hub import Hub
+    from sse_gateway.limits import StreamSlots
+
+    slots = StreamSlots()
+    hub = Hub(log, slots=slots)
+    assert log.streams is slots and log.watched == hub.channels.keys()
+    row = await log.create_session("s")
+    releases = [slots.take("s"), slots.take("s")]  # what the stream route does before a stream starts
+    assert hub.presence("s") == (2, None) and (await log.presence("s"))[0] == 2
+    first, second = hub.settle(hub.attach("s"), row), hub.settle(hub.attach("s"), row)
+    assert first is second and "s" in log.watched
+    releases[0]()
+    hub.detach(first)
+    assert "s" in hub.channels  # the session still has a stream
+    releases[1]()
+    hub.detach(second)
+    assert "s" not in hub.channels and "s" not in log.watched
+    count, last_seen = hub.presence("s")
+    assert count == 0 and last_seen is not None and slots.total == 0
+    assert (await log.presence("s"))[0] == 0
+    await log.delete_session("s")
+    assert hub.presence("s") == (0, None)  # a deleted session's last close is forgotten
+
+
+# -- two instances on one store: another process (SQLite) or node (Redis) ------------------------
+
+
+@pytest.fixture
+async def other(make_log, log) -> AsyncIterator[EventLog]:
+    """A second instance of ``log``'s backend on the same store."""
+    if not log.shared_store:
+        pytest.skip(reason=f"{type(log).__name__} declares no store other instances can share (shared_store)")
+    second = make_log()
+    await second.open()
+    yield second
+    await second.close()
+
+
+async def test_another_instance_s_writes_reach_this_one_s_observer(log, other):
+    heard = Heard()
+    log.add_observer(heard)
+    epoch = (await log.create_session("s")).epoch
+    await log.create_session("unwatched")
+    log.watched = {"s"}
+    await other.append("s", [ev(), ev()])
+    await other.append("unwatched", [ev()])
+    await until(lambda: any(f[3] == 2 for f in heard.of("moved")), "this instance hears the other's append")
+    assert all(f[2] == epoch for f in heard.of("moved"))
+    assert [e.id for e in await log.read("s", 0, 10)] == [1, 2]  # the events themselves come from the log
+    assert heard.of("appended") == []  # not this instance's append
+    await other.complete("s")
+    await until(lambda: ("moved", "s", epoch, 3, "completed") in heard.facts, "the other's completion")
+    await other.delete_session("s")
+    await until(lambda: heard.of("deleted"), "the other's delete")
+    await other.append("s", [ev()])
+    new_epoch = (await other.get_session("s")).epoch
+    await until(lambda: any(f[2] == new_epoch for f in heard.of("moved")), "the new life of the session")
+    assert heard.of("moved", "unwatched") == [] and heard.of("deleted", "unwatched") == []
+
+
+async def test_both_instances_allocate_contiguous_ids(log, other):
+    async def worker(store: EventLog, n: int) -> list[int]:
+        return [(await store.append("s", [ev(f'"{n}-{i}"')])).ids[0] for i in range(50)]
+
+    results = await asyncio.gather(*(worker(log if n % 2 else other, n) for n in range(10)))
+    assert sorted(i for ids in results for i in ids) == list(range(1, 501))
+
+
+async def test_presence_of_another_instance(log, other):
+    await log.create_session("s")
+    here, there = Counted(), Counted()
+    log.streams, other.streams = here, there
+    here.counts["s"] = 2
+    there.counts["s"] = 3
+    log.streams_changed("s")
+    other.streams_changed("s")
+    if log.shared_presence:
+        async def counted(expected: int) -> bool:
+            return (await log.presence("s"))[0] == expected
+
+        await until_async(lambda: counted(5), "the other instance's streams counted here")
+        there.counts["s"] = 0
+        other.streams_changed("s")
+        await until_async(lambda: counted(2), "the other instance's closed streams no longer counted")
+    else:
+        assert await log.presence("s") == (2, None)  # each process counts its own
+
+
+async def test_sqlite_own_commits_cost_the_poller_no_reread(tmp_path):
+    """The poller re-reads watched rows only when another process committed; ``PRAGMA data_version``
+    of a reader moved on this process's own commits too, so a busy session was re-read every 50 ms."""
+    log = SqliteLog(str(tmp_path / "busy.db"), poll_interval=0.01)
+    heard = Heard()
+    log.add_observer(heard)
+    log.watched = {"s"}
+    await log.open()
+    try:
+        await until(lambda: heard.facts, "the first poll reads the watched rows once")
+        await log.create_session("s")
+        heard.facts.clear()
+        for i in range(50):  # over 20 poll intervals, each with a commit of this process
+            await log.append("s", [ev(f'"{i}"')])
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        assert heard.of("moved") == []
+        assert len(heard.of("appended")) == 50
+    finally:
+        await log.close()
 
 
 async def test_sqlite_is_durable_across_reopen_with_stable_epoch(tmp_path):

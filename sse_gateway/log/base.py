@@ -24,51 +24,176 @@ ids 1, 2, 3, ... and no holes, plus a small row of facts about the run
 * **Completion.** ``complete`` appends a final ``gateway.end`` event, after
   which ``append`` raises ``session_completed`` (except for idempotent
   replays of events already stored).
-* **Notification.** After every committed write that adds events, the log
-  calls its listeners with the session id and the new events, in id
-  order, so the hub can wake subscribers. Listeners must not block.
+* **Close drains.** ``close`` returns once every write accepted before it
+  is committed and answered; a write after it is ``503 store_closed``.
+* **Errors.** ``404`` no such session (``append(create=False)``, ``ack``,
+  ``complete``, ``put_state``, ``trim``); ``409 session_exists``
+  (``create_session``) and ``409 session_completed``; ``412
+  state_version_mismatch``; ``400 invalid_ack`` (beyond the last id or
+  negative) and ``400 invalid_trim`` (negative).
+* **Observation.** A log tells its observers (``add_observer``) what
+  happened, each fact its own call, made from the event loop after the
+  commit, in commit order per session; observers must not block or raise:
+
+  - ``appended(session, events, row)``: a write *of this instance* added
+    ``events`` (never empty, in id order; ``row`` is the session after
+    them). Completion is an append of ``gateway.end``.
+  - ``moved(session, row)``: another writer (a process on the same file,
+    another node) may have changed a session this instance ``watched``;
+    ``row`` is what the store holds now (epoch, status, last_id at least).
+    It may repeat a head already known; a row of another epoch means the
+    session was deleted and created again. The events themselves are read
+    from the log.
+  - ``deleted(session)``: the session is gone (deleted here, expired, or,
+    for a watched session, deleted by another writer).
+  - ``committed(operations, seconds)``: a backend that batches writes
+    (``group_commit``) committed one batch of ``operations`` in ``seconds``
+    (metrics).
+
+  Nothing else is promised: a write that adds no events (ack, state, trim)
+  is not announced, and a write of another instance to a session nobody
+  here watches is not either.
+
+What a backend may provide beyond the abstract methods, with defaults here
+so callers never probe for it:
+
+* ``shared_store``: other instances (processes, nodes) can open the same
+  store. Such a backend watches ``watched`` (set by the hub to the sessions
+  it has channels for; a live view, read when the backend polls or tails)
+  and reports their writes as ``moved``/``deleted``. ``memory`` cannot be
+  shared.
+* ``streams`` / ``streams_changed``: the hub hands the log its one count of
+  this process's open streams (``limits.StreamSlots``) and says when a
+  session's count changed. ``presence(session)`` is the number of open
+  streams of a session and when their number last fell to 0: by default
+  this process's count; a backend with ``shared_presence`` (Redis) sums
+  the counts of every live instance on the store.
 
 Backends: ``memory`` (the reference, for tests and benchmarks), ``sqlite``
-(the default) and ``redis`` (many nodes).
+(the default) and ``redis`` (many nodes). The contract suite
+(``tests/test_log_contract.py``) runs every one of them; a new backend
+that passes it works.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from ..errors import BadRequest, Conflict, PreconditionFailed
 from ..models import END_EVENT, AppendResult, NewEvent, Session, StoredEvent, dump_json
 
-#: ``listener(session_id, new_events, session)``; ``new_events`` empty and ``session`` None on delete.
-Listener = Callable[[str, list[StoredEvent], Session | None], None]
-
 NO_RESULT = object()
+
+
+class LogObserver:
+    """What a log tells about its sessions (see "Observation" above). Every call does nothing here:
+    an observer overrides the facts it cares for, and a log calls only those."""
+
+    def appended(self, session: str, events: list[StoredEvent], row: Session) -> None:
+        """This instance committed ``events`` (not empty, in id order); ``row`` is the session after them."""
+
+    def moved(self, session: str, row: Session) -> None:
+        """Another writer may have moved the head of a watched session; ``row`` is the store's now."""
+
+    def deleted(self, session: str) -> None:
+        """The session was deleted (or expired)."""
+
+    def committed(self, operations: int, seconds: float) -> None:
+        """One group commit of ``operations`` writes took ``seconds``."""
+
+
+_FACTS = ("appended", "moved", "deleted", "committed")
+
+
+class OpenStreams:
+    """This process's open streams, as ``limits.StreamSlots`` counts them; this one counts none."""
+
+    def count(self, session: str) -> int:
+        return 0
+
+    def last_closed(self, session: str) -> int | None:
+        """When the number of ``session``'s streams here last fell to 0 (ms), if it ever did."""
+        return None
+
+
+class _Listener(LogObserver):
+    """A single ``listener(session, events, row)`` for all three facts: ``events`` empty when the head
+    moved elsewhere, ``row`` None when deleted. The older form, kept for callers that want one function."""
+
+    def __init__(self, listener: Callable[[str, list[StoredEvent], Session | None], None]) -> None:
+        self.listener = listener
+
+    def appended(self, session: str, events: list[StoredEvent], row: Session) -> None:
+        self.listener(session, events, row)
+
+    def moved(self, session: str, row: Session) -> None:
+        self.listener(session, [], row)
+
+    def deleted(self, session: str) -> None:
+        self.listener(session, [], None)
 
 
 class EventLog(abc.ABC):
     """A durable store of sessions and their events (see the module docstring)."""
 
+    #: other instances (processes, nodes) may open the same store; their writes reach ``moved``/``deleted``
+    shared_store = False
+    #: ``presence`` counts the streams of every instance on the store, not only this process's
+    shared_presence = False
+
     def __init__(self) -> None:
-        self._listeners: list[Listener] = []
+        #: the sessions whose changes by other writers this log reports (``shared_store`` only); set by the hub
+        self.watched: Collection[str] = ()
+        #: this process's open streams (``presence``, ``streams_changed``); set by the hub
+        self.streams: OpenStreams = OpenStreams()
+        self._on_appended: list[Callable[[str, list[StoredEvent], Session], None]] = []
+        self._on_moved: list[Callable[[str, Session], None]] = []
+        self._on_deleted: list[Callable[[str], None]] = []
+        self._on_committed: list[Callable[[int, float], None]] = []
 
-    def add_listener(self, listener: Listener) -> None:
-        """Call ``listener`` after each committed write that adds events or deletes a session."""
-        self._listeners.append(listener)
+    def add_observer(self, observer: LogObserver) -> None:
+        """Tell ``observer`` of every fact it overrides (an override of nothing costs nothing per write)."""
+        for fact in _FACTS:
+            if getattr(type(observer), fact, None) not in (None, getattr(LogObserver, fact)):
+                getattr(self, "_on_" + fact).append(getattr(observer, fact))
 
-    def _notify(self, session: str, events: list[StoredEvent], row: Session | None) -> None:
-        for listener in self._listeners:
-            listener(session, events, row)
+    def add_listener(self, listener: Callable[[str, list[StoredEvent], Session | None], None]) -> None:
+        """``add_observer`` for one function that hears appends, moves (no events) and deletes (row None)."""
+        self.add_observer(_Listener(listener))
+
+    def _appended(self, session: str, events: list[StoredEvent], row: Session) -> None:
+        for call in self._on_appended:
+            call(session, events, row)
+
+    def _moved(self, session: str, row: Session) -> None:
+        for call in self._on_moved:
+            call(session, row)
+
+    def _deleted(self, session: str) -> None:
+        for call in self._on_deleted:
+            call(session)
+
+    def _committed(self, operations: int, seconds: float) -> None:
+        for call in self._on_committed:
+            call(operations, seconds)
 
     async def open(self) -> None:
         """Connect and create what is missing. Called once before use."""
 
     async def close(self) -> None:
-        """Flush and release everything. Pending writes finish first."""
+        """Commit and answer every pending write, then release everything."""
 
     async def ping(self) -> None:
         """Raise if the store cannot be reached (used by ``/readyz``)."""
+
+    async def presence(self, session: str) -> tuple[int, int | None]:
+        """Open streams of ``session`` and when the last one closed (ms): this process's unless overridden."""
+        return self.streams.count(session), self.streams.last_closed(session)
+
+    def streams_changed(self, session: str) -> None:
+        """This process's count of open streams of ``session`` (``self.streams``) changed."""
 
     @abc.abstractmethod
     async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:

@@ -12,7 +12,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import Conflict, NotFound
+from ..errors import Conflict, NotFound, Unavailable
 from ..models import AppendResult, NewEvent, Session, StoredEvent, new_epoch, now_ms
 from .base import (NO_RESULT, EventLog, apply_ack, apply_append, apply_complete, apply_state, apply_trim,
                    is_expired)
@@ -28,19 +28,34 @@ class _Entry:
 
 
 class MemoryLog(EventLog):
+    shared_store = False  # one process's memory: nothing else writes to it
+
     def __init__(self, *, max_events: int | None = None, default_ttl: int | None = None) -> None:
         super().__init__()
         self.max_events = max_events
         self.default_ttl = default_ttl
         self._sessions: dict[str, _Entry] = {}
+        self._closed = False
+
+    async def open(self) -> None:
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True  # nothing is pending: every write here is done when it returns
+
+    def _writable(self) -> None:
+        if self._closed:
+            raise Unavailable("the store is closed", "store_closed")
 
     def _entry(self, session: str) -> _Entry:
+        self._writable()
         entry = self._sessions.get(session)
         if entry is None:
             raise NotFound(f"no session {session!r}")
         return entry
 
     async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
+        self._writable()
         if session in self._sessions:
             raise Conflict(f"session {session!r} exists", "session_exists")
         row = Session(id=session, epoch=new_epoch(), created_at=now_ms(), metadata=metadata, ttl_seconds=ttl_seconds)
@@ -60,12 +75,15 @@ class MemoryLog(EventLog):
         return len(self._sessions)
 
     async def delete_session(self, session: str) -> bool:
+        self._writable()
         if self._sessions.pop(session, None) is None:
             return False
-        self._notify(session, [], None)
+        self._deleted(session)
         return True
 
     async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
+        if self._closed:
+            self._writable()
         entry = self._sessions.get(session)
         if entry is None:
             if not create:
@@ -83,7 +101,7 @@ class MemoryLog(EventLog):
             cut = bisect.bisect_right(entry.events, entry.row.trimmed_id, key=lambda e: e.id)
             del entry.events[:cut]
         if events:
-            self._notify(entry.row.id, events, copy.copy(entry.row))
+            self._appended(entry.row.id, events, copy.copy(entry.row))
 
     async def read(self, session: str, after: int, limit: int) -> list[StoredEvent]:
         entry = self._sessions.get(session)

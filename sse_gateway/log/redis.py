@@ -27,13 +27,13 @@ The contract of ``log.base`` holds across nodes:
   the publisher gets ``503 store_not_replicated`` and retries with its
   idempotency key.
 
-Writes go through one queue to one writer task, which sends everything
-queued as one pipeline: concurrent publishers share a round trip (and one
-``WAIT``), and this node's listeners are told of its own appends in id
-order. Reads use the connection pool. Every Redis failure becomes
-``503 store_unavailable`` within a socket timeout of two seconds; a write
-that timed out may or may not have happened, which an idempotency key
-settles on retry.
+Writes go through one queue to one writer task (``group_commit``), which
+sends everything queued as one pipeline: concurrent publishers share a
+round trip (and one ``WAIT``), and this node's observers hear of its own
+appends (``appended``) in id order. Reads use the connection pool. Every
+Redis failure becomes ``503 store_unavailable`` within a socket timeout of
+two seconds; a write that timed out may or may not have happened, which an
+idempotency key settles on retry.
 
 Keys: one session's keys share the hash tag ``{SESSION}`` (session ids are
 ``[A-Za-z0-9_.~-]``, never braces), so they live in one Redis Cluster slot
@@ -64,7 +64,7 @@ Live feed: every script that adds events or deletes a session publishes
 one line on ``sse-gateway:appends``. Each node holds ONE subscription to
 it, on a dedicated connection, whatever the number of sessions; a line
 from another node about a session this node streams (``watched``, set by
-the hub) moves that session's head (``_notify(session, [], row)``) and the
+the hub) moves that session's head (observers hear ``moved``) and the
 hub reads the new events from the log once for all its subscribers. A
 node's own lines are not needed: its writer hands the hub its own
 appends, events included. A line of its own that arrives while the
@@ -80,8 +80,9 @@ made meanwhile is never missed; streams stay open meanwhile (with their
 heartbeats) and catch up then. Nothing can be appended to a Redis that the
 feed cannot reach, so a long outage of the feed is an outage of the store.
 
-Presence: the hub reports each stream attached and detached
-(``report_presence``); a background task writes this node's count per
+Presence: this node's streams are counted once, by ``limits.StreamSlots``
+(``self.streams``, set by the hub), which says when a session's count
+changed (``streams_changed``); a background task writes that count per
 session (only when it changed) and refreshes the node's liveness key every
 two seconds. ``presence(session)`` sums the counts of live nodes, so the
 streams of a node killed with ``-9`` stop counting within six seconds.
@@ -93,9 +94,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from hashlib import sha1
 from pathlib import Path
 from typing import Any
@@ -110,6 +109,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from ..errors import BadRequest, Conflict, GatewayError, NotFound, PreconditionFailed, Unavailable
 from ..models import END_EVENT, AppendResult, NewEvent, Session, StoredEvent, dump_json, new_epoch, now_ms
 from .base import NO_RESULT, EventLog
+from .group_commit import GroupCommit, Write
 
 log = logging.getLogger("sse_gateway.redis")
 
@@ -138,14 +138,16 @@ _APPEND = _Script("redis_append.lua")
 _SESSION = _Script("redis_session.lua")
 
 
-@dataclass(eq=False)
-class _Op:
-    script: _Script
-    session: str
-    args: list
-    #: the script's reply -> (the caller's value, (new events, row) to notify, or None)
-    reply: Callable[[Any], tuple[Any, tuple | None]]
-    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+class _Op(Write):
+    __slots__ = ("script", "args", "reply")
+
+    def __init__(self, script: _Script, session: str, args: list,
+                 reply: Callable[[Any], tuple[Any, tuple | None]]) -> None:
+        super().__init__(session)
+        self.script = script
+        self.args = args
+        #: the script's reply -> (the caller's value, (new events, row) to announce (row None: deleted), or None)
+        self.reply = reply
 
 
 def _pairs(flat: list) -> dict[str, str]:
@@ -208,6 +210,9 @@ def _store():
 
 
 class RedisLog(EventLog):
+    shared_store = True  # every node opens the same Redis: the feed hears the others' writes
+    shared_presence = True  # every node writes its count of streams per session; presence() sums the live ones
+
     def __init__(self, url: str, *, max_events: int | None = None, default_ttl: int | None = None,
                  wait_replicas: int = 0) -> None:
         super().__init__()
@@ -220,21 +225,18 @@ class RedisLog(EventLog):
         self.default_ttl = default_ttl
         self.wait_replicas = wait_replicas
         self.node = secrets.token_hex(4)
-        #: names of the sessions someone is streaming on this node; set by the hub, read by the feed
-        self.watched: Collection[str] = ()
         self._global_keys = [] if self.cluster else [INDEX, EXPIRING]
         self._redis: Redis | RedisCluster | None = None
-        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._writer = GroupCommit(self._commit, self._answer, committed=self._committed, max_batch=_MAX_BATCH,
+                                   name="redis-writer")
         self._index_updates: list[tuple] = []  # Cluster only: the global keys, after the scripts
-        self._streams: dict[str, int] = {}  # this node's open streams per session
+        self._reported: set[str] = set()  # sessions whose count of this node's streams Redis holds (not 0)
         self._presence_dirty: set[str] = set()
         self._presence_changed: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._writing: set[str] = set()  # the sessions of the batch whose replies the writer waits for
         self._held: dict[str, Session | None] = {}  # this node's feed lines about them, until the replies
         self._closing = False
-        #: ``callback(operations, seconds)`` after each pipelined batch of writes (metrics)
-        self.on_commit = None
 
     def _keys(self, session: str) -> list[str]:
         tag = f"{PREFIX}{{{session}}}:"
@@ -256,8 +258,8 @@ class RedisLog(EventLog):
         self._feed = Redis.from_url(self.url, decode_responses=False, socket_connect_timeout=1.0,
                                     socket_keepalive=True, retry=Retry(NoBackoff(), 0))
         self._presence_changed = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._write_loop(), name="redis-writer"),
-                       asyncio.create_task(self._feed_loop(), name="redis-feed"),
+        self._writer.start()
+        self._tasks = [asyncio.create_task(self._feed_loop(), name="redis-feed"),
                        asyncio.create_task(self._presence_loop(), name="redis-presence")]
 
     async def close(self) -> None:
@@ -267,17 +269,13 @@ class RedisLog(EventLog):
         # a cancellation that lands as their timeout fires, which would leave a loop running forever.
         self._closing = True
         self._presence_changed.set()
-        await self._queue.put(None)
-        for task in self._tasks[1:]:
+        await self._writer.close()
+        for task in self._tasks:
             task.cancel()
-        # On a forced exit asyncio cancels every task at once, the writer too: that is not an error here.
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for session in self._streams:  # the streams of this node end with it
-            self._streams[session] = 0
-            self._presence_dirty.add(session)
         with contextlib.suppress(RedisError, TimeoutError):
             async with asyncio.timeout(2):
-                await self._flush_presence()
+                await self._flush_presence(final=True)  # the streams of this node end with it
                 await self._redis.delete(PREFIX + "node:" + self.node)
         await self._feed.aclose()
         await self._redis.aclose()
@@ -327,12 +325,11 @@ class RedisLog(EventLog):
             for node in nodes:
                 pipe.exists(PREFIX + "node:" + node)
             alive = await pipe.execute() if nodes else []
-        total = self._streams.get(session, 0) + sum(int(counts[n]) for n, up in zip(nodes, alive) if up)
+        total = self.streams.count(session) + sum(int(counts[n]) for n, up in zip(nodes, alive) if up)
         return total, _int(last_seen)
 
-    def report_presence(self, session: str, delta: int) -> None:
-        """Called by the hub when a stream of ``session`` attaches (+1) or detaches (-1)."""
-        self._streams[session] = self._streams.get(session, 0) + delta
+    def streams_changed(self, session: str) -> None:
+        """This node's count of streams of ``session`` changed: the presence task writes it."""
         self._presence_dirty.add(session)
         if self._presence_changed is not None:
             self._presence_changed.set()
@@ -340,11 +337,7 @@ class RedisLog(EventLog):
     # -- writes: everything goes through the writer ----------------------------------
 
     async def _submit(self, script: _Script, session: str, args: list, reply) -> Any:
-        if self._redis is None:
-            raise Unavailable("the store is closed", "store_closed")
-        op = _Op(script, session, args, reply)
-        self._queue.put_nowait(op)
-        return await op.future
+        return await self._writer.submit(_Op(script, session, args, reply))
 
     def _args(self, op: str, session: str, *rest: Any, now: int | None = None) -> list:
         return [op, session, now_ms() if now is None else now, CHANNEL, self.node, *rest]
@@ -435,64 +428,54 @@ class RedisLog(EventLog):
 
     # -- the writer ---------------------------------------------------------------------
 
-    async def _write_loop(self) -> None:
-        while True:
-            op = await self._queue.get()
-            if op is None:
-                return
-            batch = [op]
-            while len(batch) < _MAX_BATCH and not self._queue.empty():
-                op = self._queue.get_nowait()
-                if op is None:
-                    break
-                batch.append(op)
-            try:
-                await self._run_batch(batch)
-            except Exception as exc:  # a bug must not stop the writer: fail this batch, keep going
-                log.exception("write of %d operations failed", len(batch))
-                for each in batch:
-                    if not each.future.done():
-                        each.future.set_exception(Unavailable(f"the write failed: {exc}", "store_error"))
-            if op is None:
-                return
-
-    async def _run_batch(self, batch: list[_Op]) -> None:
-        self._writing = lost = {op.session for op in batch}  # until the replies say which writes happened
+    async def _commit(self, batch: list[_Op]) -> tuple[list, bool]:
+        self._writing = {op.session for op in batch}  # until the replies say which writes happened
         try:
-            started = time.perf_counter()
-            replies, replicated = await self._eval([(op.script, op.session, op.args) for op in batch],
-                                                   wait=self.wait_replicas)
-            if self.on_commit is not None:
-                self.on_commit(len(batch), time.perf_counter() - started)
-            # A reply that never came (timeout, broken connection): the script may have run.
-            lost = {op.session for op, reply in zip(batch, replies)
-                    if isinstance(reply, RedisError) and not isinstance(reply, ResponseError)}
-            notify = []
+            return await self._eval([(op.script, op.session, op.args) for op in batch], wait=self.wait_replicas)
+        except BaseException:
+            self._release_held(self._writing)  # no reply at all: any of the scripts may have run
+            raise
+
+    async def _answer(self, batch: list[_Op], done: tuple[list, bool]) -> None:
+        replies, replicated = done
+        # A reply that never came (timeout, broken connection): the script may have run.
+        lost = {op.session for op, reply in zip(batch, replies)
+                if isinstance(reply, RedisError) and not isinstance(reply, ResponseError)}
+        try:
+            news = []
             for op, reply in zip(batch, replies):
                 try:
                     if isinstance(reply, Exception):
                         raise _gateway_error(op.session, reply)
-                    value, news = op.reply(reply)
+                    value, told = op.reply(reply)
                 except GatewayError as err:
-                    op.future.set_exception(err)
+                    op.reject(err)
                     continue
-                if news is not None:
-                    notify.append((op.session, *news))
+                if told is not None:
+                    news.append((op.session, *told))
                 if replicated:
-                    op.future.set_result(value)
+                    op.resolve(value)
                 else:
-                    op.future.set_exception(Unavailable(
+                    op.reject(Unavailable(
                         f"the write is on the Redis primary but fewer than {self.wait_replicas} replica(s) "
                         "confirmed it (retry with an idempotency key)", "store_not_replicated"))
-            for session, events, row in notify:
-                self._notify(session, events, row)
+            for session, events, row in news:
+                if row is None:
+                    self._deleted(session)
+                else:
+                    self._appended(session, events, row)
         finally:
-            held, self._held, self._writing = self._held, {}, set()
-            for session, row in held.items():  # this node's feed lines that came before the replies
-                if session in lost:
-                    self._notify(session, [], row)
+            self._release_held(lost)
         if self._index_updates:
             await self._update_index()
+
+    def _release_held(self, lost: set[str]) -> None:
+        """The writer has its replies: this node's feed lines that came before them are dropped, but for
+        the sessions whose reply was lost (the feed line is then the only news of the write)."""
+        held, self._held, self._writing = self._held, {}, set()
+        for session, row in held.items():
+            if session in lost:
+                self._heard(session, row)
 
     async def _eval(self, calls: list[tuple[_Script, str, list]], wait: int = 0) -> tuple[list, bool]:
         """Run the scripts; each session's in the given order. Returns their replies (an exception
@@ -611,7 +594,13 @@ class RedisLog(EventLog):
             if origin == self.node and session in self._writing:
                 self._held[session] = row  # see the module docstring: the writer's reply decides
             else:
-                self._notify(session, [], row)
+                self._heard(session, row)
+
+    def _heard(self, session: str, row: Session | None) -> None:
+        if row is None:
+            self._deleted(session)
+        else:
+            self._moved(session, row)
 
     async def _refresh_watched(self) -> None:
         """Tell the hub the head of every watched session (after the feed was lost)."""
@@ -624,7 +613,7 @@ class RedisLog(EventLog):
             for name, (epoch, status, last_id) in zip(chunk, await pipe.execute()):
                 row = None if epoch is None else Session(id=name, epoch=epoch, created_at=0, status=status,
                                                          last_id=int(last_id))
-                self._notify(name, [], row)
+                self._heard(name, row)
 
     # -- presence ---------------------------------------------------------------------------
 
@@ -644,20 +633,24 @@ class RedisLog(EventLog):
                 log.warning("could not record presence: %s", exc)
                 await asyncio.sleep(PRESENCE_PERIOD)
 
-    async def _flush_presence(self) -> None:
-        """Write this node's changed counts; a session it no longer streams is forgotten."""
+    async def _flush_presence(self, final: bool = False) -> None:
+        """Write this node's changed counts (all of them 0 if ``final``: the node stops)."""
+        if final:
+            self._presence_dirty |= self._reported
         names = list(self._presence_dirty)
         self._presence_dirty.clear()
         if not names:
             return
-        results, _ = await self._eval([(_SESSION, name, self._args("presence", name, self.node,
-                                                                     self._streams.get(name, 0)))
-                                       for name in names])
-        for name, result in zip(names, results):
+        counts = [0 if final else self.streams.count(name) for name in names]
+        results, _ = await self._eval([(_SESSION, name, self._args("presence", name, self.node, count))
+                                       for name, count in zip(names, counts)])
+        for name, count, result in zip(names, counts, results):
             if isinstance(result, Exception):
                 self._presence_dirty.add(name)  # tried again at the next change or heartbeat
-            elif self._streams.get(name) == 0:
-                del self._streams[name]
+            elif count:
+                self._reported.add(name)
+            else:
+                self._reported.discard(name)
         failed = next((r for r in results if isinstance(r, Exception)), None)
         if failed is not None:
             raise failed

@@ -1,18 +1,22 @@
 """The default event log: one SQLite file in WAL mode, one writer, group commit.
 
 Writes (appends, completions, acks, state, deletes) go through one queue to
-one writer connection. The writer takes everything queued, runs it in a
-single ``BEGIN IMMEDIATE`` transaction and commits once, then answers every
-caller: concurrent publishers share one commit, and nobody's ``append``
-returns before its events are committed. The rules of each write run in
-Python (``log.base.apply_*``) against rows read inside the transaction, so
+one writer connection (``group_commit``). The writer takes everything
+queued, runs it in a single ``BEGIN IMMEDIATE`` transaction and commits
+once, then answers every caller: concurrent publishers share one commit,
+and nobody's ``append`` returns before its events are committed. The
+rules of each write run in Python (``log.base.apply_*``) against rows read
+inside the transaction, so
 several processes on one file still allocate contiguous ids: the write lock
 is SQLite's, not ours.
 
 Reads use a few read-only connections of their own (WAL lets them run
-beside the writer). A poller watches ``PRAGMA data_version`` to learn of
-commits made by other processes on the same file and tells the listeners,
-so a stream served by this process sees events appended by another.
+beside the writer). A poller watches ``PRAGMA data_version`` of the
+writer's connection, which moves only when *another* connection commits,
+to learn of commits made by other processes on the same file; it then
+reads the rows of the watched sessions and tells the observers
+(``moved``, ``deleted``), so a stream served by this process sees events
+appended by another. This process's own commits never cost a re-read.
 
 Deleting a session or trimming its history only moves a row's fields;
 the events themselves are removed afterwards in small chunks by ``sweep``,
@@ -32,8 +36,7 @@ import errno
 import logging
 import os
 import sqlite3
-import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +47,7 @@ import orjson
 from ..errors import Conflict, GatewayError, NotFound, Unavailable
 from ..models import AppendResult, NewEvent, Session, StoredEvent, dump_json, new_epoch, now_ms
 from .base import NO_RESULT, EventLog, apply_ack, apply_append, apply_complete, apply_state, apply_trim, is_expired
+from .group_commit import GroupCommit, Write
 
 log = logging.getLogger("sse_gateway.sqlite")
 
@@ -164,12 +168,13 @@ def preflight(path: str) -> str | None:
     return None
 
 
-@dataclass(eq=False)
-class _Op:
-    kind: str
-    session: str
-    args: tuple = ()
-    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+class _Op(Write):
+    __slots__ = ("kind", "args")
+
+    def __init__(self, kind: str, session: str, args: tuple) -> None:
+        super().__init__(session)
+        self.kind = kind
+        self.args = args
 
 
 @dataclass
@@ -180,10 +185,13 @@ class _Writes:
     keys: list[tuple] = field(default_factory=list)
     states: list[tuple] = field(default_factory=list)
     touched: dict[str, tuple[int, Session]] = field(default_factory=dict)
-    notify: dict[str, tuple[list[StoredEvent], Session | None]] = field(default_factory=dict)
+    appended: dict[str, tuple[list[StoredEvent], Session]] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
 
 
 class SqliteLog(EventLog):
+    shared_store = True  # other processes may open the same file: the poller hears their commits
+
     def __init__(self, path: str, *, max_events: int | None = None, default_ttl: int | None = None,
                  synchronous: str = "NORMAL", readers: int = 3, poll_interval: float = 0.05) -> None:
         super().__init__()
@@ -197,12 +205,9 @@ class SqliteLog(EventLog):
         self._next_reader = 0
         self._db: sqlite3.Connection | None = None  # the writer's, used only on self._thread
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
-        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []
-        #: names of the sessions someone is streaming; set by the hub, read by the poller
-        self.watched: Collection[str] = ()
-        #: ``callback(operations, seconds)`` after each group commit (metrics)
-        self.on_commit = None
+        self._writer = GroupCommit(self._commit, self._answer, committed=self._committed, max_batch=_MAX_BATCH,
+                                   name="sqlite-writer")
+        self._poller: asyncio.Task | None = None
 
     # -- life ------------------------------------------------------------
 
@@ -215,16 +220,15 @@ class SqliteLog(EventLog):
             await conn.execute("PRAGMA mmap_size = 268435456")
             self._readers.append(conn)
         self._poll_conn = self._readers.pop()
-        self._tasks = [asyncio.create_task(self._write_loop(), name="sqlite-writer"),
-                       asyncio.create_task(self._poll_loop(), name="sqlite-poller")]
+        self._writer.start()
+        self._poller = asyncio.create_task(self._poll_loop(), name="sqlite-poller")
 
     async def close(self) -> None:
         if self._db is None:
             return
-        await self._queue.put(None)
-        await self._tasks[0]
-        self._tasks[1].cancel()
-        await asyncio.gather(self._tasks[1], return_exceptions=True)
+        await self._writer.close()
+        self._poller.cancel()
+        await asyncio.gather(self._poller, return_exceptions=True)
         for conn in [*self._readers, self._poll_conn]:
             await conn.close()
         await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
@@ -273,11 +277,7 @@ class SqliteLog(EventLog):
     # -- writes: everything goes through the writer ------------------------
 
     async def _submit(self, kind: str, session: str, *args: Any) -> Any:
-        if self._db is None:
-            raise Unavailable("the store is closed", "store_closed")
-        op = _Op(kind, session, args)
-        self._queue.put_nowait(op)
-        return await op.future
+        return await self._writer.submit(_Op(kind, session, args))
 
     async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
         return await self._submit("create", session, metadata, ttl_seconds)
@@ -300,61 +300,32 @@ class SqliteLog(EventLog):
     async def trim(self, session: str, through: int) -> Session:
         return await self._submit("trim", session, through)
 
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            op = await self._queue.get()
-            if op is None:
-                return
-            batch, purges = [], []
-            while op is not None:
-                (purges if op.kind == "purge" else batch).append(op)
-                if len(batch) >= _MAX_BATCH or self._queue.empty():
-                    break
-                op = self._queue.get_nowait()
-            if batch:
-                await self._run_batch(loop, batch)
-            for purge in purges:
-                await self._settle([purge], loop.run_in_executor(self._thread, self._purge_sync, *purge.args))
-                if not purge.future.done():
-                    purge.future.set_result(None)
-            if op is None:
-                return
+    async def _commit(self, batch: list[_Op]) -> tuple[list[tuple[Any, GatewayError | None]], _Writes]:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._commit_sync, batch)
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Op]) -> None:
-        started = time.perf_counter()
-        done = await self._settle(batch, loop.run_in_executor(self._thread, self._commit, batch))
-        if done is None:
-            return
-        outcomes, notify = done
-        if self.on_commit is not None:
-            self.on_commit(len(batch), time.perf_counter() - started)
+    async def _answer(self, batch: list[_Op], done: tuple[list[tuple[Any, GatewayError | None]], _Writes]) -> None:
+        outcomes, writes = done
         for op, (value, err) in zip(batch, outcomes, strict=True):
-            if op.future.done():
-                continue
             if err is not None:
-                op.future.set_exception(err)
+                op.reject(err)
             else:
-                op.future.set_result(value)
-        for session, (new_events, row) in notify.items():
-            self._notify(session, new_events, row)
+                op.resolve(value)
+        for session in writes.deleted:
+            self._deleted(session)
+        for session, (new_events, row) in writes.appended.items():
+            self._appended(session, new_events, row)
 
-    @staticmethod
-    async def _settle(batch: list[_Op], work: asyncio.Future) -> Any:
-        """Await the writer thread; if the whole transaction failed, every operation of it fails."""
+    async def _on_writer(self, work, *args: Any) -> Any:
+        """Run ``work`` on the writer's thread, between group commits (purges)."""
+        if self._db is None:
+            raise Unavailable("the store is closed", "store_closed")
         try:
-            return await work
-        except Exception as exc:  # the store failed (or a bug did): nothing of the batch was committed
-            if isinstance(exc, GatewayError):
-                err = exc
-                log.error("write of %d operations failed: %s", len(batch), exc.message)
-            else:  # never let it end the writer: every later write would wait forever
-                err = Unavailable("the write failed; nothing was written", "store_error")
-                log.exception("write of %d operations failed", len(batch))
-            for op in batch:
-                if not op.future.done():
-                    op.future.set_exception(err)
-            return None
+            return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+        except GatewayError:
+            raise
+        except Exception as exc:  # a bug: never let it look like anything but a failed write
+            log.exception("work on the writer failed")
+            raise Unavailable(f"the write failed: {exc}", "store_error") from None
 
     # The writer thread: one call per group commit, so a batch costs one hop between threads.
 
@@ -381,10 +352,10 @@ class SqliteLog(EventLog):
                 raise store_error(exc, self.path) from None
             raise
 
-    def _commit(self, batch: list[_Op]) -> tuple[list[tuple[Any, GatewayError | None]], dict]:
+    def _commit_sync(self, batch: list[_Op]) -> tuple[list[tuple[Any, GatewayError | None]], _Writes]:
         return self._transaction(lambda db: self._commit_in(db, batch))
 
-    def _commit_in(self, db: sqlite3.Connection, batch: list[_Op]) -> tuple[list, dict]:
+    def _commit_in(self, db: sqlite3.Connection, batch: list[_Op]) -> tuple[list, _Writes]:
         names = list({op.session for op in batch})
         rows: dict[str, tuple[int, Session] | None] = dict.fromkeys(names)
         for i in range(0, len(names), 500):
@@ -413,7 +384,7 @@ class SqliteLog(EventLog):
                  for sid, r in writes.touched.values()])
         if writes.states:
             db.executemany("UPDATE sessions SET state=?, state_version=?, state_as_of=? WHERE sid=?", writes.states)
-        return outcomes, writes.notify
+        return outcomes, writes
 
     @staticmethod
     def _load_keys(db: sqlite3.Connection, batch: list[_Op], rows: dict) -> dict[tuple[int, str], int]:
@@ -452,7 +423,8 @@ class SqliteLog(EventLog):
             db.execute("INSERT OR REPLACE INTO doomed (sid, last_id) VALUES (?, ?)", (sid, row.last_id))
             rows[op.session] = None
             writes.touched.pop(op.session, None)
-            writes.notify[op.session] = ([], None)
+            writes.appended.pop(op.session, None)  # nobody is told of events of a life that ended
+            writes.deleted.append(op.session)
             return True
         new_events: list[StoredEvent] = []
         if op.kind == "append":
@@ -481,8 +453,8 @@ class SqliteLog(EventLog):
         writes.touched[op.session] = entry
         if new_events:
             writes.events.extend((sid, e.id, e.event, e.data, int(e.is_json), e.ts) for e in new_events)
-            previous = writes.notify.get(op.session, ([], None))[0]
-            writes.notify[op.session] = (previous + new_events, copy.copy(row))
+            previous = writes.appended.get(op.session, ([], None))[0]
+            writes.appended[op.session] = (previous + new_events, copy.copy(row))
         return value
 
     def _purge_sync(self, sid: int, start: int, stop: int, last: bool) -> None:
@@ -513,23 +485,30 @@ class SqliteLog(EventLog):
             await self._purge_range(sid, trimmed, doomed=False, start=purged)
 
     async def _purge_range(self, sid: int, upto: int, *, doomed: bool, start: int = 0) -> None:
-        # Each chunk is its own short transaction on the writer, queued between group commits.
+        # Each chunk is its own short transaction on the writer's thread, between group commits.
         while start < upto:
             stop = min(upto, start + _PURGE_CHUNK)
-            await self._submit("purge", "", sid, start, stop, doomed and stop >= upto)
+            await self._on_writer(self._purge_sync, sid, start, stop, doomed and stop >= upto)
             start = stop
 
     async def _poll_loop(self) -> None:
+        """Tell the observers of watched sessions that other processes wrote to (``moved``, ``deleted``).
+
+        ``PRAGMA data_version`` on the *writer's* connection moves only when another connection commits
+        (this process's readers never write), so this process's own commits, however many, never make
+        the poller read a row: only another process's commit does."""
+        loop = asyncio.get_running_loop()
         last_version = None
         while True:
             await asyncio.sleep(self.poll_interval)
-            watched = list(self.watched)
             try:
-                (version,), = await self._poll_conn.execute_fetchall("PRAGMA data_version")
-                if version == last_version or not watched:
-                    last_version = version
+                version = await loop.run_in_executor(self._thread, self._others_version)
+                if version == last_version:
                     continue
                 last_version = version
+                watched = list(self.watched)
+                if not watched:
+                    continue
                 found: dict[str, Session] = {}
                 for i in range(0, len(watched), 500):
                     chunk = watched[i:i + 500]
@@ -540,7 +519,16 @@ class SqliteLog(EventLog):
                 log.warning("polling for other writers failed: %s", exc)
                 continue
             for name in watched:
-                self._notify(name, [], found.get(name))
+                row = found.get(name)
+                if row is None:
+                    self._deleted(name)
+                else:
+                    self._moved(name, row)
+
+    def _others_version(self) -> int:
+        """On the writer's thread: a number that changes when another connection commits to the file."""
+        (version,), = self._db.execute("PRAGMA data_version").fetchall()
+        return version
 
 
 class _KeyView:

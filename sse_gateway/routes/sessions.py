@@ -74,8 +74,7 @@ async def list_sessions(request: Request) -> Response:
 @router.get("/v1/sessions/{session}", summary="A session's status, presence and acks")
 async def get_session(session: str, request: Request) -> Response:
     gw, row = await readable_row(request, session)
-    presence = await gw.log.presence(session) if hasattr(gw.log, "presence") else None
-    return json_response(session_json(row, gw, presence))
+    return json_response(session_json(row, gw, await gw.log.presence(session)))
 
 
 @router.delete("/v1/sessions/{session}", summary="Delete a session and its log")
