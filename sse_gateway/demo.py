@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .bodies import json_object
-from .errors import BadRequest, GatewayError
+from .errors import BadRequest, GatewayError, Unavailable
 from .models import NewEvent
 
 log = logging.getLogger("sse_gateway.demo")
@@ -36,6 +36,8 @@ MAX_DURATION = 300.0
 MIN_TYPING = 2.0  # seconds of typing, however short the requested run
 KEEP_SECONDS = 3600  # a finished demo session is removed after this
 MAX_BODY = 4096
+MAX_RUNS = 16  # simulated runs at once per process; one more is 503 (each is a task of up to MAX_DURATION)
+RUNS_RETRY_AFTER = 10
 
 PART_ONE = (
     "You asked why an agent's answer sometimes vanishes when the connection drops. The short version: the "
@@ -90,10 +92,15 @@ async def start_run(request: Request) -> Response:
     gw.auth.publisher(request)
     spec = await json_object(request, MAX_BODY, frozenset({"duration"}), '{"duration"?}', "invalid_body")
     duration = _duration(spec)
+    runs = _running(request)
+    if len(runs) >= MAX_RUNS:
+        raise Unavailable(f"{MAX_RUNS} demo runs are already running here; try again shortly", "too_many_demo_runs",
+                          retry_after=RUNS_RETRY_AFTER)
     await gw.writes.admit_session()
     session = "demo-" + secrets.token_urlsafe(8)
     row = await gw.log.create_session(session, metadata={"demo": True}, ttl_seconds=KEEP_SECONDS)
-    gw.spawn(simulate(gw, session, duration))
+    runs.add(session)
+    gw.spawn(simulate(gw, session, duration, done=lambda: runs.discard(session)))
     stream_url = f"/v1/sessions/{session}/stream"
     token = gw.auth.mint(session, epoch=row.epoch)
     if token:
@@ -103,6 +110,14 @@ async def start_run(request: Request) -> Response:
     return Response(orjson.dumps(body), 201, media_type="application/json")
 
 
+def _running(request: Request) -> set[str]:
+    """The sessions of this app's demo runs that are still typing."""
+    state = request.app.state
+    if not hasattr(state, "demo_runs"):
+        state.demo_runs = set()
+    return state.demo_runs
+
+
 def _duration(spec: dict) -> float:
     duration = spec.get("duration", DEFAULT_DURATION)
     if isinstance(duration, bool) or not isinstance(duration, int | float) or not 1 <= duration <= MAX_DURATION:
@@ -110,7 +125,7 @@ def _duration(spec: dict) -> float:
     return float(duration)
 
 
-async def simulate(gw, session: str, duration: float) -> None:
+async def simulate(gw, session: str, duration: float, done=lambda: None) -> None:
     """Type PART_ONE, wait on a slow tool for longer than the heartbeat, type PART_TWO, complete."""
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -138,3 +153,5 @@ async def simulate(gw, session: str, duration: float) -> None:
                                         "seconds": round(loop.time() - started, 1)})
     except GatewayError as exc:  # the session was deleted or completed by someone else, or the store failed
         log.info("demo run %s stopped: %s", session, exc.message)
+    finally:
+        done()

@@ -59,3 +59,22 @@ def test_no_demo_turns_the_endpoint_off_and_a_run_cut_by_shutdown_ends_quietly(s
     on.start()
     row = httpx.get(f"{on.url}/v1/sessions/{session}").json()
     assert row["status"] == "open" and 0 < row["last_id"] < 300, "the run neither stopped nor kept its events"
+
+
+@pytest.mark.timeout(60)
+def test_demo_runs_are_bounded_in_number_and_count_against_max_sessions(start_gateway):
+    from sse_gateway.demo import MAX_RUNS
+
+    gw = start_gateway("--max-sessions", str(MAX_RUNS + 1))
+    with httpx.Client(base_url=gw.url) as c:
+        started = [c.post("/v1/demo/runs", json={"duration": 300}) for _ in range(MAX_RUNS)]
+        assert [r.status_code for r in started] == [201] * MAX_RUNS
+        r = c.post("/v1/demo/runs", json={"duration": 300})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_demo_runs"
+        assert int(r.headers["retry-after"]) > 0
+        c.delete(f"/v1/sessions/{started[0].json()['session']}")  # its run stops at its next token
+        for i in range(2):
+            assert c.post("/v1/sessions", json={"id": f"mine{i}"}).status_code == 201
+        r = c.post("/v1/demo/runs", json={"duration": 1})  # a slot may be free again, the sessions are not
+        assert r.status_code == 503 and r.json()["error"]["code"] in ("too_many_sessions", "too_many_demo_runs")
+        assert len(c.get("/v1/sessions", params={"limit": 1000}).json()["sessions"]) == MAX_RUNS + 1

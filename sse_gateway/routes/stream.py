@@ -46,13 +46,13 @@ async def stream(session: str, request: Request) -> Response:
     if from_latest:
         cursor, epoch = row.last_id, row.epoch
     start, notice = start_position(row, cursor, epoch)
+    if resuming is not None and not notice and start > row.acked_id:
+        gw.spawn(_ack_quietly(gw.log, session, start))  # a reconnect's cursor is also an ack, the last one too
     if row.completed and start >= row.last_id and not notice:
         return Response(status_code=204)
     release = gw.streams.take(session)
     if notice:
         gw.stats.resets += 1
-    elif resuming is not None and start > row.acked_id:
-        gw.spawn(_ack_quietly(gw.log, session, start))  # a reconnect's cursor is also an ack
     gw.stats.streams_opened += 1
     return EventStream(gw.hub, session, cursor, epoch, prelude=encode_retry(gw.settings.retry_ms),
                        live=live in ("true", "1"), heartbeat=gw.settings.heartbeat,
