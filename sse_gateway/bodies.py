@@ -149,10 +149,10 @@ def check_key(key: Any) -> str:
     return key
 
 
-def check_size(data: str, max_bytes: int) -> None:
-    """``413 event_too_large`` if ``data`` encodes to more than ``max_bytes`` bytes."""
+def check_size(data: str, max_bytes: int, what: str = "event") -> None:
+    """``413 {what}_too_large`` if ``data`` encodes to more than ``max_bytes`` bytes (``--max-event-bytes``)."""
     if len(data) > max_bytes // 4 and len(data.encode()) > max_bytes:
-        raise TooLarge(f"event data is larger than {max_bytes} bytes", "event_too_large")
+        raise TooLarge(f"{what} data is larger than {max_bytes} bytes", f"{what}_too_large")
 
 
 _EVENT_FIELDS = frozenset({"event", "data", "idempotency_key"})

@@ -370,3 +370,19 @@ def test_a_declared_huge_body_is_refused_before_it_is_sent(gw):
         assert answer.startswith(b"HTTP/1.1 413") and b"body_too_large" in answer
         assert b"connection: close" in answer.lower()
         assert time.monotonic() - started < 2
+
+
+def test_metadata_state_and_results_are_bounded_like_event_data(c):
+    """A row's documents are bounded by --max-event-bytes (1 MiB), not only by the body limit."""
+    before = seed(c, "docs")
+    names = session_names(c)
+    big = "m" * (1 << 20)
+    for method, path, body, code in [("POST", "/v1/sessions", {"id": "fat", "metadata": big}, "metadata_too_large"),
+                                     ("PUT", "/v1/sessions/docs/state", {"blob": big}, "state_too_large"),
+                                     ("POST", "/v1/sessions/docs/complete", {"result": big}, "result_too_large")]:
+        r = c.request(method, path, json=body)
+        assert_error(r.status_code, r.headers, r.content, 413, (code,))
+    assert snapshot(c, "docs") == before and session_names(c) == names
+    small = "m" * 1000
+    assert c.post("/v1/sessions", json={"id": "slim", "metadata": small}).status_code == 201
+    assert c.put("/v1/sessions/docs/state", json={"blob": small}).status_code == 200

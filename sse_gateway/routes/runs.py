@@ -23,7 +23,7 @@ async def complete(session: str, request: Request) -> Response:
     spec = await json_object(request, gw.settings.max_body_bytes, frozenset({"result"}),
                        '{"result"?}', "invalid_body")
     if "result" in spec:
-        check_size(dump_json(spec["result"]), gw.settings.max_event_bytes)
+        check_size(dump_json(spec["result"]), gw.settings.max_event_bytes, "result")
     row = await gw.log.complete(session, spec.get("result", NO_RESULT))
     return json_response(session_json(row, gw))
 
@@ -66,6 +66,7 @@ async def put_state(session: str, request: Request) -> Response:
     state = await read_json(request, gw.settings.max_body_bytes)
     if not isinstance(state, dict):
         raise BadRequest("state must be a JSON object", "invalid_state")
+    check_size(dump_json(state), gw.settings.max_event_bytes, "state")
     return _state_response(await gw.writes.put_state(session, state, version))
 
 

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .. import openapi, rules
-from ..bodies import bounded_int, json_object, query_int
+from ..bodies import bounded_int, check_size, json_object, query_int
 from ..errors import BadRequest, NotConfigured, NotFound
-from ..models import check_session_id, rfc3339
+from ..models import check_session_id, dump_json, rfc3339
 from .common import json_response, publisher, readable_row, session_json
 
 router = APIRouter(tags=["sessions"])
@@ -36,6 +36,7 @@ async def create_session(request: Request) -> Response:
         raise BadRequest("id must be a string", "invalid_session_id")
     check_session_id(session)
     ttl = bounded_int(spec.get("ttl_seconds"), rules.SESSION_TTL, "ttl_seconds", "invalid_ttl")
+    check_size(dump_json(spec.get("metadata")), gw.settings.max_event_bytes, "metadata")
     await gw.writes.admit_session()
     row = await gw.log.create_session(session, metadata=spec.get("metadata"), ttl_seconds=ttl)
     token = gw.auth.mint(session, epoch=row.epoch)
