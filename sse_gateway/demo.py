@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .bodies import json_object
-from .errors import BadRequest, GatewayError, Unavailable
+from .errors import BadRequest, GatewayError, TooManyRequests
 from .models import NewEvent
 
 log = logging.getLogger("sse_gateway.demo")
@@ -36,7 +36,7 @@ MAX_DURATION = 300.0
 MIN_TYPING = 2.0  # seconds of typing, however short the requested run
 KEEP_SECONDS = 3600  # a finished demo session is removed after this
 MAX_BODY = 4096
-MAX_RUNS = 16  # simulated runs at once per process; one more is 503 (each is a task of up to MAX_DURATION)
+MAX_RUNS = 16  # simulated runs at once per process; one more is 429 (each is a task of up to MAX_DURATION)
 RUNS_RETRY_AFTER = 10
 
 PART_ONE = (
@@ -94,7 +94,7 @@ async def start_run(request: Request) -> Response:
     duration = _duration(spec)
     runs = _running(request)
     if len(runs) >= MAX_RUNS:
-        raise Unavailable(f"{MAX_RUNS} demo runs are already running here; try again shortly", "too_many_demo_runs",
+        raise TooManyRequests(f"{MAX_RUNS} demo runs are already running here; try again shortly", "too_many_demo_runs",
                           retry_after=RUNS_RETRY_AFTER)
     await gw.writes.admit_session()
     session = "demo-" + secrets.token_urlsafe(8)

@@ -6,16 +6,17 @@ into ``{"error": {"code": ..., "message": ...}}`` with its status::
     GatewayError                      (status, code, message, headers)
     ├── BadRequest          400       invalid_session_id, invalid_cursor, invalid_json, ...
     ├── Unauthorized        401       missing or bad credentials
-    ├── Forbidden           403       credentials that do not reach this session
+    ├── Forbidden           403       credentials that do not reach this session; cross_site_refused,
+    │   │                             host_not_allowed (cors.SiteGuard)
+    │   └── NotConfigured   403       tokens_not_configured: what this deployment is not set up to do
     ├── NotFound            404       session_not_found, not_found
     ├── RequestTimeout      408       body_timeout, line_timeout (a body that trickles in)
     ├── Conflict            409       session_exists, session_completed
     ├── PreconditionFailed  412       state_version_mismatch
-    ├── TooLarge            413       event_too_large, batch_too_large, body_too_large
+    ├── TooLarge            413       event_too_large, batch_too_large, body_too_large, ...
     ├── UnsupportedMedia    415       unsupported_media_type
-    ├── NotConfigured       501       tokens_not_configured
     └── Overloaded                    (try again later: always with Retry-After)
-        ├── TooManyRequests 429       too_many_streams_for_session
+        ├── TooManyRequests 429       too_many_streams_for_session, too_many_demo_runs
         └── Unavailable     503       store_unavailable, draining, too_many_streams, too_many_sessions
 
 The event log raises these too (a completed session, a stale state
@@ -108,8 +109,12 @@ class TooManyRequests(Overloaded):
     code = "too_many_requests"
 
 
-class NotConfigured(GatewayError):
-    status = 501
+class NotConfigured(Forbidden):
+    """A request this deployment's configuration does not allow; the message says what to configure.
+
+    A 4xx, not a 5xx: nothing failed, and clients, monitors and fuzzers read every 5xx as a failure.
+    """
+
     code = "not_configured"
 
 

@@ -189,8 +189,7 @@ _WHY = {
     412: "the state version moved (If-Match)",
     413: "too large: event, batch, body or NDJSON line",
     415: "unsupported content type or charset (a JSON body must be sent as application/json)",
-    429: "too many streams of this session; try again after Retry-After",
-    501: "this gateway has no --token-secret",
+    429: "too many streams of this session, or demo runs; try again after Retry-After",
     503: "overloaded, draining, or the store is unavailable; try again after Retry-After",
 }
 
@@ -248,7 +247,7 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
         (400, 401, 408, 409, 413, 415, 503), "publisher"),
     ("post", "/v1/sessions/{session}/tokens"): (
         {"201": {"description": "a subscribe token", "content": _json("Token")}},
-        (400, 401, 408, 413, 415, 501), "publisher"),
+        (400, 401, 403, 408, 413, 415), "publisher"),
     ("get", "/v1/sessions"): (
         {"200": {"description": "sessions, newest first", "content": _json("SessionList")}}, (400, 401),
         "publisher"),
@@ -272,7 +271,7 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
             "type": "object", "required": ["session", "stream_url"],
             "properties": {"session": {"type": "string"}, "stream_url": {"type": "string"},
                            "heartbeat": {"type": "number"}, "duration": {"type": "number"}}}}}}},
-        (400, 401, 413, 415, 503), "publisher"),
+        (400, 401, 413, 415, 429, 503), "publisher"),
     ("get", "/healthz"): ({"200": {"description": "alive", "content": _json("Status")}}, (), None),
     ("get", "/readyz"): ({"200": {"description": "ready", "content": _json("Status")},
                           "503": {"description": "draining or the store is unreachable",
@@ -312,7 +311,7 @@ def describe(app: FastAPI, settings: Settings) -> dict:
             if (method, path) not in OPERATIONS:
                 continue
             ok, errors, role = OPERATIONS[(method, path)]
-            op["responses"] = {**ok, **{str(s): _error(s) for s in errors if checked[role] or s not in (401, 403)}}
+            op["responses"] = {**ok, **{str(s): _error(s) for s in errors if checked[role] or s != 401 and (s != 403 or role != "reader")}}
             op["security"] = security[role]
             for param in op.get("parameters", ()):
                 if param["name"] == "session" and param["in"] == "path":

@@ -355,7 +355,7 @@ def test_open_loopback_gateway_says_so_and_a_short_secret_is_flagged(start_gatew
 def test_tokens_need_a_secret(start_gateway):
     gw = start_gateway("--publish-key", KEY, backend="memory")
     r = httpx.post(f"{gw.url}/v1/sessions/x/tokens", headers=AS_PUBLISHER)
-    assert r.status_code == 501 and r.json()["error"]["code"] == "tokens_not_configured"
+    assert r.status_code == 403 and r.json()["error"]["code"] == "tokens_not_configured"
     r = httpx.post(f"{gw.url}/v1/sessions", json={"id": "x"}, headers=AS_PUBLISHER)
     assert r.status_code == 201 and r.json()["subscribe_token"] is None
     assert httpx.get(f"{gw.url}/v1/sessions/x", params={"token": "junk"}).status_code == 401

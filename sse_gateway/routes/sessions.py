@@ -57,7 +57,8 @@ async def mint_token(session: str, request: Request) -> Response:
     row = await gw.log.get_session(session)  # an existing session binds the token to its life
     token = gw.auth.mint(session, ttl, epoch=row.epoch if row else None)
     if token is None:
-        raise NotConfigured("this gateway mints no tokens: start it with --token-secret", "tokens_not_configured")
+        raise NotConfigured("this gateway mints no tokens: start it with --token-secret (or SSE_GATEWAY_TOKEN_SECRET)",
+                            "tokens_not_configured")
     return json_response({"token": token[0], "expires_at": rfc3339(token[1] * 1000),
                           "stream_url": _stream_url(session, token[0])}, 201)
 
