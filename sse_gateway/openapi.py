@@ -262,7 +262,8 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
         {"200": {"description": "acked", "content": _json("Acked")}},
         (400, 401, 403, 404, 408, 413, 415, 503), "reader"),
     ("get", "/v1/sessions/{session}/state"): ({"200": _STATE_OK}, (400, 401, 403, 404), "reader"),
-    ("put", "/v1/sessions/{session}/state"): ({"200": _STATE_OK}, (400, 401, 404, 408, 412, 413, 415, 503), "publisher"),
+    ("put", "/v1/sessions/{session}/state"): (
+        {"200": _STATE_OK}, (400, 401, 404, 408, 412, 413, 415, 503), "publisher"),
     ("post", "/v1/sessions/{session}/trim"): (
         {"200": {"description": "trimmed", "content": _json("Trimmed")}},
         (400, 401, 404, 408, 413, 415, 503), "publisher"),
@@ -311,7 +312,10 @@ def describe(app: FastAPI, settings: Settings) -> dict:
             if (method, path) not in OPERATIONS:
                 continue
             ok, errors, role = OPERATIONS[(method, path)]
-            op["responses"] = {**ok, **{str(s): _error(s) for s in errors if checked[role] or s != 401 and (s != 403 or role != "reader")}}
+            # Without credentials to check there is no 401, and no 403 for readers (a publisher's 403 is
+            # tokens_not_configured, a matter of configuration).
+            shown = [s for s in errors if checked[role] or s != 401 and (s != 403 or role != "reader")]
+            op["responses"] = {**ok, **{str(s): _error(s) for s in shown}}
             op["security"] = security[role]
             for param in op.get("parameters", ()):
                 if param["name"] == "session" and param["in"] == "path":
