@@ -1,15 +1,60 @@
-"""Test helpers: a TCP proxy that drops connections on demand, and a resuming SSE reader."""
+"""Test helpers: waiting on a condition, a TCP proxy that drops connections on demand, a resuming SSE reader."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse
 
-from conftest import free_port
+#: How long a wait may take before the test fails. Generous on purpose: a wait ends as soon as its
+#: condition holds, so this costs nothing when the machine is fast, and it must not fail a slow one.
+WAIT_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], *, what: str, timeout: float = WAIT_TIMEOUT,
+               interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that.
+
+    Fails the test with ``what`` (the thing that never happened) after ``timeout`` seconds. Use it
+    instead of a fixed sleep: it waits exactly as long as the condition needs, and no longer.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}; it never happened (last: {value!r})")
+        time.sleep(interval)
+
+
+async def await_until(predicate: Callable[[], Any], *, what: str, timeout: float = WAIT_TIMEOUT,
+                      interval: float = 0.02) -> Any:
+    """``wait_until`` for async tests: ``predicate`` may be a plain function or return an awaitable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}; it never happened (last: {value!r})")
+        await asyncio.sleep(interval)
 
 
 class ChaosProxy:
