@@ -147,18 +147,26 @@ class Received:
     ended: bool = False
 
 
-async def read_stream(base_url: str, session: str, *, until_id: int | None = None, timeout: float = 60,
+def _async_client(target, **kw) -> httpx.AsyncClient:
+    """A client of ``target``: a base URL, or an in-process gateway (conftest ``InProcessGateway``)."""
+    if hasattr(target, "async_client"):
+        return target.async_client(**kw)
+    return httpx.AsyncClient(base_url=target, **kw)
+
+
+async def read_stream(base_url, session: str, *, until_id: int | None = None, timeout: float = 60,
                       received: Received | None = None, headers: dict | None = None,
                       params: dict | None = None, retry_statuses: tuple[int, ...] = ()) -> Received:
     """Read a session like EventSource does: resume with Last-Event-ID after every drop.
 
     Stops at ``gateway.end``, at ``until_id``, on a 204, or fails after ``timeout`` seconds. A status
-    in ``retry_statuses`` (a proxy's 502 while a node dies) is retried like a drop.
+    in ``retry_statuses`` (a proxy's 502 while a node dies) is retried like a drop. ``base_url`` may be
+    an in-process gateway for reads that end by themselves (``live=false``, a completed session).
     """
     got = received or Received()
 
     async def run() -> None:
-        async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(5.0, read=30.0)) as client:
+        async with _async_client(base_url, timeout=httpx.Timeout(5.0, read=30.0)) as client:
             while True:
                 hdrs = dict(headers or {})
                 if got.cursor is not None:
@@ -201,9 +209,9 @@ async def read_stream(base_url: str, session: str, *, until_id: int | None = Non
     return got
 
 
-async def metric(base_url: str, name: str, labels: str = "") -> float:
+async def metric(base_url, name: str, labels: str = "") -> float:
     """One sample of the gateway's /metrics, e.g. metric(url, "sse_gateway_open_streams")."""
-    async with httpx.AsyncClient(base_url=base_url) as c:
+    async with _async_client(base_url) as c:
         text = (await c.get("/metrics")).text
     wanted = f"{name}{{{labels}}}" if labels else name
     for line in text.splitlines():
