@@ -189,7 +189,8 @@ class InProcessGateway:
     turn into an answer fails the request that raised it (httpx's ``raise_app_exceptions``).
     """
 
-    url = "http://gateway.test"
+    # No ``url``: nothing listens, so code written for a real gateway fails at once instead of retrying.
+    base = "http://gateway.test"
 
     def __init__(self, tmp: Path, **settings) -> None:
         settings.setdefault("db", str(tmp / "gateway.db"))
@@ -230,10 +231,10 @@ class InProcessGateway:
         return [formatter.format(r) for r in self._tracebacks.records]
 
     def client(self, **kw) -> httpx.Client:
-        return httpx.Client(transport=_SyncBridge(self._bridge), base_url=self.url, **kw)
+        return httpx.Client(transport=_SyncBridge(self._bridge), base_url=self.base, **kw)
 
     def async_client(self, **kw) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=self._bridge, base_url=self.url, **kw)
+        return httpx.AsyncClient(transport=self._bridge, base_url=self.base, **kw)
 
 
 def _apps(tmp: Path) -> Iterator:
