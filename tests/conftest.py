@@ -387,8 +387,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark as ``system`` every test that starts a real server (by the fixtures it uses), besides the
-    modules that say so with ``pytestmark``."""
+    """Mark as ``system`` every test that starts a real server: by the fixtures it uses, or a Redis
+    backend among its parameters (fixtures that start one on demand). Modules and tests that start
+    other servers (nginx, chromium, the benchmark) say so with ``pytestmark`` or a mark."""
     for item in items:
         if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.system)
+        elif "redis" in getattr(getattr(item, "callspec", None), "params", {}).values():
+            item.add_marker(pytest.mark.system)  # parametrized with the Redis backend: a redis-server

@@ -43,6 +43,7 @@ def test_refuses_open_non_loopback_host_without_insecure(tmp_path):
     assert r.returncode == 2 and "SSE_GATEWAY_PORT" in r.stderr
 
 
+@pytest.mark.system  # a real serve on a real port
 def test_environment_configures_serve(tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "sse_gateway", "serve"], cwd=tmp_path,

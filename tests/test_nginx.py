@@ -22,6 +22,8 @@ import nginx_conf
 from conftest import free_port, require_binary, wait_for_port
 from util import WAIT_TIMEOUT, await_until, metric, read_stream
 
+pytestmark = pytest.mark.system  # nginx in front of real gateways
+
 SILENCE = 10.0  # seconds in which nothing is published
 READ_TIMEOUT = 3  # nginx's proxy_read_timeout in these tests, in seconds
 

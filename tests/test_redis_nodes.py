@@ -17,6 +17,8 @@ from sse_gateway.errors import Unavailable
 from sse_gateway.log.redis import RedisLog
 from sse_gateway.models import NewEvent
 
+pytestmark = pytest.mark.system  # redis-server and gateways on real ports
+
 
 def node(start_gateway, url: str):
     return start_gateway("--backend", "redis", "--redis-url", url, "--heartbeat", "1")
