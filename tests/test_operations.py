@@ -163,6 +163,103 @@ async def test_a_stream_on_one_process_gets_commits_of_another_live(start_gatewa
     assert received == list(range(50)) and connections == 1
 
 
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        message = f"cannot mount a small tmpfs here ({r.stderr.decode().strip()}); needs root"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(reason=message)
+
+
+@pytest.mark.timeout(90)
+def test_full_disk_refuses_publishes_keeps_acknowledged_events_and_recovers(start_gateway, tmp_path: Path):
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "3m")
+    try:
+        gw = start_gateway(db=disk / "gw.db")
+        acked: dict[int, str] = {}
+        filler = disk / "filler"
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        filler.write_bytes(b"\0" * max(0, free - 400_000))
+        with httpx.Client(base_url=gw.url, timeout=10) as c:
+            statuses = []
+            for i in range(400):
+                payload = f"{i}-" + "x" * 8000
+                r = c.post("/v1/sessions/full/events", json={"data": payload})
+                statuses.append(r.status_code)
+                if r.status_code == 201:
+                    acked[r.json()["id"]] = payload
+                else:
+                    assert r.status_code == 507, r.text
+                    assert r.json()["error"]["code"] == "store_full"
+                    assert r.headers["retry-after"]
+                    if statuses.count(507) >= 5:
+                        break
+            assert acked and 507 in statuses
+            # reading keeps working while writes fail
+            replay = c.get("/v1/sessions/full/stream", params={"live": "false"})
+            assert replay.text.count("id: ") == len(acked)
+            filler.unlink()  # space comes back: the gateway recovers by itself
+            r = c.post("/v1/sessions/full/events", json={"data": "after"})
+            assert r.status_code == 201 and r.json()["id"] == max(acked) + 1
+        gw.kill()  # and nothing acknowledged was lost, even across a crash
+        gw.start()
+        with httpx.Client(base_url=gw.url) as c:
+            events = c.get("/v1/sessions/full/events", params={"limit": 1000}).json()["events"]
+        stored = {e["id"]: e["data"] for e in events}
+        assert list(stored) == list(range(1, max(acked) + 2))
+        for id_, payload in acked.items():
+            assert stored[id_] == payload
+        gw.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+@pytest.mark.timeout(90)
+def test_a_disk_gone_read_only_refuses_publishes_clearly_and_keeps_serving_reads(start_gateway, tmp_path: Path):
+    """ext4 with errors=remount-ro, forced into an error (as a failing disk would): the file system turns
+    read-only under the open database. Publishes get 503 store_read_only (nothing half-written), reads
+    and streams go on, and a restart on that disk refuses to start with one clear line."""
+    image, disk = tmp_path / "disk.img", tmp_path / "disk"
+    disk.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    steps = [["mkfs.ext4", "-q", str(image)], ["mount", "-o", "loop,errors=remount-ro", str(image), str(disk)]]
+    for step in steps:
+        r = subprocess.run(step, capture_output=True)
+        if r.returncode != 0:
+            message = f"cannot {step[0]} a loop file system here ({r.stderr.decode().strip()}); needs root"
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(reason=message)
+    try:
+        device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(disk)], capture_output=True,
+                                text=True).stdout.strip()
+        gw = start_gateway(db=disk / "gw.db")
+        with httpx.Client(base_url=gw.url, timeout=10) as c:
+            for i in range(20):
+                assert c.post("/v1/sessions/ro/events", json={"data": i}).status_code == 201
+            Path(f"/sys/fs/ext4/{Path(device).name}/trigger_fs_error").write_text("1")
+            for i in range(5):
+                r = c.post("/v1/sessions/ro/events", json={"data": "lost"})
+                assert r.status_code == 503 and r.json()["error"]["code"] == "store_read_only", r.text
+                assert r.headers["retry-after"]
+            assert c.post("/v1/sessions", json={"id": "new"}).json()["error"]["code"] == "store_read_only"
+            replay = c.get("/v1/sessions/ro/stream", params={"live": "false"})
+            assert replay.status_code == 200 and replay.text.count("id: ") == 20
+            events = c.get("/v1/sessions/ro/events").json()["events"]
+            assert [e["data"] for e in events] == list(range(20))
+        gw.kill()
+        from test_cli import cli
+
+        r = cli("serve", "--db", str(disk / "gw.db"), "--port", "1")
+        assert r.returncode == 1 and "read-only" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
 @pytest.mark.system  # starts the real serve
 def test_corrupt_or_locked_database_is_a_clear_error(tmp_path: Path):
     from test_cli import cli
