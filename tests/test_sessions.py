@@ -1,7 +1,7 @@
 """Sessions outlive connections: lifecycle, completion, acks, state, presence, retention.
 
-Listing, acks and retention run in process (tests/conftest.py ``start_app``); whatever reads a stream
-or holds a socket talks to a real gateway. Each runs on SQLite and on Redis (a real redis-server).
+Listing, acks, retention and reads that end by themselves (``live=false``, a completed session) run in
+process (tests/conftest.py ``start_app``); live streams and raw sockets talk to a real gateway. Each runs on SQLite and on Redis (a real redis-server).
 """
 
 from __future__ import annotations
@@ -71,13 +71,14 @@ async def test_lifecycle_end_to_end(gateway, client):
     assert row["result"] == {"answer": 42} and row["completed_at"] and row["metadata"] == {"user": "u1"}
 
 
-async def test_client_returning_after_completion_gets_the_rest_and_the_result(gateway, client):
+async def test_client_returning_after_completion_gets_the_rest_and_the_result(app_gateway, app_client):
+    gateway, client = app_gateway, app_client
     publish(client, "back", 10)
     client.post("/v1/sessions/back/complete", json={"result": "done"})
     epoch = client.get("/v1/sessions/back").json()["epoch"]
-    got = await read_stream(gateway.url, "back", headers={"Last-Event-ID": f"6:{epoch}"})
+    got = await read_stream(gateway, "back", headers={"Last-Event-ID": f"6:{epoch}"})
     assert got.ids == [7, 8, 9, 10, 11] and got.data[-1] == '"done"'
-    got = await read_stream(gateway.url, "back")  # a page opened after the run sees all of it
+    got = await read_stream(gateway, "back")  # a page opened after the run sees all of it
     assert got.ids == list(range(1, 12))
 
 
@@ -106,7 +107,8 @@ def test_acks_move_forward_only_and_count_reconnects(app_client):
                what="a reconnect with Last-Event-ID 4 to count as an ack of 4")
 
 
-async def test_state_is_versioned_and_as_of_is_a_resume_point(gateway, client):
+async def test_state_is_versioned_and_as_of_is_a_resume_point(app_gateway, app_client):
+    gateway, client = app_gateway, app_client
     publish(client, "st", 2)
     r = client.put("/v1/sessions/st/state", json={"step": "search"})
     assert r.status_code == 200 and r.json()["version"] == 1 and r.headers["etag"] == '"1"'
@@ -121,7 +123,7 @@ async def test_state_is_versioned_and_as_of_is_a_resume_point(gateway, client):
     publish(client, "st", 3)
     got = client.get("/v1/sessions/st/state").json()
     assert got == {"version": 2, "state": {"step": "draft"}, "as_of": f"2:{epoch}"}
-    resumed = await read_stream(gateway.url, "st", params={"live": "false"}, headers={"Last-Event-ID": got["as_of"]})
+    resumed = await read_stream(gateway, "st", params={"live": "false"}, headers={"Last-Event-ID": got["as_of"]})
     assert resumed.ids == [3, 4, 5]  # render the state, stream from as_of: nothing missed
 
 
@@ -150,11 +152,12 @@ async def test_presence_returns_to_zero_after_attach_detach_cycles(gateway, clie
     assert row["subscribers"] == 0 and row["last_seen_at"]
 
 
-async def test_trimmed_cursor_gets_an_exact_gap_then_the_rest(gateway, client):
+async def test_trimmed_cursor_gets_an_exact_gap_then_the_rest(app_gateway, app_client):
+    gateway, client = app_gateway, app_client
     publish(client, "tr", 20)
     r = client.post("/v1/sessions/tr/trim", json={"through": 12})
     assert r.json()["earliest_id"] == 13
-    got = await read_stream(gateway.url, "tr", params={"live": "false"}, headers={"Last-Event-ID": "5"})
+    got = await read_stream(gateway, "tr", params={"live": "false"}, headers={"Last-Event-ID": "5"})
     assert got.notices == [("gateway.gap", '{"from":6,"to":12}')]
     assert got.ids == list(range(13, 21))
     hist = client.get("/v1/sessions/tr/events", params={"after": 5, "limit": 3}).json()
@@ -162,13 +165,13 @@ async def test_trimmed_cursor_gets_an_exact_gap_then_the_rest(gateway, client):
     assert "gap" not in client.get("/v1/sessions/tr/events", params={"after": 12}).json()
 
 
-async def test_max_events_trims_while_streaming(start_gateway, backend):
-    gw = start_gateway("--max-events", "100", "--heartbeat", "1", *serve_args(backend))
-    with httpx.Client(base_url=gw.url) as c:
+async def test_max_events_trims_while_streaming(start_app, backend):
+    gw = start_app(max_events=100, heartbeat=1, **backend)
+    with gw.client() as c:
         for _ in range(5):
             publish(c, "cap", 100)
         assert c.get("/v1/sessions/cap").json()["earliest_id"] == 401
-    got = await read_stream(gw.url, "cap", params={"live": "false"})
+    got = await read_stream(gw, "cap", params={"live": "false"})
     assert got.notices == [("gateway.gap", '{"from":1,"to":400}')] and got.ids == list(range(401, 501))
 
 
