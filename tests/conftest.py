@@ -1,33 +1,43 @@
-"""Shared fixtures: real gateway processes on free ports, private servers, a chaos proxy.
+"""Shared fixtures: the gateway in this process, real gateway processes on free ports, private servers.
 
-Tests talk to a real ``sse-gateway serve`` (uvicorn) over TCP. Anything the
-machine may lack (redis-server, nginx, chromium, node) makes a test fail in
-CI, never skip: see ``require_binary``.
+Two tiers. The API that answers and ends (auth, hostile input, sessions, publishing, limits that are
+not about streams) runs in process: ``start_app`` serves ``create_app(Settings(...))`` through
+httpx's ASGI transport, no socket and no subprocess. Streaming, proxies, browsers, crashes, restarts
+and whatever needs a real socket talk to a real ``sse-gateway serve`` (uvicorn) over TCP
+(``start_gateway``); such tests are marked ``system`` (see ``pytest_collection_modifyitems``), and
+``pytest -m "not system"`` is the fast tier.
+
+Anything the machine may lack (redis-server, nginx, chromium, node) makes a test fail in CI, never
+skip: see ``require_binary``. Tests never sleep to synchronise: they wait on a condition with
+``util.wait_until`` / ``util.await_until``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from util import WAIT_TIMEOUT, free_port, wait_until
+
+from sse_gateway.app import create_app
+from sse_gateway.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ROOT", "IN_CI", "free_port", "require_binary", "wait_for_port", "Gateway", "InProcessGateway",
+           "RedisServer"]
 
 
 def require_binary(name: str, *candidates: str) -> str:
@@ -42,17 +52,17 @@ def require_binary(name: str, *candidates: str) -> str:
     pytest.skip(reason=message)
 
 
-def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for_port(port: int, timeout: float = WAIT_TIMEOUT, proc: subprocess.Popen | None = None) -> None:
+    def listening() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+            return False
+
+    wait_until(listening, timeout=timeout, interval=0.05, what=f"something to listen on port {port}")
 
 
 class Gateway:
@@ -82,16 +92,17 @@ class Gateway:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.tmp, env=env)
         wait_for_port(self.port, proc=self.proc)
-        deadline = time.monotonic() + 15
-        while True:
+
+        def ready() -> bool:
             try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    break
+                return httpx.get(self.url + "/readyz", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gateway not ready; log:\n{self.log()}")
-            time.sleep(0.05)
+                return False
+
+        try:
+            wait_until(ready, interval=0.05, what=f"the gateway on port {self.port} to be ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log:\n{self.log()}") from None
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -117,6 +128,155 @@ class Gateway:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class _Bridge(httpx.AsyncBaseTransport):
+    """Hands each request to the app's event loop (its own thread) and brings the answer back.
+
+    The app lives on one loop (aiosqlite, the hub and their futures belong to it), while tests call it
+    from sync code or from pytest-asyncio's loop; the whole answer is read there, so an endless
+    stream cannot go through here (those tests use a real server).
+    """
+
+    def __init__(self, gateway: InProcessGateway) -> None:
+        self.gateway = gateway
+
+    async def _forward(self, request: httpx.Request) -> tuple[int, list, bytes]:
+        body = request.content
+        inner = httpx.Request(request.method, request.url, headers=request.headers.raw, content=body)
+        response = await self.gateway.transport.handle_async_request(inner)
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+        return response.status_code, response.headers.raw, raw
+
+    def forward_sync(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        status, headers, raw = self.gateway.call(self._forward(request))
+        return httpx.Response(status, headers=headers, content=raw, request=request)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        future = asyncio.run_coroutine_threadsafe(self._forward(request), self.gateway.loop)
+        status, headers, raw = await asyncio.wait_for(asyncio.wrap_future(future), WAIT_TIMEOUT * 2)
+        return httpx.Response(status, headers=headers, content=raw, request=request)
+
+
+class _SyncBridge(httpx.BaseTransport):
+    def __init__(self, bridge: _Bridge) -> None:
+        self.bridge = bridge
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self.bridge.forward_sync(request)
+
+
+class _Tracebacks(logging.Handler):
+    """Log records that carry a traceback: the in-process twin of "the gateway logged a traceback"."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.exc_text or record.stack_info:
+            self.records.append(record)
+
+
+class InProcessGateway:
+    """``create_app(Settings(**settings))`` with its lifespan, served in this process (no socket).
+
+    ``client()`` is an ``httpx.Client``, ``async_client()`` an ``httpx.AsyncClient``: the same API a
+    real gateway has, minus endless streams (``live=false`` reads work). The app runs on an event loop
+    of its own, on a thread, so sync and async tests drive it alike. An exception the app does not
+    turn into an answer fails the request that raised it (httpx's ``raise_app_exceptions``).
+    """
+
+    # No ``url``: nothing listens, so code written for a real gateway fails at once instead of retrying.
+    base = "http://gateway.test"
+
+    def __init__(self, tmp: Path, **settings) -> None:
+        settings.setdefault("db", str(tmp / "gateway.db"))
+        self.settings = Settings(**settings)
+        self.settings.check()
+        self.app = create_app(self.settings)
+        self.transport = httpx.ASGITransport(app=self.app, client=("127.0.0.1", 40000))
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="in-process-gateway", daemon=True)
+        self._bridge = _Bridge(self)
+        self._tracebacks = _Tracebacks()
+        self._lifespan = None
+
+    def call(self, coro, timeout: float = WAIT_TIMEOUT * 2):
+        """Run ``coro`` on the app's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> InProcessGateway:
+        logging.getLogger().addHandler(self._tracebacks)
+        self._thread.start()
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        self.call(self._lifespan.__aenter__())
+        return self
+
+    def stop(self) -> None:
+        try:
+            if self._lifespan is not None:
+                self.call(self._lifespan.__aexit__(None, None, None))
+                self._lifespan = None
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+            logging.getLogger().removeHandler(self._tracebacks)
+
+    def tracebacks(self) -> list[str]:
+        formatter = logging.Formatter("%(name)s: %(message)s")
+        return [formatter.format(r) for r in self._tracebacks.records]
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(transport=_SyncBridge(self._bridge), base_url=self.base, **kw)
+
+    def async_client(self, **kw) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=self._bridge, base_url=self.base, **kw)
+
+
+def _apps(tmp: Path) -> Iterator:
+    started: list[InProcessGateway] = []
+
+    def start(**settings) -> InProcessGateway:
+        home = tmp / f"app-{len(started)}"
+        home.mkdir(parents=True, exist_ok=True)
+        gw = InProcessGateway(home, **settings)
+        started.append(gw)
+        return gw.start()
+
+    yield start
+    for gw in started:
+        gw.stop()
+    for gw in started:
+        assert not gw.tracebacks(), "the gateway logged a traceback:\n" + "\n".join(gw.tracebacks())
+
+
+@pytest.fixture
+def start_app(tmp_path: Path) -> Iterator:
+    """``start_app(**settings)``: a gateway in this process (``Settings`` fields, e.g. ``max_batch=10``)."""
+    yield from _apps(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def start_module_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Like ``start_app``, for an in-process gateway that the tests of one module share."""
+    yield from _apps(tmp_path_factory.mktemp("app"))
+
+
+@pytest.fixture
+def app_gateway(start_app) -> InProcessGateway:
+    """The in-process twin of ``gateway``: SQLite, a short heartbeat."""
+    return start_app(heartbeat=1)
+
+
+@pytest.fixture
+def app_client(app_gateway: InProcessGateway) -> Iterator[httpx.Client]:
+    """The in-process twin of ``client``."""
+    with app_gateway.client(timeout=10) as c:
+        yield c
 
 
 class RedisServer:
@@ -212,3 +372,26 @@ def client(gateway: Gateway) -> Iterator[httpx.Client]:
 def start_module_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Like ``start_gateway``, for a gateway that the tests of one module share."""
     yield from _gateways(tmp_path_factory.mktemp("gateway"))
+
+
+# -- tiers ----------------------------------------------------------------------------------
+
+#: Fixtures that start real servers: a test that uses one is a system test.
+SYSTEM_FIXTURES = {"start_gateway", "start_module_gateway", "gateway", "start_redis", "redis_server"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered in pyproject.toml too; here as well so that a run from another directory knows it.
+    config.addinivalue_line("markers", "system: real servers over real sockets (subprocess gateways, redis, "
+                            "nginx, a browser, benchmarks, fuzzing); deselect with -m 'not system'")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark as ``system`` every test that starts a real server: by the fixtures it uses, or a Redis
+    backend among its parameters (fixtures that start one on demand). Modules and tests that start
+    other servers (nginx, chromium, the benchmark) say so with ``pytestmark`` or a mark."""
+    for item in items:
+        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+        elif "redis" in getattr(getattr(item, "callspec", None), "params", {}).values():
+            item.add_marker(pytest.mark.system)  # parametrized with the Redis backend: a redis-server

@@ -1,4 +1,8 @@
-"""Who may do what, against a real gateway: publisher keys, subscribe tokens, safe defaults, CORS, logs."""
+"""Who may do what: publisher keys, subscribe tokens, safe defaults, CORS, logs.
+
+In process (tests/conftest.py ``start_app``), except what needs the real ``serve``: its access log,
+its refusal to listen, the warnings it prints at start.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import httpx
 import jwt
 import pytest
 from conftest import ROOT, free_port
-from httpx_sse import connect_sse
+from util import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,16 +29,22 @@ AS_PUBLISHER = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def gw(start_module_gateway):
-    """Keys from the environment (comma-separated), a token secret, and an access log that must stay clean."""
-    return start_module_gateway("--token-secret", SECRET, "--access-log", "--heartbeat", "1",
-                                env={"SSE_GATEWAY_PUBLISH_KEY": f"{KEY}, {KEY2}"})
+def gw(start_module_app):
+    """Two publisher keys and a token secret."""
+    return start_module_app(token_secret=SECRET, publish_key=(KEY, KEY2), heartbeat=1)
 
 
 @pytest.fixture
 def c(gw):
-    with httpx.Client(base_url=gw.url, timeout=10) as client:
+    with gw.client(timeout=10) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def served(start_module_gateway):
+    """The real ``serve``: keys from the environment (comma-separated) and an access log that must stay clean."""
+    return start_module_gateway("--token-secret", SECRET, "--access-log", "--heartbeat", "1",
+                                env={"SSE_GATEWAY_PUBLISH_KEY": f"{KEY}, {KEY2}"})
 
 
 def token_for(session: str, *, ttl: int = 300, secret: str = SECRET, **claims) -> str:
@@ -278,23 +288,22 @@ def test_a_token_for_one_session_never_reads_another(c):
 
 def test_an_expired_token_stops_an_eventsource_reconnect(c):
     seed(c, "tok-exp")
-    token = c.post("/v1/sessions/tok-exp/tokens", json={"ttl_seconds": 2}, headers=AS_PUBLISHER).json()["token"]
+    token = c.post("/v1/sessions/tok-exp/tokens", json={"ttl_seconds": 1}, headers=AS_PUBLISHER).json()["token"]
     url = f"/v1/sessions/tok-exp/stream?token={token}"
-    with connect_sse(c, "GET", url) as source:  # the first connection is allowed ...
-        assert source.response.status_code == 200
-        cursor = None
-        for sse in source.iter_sse():
-            if sse.id:
-                cursor = sse.id
-            if cursor and cursor.startswith("2:"):
-                break
-    time.sleep(3.1)  # ... the network drops it; by the time EventSource reconnects, the token has expired
+    r = c.get(url + "&live=false")  # the first connection is allowed ...
+    assert r.status_code == 200
+    cursor = [line[4:] for line in r.text.splitlines() if line.startswith("id: ")][-1]
+    assert cursor.startswith("2:")
+    # ... the network drops it; by the time EventSource reconnects, the token has expired
+    exp = jwt.decode(token, SECRET, algorithms=["HS256"])["exp"]
+    wait_until(lambda: time.time() > exp + 0.01, what="the token's expiry to pass")
     r = c.get(url, headers={"Last-Event-ID": cursor})
     assert r.status_code == 401 and r.json()["error"]["code"] == "token_expired"
     assert r.headers["content-type"] == "application/json"  # not text/event-stream: EventSource gives up
 
 
-def test_tokens_and_keys_never_reach_the_log(gw, c):
+def test_tokens_and_keys_never_reach_the_log(served):
+    c = httpx.Client(base_url=served.url, timeout=10)
     seed(c, "leak")
     token = c.post("/v1/sessions/leak/tokens", headers=AS_PUBLISHER).json()["token"]
     bad = token_for("leak", secret="wrong-" + "w" * 40)
@@ -303,11 +312,10 @@ def test_tokens_and_keys_never_reach_the_log(gw, c):
         c.get(f"/v1/sessions/leak/stream?{query}&live=false")
     c.get("/v1/sessions/leak/events", headers={"Cookie": f"sse_gateway_token={token}"})
     c.get("/v1/sessions/leak/events", headers=AS_PUBLISHER)
-    deadline = time.monotonic() + 5
-    while gw.log().count("GET /v1/sessions/leak/") < 8 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    log = gw.log()
-    assert log.count("GET /v1/sessions/leak/") >= 8, log  # the access log is on: the test is not vacuous
+    c.close()
+    # the access log is on: the test is not vacuous
+    log = wait_until(lambda: (text := served.log()).count("GET /v1/sessions/leak/") >= 8 and text,
+                     what="8 requests in the access log")
     for secret in (token, bad, KEY, KEY2, SECRET, token.split(".")[2], bad.split(".")[2]):
         assert secret not in log
     assert "REDACTED" in log
@@ -376,10 +384,9 @@ def test_no_origin_is_allowed_by_default(c):
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
-def test_configured_origins_get_cors_with_credentials(start_gateway):
-    gw = start_gateway("--cors-origin", "https://app.example", "--publish-key", KEY, "--token-secret", SECRET,
-                       backend="memory")
-    with httpx.Client(base_url=gw.url) as c:
+def test_configured_origins_get_cors_with_credentials(start_app):
+    gw = start_app(cors_origin=("https://app.example",), publish_key=(KEY,), token_secret=SECRET, backend="memory")
+    with gw.client() as c:
         r = c.options("/v1/sessions/x/stream", headers={"Origin": "https://app.example", **PREFLIGHT})
         assert r.status_code == 200
         assert r.headers["access-control-allow-origin"] == "https://app.example"
@@ -399,8 +406,9 @@ def test_configured_origins_get_cors_with_credentials(start_gateway):
         assert "access-control-allow-origin" not in r.headers  # the browser hides the answer from that page
 
 
-def test_a_wildcard_origin_never_allows_credentials(start_gateway):
-    gw = start_gateway("--cors-origin", "*", backend="memory")
-    r = httpx.get(f"{gw.url}/healthz", headers={"Origin": "https://any.example"})
+def test_a_wildcard_origin_never_allows_credentials(start_app):
+    gw = start_app(cors_origin=("*",), backend="memory")
+    with gw.client() as c:
+        r = c.get("/healthz", headers={"Origin": "https://any.example"})
     assert r.headers["access-control-allow-origin"] == "*"
     assert "access-control-allow-credentials" not in r.headers

@@ -43,6 +43,7 @@ def check_exact(doc: dict, target: str) -> None:
     assert replay["received"] == doc["sizes"]["replay_events"] - 1  # everything after the first event
 
 
+@pytest.mark.system  # runs the benchmark or its baseline server
 def test_quick_bench_against_gateway_baseline_and_floor():
     doc = bench("--target", "gateway,baseline,floor", "--scenarios", "ingest-1,ingest-batch,fanout-100,replay")
     assert doc["runs"] == 1 and doc["quick"] is True
@@ -62,12 +63,14 @@ def test_quick_bench_against_gateway_baseline_and_floor():
     assert doc["results"]["gateway"]["ingest-batch"]["median"]["events_per_s"] > 0
 
 
+@pytest.mark.system  # runs the benchmark or its baseline server
 def test_quick_bench_against_nchan():
     require_binary("nginx")
     doc = bench("--target", "nchan", "--scenarios", "fanout-100,replay")
     check_exact(doc, "nchan")
 
 
+@pytest.mark.system  # runs the benchmark or its baseline server
 def test_quick_bench_against_one_and_two_nodes_on_redis():
     """Two nodes: publishers on node 1, subscribers spread from node 2, events cross through Redis;
     Redis' own CPU is reported apart from the gateways'."""
@@ -85,6 +88,7 @@ def test_quick_bench_against_one_and_two_nodes_on_redis():
         assert 0 <= results["fanout-100"]["median"]["redis_cpu_share"] < 1.5  # CPU time comes in 10 ms ticks
 
 
+@pytest.mark.system  # runs the benchmark or its baseline server
 def test_quick_bench_drives_a_gateway_already_running(tmp_path):
     # Started here rather than by the ``gateway`` fixture: stopped the way the bench stops its own
     # servers (one SIGTERM, no drain), which is what this test is about.
@@ -109,6 +113,7 @@ def test_quick_bench_drives_a_gateway_already_running(tmp_path):
     assert "Traceback" not in log_path.read_text(errors="replace")
 
 
+@pytest.mark.system  # runs the benchmark or its baseline server
 def test_bench_refuses_unknown_names():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for args in (["--target", "nginx"], ["--scenarios", "fanout-7"], ["--pid", "1"]):
@@ -197,6 +202,7 @@ def baseline(tmp_path):
         proc.wait(timeout=10)
 
 
+@pytest.mark.system  # runs the benchmark or its baseline server
 def test_baseline_serves_a_stream_and_resumes(baseline):
     with httpx.Client(base_url=baseline, timeout=5) as client:
         for text in ("one", "two", "three"):

@@ -24,13 +24,13 @@ import pytest
 import pytest_asyncio
 
 from conftest import ROOT, require_binary
-from util import ChaosProxy
+from util import ChaosProxy, await_until
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = ROOT / "test-artifacts"
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.system]  # chromium, real gateways
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -212,7 +212,9 @@ async def test_helper_gets_a_new_token_when_the_old_one_expired(start_gateway, p
         await page.goto(f"{origin}/token-test?session=tok&token={token}")
         (await api.post("/v1/sessions/tok/events", json=[{"data": n} for n in range(50)])).raise_for_status()
         await page.wait_for_function("window.ids.length === 50", timeout=20_000)
-        await asyncio.sleep(5)  # the token in the stream's URL expires
+        exp = jwt.decode(token, secret, algorithms=["HS256"])["exp"]
+        await await_until(lambda: time.time() > exp + 0.01, interval=0.1,
+                          what="the token in the stream's URL to expire")
         await asyncio.to_thread(proxy.drop_all)  # the browser reconnects with it and gets 401
         (await api.post("/v1/sessions/tok/events", json=[{"data": n} for n in range(50)])).raise_for_status()
         (await api.post("/v1/sessions/tok/complete")).raise_for_status()

@@ -80,6 +80,7 @@ def test_compose_runs_two_redis_gateways_behind_the_shipped_nginx():
     assert sorted(upstreams) == ["gateway1:8000", "gateway2:8000"], "nginx.conf upstreams are not the gateways"
 
 
+@pytest.mark.system  # runs nginx -t
 def test_nginx_accepts_the_shipped_config(tmp_path):
     binary = require_binary("nginx", "/usr/sbin/nginx")
     conf = nginx_conf.render(tmp_path, upstreams=["127.0.0.1:8001", "127.0.0.1:8002"], port=free_port())

@@ -23,7 +23,7 @@ from httpx_sse import EventSource
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.system]  # fuzzing a real gateway
 
 KEY = "fuzz-key-" + "k" * 32
 SECRET = "fuzz-secret-" + "s" * 32

@@ -20,7 +20,9 @@ import pytest
 
 import nginx_conf
 from conftest import free_port, require_binary, wait_for_port
-from util import metric, read_stream
+from util import WAIT_TIMEOUT, await_until, metric, read_stream
+
+pytestmark = pytest.mark.system  # nginx in front of real gateways
 
 SILENCE = 10.0  # seconds in which nothing is published
 READ_TIMEOUT = 3  # nginx's proxy_read_timeout in these tests, in seconds
@@ -134,27 +136,32 @@ def test_quiet_stream_survives_nginx_read_timeout_only_with_heartbeats(start_gat
 
     stream = RawStream(port, "/v1/sessions/quiet/stream")
     try:
-        assert stream.read_until(lambda: b"id: 1:" in stream.body, 5), stream.body
+        assert stream.read_until(lambda: b"id: 1:" in stream.body, WAIT_TIMEOUT), stream.body
         assert stream.status == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
         assert "content-encoding" not in stream.headers, "nginx compressed the event stream"
         mark, started = len(stream.body), time.monotonic()
-        stream.read_for(SILENCE)
+        if survives:
+            stream.read_for(SILENCE)  # the silence is what is tested: over three of nginx's read timeouts
+        else:
+            stream.read_until(lambda: stream.ended, WAIT_TIMEOUT)  # until nginx cuts it
         quiet_for = time.monotonic() - started
         pings = stream.body[mark:].count(b": ping")
 
         if survives:
             assert not stream.ended, f"nginx cut the stream after {quiet_for:.1f}s despite heartbeats"
-            assert pings >= SILENCE / heartbeat - 2, f"only {pings} heartbeats in {SILENCE}s"
+            # at least one heartbeat in every read-timeout window, or nginx would have cut the stream
+            assert pings >= int(SILENCE / READ_TIMEOUT), f"only {pings} heartbeats in {quiet_for:.1f}s"
             httpx.post(f"{gw.url}/v1/sessions/quiet/events", json={"data": "after the silence"}).raise_for_status()
-            assert stream.read_until(lambda: b"id: 2:" in stream.body, 5), "the event after the silence never came"
+            assert stream.read_until(lambda: b"id: 2:" in stream.body, WAIT_TIMEOUT), \
+                "the event after the silence never came"
             assert not stream.ended
             assert stream.sock.getsockname() == stream.local_address
             assert counter(gw.url, "streams_opened_total") == 1, "the gateway saw the stream reconnect"
         else:
             assert stream.ended, "a stream quiet for longer than proxy_read_timeout was not cut: is the test real?"
             assert pings == 0
-            assert READ_TIMEOUT - 0.5 <= quiet_for <= READ_TIMEOUT + 3, f"cut after {quiet_for:.1f}s"
+            # cut by nginx's read timeout, not for another reason
             assert "upstream timed out" in (tmp_path / "error.log").read_text()
         print(f"heartbeat {heartbeat}s: {pings} heartbeats in {quiet_for:.1f}s of silence, "
               f"{'same connection' if survives else 'cut by nginx'}")
@@ -194,10 +201,10 @@ async def test_a_node_killed_behind_the_shipped_nginx_loses_no_stream_and_no_pub
         assert (await client.post("/v1/sessions", json={"id": "fo"})).status_code == 201
         readers = asyncio.gather(*(read_stream(base, "fo", until_id=total, timeout=90, retry_statuses=(502, 503))
                                    for _ in range(streams)))
-        deadline = time.monotonic() + 20
-        while (await client.get("/v1/sessions/fo")).json()["subscribers"] < streams:
-            assert time.monotonic() < deadline, "the streams did not all open"
-            await asyncio.sleep(0.05)
+        async def all_open() -> bool:
+            return (await client.get("/v1/sessions/fo")).json()["subscribers"] >= streams
+
+        await await_until(all_open, what=f"{streams} streams to open through nginx")
         on_a = await metric(a.url, "sse_gateway_open_streams")
         assert 1 <= on_a < streams, f"nginx (least_conn) put {on_a:.0f} of {streams} streams on the node to kill"
 

@@ -1,4 +1,7 @@
-"""Operating the gateway: metrics that tell the truth, rolling restarts, full disks, no leaks."""
+"""Operating the gateway: metrics that tell the truth, rolling restarts, full disks, no leaks.
+
+The metrics run in process (tests/conftest.py ``start_app``); restarts, disks and leaks need real processes.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import IN_CI, Gateway
-from util import RawStream, metric, read_stream
+from util import WAIT_TIMEOUT, RawStream, await_until, metric, read_stream
 
 
 @pytest.mark.timeout(60)
-async def test_metrics_count_what_happened(gateway, client):
-    url = gateway.url
+async def test_metrics_count_what_happened(app_gateway, app_client):
+    url, client = app_gateway, app_client
     client.post("/v1/sessions/m/events", json=[{"data": i} for i in range(10)])
     client.post("/v1/sessions/m/events", json={"data": "k"}, headers={"Idempotency-Key": "k"})
     client.post("/v1/sessions/m/events", json={"data": "k"}, headers={"Idempotency-Key": "k"})
@@ -73,8 +76,10 @@ async def test_rolling_restart_drains_to_the_other_process_exactly(start_gateway
                     break  # a clean end or a drop: reconnect, starting with the same node
             await asyncio.sleep(0.05)
 
+    published: list[int] = []
+
     async def publisher(offset: int) -> list[int]:
-        ids = []
+        ids = published if offset == 0 else []
         async with httpx.AsyncClient(timeout=5) as c:
             for i in range(offset, total, 2):
                 for node in (nodes[offset], nodes[1 - offset]):  # fail over like a load balancer
@@ -90,21 +95,31 @@ async def test_rolling_restart_drains_to_the_other_process_exactly(start_gateway
         return ids
 
     clients = [asyncio.create_task(client(a if i % 2 else b)) for i in range(200)]
-    deadline = time.monotonic() + 20
-    while (await metric(a.url, "sse_gateway_open_streams")) + (await metric(b.url, "sse_gateway_open_streams")) < 200:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.1)
+
+    async def all_open() -> bool:
+        return await metric(a.url, "sse_gateway_open_streams") + await metric(b.url, "sse_gateway_open_streams") >= 200
+
+    await await_until(all_open, interval=0.1, what="200 streams open on the two processes")
     pubs = [asyncio.create_task(publisher(0)), asyncio.create_task(publisher(1))]
-    await asyncio.sleep(1.0)
+    await await_until(lambda: len(published) >= 100, what="publishing to be under way before the drain")
     on_a_before = await metric(a.url, "sse_gateway_open_streams")
-    sigterm_at = time.monotonic()
     a.proc.send_signal(signal.SIGTERM)
     r = httpx.get(f"{a.url}/readyz")
     assert r.status_code == 503  # the load balancer moves traffic at once
     r = httpx.get(f"{a.url}/v1/sessions/{session}/stream")
     assert r.status_code == 503 and r.headers["retry-after"]
-    a.proc.wait(timeout=15)
-    exited_after = time.monotonic() - sigterm_at
+    draining: list[float] = []  # a's open streams, sampled until it exits
+
+    async def exited() -> bool:
+        if a.proc.poll() is not None:
+            return True
+        try:
+            draining.append(await metric(a.url, "sse_gateway_open_streams"))
+        except (httpx.HTTPError, KeyError):
+            pass
+        return False
+
+    await await_until(exited, interval=0.05, what="the drained process to exit by itself")
     ids = sorted((await pubs[0]) + (await pubs[1]))
     assert ids == list(range(1, total + 1))  # two processes on one file: contiguous, no duplicate
     async with httpx.AsyncClient() as c:
@@ -112,35 +127,40 @@ async def test_rolling_restart_drains_to_the_other_process_exactly(start_gateway
     done = await asyncio.wait_for(asyncio.gather(*clients), 60)
     for stream in done:
         assert stream.ids == list(range(1, total + 2))
-    assert on_a_before >= 50 and exited_after < 4 + 2
+    assert on_a_before >= 50
     assert a.proc.returncode == 0 and "Traceback" not in a.log()
-    assert exited_after > 0.5  # the closes were spread over the window, not done at once
+    # the closes were spread over the window, not done at once: a was seen with some streams closed and some open
+    assert any(0 < n < on_a_before for n in draining), (on_a_before, draining)
 
 
 @pytest.mark.timeout(60)
 async def test_a_stream_on_one_process_gets_commits_of_another_live(start_gateway, tmp_path: Path):
+    """Each commit on a reaches an open stream on b before the next is made: live, on one connection."""
     db = tmp_path / "two.db"
     a, b = start_gateway(db=db), start_gateway(db=db)
     httpx.post(f"{a.url}/v1/sessions", json={"id": "x"})
-    delays: list[float] = []
+    received: list[int] = []
+    connections = 0
 
     async def watch() -> None:
-        async with httpx.AsyncClient(timeout=10) as c, c.stream("GET", f"{b.url}/v1/sessions/x/stream") as r:
+        nonlocal connections
+        async with httpx.AsyncClient(timeout=WAIT_TIMEOUT) as c, c.stream("GET", f"{b.url}/v1/sessions/x/stream") as r:
+            connections += 1
             async for line in r.aiter_lines():
                 if line.startswith("data: "):
-                    delays.append(time.time() - float(line[6:]))
-                    if len(delays) == 50:
+                    received.append(int(line[6:]))
+                    if len(received) == 50:
                         return
 
     watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0.3)
+    await await_until(lambda: metric(b.url, "sse_gateway_open_streams"), what="the stream on b to open")
     async with httpx.AsyncClient() as c:
-        for _ in range(50):
-            await c.post(f"{a.url}/v1/sessions/x/events", json={"data": time.time()})
-            await asyncio.sleep(0.02)
-    await asyncio.wait_for(watcher, 20)
-    delays.sort()
-    assert delays[-1] < 0.5, delays[-5:]  # SQLite's data_version is polled every 50 ms
+        for i in range(50):
+            assert (await c.post(f"{a.url}/v1/sessions/x/events", json={"data": i})).status_code == 201
+            await await_until(lambda: len(received) == i + 1, interval=0.005,
+                              what=f"event {i + 1}, committed by a, on b's open stream")
+    await asyncio.wait_for(watcher, WAIT_TIMEOUT)
+    assert received == list(range(50)) and connections == 1
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:
@@ -240,6 +260,7 @@ def test_a_disk_gone_read_only_refuses_publishes_clearly_and_keeps_serving_reads
         subprocess.run(["umount", "-l", str(disk)])
 
 
+@pytest.mark.system  # starts the real serve
 def test_corrupt_or_locked_database_is_a_clear_error(tmp_path: Path):
     from test_cli import cli
 
@@ -269,7 +290,6 @@ async def test_ten_thousand_connect_disconnect_cycles_leak_nothing(start_gateway
         await c.post("/v1/sessions/quiet/events", json={"data": 1})
 
     async def baseline() -> dict[str, float]:
-        await asyncio.sleep(0.3)
         return {name: await metric(gw.url, name) for name in
                 ("sse_gateway_asyncio_tasks", "process_open_fds", "process_resident_memory_bytes",
                  "sse_gateway_open_streams")}
@@ -294,10 +314,17 @@ async def test_ten_thousand_connect_disconnect_cycles_leak_nothing(start_gateway
 
     # warm up: let every lazily-created thing exist before the baseline
     await asyncio.gather(*(cycle(i % 3) for i in range(300)))
-    deadline = time.monotonic() + 20
-    while await metric(gw.url, "sse_gateway_open_streams") and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    before = await baseline()
+    last: dict[str, float] = {}
+
+    async def settled() -> dict[str, float] | None:
+        """No open stream, and as many tasks as at the previous look (the warm-up's are all gone)."""
+        now = await baseline()
+        steady = now["sse_gateway_open_streams"] == 0 and now["sse_gateway_asyncio_tasks"] == last.get(
+            "sse_gateway_asyncio_tasks")
+        last.update(now)
+        return now if steady else None
+
+    before = await await_until(settled, interval=0.3, what="the warmed-up gateway to settle")
     sem = asyncio.Semaphore(50)
 
     async def bounded(i: int) -> None:
@@ -305,12 +332,15 @@ async def test_ten_thousand_connect_disconnect_cycles_leak_nothing(start_gateway
             await cycle(i % 3)
 
     await asyncio.gather(*(bounded(i) for i in range(10_000)))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        after = await baseline()
-        if after["sse_gateway_open_streams"] == 0 and after["sse_gateway_asyncio_tasks"] <= before[
+
+    async def back_to_baseline() -> dict[str, float] | None:
+        now = await baseline()
+        if now["sse_gateway_open_streams"] == 0 and now["sse_gateway_asyncio_tasks"] <= before[
                 "sse_gateway_asyncio_tasks"]:
-            break
+            return now
+        return None
+
+    after = await await_until(back_to_baseline, interval=0.3, what="every stream and its tasks to be gone")
     assert after["sse_gateway_open_streams"] == 0
     assert after["sse_gateway_asyncio_tasks"] <= before["sse_gateway_asyncio_tasks"]
     assert after["process_open_fds"] <= before["process_open_fds"] + 2

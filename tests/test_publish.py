@@ -1,4 +1,7 @@
-"""Publishing: every body format, the limits, and bad input that must change nothing."""
+"""Publishing: every body format, the limits, and bad input that must change nothing.
+
+In process (tests/conftest.py ``start_app``): publishing answers and ends, no socket needed.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,11 @@ import httpx
 import pytest
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def client(app_client: httpx.Client) -> httpx.Client:
+    return app_client
 
 
 def last_id(client: httpx.Client, session: str) -> int:
@@ -50,8 +58,8 @@ def test_idempotency_header_and_items(client):
     assert last_id(client, "i") == 3
 
 
-async def test_twenty_concurrent_retries_append_once(gateway):
-    async with httpx.AsyncClient(base_url=gateway.url) as c:
+async def test_twenty_concurrent_retries_append_once(app_gateway):
+    async with app_gateway.async_client() as c:
         rs = await asyncio.gather(*(c.post("/v1/sessions/race/events", json={"data": "once"},
                                            headers={"Idempotency-Key": "k"}) for _ in range(20)))
         assert sorted(r.status_code for r in rs) == [200] * 19 + [201]
@@ -105,9 +113,9 @@ def test_bad_input_is_a_clear_json_error_and_changes_nothing(client, ctype, body
         assert r.json()["ids"] == [2]
 
 
-def test_limits(start_gateway):
-    gw = start_gateway("--max-event-bytes", "1000", "--max-batch", "10", "--max-body-bytes", "50000")
-    with httpx.Client(base_url=gw.url) as c:
+def test_limits(start_app):
+    gw = start_app(max_event_bytes=1000, max_batch=10, max_body_bytes=50000)
+    with gw.client() as c:
         c.post("/v1/sessions/l/events", json={"data": 0})
         r = c.post("/v1/sessions/l/events", json={"data": "x" * 1001})
         assert r.status_code == 413 and r.json()["error"]["code"] == "event_too_large"
@@ -131,9 +139,9 @@ def test_session_ids(client):
         assert r.json()["error"]["code"] in ("invalid_session_id", "not_found")
 
 
-def test_no_auto_create(start_gateway):
-    gw = start_gateway("--no-auto-create")
-    with httpx.Client(base_url=gw.url) as c:
+def test_no_auto_create(start_app):
+    gw = start_app(auto_create=False)
+    with gw.client() as c:
         r = c.post("/v1/sessions/new/events", json={"data": 1})
         assert r.status_code == 404
         assert c.post("/v1/sessions", json={"id": "new"}).status_code == 201

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import ROOT, require_binary
-from util import ChaosProxy, read_stream
+from util import ChaosProxy, await_until, read_stream
 
 N = 2000
 
@@ -45,8 +45,7 @@ async def drop_repeatedly(proxy: ChaosProxy, until: asyncio.Event, *, times: int
     for _ in range(times):
         await asyncio.sleep(random.uniform(0.25, 0.6))
         dropped += proxy.drop_all() > 0
-    while not until.is_set():  # the clients must still finish on their own after the last drop
-        await asyncio.sleep(0.05)
+    await until.wait()  # the clients must still finish on their own after the last drop
     return dropped
 
 
@@ -96,7 +95,12 @@ async def test_every_client_gets_exactly_every_id_through_random_drops(start_gat
             stdout=asyncio.subprocess.PIPE)
         curl_task = asyncio.create_task(asyncio.to_thread(curl_reader, via, session, 90))
         httpx_task = asyncio.create_task(read_stream(via, session, timeout=90))
-        await asyncio.sleep(0.3)  # let every client connect before the first event
+
+        async def all_connected() -> bool:  # every client connects before the first event
+            return (await c.get(f"/v1/sessions/{session}")).json()["subscribers"] == 3
+
+        async with httpx.AsyncClient(base_url=gw.url) as c:
+            await await_until(all_connected, what="node, curl and httpx to connect through the proxy")
         done = asyncio.Event()
         dropper = asyncio.create_task(drop_repeatedly(proxy, done))
         acked = await publish_slowly(gw.url, session, N)
@@ -167,9 +171,7 @@ async def test_kill_9_loses_no_acknowledged_event(start_gateway, tmp_path: Path)
                 acked[r.json()["id"]] = (worker, i)
 
     tasks = [asyncio.create_task(publisher(w)) for w in range(8)]
-    deadline = time.monotonic() + 30
-    while len(acked) < 300 and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await await_until(lambda: len(acked) >= 300, interval=0.01, what="300 acknowledged publishes")
     gw.kill()  # SIGKILL mid-flight, publishers still running: no shutdown, no flush
     await asyncio.gather(*tasks)
     assert len(acked) >= 300

@@ -17,7 +17,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.system]  # schemathesis against a real gateway
 
 KEY = "st-key-" + "k" * 32
 SECRET = "st-secret-" + "s" * 32

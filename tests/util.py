@@ -1,15 +1,60 @@
-"""Test helpers: a TCP proxy that drops connections on demand, and a resuming SSE reader."""
+"""Test helpers: waiting on a condition, a TCP proxy that drops connections on demand, a resuming SSE reader."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse
 
-from conftest import free_port
+#: How long a wait may take before the test fails. Generous on purpose: a wait ends as soon as its
+#: condition holds, so this costs nothing when the machine is fast, and it must not fail a slow one.
+WAIT_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], *, what: str, timeout: float = WAIT_TIMEOUT,
+               interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that.
+
+    Fails the test with ``what`` (the thing that never happened) after ``timeout`` seconds. Use it
+    instead of a fixed sleep: it waits exactly as long as the condition needs, and no longer.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}; it never happened (last: {value!r})")
+        time.sleep(interval)
+
+
+async def await_until(predicate: Callable[[], Any], *, what: str, timeout: float = WAIT_TIMEOUT,
+                      interval: float = 0.02) -> Any:
+    """``wait_until`` for async tests: ``predicate`` may be a plain function or return an awaitable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}; it never happened (last: {value!r})")
+        await asyncio.sleep(interval)
 
 
 class ChaosProxy:
@@ -102,18 +147,26 @@ class Received:
     ended: bool = False
 
 
-async def read_stream(base_url: str, session: str, *, until_id: int | None = None, timeout: float = 60,
+def _async_client(target, **kw) -> httpx.AsyncClient:
+    """A client of ``target``: a base URL, or an in-process gateway (conftest ``InProcessGateway``)."""
+    if hasattr(target, "async_client"):
+        return target.async_client(**kw)
+    return httpx.AsyncClient(base_url=target, **kw)
+
+
+async def read_stream(base_url, session: str, *, until_id: int | None = None, timeout: float = 60,
                       received: Received | None = None, headers: dict | None = None,
                       params: dict | None = None, retry_statuses: tuple[int, ...] = ()) -> Received:
     """Read a session like EventSource does: resume with Last-Event-ID after every drop.
 
     Stops at ``gateway.end``, at ``until_id``, on a 204, or fails after ``timeout`` seconds. A status
-    in ``retry_statuses`` (a proxy's 502 while a node dies) is retried like a drop.
+    in ``retry_statuses`` (a proxy's 502 while a node dies) is retried like a drop. ``base_url`` may be
+    an in-process gateway for reads that end by themselves (``live=false``, a completed session).
     """
     got = received or Received()
 
     async def run() -> None:
-        async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(5.0, read=30.0)) as client:
+        async with _async_client(base_url, timeout=httpx.Timeout(5.0, read=30.0)) as client:
             while True:
                 hdrs = dict(headers or {})
                 if got.cursor is not None:
@@ -156,9 +209,9 @@ async def read_stream(base_url: str, session: str, *, until_id: int | None = Non
     return got
 
 
-async def metric(base_url: str, name: str, labels: str = "") -> float:
+async def metric(base_url, name: str, labels: str = "") -> float:
     """One sample of the gateway's /metrics, e.g. metric(url, "sse_gateway_open_streams")."""
-    async with httpx.AsyncClient(base_url=base_url) as c:
+    async with _async_client(base_url) as c:
         text = (await c.get("/metrics")).text
     wanted = f"{name}{{{labels}}}" if labels else name
     for line in text.splitlines():
