@@ -109,11 +109,50 @@ class Settings:
         for name in ("max_sessions", "max_streams", "max_streams_per_session"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (no limit) or positive")
+        self.check_credentials()
         if self.token_ttl <= 0:
             raise ValueError("token_ttl must be positive")
         for name in ("header_timeout", "body_timeout", "ndjson_line_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+
+
+    def check_credentials(self) -> None:
+        """Refuse keys and secrets that protect nothing (see ``MIN_KEY_CHARS``), unless ``insecure``.
+
+        An empty or blank one (what ``--publish-key "$UNSET"`` gives) is refused
+        even then: it would leave a gateway open while its operator thinks it
+        is closed.
+        """
+        for key in self.publish_key:
+            if not key.strip():
+                raise ValueError("a publisher key is empty or blank (an unset variable?): give a real key, or none")
+        if self.token_secret is not None and not self.token_secret.strip():
+            raise ValueError("the token secret is empty or blank (an unset variable?): give a real secret, or none")
+        if self.insecure:
+            return
+        for key in self.publish_key:
+            if problem := _weak(key, MIN_KEY_CHARS):
+                raise ValueError(f"a publisher key is {problem}: use {MIN_KEY_CHARS} or more random characters "
+                                 f"({GENERATE}), or pass --insecure")
+        if self.token_secret is not None and (problem := _weak(self.token_secret, MIN_SECRET_BYTES)):
+            raise ValueError(f"the token secret is {problem}: use {MIN_SECRET_BYTES} or more random bytes "
+                             f"({GENERATE}), or pass --insecure")
+
+
+def _weak(value: str, minimum: int) -> str | None:
+    if value.strip().lower() in PLACEHOLDERS:
+        return "a placeholder"
+    if len(value.encode()) < minimum:
+        return f"shorter than {minimum}"
+    return None
+
+
+#: Values the example files ship, refused as keys or secrets.
+PLACEHOLDERS = frozenset({"change-me", "change-me-too", "changeme", "secret", "password"})
+MIN_KEY_CHARS = 16  # a publisher key guessed online: 16 random characters are ~95 bits
+MIN_SECRET_BYTES = 32  # the token secret can be attacked offline from any token: as strong as HS256's key
+GENERATE = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 def parse_value(f: dataclasses.Field, raw: str) -> Any:

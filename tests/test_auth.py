@@ -349,7 +349,7 @@ def test_an_open_gateway_listens_only_on_loopback(start_gateway):
 
 
 def test_open_loopback_gateway_says_so_and_a_short_secret_is_flagged(start_gateway):
-    gw = start_gateway("--token-secret", "short", backend="memory")
+    gw = start_gateway("--token-secret", "short", "--insecure", backend="memory")
     r = httpx.post(f"{gw.url}/v1/sessions", json={"id": "o"})
     assert r.status_code == 201 and r.json()["subscribe_token"]
     assert httpx.get(f"{gw.url}/v1/sessions/o").status_code == 200  # no keys: reading is open

@@ -189,10 +189,10 @@ TOKEN_PAGE = """<!doctype html><meta charset="utf-8"><title>helper with expiring
 
 @pytest.mark.timeout(120)
 async def test_helper_gets_a_new_token_when_the_old_one_expired(start_gateway, page):
-    secret = "a-token-secret-of-at-least-32-bytes"
-    gw = start_gateway("--heartbeat", "1", "--retry-ms", "50", "--publish-key", "pk", "--token-secret", secret,
+    secret, key = "a-token-secret-of-at-least-32-bytes", "pk-" + "k" * 20
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "50", "--publish-key", key, "--token-secret", secret,
                        "--token-ttl", "4")
-    api = httpx.AsyncClient(base_url=gw.url, headers={"Authorization": "Bearer pk"})
+    api = httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"})
     token = (await api.post("/v1/sessions", json={"id": "tok"})).json()["subscribe_token"]
     refused: list[str] = []
     page.on("response", lambda resp: refused.append(resp.url) if resp.status == 401 else None)

@@ -117,3 +117,28 @@ def test_serve_does_not_load_the_bench_or_the_naive_baseline():
     from sse_gateway.bench import ALL_TARGETS
     from sse_gateway.bench.servers import PRESETS, REDIS_NODES
     assert set(ALL_TARGETS) == set(PRESETS) - set(REDIS_NODES)  # --preset's choices are the presets
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--publish-key", ""), "publisher key is empty or blank"),
+    (("--publish-key", "   "), "publisher key is empty or blank"),
+    (("--publish-key", "k" * 40, "--token-secret", ""), "token secret is empty or blank"),
+    (("--publish-key", "", "--insecure"), "publisher key is empty or blank"),
+    (("--publish-key", "change-me"), "placeholder"),
+    (("--publish-key", "k" * 40, "--token-secret", "change-me-too"), "placeholder"),
+    (("--publish-key", "short-key"), "shorter than 16"),
+    (("--publish-key", "k" * 40, "--token-secret", "s" * 31), "shorter than 32"),
+], ids=["empty key", "blank key", "empty secret", "empty key despite --insecure", "placeholder key",
+        "placeholder secret", "short key", "short secret"])
+def test_keys_and_secrets_that_protect_nothing_are_refused_with_one_line(tmp_path, args, says):
+    r = cli("serve", "--host", "0.0.0.0", "--port", str(free_port()), "--db", str(tmp_path / "x.db"), *args)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "k" * 40 not in r.stderr  # a refusal never prints a key
+
+
+def test_the_example_environment_file_does_not_start_as_shipped(tmp_path):
+    example = (ROOT / "deploy" / "sse-gateway.env.example").read_text()
+    env = dict(line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#"))
+    r = cli("serve", "--db", str(tmp_path / "x.db"), env=env)
+    assert r.returncode == 2 and "placeholder" in r.stderr
