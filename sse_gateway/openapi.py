@@ -185,7 +185,7 @@ _WHY = {
     403: "a subscribe token for another session; a write from a site --cors-origin does not list",
     404: "no such session",
     408: "the body arrived too slowly; the connection is closed",
-    409: "conflict: the session exists, or is completed",
+    409: "conflict: the session exists, or is completed; an ack's cursor is of another life of the session",
     412: "the state version moved (If-Match)",
     413: "too large: event, batch, body or NDJSON line",
     415: "unsupported content type or charset (a JSON body must be sent as application/json)",
@@ -260,7 +260,7 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
         (400, 401, 404, 408, 409, 413, 415, 503), "publisher"),
     ("post", "/v1/sessions/{session}/ack"): (
         {"200": {"description": "acked", "content": _json("Acked")}},
-        (400, 401, 403, 404, 408, 413, 415, 503), "reader"),
+        (400, 401, 403, 404, 408, 409, 413, 415, 503), "reader"),
     ("get", "/v1/sessions/{session}/state"): ({"200": _STATE_OK}, (400, 401, 403, 404), "reader"),
     ("put", "/v1/sessions/{session}/state"): (
         {"200": _STATE_OK}, (400, 401, 404, 408, 412, 413, 415, 503), "publisher"),

@@ -105,6 +105,32 @@ def test_acks_move_forward_only_and_count_reconnects(app_client):
     client.get("/v1/sessions/ack/stream", params={"live": "false"}, headers={"Last-Event-ID": "4"})
     wait_until(lambda: client.get("/v1/sessions/ack").json()["acked_id"] == 4,
                what="a reconnect with Last-Event-ID 4 to count as an ack of 4")
+    assert client.post("/v1/sessions/ack/ack", json={"id": 5, "extra": 1}).json()["error"]["code"] == "invalid_ack"
+
+
+def test_an_ack_from_another_life_of_the_session_is_refused(app_client):
+    client = app_client
+    publish(client, "life", 5)
+    old_epoch = client.get("/v1/sessions/life").json()["epoch"]
+    assert client.post("/v1/sessions/life/ack", json={"id": f"2:{old_epoch}"}).json()["acked_id"] == 2
+    client.delete("/v1/sessions/life")
+    publish(client, "life", 5)
+    epoch = client.get("/v1/sessions/life").json()["epoch"]
+    r = client.post("/v1/sessions/life/ack", json={"id": f"4:{old_epoch}"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "wrong_epoch" and r.json()["epoch"] == epoch
+    assert client.get("/v1/sessions/life").json()["acked_id"] == 0
+    assert client.post("/v1/sessions/life/ack", json={"id": f"4:{epoch}"}).json()["acked_id"] == 4
+
+
+def test_the_final_reconnect_answered_204_is_an_ack_too(app_client):
+    client = app_client
+    publish(client, "fin", 3)
+    assert client.post("/v1/sessions/fin/complete", json={"result": "done"}).status_code == 200
+    epoch = client.get("/v1/sessions/fin").json()["epoch"]
+    r = client.get("/v1/sessions/fin/stream", headers={"Last-Event-ID": f"4:{epoch}"})
+    assert r.status_code == 204
+    wait_until(lambda: client.get("/v1/sessions/fin").json()["acked_id"] == 4,
+               what="the reconnect answered 204 to count as an ack of the end event")
 
 
 async def test_state_is_versioned_and_as_of_is_a_resume_point(app_gateway, app_client):

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from .. import openapi, rules
 from ..bodies import check_size, json_int, json_object, read_json
-from ..errors import BadRequest
+from ..errors import BadRequest, Conflict
 from ..log.base import NO_RESULT
 from ..models import Session, dump_json
 from ..stream import parse_cursor
@@ -33,12 +33,15 @@ async def ack(session: str, request: Request) -> Response:
     gw, bound = reader(request, session)
     spec = await json_object(request, rules.SMALL_BODY, frozenset({"id"}), '{"id": N}', "invalid_ack",
                        empty=False)
-    upto = spec.get("id")
-    upto = parse_cursor(upto)[0] if isinstance(upto, str) else json_int(upto)
+    upto, epoch = spec.get("id"), None
+    upto, epoch = parse_cursor(upto) if isinstance(upto, str) else (json_int(upto), None)
     if upto is None:
         raise BadRequest("body must be {\"id\": N}", "invalid_ack")
-    if bound is not None:
-        await row_for_reader(gw, session, bound)
+    if bound is not None or epoch is not None:
+        row = await row_for_reader(gw, session, bound)
+        if epoch is not None and epoch != row.epoch:  # a cursor of an earlier life of this session id
+            raise Conflict(f"cursor {upto}:{epoch} is of another life of session {session!r} (epoch {row.epoch}); "
+                           "nothing of this one was acked", "wrong_epoch", extra={"epoch": row.epoch})
     row = await gw.log.ack(session, upto)
     return json_response({"session": session, "acked_id": row.acked_id})
 
