@@ -40,6 +40,8 @@ class Writes:
 
     async def append(self, session: str, events: list[NewEvent]) -> AppendResult:
         """Append ``events``, creating the session if allowed (``--auto-create``) and admitted."""
+        if len(events) > 1:
+            _check_keys(events)
         loop = asyncio.get_running_loop()
         started = loop.time()
         if self.settings.auto_create and self.settings.max_sessions:
@@ -67,3 +69,18 @@ class Writes:
             with contextlib.suppress(Conflict):
                 await self.log.create_session(session)
             return await self.log.put_state(session, state, version)
+
+
+def _check_keys(events: list[NewEvent]) -> None:
+    """``409 idempotency_key_reused`` if one key names two different events of one request.
+
+    The same event twice under one key is a repeat (stored once); two
+    different ones would silently lose the second.
+    """
+    seen: dict[str, NewEvent] = {}
+    for ev in events:
+        if ev.idempotency_key is not None:
+            first = seen.setdefault(ev.idempotency_key, ev)
+            if first is not ev and (first.event, first.data, first.is_json) != (ev.event, ev.data, ev.is_json):
+                raise Conflict(f"idempotency key {ev.idempotency_key[:64]!r} names two different events",
+                               "idempotency_key_reused")

@@ -153,3 +153,17 @@ def test_unknown_routes_and_methods_are_json(client):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = client.patch("/v1/sessions/x/events")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_one_key_for_two_different_events_of_a_batch_is_refused(app_client):
+    c = app_client
+    batch = [{"data": 1, "idempotency_key": "k"}, {"data": 2, "idempotency_key": "k"}]
+    r = c.post("/v1/sessions/reuse/events", json=batch)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_reused"
+    assert c.get("/v1/sessions/reuse").status_code == 404  # nothing stored, not even the session
+    r = c.post("/v1/sessions/reuse/events", json=[{"data": 1, "idempotency_key": "k"}] * 2)
+    assert r.status_code == 201 and r.json()["ids"] == [1, 1]  # the same event twice: stored once
+    lines = b'{"data":3,"idempotency_key":"n"}\n{"data":4,"idempotency_key":"n"}\n'
+    r = c.post("/v1/sessions/reuse/events", content=lines, headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_reused"
+    assert c.get("/v1/sessions/reuse").json()["last_id"] == 1
