@@ -144,7 +144,7 @@ def _weak(value: str, minimum: int) -> str | None:
     if value.strip().lower() in PLACEHOLDERS:
         return "a placeholder"
     if len(value.encode()) < minimum:
-        return f"shorter than {minimum}"
+        return f"shorter than {minimum} bytes"
     return None
 
 

@@ -130,3 +130,4 @@ class AppendResult:
     new: list[bool]
     last_id: int
     events: list[StoredEvent]  # the events actually appended, in id order
+    epoch: str  # the session's epoch: with an id, the cursor ``ID:EPOCH`` of an event

@@ -133,7 +133,7 @@ SCHEMAS: dict[str, Any] = {
     "Appended": {
         "type": "object", "required": ["session", "last_id"],
         "properties": {"id": {"type": "integer", "minimum": 1}, "ids": {"type": "array", "items": _ID},
-                       "session": {"type": "string"}, "last_id": _ID},
+                       "session": {"type": "string"}, "last_id": _ID, "epoch": {"type": "string"}},
     },
     "Event": {
         "type": "object", "required": ["id", "event", "data", "ts"],
@@ -243,7 +243,9 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
         {"200": {"description": "events after the cursor", "content": _json("History")}},
         (400, 401, 403, 404), "reader"),
     ("post", "/v1/sessions"): (
-        {"201": {"description": "created", "content": _json("Created")}},
+        {"201": {"description": "created", "content": _json("Created")},
+         "200": {"description": "the session exists with this id, metadata and ttl_seconds (a retried create)",
+                 "content": _json("Created")}},
         (400, 401, 408, 409, 413, 415, 503), "publisher"),
     ("post", "/v1/sessions/{session}/tokens"): (
         {"201": {"description": "a subscribe token", "content": _json("Token")}},

@@ -32,16 +32,18 @@ async def test_a_demo_run_types_pauses_past_the_heartbeat_and_completes(start_ga
 
 @pytest.mark.timeout(60)
 def test_demo_runs_need_a_publisher_key_once_keys_are_configured(start_app):
-    gw = start_app(publish_key=("k1",), token_secret="demo-secret-" + "s" * 32)  # in process: answers that end
+    key = "demo-key-" + "k" * 16
+    gw = start_app(publish_key=(key,), token_secret="demo-secret-" + "s" * 32)  # in process: answers that end
+    as_publisher = {"Authorization": f"Bearer {key}"}
     with gw.client() as c:
         assert c.post("/v1/demo/runs").status_code == 401
-        resp = c.post("/v1/demo/runs", json={"duration": 1}, headers={"Authorization": "Bearer k1"})
+        resp = c.post("/v1/demo/runs", json={"duration": 1}, headers=as_publisher)
         assert resp.status_code == 201, resp.text
         stream_url = resp.json()["stream_url"]
         assert "?token=" in stream_url, "the page cannot read a keyed gateway without a subscribe token"
         assert c.get(f"{stream_url}&live=false").status_code == 200
         for body in ({"duration": 0}, {"duration": "5"}, {"duration": True}, {"speed": 2}, [1]):
-            resp = c.post("/v1/demo/runs", json=body, headers={"Authorization": "Bearer k1"})
+            resp = c.post("/v1/demo/runs", json=body, headers=as_publisher)
             assert resp.status_code == 400, (body, resp.text)
 
 

@@ -25,9 +25,10 @@ def last_id(client: httpx.Client, session: str) -> int:
 
 def test_json_object_batch_and_text(client):
     r = client.post("/v1/sessions/p/events", json={"event": "token", "data": {"text": "Hel"}})
-    assert r.status_code == 201 and r.json() == {"id": 1, "session": "p", "last_id": 1}
+    epoch = client.get("/v1/sessions/p").json()["epoch"]
+    assert r.status_code == 201 and r.json() == {"id": 1, "session": "p", "last_id": 1, "epoch": epoch}
     r = client.post("/v1/sessions/p/events", json=[{"data": 1}, {"event": "tool.call", "data": [1, 2]}])
-    assert r.status_code == 201 and r.json()["ids"] == [2, 3]
+    assert r.status_code == 201 and r.json() == {"ids": [2, 3], "session": "p", "last_id": 3, "epoch": epoch}
     r = client.post("/v1/sessions/p/events?event=note", content="plain text", headers={"content-type": "text/plain"})
     assert r.status_code == 201 and r.json()["id"] == 4
     events = client.get("/v1/sessions/p/events").json()["events"]

@@ -1,7 +1,8 @@
 """Sessions outlive connections: lifecycle, completion, acks, state, presence, retention.
 
 Listing, acks, retention and reads that end by themselves (``live=false``, a completed session) run in
-process (tests/conftest.py ``start_app``); live streams and raw sockets talk to a real gateway. Each runs on SQLite and on Redis (a real redis-server).
+process (tests/conftest.py ``start_app``); live streams and raw sockets talk to a real gateway. Each runs
+on SQLite and on Redis (a real redis-server).
 """
 
 from __future__ import annotations
@@ -226,3 +227,19 @@ def test_completed_sessions_expire_after_their_ttl(app_client):
     wait_until(lambda: client.get("/v1/sessions/ttl").status_code == 404, interval=0.1,
                what="the retention sweep to remove the completed session after its 1 s TTL")
     assert client.post("/v1/sessions", json={"ttl_seconds": 0}).status_code == 400
+
+
+def test_a_create_retried_after_a_lost_answer_gets_the_same_session(app_client):
+    c = app_client
+    first = c.post("/v1/sessions", json={"id": "again", "metadata": {"user": 7}, "ttl_seconds": 60})
+    assert first.status_code == 201
+    again = c.post("/v1/sessions", json={"id": "again", "metadata": {"user": 7}, "ttl_seconds": 60})
+    assert again.status_code == 200 and again.json()["epoch"] == first.json()["epoch"]
+    for other in ({"id": "again", "metadata": {"user": 8}, "ttl_seconds": 60},
+                  {"id": "again", "metadata": {"user": 7}}):
+        r = c.post("/v1/sessions", json=other)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_exists"
+    published = c.post("/v1/sessions/auto/events", json={"data": 1}).json()
+    r = c.post("/v1/sessions", json={"id": "auto"})  # created by a publish: no metadata, no ttl
+    assert r.status_code == 200 and r.json()["epoch"] == published["epoch"]
+    assert c.get("/v1/sessions/auto").json()["last_id"] == 1

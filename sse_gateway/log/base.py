@@ -286,7 +286,7 @@ def apply_append(row: Session, events: Sequence[NewEvent], keys: Mapping[str, in
         new.append(True)
     if max_events and row.last_id - row.trimmed_id > max_events:
         row.trimmed_id = row.last_id - max_events
-    return AppendResult(ids, new, row.last_id, stored), batch_keys
+    return AppendResult(ids, new, row.last_id, stored, row.epoch), batch_keys
 
 
 def apply_complete(row: Session, result: Any, ts: int) -> StoredEvent | None:

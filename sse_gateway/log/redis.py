@@ -369,7 +369,7 @@ class RedisLog(EventLog):
                 self._index_later("zadd", INDEX, {session: int(created_at)})
             row = Session(id=session, epoch=epoch, created_at=int(created_at), status=status, last_id=last_id,
                           trimmed_id=trimmed_id)
-            return AppendResult(ids, new, last_id, stored), ((stored, row) if stored else None)
+            return AppendResult(ids, new, last_id, stored, epoch), ((stored, row) if stored else None)
 
         return await self._submit(_APPEND, session, args, reply)
 

@@ -72,6 +72,7 @@ async def publish(session: str, request: Request) -> Response:
 async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Response:
     """Each complete line is appended as it arrives; lines that arrive together share a commit."""
     ids: list[int] = []
+    answer: dict = {"ids": ids, "session": session, "last_id": 0}
     any_new = False
     pending = b""
     settings = gw.settings
@@ -81,6 +82,7 @@ async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Respon
         for i in range(0, len(events), settings.max_batch):
             result = await gw.writes.append(session, events[i:i + settings.max_batch])
             ids.extend(result.ids)
+            answer.update(last_id=ids[-1], epoch=result.epoch)
             any_new = any_new or any(result.new)
 
     async def flush(lines: list[bytes]) -> None:
@@ -116,12 +118,12 @@ async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Respon
             raise TooLarge(f"an NDJSON line is longer than {settings.max_body_bytes} bytes", "line_too_long",
                            extra={"ids": ids})
     await flush([pending])
-    return json_response({"ids": ids, "session": session, "last_id": ids[-1] if ids else 0},
-                         201 if any_new else 200)
+    return json_response(answer, 201 if any_new else 200)
 
 
 def _appended(session: str, result: AppendResult, *, batch: bool) -> Response:
     body = {"ids": result.ids} if batch else {"id": result.ids[0]}
     body["session"] = session
     body["last_id"] = result.last_id
+    body["epoch"] = result.epoch
     return json_response(body, 201 if any(result.new) else 200)

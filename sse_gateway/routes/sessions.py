@@ -9,8 +9,9 @@ from starlette.responses import Response
 
 from .. import openapi, rules
 from ..bodies import bounded_int, check_size, json_object, query_int
-from ..errors import BadRequest, NotConfigured, NotFound
-from ..models import check_session_id, dump_json, rfc3339
+from ..errors import BadRequest, Conflict, NotConfigured, NotFound
+from ..gateway import Gateway
+from ..models import Session, check_session_id, dump_json, rfc3339
 from .common import json_response, publisher, readable_row, session_json
 
 router = APIRouter(tags=["sessions"])
@@ -28,23 +29,36 @@ def _stream_url(session: str, token: str | None) -> str:
 async def create_session(request: Request) -> Response:
     gw = publisher(request)
     spec = await json_object(request, gw.settings.max_body_bytes, _CREATE_FIELDS,
-                       '{"id"?, "metadata"?, "ttl_seconds"?}', "invalid_body", unknown_code="unknown_field")
+                             '{"id"?, "metadata"?, "ttl_seconds"?}', "invalid_body", unknown_code="unknown_field")
     session = spec.get("id")
     if session is None:
         session = "s_" + secrets.token_urlsafe(12)
     elif not isinstance(session, str):
         raise BadRequest("id must be a string", "invalid_session_id")
     check_session_id(session)
+    metadata = spec.get("metadata")
     ttl = bounded_int(spec.get("ttl_seconds"), rules.SESSION_TTL, "ttl_seconds", "invalid_ttl")
-    check_size(dump_json(spec.get("metadata")), gw.settings.max_event_bytes, "metadata")
-    await gw.writes.admit_session()
-    row = await gw.log.create_session(session, metadata=spec.get("metadata"), ttl_seconds=ttl)
-    token = gw.auth.mint(session, epoch=row.epoch)
-    body = {"id": session, "epoch": row.epoch, "stream_url": _stream_url(session, token and token[0]),
+    check_size(dump_json(metadata), gw.settings.max_event_bytes, "metadata")
+    row = await gw.log.get_session(session) if "id" in spec else None
+    if row is None:
+        await gw.writes.admit_session()
+        try:
+            return _created(gw, await gw.log.create_session(session, metadata=metadata, ttl_seconds=ttl), 201)
+        except Conflict as exc:
+            if exc.code != "session_exists" or (row := await gw.log.get_session(session)) is None:
+                raise
+    if (row.metadata, row.ttl_seconds) != (metadata, ttl):
+        raise Conflict(f"session {session!r} exists with other metadata or ttl_seconds", "session_exists")
+    return _created(gw, row, 200)  # a retry of a create whose answer was lost: the same session
+
+
+def _created(gw: Gateway, row: Session, status: int) -> Response:
+    token = gw.auth.mint(row.id, epoch=row.epoch)
+    body = {"id": row.id, "epoch": row.epoch, "stream_url": _stream_url(row.id, token and token[0]),
             "subscribe_token": token[0] if token else None}
     if token:
         body["token_expires_at"] = rfc3339(token[1] * 1000)
-    return json_response(body, 201)
+    return json_response(body, status)
 
 
 @router.post("/v1/sessions/{session}/tokens", status_code=201, openapi_extra=openapi.TOKENS,
