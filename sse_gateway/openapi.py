@@ -191,6 +191,7 @@ _WHY = {
     415: "unsupported content type or charset (a JSON body must be sent as application/json)",
     429: "too many streams of this session, or demo runs; try again after Retry-After",
     503: "overloaded, draining, or the store is unavailable; try again after Retry-After",
+    507: "the store's disk is full; nothing was written; try again after Retry-After",
 }
 
 
@@ -206,23 +207,41 @@ def _error(status: int) -> dict:
     response: dict = {"description": _WHY[status], "content": _json("Error")}
     if status == 401:
         response["headers"] = {"WWW-Authenticate": _header("Bearer challenge")}
-    elif status in (429, 503):
+    elif status in (429, 503, 507):
         response["headers"] = {"Retry-After": _header("seconds to wait")}
     return response
 
 
 #: one event of the stream, as an SSE reader delivers it (OpenAPI 3.1: the schema of text/event-stream
-#: describes each event). Only log entries carry an id; gateway.gap and gateway.reset carry JSON data.
+#: describes each event). Log entries carry an id; gateway.gap and gateway.reset carry JSON data and no id.
 SSE_EVENT = {
     "type": "object",
     "required": ["data", "event"],
     "properties": {
-        "event": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$"},
-        "data": {"type": "string"},
-        "id": {"type": "string", "pattern": r"^[0-9]+:[a-z0-9]+$", "description": "ID:EPOCH"},
-        "retry": {"type": "integer", "minimum": 0},
+        "event": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$",
+                  "description": "the publisher's event type ('message' when the SSE frame names none), or one "
+                  "of the gateway's own: gateway.end (with an id; data: the session's result, see GatewayEnd; the "
+                  "last event), gateway.gap (no id; data: GatewayGap), gateway.reset (no id; data: GatewayReset). "
+                  "Heartbeats are SSE comments (': ping'), never events.",
+                  "examples": ["token", "gateway.end", "gateway.gap", "gateway.reset"]},
+        "data": {"type": "string", "description": "compact JSON for JSON events, the text for text events"},
+        "id": {"type": "string", "pattern": r"^[0-9]+:[a-z0-9]+$",
+               "description": "ID:EPOCH, the cursor to resume after this event (Last-Event-ID)"},
+        "retry": {"type": "integer", "minimum": 0, "description": "sent once, first: the reconnect delay in ms"},
     },
     "additionalProperties": False,
+}
+#: the data of the gateway's own events (JSON in the ``data`` field of SSE_EVENT)
+GATEWAY_EVENTS = {
+    "GatewayEnd": {"description": "gateway.end: the session is completed; data is its result (any JSON, null if "
+                   "none). A reconnect after it is answered 204."},
+    "GatewayGap": {"type": "object", "required": ["from", "to"], "properties": {"from": _ID, "to": _ID},
+                   "description": "gateway.gap: events from..to were removed by retention before they were read; "
+                   "the stream goes on after them"},
+    "GatewayReset": {"type": "object", "required": ["epoch", "last_id"],
+                     "properties": {"epoch": {"type": "string"}, "last_id": _ID},
+                     "description": "gateway.reset: the cursor was of another life of the session (or beyond its "
+                     "end); the stream starts again from its first event. Drop what the cursor's life showed."},
 }
 _STREAM_OK = {
     "200": {"description": "the event stream: replay after the cursor, then live (with live=false, replay only)",
@@ -286,18 +305,21 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
 
 
 def _security(settings: Settings) -> tuple[dict, dict[str | None, list]]:
-    """The schemes this deployment enforces, and what each kind of operation accepts."""
-    schemes: dict = {}
-    if settings.publish_keys or settings.token_secret:
-        schemes["bearer"] = {"type": "http", "scheme": "bearer",
-                             "description": "a publisher key, or (reading only) a subscribe token"}
-    if settings.token_secret:
-        schemes["token"] = {"type": "apiKey", "in": "query", "name": "token", "description": "a subscribe token"}
-        schemes["cookie"] = {"type": "apiKey", "in": "cookie", "name": COOKIE, "description": "a subscribe token"}
-    keys = [{"bearer": []}] if settings.publish_keys else []
-    # Without keys, reading is open; a token that is given anyway is still checked (401/403).
-    reader = ([{"bearer": []}, {"token": []}, {"cookie": []}] if settings.token_secret else keys) if keys else []
-    return schemes, {"publisher": keys, "reader": reader, None: []}
+    """Every way to present credentials, and what each kind of operation accepts on this deployment.
+
+    The schemes are always described, so a client generated from an open
+    gateway also works with a closed one; ``{}`` (no credentials) is listed
+    where this deployment lets anyone through.
+    """
+    schemes = {
+        "bearer": {"type": "http", "scheme": "bearer",
+                   "description": "a publisher key (--publish-key), or (reading only) a subscribe token"},
+        "token": {"type": "apiKey", "in": "query", "name": "token", "description": "a subscribe token (reading)"},
+        "cookie": {"type": "apiKey", "in": "cookie", "name": COOKIE, "description": "a subscribe token (reading)"},
+    }
+    anyone = [] if settings.publish_keys else [{}]
+    return schemes, {"publisher": [{"bearer": []}, *anyone],
+                     "reader": [{"bearer": []}, {"token": []}, {"cookie": []}, *anyone], None: []}
 
 
 def describe(app: FastAPI, settings: Settings) -> dict:
@@ -306,19 +328,20 @@ def describe(app: FastAPI, settings: Settings) -> dict:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     schemes, security = _security(settings)
-    checked = {"publisher": bool(settings.publish_keys),
-               "reader": bool(settings.publish_keys or settings.token_secret), None: False}
     for path, item in doc["paths"].items():
         for method, op in item.items():
             op["responses"].pop("422", None)  # validation errors are the gateway's own 400
             if (method, path) not in OPERATIONS:
                 continue
             ok, errors, role = OPERATIONS[(method, path)]
-            # Without credentials to check there is no 401, and no 403 for readers (a publisher's 403 is
-            # tokens_not_configured, a matter of configuration).
-            shown = [s for s in errors if checked[role] or s != 401 and (s != 403 or role != "reader")]
-            op["responses"] = {**ok, **{str(s): _error(s) for s in shown}}
-            op["security"] = security[role]
+            if role is not None:  # credentials are checked (401, 403), and a browser's writes (403)
+                errors = {*errors, 401, 403}
+            if method != "get" and 503 in errors:  # a write the store may refuse for want of disk
+                errors = {*errors, 507}
+            errors = sorted(errors)
+            op["responses"] = {**ok, **{str(s): _error(s) for s in errors}}
+            if role is not None:
+                op["security"] = security[role]
             for param in op.get("parameters", ()):
                 if param["name"] == "session" and param["in"] == "path":
                     param["schema"] = {"type": "string", "pattern": SESSION_ID}
@@ -326,8 +349,7 @@ def describe(app: FastAPI, settings: Settings) -> dict:
     one, many = body["schema"]["oneOf"]  # shared with the route's openapi_extra: replaced, not changed
     body["schema"] = {"oneOf": [one, {**many, "maxItems": settings.max_batch}]}  # this deployment's --max-batch
     doc.setdefault("components", {}).pop("schemas", None)  # FastAPI's validation error models, never sent
-    doc["components"]["schemas"] = SCHEMAS
-    if schemes:
-        doc["components"]["securitySchemes"] = schemes
+    doc["components"]["schemas"] = {**SCHEMAS, **GATEWAY_EVENTS}
+    doc["components"]["securitySchemes"] = schemes
     app.openapi_schema = doc
     return doc
