@@ -15,6 +15,21 @@ Races and who wins them:
   never buffered for; it reconnects with its Last-Event-ID and catches up
   from the log. (A watchdog, not a timeout per send: arming and cancelling a
   timer for every write was 40% of the CPU at 1,000 subscribers.)
+
+  A cut **aborts** the connection. uvicorn's ``send`` hands a body to the
+  transport whole and only waits for it to drain before the *next* send,
+  so when the watchdog fires, the transport still holds the last write,
+  unsent. Ending the response any ASGI way (returning early, raising)
+  makes uvicorn ``close()`` the transport, which is graceful: it keeps the
+  unsent bytes and the socket until the client reads them, i.e. for as long
+  as the stuck client stays connected. So the gateway's HTTP protocol
+  (``protocol.HeaderDeadline``) puts its transport in the scope, under
+  ``scope["extensions"]["sse_gateway.transport"]["transport"]``, and a cut
+  stream sets ``SO_LINGER`` to 0 and calls ``transport.abort()``: the
+  buffer is dropped and the file descriptor closed at once, and the kernel
+  answers the client with a reset (its own unsent bytes are dropped too).
+  Under a server without that extension (tests in one process) a cut
+  falls back to ending the response unfinished.
 * **Shutdown or delete.** The hub closes the channel; the loop ends the
   response cleanly so the client reconnects (to this node or another).
 * **Completion.** The loop stops right after it has sent ``gateway.end``.
@@ -23,9 +38,12 @@ Races and who wins them:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
+import socket
+import struct
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -33,11 +51,13 @@ from starlette.types import Receive, Scope, Send
 from .errors import BadRequest, GatewayError
 from .hub import Channel, Hub
 from .models import END_EVENT, Session
+from .protocol import TRANSPORT_EXTENSION
 from .sse import PING, encode_control, encode_event
 
 log = logging.getLogger("sse_gateway.stream")
 
 READ_CHUNK = 2000
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection, drops unsent bytes
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -84,10 +104,12 @@ class EventStream(Response):
         self.background = None  # FastAPI reads (and may set) it on every Response a route returns; never run here
         self.gone = False
         self._wakeup: asyncio.Future | None = None
+        self._transport: asyncio.Transport | None = None  # the connection, when the server tells (see above)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ch = self.hub.attach(self.session)  # before reading the head: see the module docstring
         self.task = asyncio.current_task()
+        self._transport = ((scope.get("extensions") or {}).get(TRANSPORT_EXTENSION) or {}).get("transport")
         self._clock = self.task.get_loop().time
         self.hub.streams.add(self)
         watcher = asyncio.create_task(self._watch(receive))
@@ -121,7 +143,7 @@ class EventStream(Response):
             log.info("cut slow client of session %s", self.session)
             if self.stats:
                 self.stats.slow_consumer_disconnects += 1
-            # Returning without finishing the response makes the server close the connection.
+            self._abort()  # returning without finishing the response alone would close it gracefully
         finally:
             watcher.cancel()
             self.hub.streams.discard(self)
@@ -138,6 +160,17 @@ class EventStream(Response):
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+
+    def _abort(self) -> None:
+        """Drop the connection now: its unsent bytes, its socket, its file descriptor (see the docstring)."""
+        transport = self._transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
 
     async def _send(self, send: Send, body: bytes) -> None:
         self.send_since = self._clock()
