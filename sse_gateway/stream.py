@@ -30,6 +30,16 @@ Races and who wins them:
   answers the client with a reset (its own unsent bytes are dropped too).
   Under a server without that extension (tests in one process) a cut
   falls back to ending the response unfinished.
+
+  What a write can leave behind is bounded in bytes, whatever the event
+  sizes: a write carries at most ``CHUNK_BYTES`` (1 MiB) of frames, or one
+  larger frame, and a body above ``CHUNK_BYTES`` is sent in slices of that
+  size. So a stuck client pins at most one slice in the transport (plus
+  uvicorn's 64 KiB high-water mark) until the watchdog cuts it, and nothing
+  after. A replay read asks the log for as many events as should fit in
+  ``CHUNK_BYTES`` judging by the largest frame of the previous read (the
+  first read takes ``READ_FIRST`` events, no read more than ``READ_CHUNK``);
+  frames beyond the budget are dropped and read again next time.
 * **Shutdown or delete.** The hub closes the channel; the loop ends the
   response cleanly so the client reconnects (to this node or another).
 * **Completion.** The loop stops right after it has sent ``gateway.end``.
@@ -49,14 +59,16 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .errors import BadRequest, GatewayError
-from .hub import Channel, Hub
+from .hub import CHUNK_BYTES, Channel, Hub
 from .models import END_EVENT, Session
 from .protocol import TRANSPORT_EXTENSION
 from .sse import PING, encode_control, encode_event
 
 log = logging.getLogger("sse_gateway.stream")
 
-READ_CHUNK = 2000
+READ_CHUNK = 256  # most events one replay read asks for (small events)
+READ_FIRST = 16  # what a stream's first replay read asks for, before it has seen any frame
+_FRAME_FLOOR = CHUNK_BYTES // READ_CHUNK  # frames smaller than this count as this big when sizing a read
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection, drops unsent bytes
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -104,6 +116,7 @@ class EventStream(Response):
         self.background = None  # FastAPI reads (and may set) it on every Response a route returns; never run here
         self.gone = False
         self._wakeup: asyncio.Future | None = None
+        self._read_limit = READ_FIRST  # events the next replay read asks for
         self._transport: asyncio.Transport | None = None  # the connection, when the server tells (see above)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -173,6 +186,10 @@ class EventStream(Response):
         transport.abort()
 
     async def _send(self, send: Send, body: bytes) -> None:
+        if len(body) > CHUNK_BYTES:  # one frame larger than a write may be: in slices
+            for at in range(0, len(body), CHUNK_BYTES):
+                await self._send(send, body[at:at + CHUNK_BYTES])
+            return
         self.send_since = self._clock()
         await send({"type": "http.response.body", "body": body, "more_body": True})
         self.send_since = 0.0
@@ -231,7 +248,7 @@ class EventStream(Response):
             if self.stats:
                 self.stats.delivered += got[1] - cursor
             return got
-        events = await self.hub.log.read(self.session, cursor, READ_CHUNK)
+        events = await self.hub.log.read(self.session, cursor, self._read_limit)
         if not events:
             # Nothing after the cursor although the head is ahead: trimmed, or the session went away.
             row = await self.hub.log.get_session(self.session)
@@ -244,17 +261,28 @@ class EventStream(Response):
             await asyncio.sleep(0.05)  # the log disagrees with itself for a moment: never spin
             return b"", cursor
         out = []
+        size = largest = 0
         if events[0].id > cursor + 1:
             out.append(self._gap(cursor + 1, events[0].id - 1))
+            size = len(out[0])
         epoch = ch.epoch
+        last, taken = cursor, 0
         for ev in events:
-            out.append(encode_event(ev, epoch))
+            frame = encode_event(ev, epoch)
+            largest = max(largest, len(frame))
+            size += len(frame)
+            if size > CHUNK_BYTES and last > cursor:
+                break  # the rest is read again next time
+            out.append(frame)
+            last = ev.id
+            taken += 1
             if ev.event == END_EVENT:
                 ch.end_id = ev.id
+        self._read_limit = max(1, min(READ_CHUNK, CHUNK_BYTES // max(largest, _FRAME_FLOOR)))
         if self.stats:
-            self.stats.delivered += len(events)
-            self.stats.replayed += len(events)
-        return b"".join(out), events[-1].id
+            self.stats.delivered += taken
+            self.stats.replayed += taken
+        return b"".join(out), last
 
     def _gap(self, first: int, last: int) -> bytes:
         if self.stats:
