@@ -23,6 +23,14 @@ the last of them has, further events are held and go out together at the
 next wake-up (``Channel.moved``). A busy session is thus written in batches
 that grow with its audience, one write per subscriber per batch.
 
+Everything here is bounded in bytes as well as in events, whatever the
+event sizes: a window keeps at most ``WINDOW`` frames and about
+``WINDOW_BYTES`` (trimmed when it holds twice either), the shared read that
+extends it asks for as many events as ``WINDOW_BYTES`` holds judging by
+the largest frame seen, and a subscriber takes at most ``CHUNK_BYTES`` of
+frames per write (``window_after``; always one frame at least). The sum of
+the frames' lengths is the only per-frame work this adds.
+
 Channels are created when the first stream attaches and dropped when the
 session's last stream detaches. Streams are counted in one place,
 ``limits.StreamSlots`` (``Hub.slots``): a stream holds its slot from before
@@ -50,7 +58,10 @@ if TYPE_CHECKING:
     from .log.base import EventLog
     from .metrics import Stats
 
-WINDOW = 1024
+WINDOW = 1024  # frames a window keeps (trimmed to this when it holds twice as many)
+WINDOW_BYTES = 4 << 20  # and bytes of frames it keeps (trimmed to this when it holds twice as many; one frame at least)
+CHUNK_BYTES = 1 << 20  # one write of a stream carries at most this many bytes of frames (or one larger frame)
+FILL_FIRST = 16  # events a shared read asks for when the window is empty (their size is not known yet)
 
 
 def _loop_time() -> float:
@@ -58,8 +69,8 @@ def _loop_time() -> float:
 
 
 class Channel:
-    __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "waiting", "closed",
-                 "filling", "_joined", "coalesce", "_woke_at", "_woke_head", "_timer")
+    __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "size", "largest", "waiting",
+                 "closed", "filling", "_joined", "coalesce", "_woke_at", "_woke_head", "_timer")
 
     def __init__(self, session: str, coalesce: float = 0.0) -> None:
         self.session = session
@@ -72,10 +83,13 @@ class Channel:
         self.end_id: int | None = None
         self.frames: list[bytes] = []  # frames[i] is the frame of event first_id + i
         self.first_id = 0
+        self.size = 0  # bytes of frames in the window
+        self.largest = 0  # the largest frame in the window, or added since it was trimmed (sizes the shared reads)
         self.waiting: set[asyncio.Future] = set()
         self.closed = False  # the session was deleted, or the gateway is shutting down
         self.filling: asyncio.Task | None = None  # the shared read that extends the window (``Hub.fill``)
-        self._joined: tuple[int, int, bytes] = (-1, -1, b"")  # (cursor, last id, frames after it), shared
+        # (cursor, window's last id, frames after the cursor up to CHUNK_BYTES, their last id), shared
+        self._joined: tuple[int, int, bytes, int] = (-1, -1, b"", -1)
 
     def learn(self, row: Session) -> None:
         """Take what the log says about the session (at attach time, or from another writer)."""
@@ -98,17 +112,40 @@ class Channel:
         if not self.frames or first != end:
             self.frames = []
             self.first_id = first
-        self.frames.extend(encode_event(ev, self.epoch) for ev in events)
-        if len(self.frames) > 2 * WINDOW:
-            drop = len(self.frames) - WINDOW
-            del self.frames[:drop]
-            self.first_id += drop
+            self.size = self.largest = 0
+        new = [encode_event(ev, self.epoch) for ev in events]
+        self.frames.extend(new)
+        sizes = list(map(len, new))
+        self.size += sum(sizes)
+        self.largest = max(self.largest, max(sizes))
+        if len(self.frames) > 2 * WINDOW or self.size > 2 * WINDOW_BYTES:
+            self._trim()
         last = events[-1]
         if last.id > self.head:
             self.head = last.id
         if last.event == END_EVENT:
             self.end_id = last.id
         self.moved()
+
+    def _trim(self) -> None:
+        """Drop the oldest frames down to ``WINDOW`` frames and ``WINDOW_BYTES`` (keeping the newest frame)."""
+        frames = self.frames
+        drop = max(0, len(frames) - WINDOW)
+        size = self.size - sum(map(len, frames[:drop]))
+        while size > WINDOW_BYTES and drop < len(frames) - 1:
+            size -= len(frames[drop])
+            drop += 1
+        del frames[:drop]
+        self.first_id += drop
+        self.size = size
+        self.largest = max(map(len, frames))
+
+    def fill_limit(self) -> int:
+        """How many events a shared read asks for: as many as ``WINDOW_BYTES`` holds, judging by the
+        largest frame seen (``FILL_FIRST`` while none has been), at most ``WINDOW``."""
+        if not self.largest:
+            return FILL_FIRST
+        return max(1, min(WINDOW, WINDOW_BYTES // self.largest))
 
     def ready(self, cursor: int) -> bool:
         """Whether a subscriber at ``cursor`` takes the events after it now, or waits for the coalesced
@@ -118,16 +155,25 @@ class Channel:
         return cursor < self.head and (cursor < self._woke_head or not held or self.head - cursor > WINDOW)
 
     def window_after(self, cursor: int) -> tuple[bytes, int] | None:
-        """The frames after ``cursor`` if the window holds the next one, and the new cursor."""
+        """The frames after ``cursor`` if the window holds the next one, at most ``CHUNK_BYTES`` of them
+        (always at least one), and the new cursor."""
         start = cursor + 1 - self.first_id
-        if not self.frames or start < 0 or start >= len(self.frames):
+        frames = self.frames
+        if not frames or start < 0 or start >= len(frames):
             return None
-        last = self.first_id + len(self.frames) - 1
-        joined_cursor, joined_last, body = self._joined
+        last = self.first_id + len(frames) - 1
+        joined_cursor, joined_last, body, upto = self._joined
         if joined_cursor != cursor or joined_last != last:  # the first subscriber at this cursor joins, the rest reuse
-            body = b"".join(self.frames[start:])
-            self._joined = (cursor, last, body)
-        return body, last
+            end, size, n = start + 1, len(frames[start]), len(frames)
+            while end < n:
+                size += len(frames[end])
+                if size > CHUNK_BYTES:
+                    break
+                end += 1
+            body = b"".join(frames[start:end])
+            upto = self.first_id + end - 1
+            self._joined = (cursor, last, body, upto)
+        return body, upto
 
     def fills(self, cursor: int) -> bool:
         """Whether a shared read (``Hub.fill``) serves a subscriber at ``cursor``: it is live (at most a
@@ -258,7 +304,7 @@ class Hub(LogObserver):
 
     async def _fill(self, ch: Channel, cursor: int) -> None:
         try:
-            events = await self.log.read(ch.session, cursor, WINDOW)
+            events = await self.log.read(ch.session, cursor, ch.fill_limit())
             if self.stats:
                 self.stats.window_fills += 1
             if events and not ch.closed and self.channels.get(ch.session) is ch:

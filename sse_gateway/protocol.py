@@ -19,6 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .errors import error_body
 
 MAX_HEADER_BYTES = 64 * 1024
+TRANSPORT_EXTENSION = "sse_gateway.transport"  # scope["extensions"][...]["transport"]: the connection (stream.py)
 
 
 class HeaderDeadline(HttpToolsProtocol):
@@ -108,6 +109,7 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {TRANSPORT_EXTENSION: {"transport": self.transport}}  # to abort a cut stream
         self._begun = True
         self._header_bytes = 0
         if self._deadline is None:

@@ -15,6 +15,31 @@ Races and who wins them:
   never buffered for; it reconnects with its Last-Event-ID and catches up
   from the log. (A watchdog, not a timeout per send: arming and cancelling a
   timer for every write was 40% of the CPU at 1,000 subscribers.)
+
+  A cut **aborts** the connection. uvicorn's ``send`` hands a body to the
+  transport whole and only waits for it to drain before the *next* send,
+  so when the watchdog fires, the transport still holds the last write,
+  unsent. Ending the response any ASGI way (returning early, raising)
+  makes uvicorn ``close()`` the transport, which is graceful: it keeps the
+  unsent bytes and the socket until the client reads them, i.e. for as long
+  as the stuck client stays connected. So the gateway's HTTP protocol
+  (``protocol.HeaderDeadline``) puts its transport in the scope, under
+  ``scope["extensions"]["sse_gateway.transport"]["transport"]``, and a cut
+  stream sets ``SO_LINGER`` to 0 and calls ``transport.abort()``: the
+  buffer is dropped and the file descriptor closed at once, and the kernel
+  answers the client with a reset (its own unsent bytes are dropped too).
+  Under a server without that extension (tests in one process) a cut
+  falls back to ending the response unfinished.
+
+  What a write can leave behind is bounded in bytes, whatever the event
+  sizes: a write carries at most ``CHUNK_BYTES`` (1 MiB) of frames, or one
+  larger frame, and a body above ``CHUNK_BYTES`` is sent in slices of that
+  size. So a stuck client pins at most one slice in the transport (plus
+  uvicorn's 64 KiB high-water mark) until the watchdog cuts it, and nothing
+  after. A replay read asks the log for as many events as should fit in
+  ``CHUNK_BYTES`` judging by the largest frame of the previous read (the
+  first read takes ``READ_FIRST`` events, no read more than ``READ_CHUNK``);
+  frames beyond the budget are dropped and read again next time.
 * **Shutdown or delete.** The hub closes the channel; the loop ends the
   response cleanly so the client reconnects (to this node or another).
 * **Completion.** The loop stops right after it has sent ``gateway.end``.
@@ -23,21 +48,28 @@ Races and who wins them:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
+import socket
+import struct
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .errors import BadRequest, GatewayError
-from .hub import Channel, Hub
+from .hub import CHUNK_BYTES, Channel, Hub
 from .models import END_EVENT, Session
+from .protocol import TRANSPORT_EXTENSION
 from .sse import PING, encode_control, encode_event
 
 log = logging.getLogger("sse_gateway.stream")
 
-READ_CHUNK = 2000
+READ_CHUNK = 256  # most events one replay read asks for (small events)
+READ_FIRST = 16  # what a stream's first replay read asks for, before it has seen any frame
+_FRAME_FLOOR = CHUNK_BYTES // READ_CHUNK  # frames smaller than this count as this big when sizing a read
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection, drops unsent bytes
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -84,10 +116,13 @@ class EventStream(Response):
         self.background = None  # FastAPI reads (and may set) it on every Response a route returns; never run here
         self.gone = False
         self._wakeup: asyncio.Future | None = None
+        self._read_limit = READ_FIRST  # events the next replay read asks for
+        self._transport: asyncio.Transport | None = None  # the connection, when the server tells (see above)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ch = self.hub.attach(self.session)  # before reading the head: see the module docstring
         self.task = asyncio.current_task()
+        self._transport = ((scope.get("extensions") or {}).get(TRANSPORT_EXTENSION) or {}).get("transport")
         self._clock = self.task.get_loop().time
         self.hub.streams.add(self)
         watcher = asyncio.create_task(self._watch(receive))
@@ -121,7 +156,7 @@ class EventStream(Response):
             log.info("cut slow client of session %s", self.session)
             if self.stats:
                 self.stats.slow_consumer_disconnects += 1
-            # Returning without finishing the response makes the server close the connection.
+            self._abort()  # returning without finishing the response alone would close it gracefully
         finally:
             watcher.cancel()
             self.hub.streams.discard(self)
@@ -139,7 +174,22 @@ class EventStream(Response):
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
+    def _abort(self) -> None:
+        """Drop the connection now: its unsent bytes, its socket, its file descriptor (see the docstring)."""
+        transport = self._transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+
     async def _send(self, send: Send, body: bytes) -> None:
+        if len(body) > CHUNK_BYTES:  # one frame larger than a write may be: in slices
+            for at in range(0, len(body), CHUNK_BYTES):
+                await self._send(send, body[at:at + CHUNK_BYTES])
+            return
         self.send_since = self._clock()
         await send({"type": "http.response.body", "body": body, "more_body": True})
         self.send_since = 0.0
@@ -198,7 +248,7 @@ class EventStream(Response):
             if self.stats:
                 self.stats.delivered += got[1] - cursor
             return got
-        events = await self.hub.log.read(self.session, cursor, READ_CHUNK)
+        events = await self.hub.log.read(self.session, cursor, self._read_limit)
         if not events:
             # Nothing after the cursor although the head is ahead: trimmed, or the session went away.
             row = await self.hub.log.get_session(self.session)
@@ -211,17 +261,28 @@ class EventStream(Response):
             await asyncio.sleep(0.05)  # the log disagrees with itself for a moment: never spin
             return b"", cursor
         out = []
+        size = largest = 0
         if events[0].id > cursor + 1:
             out.append(self._gap(cursor + 1, events[0].id - 1))
+            size = len(out[0])
         epoch = ch.epoch
+        last, taken = cursor, 0
         for ev in events:
-            out.append(encode_event(ev, epoch))
+            frame = encode_event(ev, epoch)
+            largest = max(largest, len(frame))
+            size += len(frame)
+            if size > CHUNK_BYTES and last > cursor:
+                break  # the rest is read again next time
+            out.append(frame)
+            last = ev.id
+            taken += 1
             if ev.event == END_EVENT:
                 ch.end_id = ev.id
+        self._read_limit = max(1, min(READ_CHUNK, CHUNK_BYTES // max(largest, _FRAME_FLOOR)))
         if self.stats:
-            self.stats.delivered += len(events)
-            self.stats.replayed += len(events)
-        return b"".join(out), events[-1].id
+            self.stats.delivered += taken
+            self.stats.replayed += taken
+        return b"".join(out), last
 
     def _gap(self, first: int, last: int) -> bytes:
         if self.stats:

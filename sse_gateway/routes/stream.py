@@ -17,6 +17,9 @@ from .common import json_response, reader, row_for_reader
 
 router = APIRouter(tags=["read"])
 
+HISTORY_BYTES = 4 << 20  # one history answer carries at most this much event data (and always one event)
+_HISTORY_FIRST = 16  # events the first read of a history answer asks for
+
 
 @router.get("/v1/sessions/{session}/stream", openapi_extra=openapi.STREAM, response_class=Response,
             summary="Stream a session as Server-Sent Events")
@@ -71,7 +74,7 @@ async def history(session: str, request: Request) -> Response:
     after = query_int(request, "after", rules.READ_AFTER)
     limit = query_int(request, "limit", rules.READ_LIMIT)
     row = await row_for_reader(gw, session, bound)
-    events = await gw.log.read(session, after, limit)
+    events = await read_bounded(gw.log, session, after, limit)
     body: dict = {
         "events": [e.to_json() for e in events], "epoch": row.epoch, "earliest_id": row.earliest_id,
         "last_id": row.last_id, "next_after": events[-1].id if events else after,
@@ -80,3 +83,27 @@ async def history(session: str, request: Request) -> Response:
     if after + 1 < first and after < row.trimmed_id:
         body["gap"] = {"from": after + 1, "to": min(first - 1, row.trimmed_id)}
     return json_response(body)
+
+
+async def read_bounded(event_log: EventLog, session: str, after: int, limit: int,
+                       budget: int = HISTORY_BYTES) -> list:
+    """Up to ``limit`` events after ``after``, but no more than ``budget`` bytes of data (always at least
+    one). Read in pages, each sized by the largest event of the one before (and never more than 64 events
+    for a budget of 4 MiB), so neither the answer nor what is read for it grows with ``limit`` times
+    the size of an event: one request over 1,000 events of 1 MiB holds about 4 MiB, not 1 GiB."""
+    events: list = []
+    size, cursor, page = 0, after, min(limit, _HISTORY_FIRST)
+    while True:
+        got = await event_log.read(session, cursor, page)
+        largest = 0
+        for ev in got:
+            n = len(ev.data) + len(ev.event)
+            largest = max(largest, n)
+            if events and size + n > budget:
+                return events
+            events.append(ev)
+            size += n
+        if len(got) < page or len(events) >= limit:
+            return events
+        cursor = events[-1].id
+        page = min(limit - len(events), max(1, (budget - size) // max(largest, budget // 64)))
