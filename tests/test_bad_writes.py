@@ -5,7 +5,7 @@ again (nested too deep, not JSON, too large, of the wrong type) is a ``4xx`` JSO
 queued for the writer, and the writes it was sent with commit and answer as if it had not been there
 (the SQLite group commit once failed a whole batch for one state document too deep to serialise).
 
-The property test runs random mixes on SQLite: every good write answered ``201``/``200`` and stored exactly
+The property test runs random mixes on SQLite and Redis: every good write answered ``201``/``200`` and stored exactly
 (every id counted), every bad one a ``4xx`` JSON error, no ``5xx`` ever, and the log unchanged by the bad
 ones; then everything stored is read back through the routes that send it again.
 """
@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,16 +39,17 @@ NDJSON = {"content-type": "application/x-ndjson"}
 _runs = itertools.count()
 
 
-def gateway_settings(db: Path) -> Settings:
-    return Settings(backend="sqlite", db=str(db), max_event_bytes=MAX_EVENT_BYTES, max_batch=MAX_BATCH,
-                    demo=True, session_ttl=0)
+def gateway_settings(db: Path, redis_url: str | None = None) -> Settings:
+    return Settings(backend="redis" if redis_url else "sqlite", db=str(db), redis_url=redis_url or "",
+                    max_event_bytes=MAX_EVENT_BYTES, max_batch=MAX_BATCH, demo=True, session_ttl=0)
 
 
 class App:
-    """An in-process gateway (``create_app`` with its lifespan) and a client to it."""
+    """An in-process gateway (``create_app`` with its lifespan) and a client to it; SQLite at ``db``, or
+    the Redis at ``redis_url``."""
 
-    def __init__(self, db: Path) -> None:
-        self.app = create_app(gateway_settings(db))
+    def __init__(self, db: Path, redis_url: str | None = None) -> None:
+        self.app = create_app(gateway_settings(db, redis_url))
 
     async def __aenter__(self) -> App:
         self._life = self.app.router.lifespan_context(self.app)
@@ -269,9 +271,14 @@ async def check_log(gw: App, model: Model) -> None:
         assert listed[name]["metadata"] == metadata
 
 
-async def run(db: Path, mix: list[tuple[str, tuple]], waves: int) -> None:
+async def run(db: Path, redis_url: str | None, mix: list[tuple[str, tuple]], waves: int) -> None:
     model = Model()
-    async with App(db) as gw:
+    if redis_url:  # every example starts from an empty store
+        client = redis.asyncio.Redis.from_url(redis_url)
+        await client.flushall()
+        await client.aclose()
+    async with App(db, redis_url) as gw:
+        assert type(gw.log).__name__ == ("RedisLog" if redis_url else "SqliteLog")
         size = max(1, -(-len(mix) // waves))
         for start in range(0, len(mix), size):  # each wave at once: its writes share group commits
             await asyncio.gather(*(send(gw, model, session, write) for session, write in mix[start:start + size]))
@@ -292,8 +299,10 @@ async def run(db: Path, mix: list[tuple[str, tuple]], waves: int) -> None:
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                                   HealthCheck.function_scoped_fixture])
 @given(mix=writes, waves=st.integers(1, 4))
-def test_good_and_bad_writes_interleaved_and_concurrent(tmp_path, mix, waves):
-    asyncio.run(run(tmp_path / f"run{next(_runs)}.db", mix, waves))
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_good_and_bad_writes_interleaved_and_concurrent(request, tmp_path, backend, mix, waves):
+    redis_url = request.getfixturevalue("redis_server") if backend == "redis" else None
+    asyncio.run(run(tmp_path / f"run{next(_runs)}.db", redis_url, mix, waves))
 
 
 # -- the finding, as it was reported ---------------------------------------------------------------
