@@ -4,7 +4,7 @@ Every error a client can see is a ``GatewayError``; the HTTP layer turns it
 into ``{"error": {"code": ..., "message": ...}}`` with its status::
 
     GatewayError                      (status, code, message, headers)
-    ├── BadRequest          400       invalid_session_id, invalid_cursor, invalid_json, ...
+    ├── BadRequest          400       invalid_session_id, invalid_cursor, invalid_json, json_too_deep, ...
     ├── Unauthorized        401       missing or bad credentials
     ├── Forbidden           403       credentials that do not reach this session; cross_site_refused,
     │   │                             host_not_allowed (cors.SiteGuard)

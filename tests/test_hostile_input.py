@@ -345,7 +345,7 @@ def test_deep_nesting_is_refused(c):
     for path, method in [("/v1/sessions/deep/events", "POST"), ("/v1/sessions/deep/state", "PUT")]:
         body = b'{"data": ' + b"[" * 3000 + b"]" * 3000 + b"}"
         r = c.request(method, path, content=body, headers={"content-type": "application/json"})
-        assert_error(r.status_code, r.headers, r.content, 400, ("invalid_json",))
+        assert_error(r.status_code, r.headers, r.content, 400, ("json_too_deep",))
     assert snapshot(c, "deep") is None
 
 

@@ -9,6 +9,7 @@ drains pending writes, and presence.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -338,6 +339,118 @@ async def test_a_write_whose_caller_went_away_does_not_fail_the_rest_of_its_batc
     ids = sorted(r.ids[0] for r in results)
     stored = [e.id for e in await log.read("s", 0, 100)]
     assert stored == list(range(1, len(stored) + 1)) and set(ids) <= set(stored) and len(ids) == 19
+
+
+def nested(levels: int):
+    value = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+async def test_a_value_the_store_cannot_keep_fails_alone(log):
+    """Text with a lone surrogate, a document that is not JSON or too deep to write: each such write is
+    ``400`` on every backend, and the writes queued with it are stored as if it had not been there (SQLite
+    serialised a state document inside its group commit: one bad one failed the whole batch with 503).
+    Integers beyond 64 bits are kept exactly in a row's documents too."""
+    await log.create_session("s")
+    heard = Heard()
+    log.add_observer(heard)
+    good = [*(log.append(f"g{i % 4}", [ev(f'"{i}"')]) for i in range(16)),
+            log.put_state("s", {"big": 2**70, "deep": nested(100)}, None),
+            log.create_session("m", metadata={"big": -(2**80)}),
+            log.ack("s", 0)]
+    bad = [log.append("s", [ev('"\ud800"')]),
+           log.append("s", [NewEvent("message", "text \udfff", False)]),
+           log.append("g0", [ev('"fine"'), ev('"\udc00"')]),  # all or nothing: the good event is not kept
+           log.put_state("s", {"x": {1, 2}}, None),
+           log.put_state("s", {"\ud800": 1}, None),
+           log.create_session("b", metadata=nested(5000)),
+           log.complete("s", {"r": object()})]
+    results = await asyncio.gather(*good, *bad, return_exceptions=True)
+    failed = [r for r in results[:len(good)] if isinstance(r, BaseException)]
+    assert not failed, failed
+    refused = results[len(good):]
+    assert [(type(r), r.status, r.code) for r in refused] == [
+        (BadRequest, 400, "invalid_json"), (BadRequest, 400, "invalid_utf8"), (BadRequest, 400, "invalid_json"),
+        (BadRequest, 400, "invalid_json"), (BadRequest, 400, "invalid_json"), (BadRequest, 400, "json_too_deep"),
+        (BadRequest, 400, "invalid_json")], refused
+    for i in range(4):
+        assert [e.data for e in await log.read(f"g{i}", 0, 10)] == [f'"{n}"' for n in range(i, 16, 4)]
+        assert heard.of("appended", f"g{i}") and len(sum((f[2] for f in heard.of("appended", f"g{i}")), [])) == 4
+    row = await log.get_session("s")
+    assert row.state == {"big": 2**70, "deep": nested(100)} and row.state_version == 1
+    assert row.last_id == 0 and row.status == "open" and await log.read("s", 0, 10) == []
+    assert (await log.get_session("m")).metadata == {"big": -(2**80)}
+    assert await log.get_session("b") is None
+    done = await log.complete("s", {"n": 2**70})
+    assert done.result == {"n": 2**70} and (await log.get_session("s")).result == {"n": 2**70}
+    assert (await log.complete("s", {"n": 2**70})).status == "completed"  # the same result again: idempotent
+    assert [e.data for e in await log.read("s", 0, 10)] == ['{"n":1180591620717411303424}']
+
+
+async def refuse_writes_to(log: EventLog, session: str) -> None:
+    """Make the store itself refuse every write to ``session``, as a store can refuse one row."""
+    if isinstance(log, SqliteLog):
+        await log.create_session(session)
+        with sqlite3.connect(log.path) as db:
+            db.execute("CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.sid = "
+                       f"(SELECT sid FROM sessions WHERE name = '{session}') "
+                       "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END")
+            db.execute("CREATE TRIGGER refuse_state BEFORE UPDATE OF state ON sessions WHEN NEW.name = "
+                       f"'{session}' BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END")
+    elif isinstance(log, RedisLog):
+        await log._redis.set(log._keys(session)[0], "not a hash")  # every script on it fails: WRONGTYPE
+    else:
+        pytest.skip(reason=f"{type(log).__name__} writes in place: no write shares a commit with another")
+
+
+async def test_a_write_the_store_refuses_fails_alone_and_its_batch_commits(log):
+    """One write of a group commit that the store refuses (a trigger on SQLite, a key of the wrong type on
+    Redis) fails with its own error; every other write queued with it commits and is answered."""
+    await log.create_session("s")
+    await log.append("s", [ev("0")])
+    await refuse_writes_to(log, "poisoned")
+    heard = Heard()
+    log.add_observer(heard)
+    for _ in range(3):  # the writer goes on writing batches, and they keep failing only the refused write
+        before = (await log.get_session("s")).last_id
+        writes = [*(log.append("s", [ev(f'"{i}"')]) for i in range(8)),
+                  log.append("poisoned", [ev('"x"')]),
+                  log.put_state("poisoned", {"x": 1}, None),
+                  *(log.append("s", [ev(f'"{i}"'), ev(f'"{i}b"')]) for i in range(8, 16)),
+                  log.put_state("s", {"step": before}, None),
+                  log.ack("s", before)]
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        errors = [type(r) for r in results if isinstance(r, BaseException)]
+        assert errors == [Unavailable, Unavailable], results
+        assert all(r.status == 503 for r in results if isinstance(r, BaseException))  # the store's error
+        ids = sorted(i for r in results[:8] + results[10:18] for i in r.ids)
+        assert ids == list(range(before + 1, before + 25))
+        stored = await log.read("s", before, 100)
+        assert [e.id for e in stored] == ids
+        row = await log.get_session("s")
+        assert row.last_id == before + 24 and row.state == {"step": before} and row.acked_id == before
+    assert not heard.of("appended", "poisoned")
+    assert sum(len(f[2]) for f in heard.of("appended", "s")) == 72
+    assert max(heard.commits) > 2  # the refused writes shared commits with the others
+
+
+async def test_a_write_the_writer_cannot_encode_fails_alone(log, monkeypatch):
+    """Should a value slip past the checks before the queue (here they are turned off), the write that
+    SQLite cannot bind or redis-py cannot encode fails alone; the rest of its batch commits."""
+    if isinstance(log, MemoryLog):
+        pytest.skip(reason="MemoryLog writes in place: nothing to encode, no write shares a commit")
+    monkeypatch.setattr(f"{type(log).__module__}.stored_text", lambda events: None, raising=False)
+    results = await asyncio.gather(*(log.append("s", [ev(f'"{i}"')]) for i in range(8)),
+                                   log.append("s", [ev('"\ud800"')]),
+                                   *(log.append("t", [ev(f'"{i}"')]) for i in range(8)), return_exceptions=True)
+    refused = results[8]
+    assert isinstance(refused, Unavailable) and refused.code == "store_error", refused
+    good = results[:8] + results[9:]
+    assert not [r for r in good if isinstance(r, BaseException)], good
+    assert [e.id for e in await log.read("s", 0, 100)] == list(range(1, 9))
+    assert [e.id for e in await log.read("t", 0, 100)] == list(range(1, 9))
 
 
 async def test_error_codes(log):

@@ -90,7 +90,7 @@ BAD = [
     ("application/json", b'{"data":1}', None, {"Idempotency-Key": "x" * 300}, 400, "invalid_idempotency_key"),
     ("application/json", b'{"data": NaN}', None, None, 400, "invalid_json"),
     ("application/json", b'{"data": 12345678901234567890123, "x": Infinity}', None, None, 400, "invalid_json"),
-    ("application/json", b"[" * 5000 + b"]" * 5000, None, None, 400, "invalid_json"),
+    ("application/json", b"[" * 5000 + b"]" * 5000, None, None, 400, "json_too_deep"),
     ("text/plain", b"\xff\xfe bad utf-8", None, None, 400, "invalid_utf8"),
     ("text/plain", b"x", {"event": "bad type"}, None, 400, "invalid_event_type"),
     ("text/plain; charset=latin-1", b"x", None, None, 415, "unsupported_charset"),

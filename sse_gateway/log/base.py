@@ -24,6 +24,14 @@ ids 1, 2, 3, ... and no holes, plus a small row of facts about the run
 * **Completion.** ``complete`` appends a final ``gateway.end`` event, after
   which ``append`` raises ``session_completed`` (except for idempotent
   replays of events already stored).
+* **A write fails alone.** A value the store cannot keep (event text with
+  a lone surrogate: ``400 invalid_json``, or ``invalid_utf8`` for a text
+  event; a metadata, state or result that is not JSON ``dump_json`` can
+  write: ``400 invalid_json`` or ``json_too_deep``) is refused before the
+  write is queued (``stored_text``, ``stored_json``). A write the store
+  itself refuses while it commits a batch of writes (``group_commit``)
+  fails with its own error, and the other writes of the batch commit and
+  answer as if it had not been there.
 * **Close drains.** ``close`` returns once every write accepted before it
   is committed and answered; a write after it is ``503 store_closed``.
 * **Errors.** ``404`` no such session (``append(create=False)``, ``ack``,
@@ -248,6 +256,33 @@ class EventLog(abc.ABC):
         """Apply retention at time ``now`` (ms): remove expired sessions. Returns how many."""
 
 
+def stored_json(value: Any, what: str) -> str:
+    """``value`` (metadata, state, result) as the JSON text a backend stores, or ``400`` if it has none.
+
+    The gateway's routes have checked their values already (``bodies.parse_json``); this keeps a caller
+    of the log from queueing a value that would fail inside a group commit."""
+    try:
+        text = dump_json(value)
+        if not text.isascii():
+            text.encode()  # a lone surrogate: not UTF-8, so neither SQLite nor Redis can take it
+    except RecursionError:
+        raise BadRequest(f"{what} is nested too deeply to be stored", "json_too_deep") from None
+    except (TypeError, ValueError) as exc:  # not JSON (orjson's and the standard library's errors), or not UTF-8
+        raise BadRequest(f"{what} cannot be stored as JSON: {exc}", "invalid_json") from None
+    return text
+
+
+def stored_text(events: Sequence[NewEvent]) -> None:
+    """``400`` if an event's text cannot be stored (a lone surrogate is not UTF-8). Free for ASCII text."""
+    for ev in events:
+        if not ev.data.isascii():
+            try:
+                ev.data.encode()
+            except UnicodeEncodeError:
+                raise BadRequest("event data is not valid Unicode text (a lone surrogate)",
+                                 "invalid_json" if ev.is_json else "invalid_utf8") from None
+
+
 # The rules of a session's row, shared by the backends that run them in
 # Python (memory, sqlite). Each function checks everything before it
 # changes anything, so a raised error leaves the row as it was.
@@ -289,8 +324,9 @@ def apply_append(row: Session, events: Sequence[NewEvent], keys: Mapping[str, in
     return AppendResult(ids, new, row.last_id, stored, row.epoch), batch_keys
 
 
-def apply_complete(row: Session, result: Any, ts: int) -> StoredEvent | None:
-    """Complete ``row``; returns the ``gateway.end`` event, or None if it was already completed."""
+def apply_complete(row: Session, result: Any, ts: int, data: str | None = None) -> StoredEvent | None:
+    """Complete ``row``; returns the ``gateway.end`` event (``data``: the result as JSON text, if the caller
+    has it already), or None if it was already completed."""
     if row.completed:
         if result is not NO_RESULT and result != row.result:
             raise Conflict(f"session {row.id!r} was completed with another result", "session_completed")
@@ -299,7 +335,7 @@ def apply_complete(row: Session, result: Any, ts: int) -> StoredEvent | None:
     row.completed_at = ts
     row.result = None if result is NO_RESULT else result
     row.last_id += 1
-    return StoredEvent(row.last_id, END_EVENT, dump_json(row.result), True, ts)
+    return StoredEvent(row.last_id, END_EVENT, dump_json(row.result) if data is None else data, True, ts)
 
 
 def apply_ack(row: Session, upto: int) -> None:

@@ -11,10 +11,16 @@ steps the backend supplies:
 * ``answer(batch, outcome)``: settle every write's future from what
   ``commit`` returned, and tell the observers (``appended``, ...).
 
-If ``commit`` or ``answer`` raises, every write of the batch not yet
-answered fails with that error (a ``GatewayError`` as it is, anything else
-as ``503 store_error``) and the writer goes on: a writer that died would
-leave every later write waiting for ever. ``close`` lets the writer commit
+One write must never fail another (``log.base``: a write fails alone).
+So values are checked before they are queued, and ``commit`` returns an
+outcome per write: a write that fails on its own is answered with its own
+error while the rest of the batch commits (SQLite runs the batch again
+with a savepoint per write; Redis has a reply per script, and sends each
+write alone if redis-py cannot encode one). If ``commit`` or ``answer``
+raises, that is the store failing as a whole: every write of the batch
+not yet answered fails with that error (a ``GatewayError`` as it is,
+anything else as ``503 store_error``) and the writer goes on: a writer
+that died would leave every later write waiting for ever. ``close`` lets the writer commit
 everything queued before it, then stops it; writes after that are
 ``503 store_closed``.
 """

@@ -14,8 +14,18 @@ from typing import Any
 
 from ..errors import Conflict, NotFound, Unavailable
 from ..models import AppendResult, NewEvent, Session, StoredEvent, new_epoch, now_ms
-from .base import (NO_RESULT, EventLog, apply_ack, apply_append, apply_complete, apply_state, apply_trim,
-                   is_expired)
+from .base import (
+    NO_RESULT,
+    EventLog,
+    apply_ack,
+    apply_append,
+    apply_complete,
+    apply_state,
+    apply_trim,
+    is_expired,
+    stored_json,
+    stored_text,
+)
 
 
 class _Entry:
@@ -56,6 +66,8 @@ class MemoryLog(EventLog):
 
     async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
         self._writable()
+        if metadata is not None:
+            stored_json(metadata, "metadata")  # what the other backends could not store is refused here too
         if session in self._sessions:
             raise Conflict(f"session {session!r} exists", "session_exists")
         row = Session(id=session, epoch=new_epoch(), created_at=now_ms(), metadata=metadata, ttl_seconds=ttl_seconds)
@@ -84,6 +96,7 @@ class MemoryLog(EventLog):
     async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
         if self._closed:
             self._writable()
+        stored_text(events)
         entry = self._sessions.get(session)
         if entry is None:
             if not create:
@@ -112,7 +125,8 @@ class MemoryLog(EventLog):
 
     async def complete(self, session: str, result: Any = NO_RESULT) -> Session:
         entry = self._entry(session)
-        end = apply_complete(entry.row, result, now_ms())
+        data = stored_json(None if result is NO_RESULT else result, "result")
+        end = apply_complete(entry.row, result, now_ms(), data)
         if end is not None:
             self._store(entry, [end])
         return copy.copy(entry.row)
@@ -124,6 +138,7 @@ class MemoryLog(EventLog):
 
     async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
         entry = self._entry(session)
+        stored_json(state, "state")
         apply_state(entry.row, state, if_version)
         return copy.copy(entry.row)
 

@@ -99,16 +99,15 @@ from hashlib import sha1
 from pathlib import Path
 from typing import Any
 
-import orjson
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from ..errors import BadRequest, Conflict, GatewayError, NotFound, PreconditionFailed, Unavailable
-from ..models import END_EVENT, AppendResult, NewEvent, Session, StoredEvent, dump_json, new_epoch, now_ms
-from .base import NO_RESULT, EventLog
+from ..models import END_EVENT, AppendResult, NewEvent, Session, StoredEvent, load_json, new_epoch, now_ms
+from .base import NO_RESULT, EventLog, stored_json, stored_text
 from .group_commit import GroupCommit, Write
 
 log = logging.getLogger("sse_gateway.redis")
@@ -159,11 +158,11 @@ def _int(value: str | None) -> int | None:
 
 
 def _json(value: str | None) -> Any:
-    return None if value is None else orjson.loads(value)
+    return None if value is None else load_json(value)
 
 
-def _dumps(value: Any) -> str:
-    return "" if value is None else dump_json(value)
+def _dumps(value: Any, what: str) -> str:
+    return "" if value is None else stored_json(value, what)
 
 
 def _session(name: str, h: dict[str, str]) -> Session:
@@ -182,8 +181,10 @@ def _unavailable(exc: RedisError, write: bool = False) -> Unavailable:
     return Unavailable(f"the store is unavailable: {exc}", "store_unavailable")
 
 
-def _gateway_error(session: str, exc: RedisError) -> GatewayError:
+def _gateway_error(session: str, exc: Exception) -> GatewayError:
     """What a script's error reply means; anything else is the store failing."""
+    if not isinstance(exc, RedisError) or isinstance(exc, DataError):  # a write redis-py could not send
+        return Unavailable(f"the store refused the write: {exc}", "store_error")
     if not isinstance(exc, ResponseError) or not str(exc).startswith("GW "):
         return _unavailable(exc, write=True)
     code, _, detail = str(exc)[3:].partition(" ")
@@ -351,10 +352,12 @@ class RedisLog(EventLog):
             self._index_later("zadd", INDEX, {session: row.created_at})
             return row, None
 
-        args = self._args("create", session, new_epoch(), _dumps(metadata), "" if ttl_seconds is None else ttl_seconds)
+        args = self._args("create", session, new_epoch(), _dumps(metadata, "metadata"),
+                          "" if ttl_seconds is None else ttl_seconds)
         return await self._submit(_APPEND, session, args, reply)
 
     async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
+        stored_text(events)
         ts = now_ms()
         args = self._args("append", session, new_epoch(), int(create), self.max_events or 0, now=ts)
         for ev in events:
@@ -374,7 +377,7 @@ class RedisLog(EventLog):
         return await self._submit(_APPEND, session, args, reply)
 
     async def complete(self, session: str, result: Any = NO_RESULT) -> Session:
-        data = dump_json(None if result is NO_RESULT else result)
+        data = stored_json(None if result is NO_RESULT else result, "result")
 
         def reply(r: list) -> tuple[Session, tuple | None]:
             h = _pairs(r[1:])
@@ -394,7 +397,7 @@ class RedisLog(EventLog):
         return await self._submit(_SESSION, session, self._args("ack", session, upto), self._row_reply(session))
 
     async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
-        args = self._args("state", session, dump_json(state), "" if if_version is None else if_version)
+        args = self._args("state", session, stored_json(state, "state"), "" if if_version is None else if_version)
         return await self._submit(_SESSION, session, args, self._row_reply(session))
 
     async def trim(self, session: str, through: int) -> Session:
@@ -451,6 +454,10 @@ class RedisLog(EventLog):
                 except GatewayError as err:
                     op.reject(err)
                     continue
+                except Exception as exc:  # a reply this node cannot read (a bug): that write alone fails
+                    log.exception("the reply to a write on session %r could not be read", op.session)
+                    op.reject(Unavailable(f"the write failed: {exc}", "store_error"))
+                    continue
                 if told is not None:
                     news.append((op.session, *told))
                 if replicated:
@@ -492,14 +499,19 @@ class RedisLog(EventLog):
                 if self.cluster:
                     await self._eval_cluster(calls, todo, replies)
                 else:
-                    pipe = self._redis.pipeline(transaction=False)
-                    for i in todo:
-                        script, session, args = calls[i]
-                        keys = self._keys(session)
-                        pipe.evalsha(script.sha, len(keys), *keys, *args)
-                    if wait:
-                        pipe.execute_command("WAIT", wait, WAIT_TIMEOUT_MS)
-                    results = await pipe.execute(raise_on_error=False)
+                    try:
+                        results = await self._pipeline(calls, todo, wait)
+                    except (DataError, ValueError, TypeError):
+                        # redis-py could not encode a write (nothing was sent): each goes alone, so only the
+                        # one it cannot send fails. Script errors need none of this: each is its own reply.
+                        results = [None] * len(todo)
+                        for n, i in enumerate(todo):
+                            try:
+                                results[n] = (await self._pipeline(calls, [i], 0))[0]
+                            except (DataError, ValueError, TypeError) as exc:
+                                results[n] = exc
+                        if wait:
+                            results.append(await self._redis.execute_command("WAIT", wait, WAIT_TIMEOUT_MS))
                     if wait:
                         acks = results.pop()
                         replicated = replicated and not isinstance(acks, Exception) and acks >= wait
@@ -516,6 +528,18 @@ class RedisLog(EventLog):
                 break
         return replies, replicated
 
+    async def _pipeline(self, calls: list[tuple[_Script, str, list]], todo: list[int], wait: int) -> list:
+        """One round trip: the scripts ``todo`` of ``calls``, then ``WAIT`` if ``wait``; a reply (or the
+        exception of a script that failed) for each."""
+        pipe = self._redis.pipeline(transaction=False)
+        for i in todo:
+            script, session, args = calls[i]
+            keys = self._keys(session)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        if wait:
+            pipe.execute_command("WAIT", wait, WAIT_TIMEOUT_MS)
+        return await pipe.execute(raise_on_error=False)
+
     async def _eval_cluster(self, calls: list[tuple[_Script, str, list]], todo: list[int], replies: list) -> None:
         by_session: dict[str, list[int]] = {}
         for i in todo:
@@ -527,7 +551,7 @@ class RedisLog(EventLog):
                 keys = self._keys(session)
                 try:
                     replies[i] = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
-                except RedisError as exc:
+                except (RedisError, ValueError, TypeError) as exc:  # the last two: arguments it could not send
                     replies[i] = exc
 
         await asyncio.gather(*(run(indexes) for indexes in by_session.values()))

@@ -4,7 +4,13 @@ Writes (appends, completions, acks, state, deletes) go through one queue to
 one writer connection (``group_commit``). The writer takes everything
 queued, runs it in a single ``BEGIN IMMEDIATE`` transaction and commits
 once, then answers every caller: concurrent publishers share one commit,
-and nobody's ``append`` returns before its events are committed. The
+and nobody's ``append`` returns before its events are committed. Values
+are turned into the text stored before they are queued, so a value that
+cannot be stored is refused to its caller alone. If the batch fails anyway
+for a reason that is not the store's (a row SQLite refuses, a bug), the
+writer rolls it back and runs it again in one transaction with a
+``SAVEPOINT`` per write: the write that fails is rolled back to its
+savepoint and answered with its error, the others commit together. The
 rules of each write run in Python (``log.base.apply_*``) against rows read
 inside the transaction, so
 several processes on one file still allocate contiguous ids: the write lock
@@ -42,11 +48,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosqlite
-import orjson
 
 from ..errors import Conflict, GatewayError, NotFound, Unavailable
-from ..models import AppendResult, NewEvent, Session, StoredEvent, dump_json, new_epoch, now_ms
-from .base import NO_RESULT, EventLog, apply_ack, apply_append, apply_complete, apply_state, apply_trim, is_expired
+from ..models import AppendResult, NewEvent, Session, StoredEvent, dump_json, load_json, new_epoch, now_ms
+from .base import (
+    NO_RESULT,
+    EventLog,
+    apply_ack,
+    apply_append,
+    apply_complete,
+    apply_state,
+    apply_trim,
+    is_expired,
+    stored_json,
+    stored_text,
+)
 from .group_commit import GroupCommit, Write
 
 log = logging.getLogger("sse_gateway.sqlite")
@@ -103,10 +119,10 @@ def _row(t: tuple, full: bool = False) -> tuple[int, Session]:
     sid, name, epoch, created_at, status, completed_at, last_id, trimmed_id, ttl, acked, sv, sa, result = t[:13]
     row = Session(id=name, epoch=epoch, created_at=created_at, status=status, completed_at=completed_at,
                   last_id=last_id, trimmed_id=trimmed_id, ttl_seconds=ttl, acked_id=acked, state_version=sv,
-                  state_as_of=sa, result=None if result is None else orjson.loads(result))
+                  state_as_of=sa, result=None if result is None else load_json(result))
     if full:
-        row.metadata = None if t[13] is None else orjson.loads(t[13])
-        row.state = None if t[14] is None else orjson.loads(t[14])
+        row.metadata = None if t[13] is None else load_json(t[13])
+        row.state = None if t[14] is None else load_json(t[14])
     return sid, row
 
 
@@ -128,6 +144,12 @@ def store_error(exc: sqlite3.Error, path: str | None = None) -> GatewayError:
     if "locked" in text or "busy" in text:
         return Unavailable("the store is busy; nothing was written", "store_busy", retry_after=1)
     return Unavailable(f"the store failed: {exc}; nothing was written", "store_error", retry_after=1)
+
+
+def _store_failed(exc: BaseException) -> bool:
+    """Whether a failed group commit failed for the store's sake (full, read-only, busy), not one write's:
+    then running its writes one by one would only fail each again."""
+    return isinstance(exc, GatewayError) and exc.code in ("store_full", "store_read_only", "store_busy")
 
 
 def _read_only(path: str) -> bool:
@@ -280,22 +302,25 @@ class SqliteLog(EventLog):
         return await self._writer.submit(_Op(kind, session, args))
 
     async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
-        return await self._submit("create", session, metadata, ttl_seconds)
+        text = None if metadata is None else stored_json(metadata, "metadata")
+        return await self._submit("create", session, metadata, text, ttl_seconds)
 
     async def delete_session(self, session: str) -> bool:
         return await self._submit("delete", session)
 
     async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
+        stored_text(events)
         return await self._submit("append", session, events, create)
 
     async def complete(self, session: str, result: Any = NO_RESULT) -> Session:
-        return await self._submit("complete", session, result)
+        text = stored_json(None if result is NO_RESULT else result, "result")
+        return await self._submit("complete", session, result, text)
 
     async def ack(self, session: str, upto: int) -> Session:
         return await self._submit("ack", session, upto)
 
     async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
-        return await self._submit("state", session, state, if_version)
+        return await self._submit("state", session, state, stored_json(state, "state"), if_version)
 
     async def trim(self, session: str, through: int) -> Session:
         return await self._submit("trim", session, through)
@@ -353,7 +378,49 @@ class SqliteLog(EventLog):
             raise
 
     def _commit_sync(self, batch: list[_Op]) -> tuple[list[tuple[Any, GatewayError | None]], _Writes]:
-        return self._transaction(lambda db: self._commit_in(db, batch))
+        try:
+            return self._transaction(lambda db: self._commit_in(db, batch))
+        except Exception as exc:
+            if len(batch) == 1 or _store_failed(exc):
+                raise  # the store's own failure (or a batch of one): every write of the batch fails with it
+            log.warning("a group commit of %d writes failed (%s); committing them one savepoint each",
+                        len(batch), getattr(exc, "message", None) or repr(exc))
+        return self._transaction(lambda db: self._commit_each(db, batch))
+
+    def _commit_each(self, db: sqlite3.Connection, batch: list[_Op]) -> tuple[list, _Writes]:
+        """The batch in the open transaction, each write within its own savepoint: one that fails is rolled
+        back alone and answered with its error. Each reads its rows afresh, so a failed write leaves nothing
+        behind, not even in memory."""
+        outcomes: list[tuple[Any, GatewayError | None]] = []
+        writes = _Writes()
+        for op in batch:
+            db.execute("SAVEPOINT write")
+            try:
+                (outcome,), done = self._commit_in(db, [op])
+            except Exception as exc:
+                db.execute("ROLLBACK TO write")  # if even this fails, the transaction is lost: every write fails
+                db.execute("RELEASE write")
+                outcomes.append((None, self._write_error(exc)))
+                continue
+            db.execute("RELEASE write")
+            outcomes.append(outcome)
+            for session in done.deleted:  # as _apply does within one batch: a life that ended is not told
+                writes.appended.pop(session, None)
+                writes.deleted.append(session)
+            for session, (new_events, row) in done.appended.items():
+                previous = writes.appended.get(session, ([], None))[0]
+                writes.appended[session] = (previous + new_events, row)
+        return outcomes, writes
+
+    def _write_error(self, exc: Exception) -> GatewayError:
+        """What one write that failed on its own tells its caller."""
+        if isinstance(exc, GatewayError):
+            return exc
+        if isinstance(exc, sqlite3.Error):
+            log.error("the store refused a write: %s", exc)
+            return store_error(exc, self.path)
+        log.error("a write failed", exc_info=exc)
+        return Unavailable(f"the write failed: {exc}", "store_error")
 
     def _commit_in(self, db: sqlite3.Connection, batch: list[_Op]) -> tuple[list, _Writes]:
         names = list({op.session for op in batch})
@@ -405,10 +472,10 @@ class SqliteLog(EventLog):
         if op.kind == "create" or (op.kind == "append" and entry is None and op.args[1]):
             if entry is not None:
                 raise Conflict(f"session {op.session!r} exists", "session_exists")
-            metadata, ttl = op.args if op.kind == "create" else (None, None)
+            metadata, text, ttl = op.args if op.kind == "create" else (None, None, None)
             row = Session(id=op.session, epoch=new_epoch(), created_at=now_ms(), metadata=metadata, ttl_seconds=ttl)
             cur = db.execute("INSERT INTO sessions (name, epoch, created_at, metadata, ttl_seconds) VALUES (?,?,?,?,?)",
-                             (row.id, row.epoch, row.created_at, _dumps(metadata), ttl))
+                             (row.id, row.epoch, row.created_at, text, ttl))
             entry = rows[op.session] = (cur.lastrowid, row)
             if op.kind == "create":
                 return row
@@ -434,7 +501,7 @@ class SqliteLog(EventLog):
             new_events = result.events
             value: Any = result
         elif op.kind == "complete":
-            end = apply_complete(row, op.args[0], now_ms())
+            end = apply_complete(row, op.args[0], now_ms(), op.args[1])
             new_events = [end] if end else []
             value = row
         elif op.kind == "ack":
@@ -444,9 +511,9 @@ class SqliteLog(EventLog):
             apply_trim(row, op.args[0])
             value = row
         elif op.kind == "state":
-            state, if_version = op.args
+            state, text, if_version = op.args
             apply_state(row, state, if_version)
-            writes.states.append((_dumps(state), row.state_version, row.state_as_of, sid))
+            writes.states.append((text, row.state_version, row.state_as_of, sid))
             value = row
         else:  # pragma: no cover - a programming error
             raise ValueError(op.kind)

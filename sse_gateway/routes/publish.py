@@ -70,8 +70,20 @@ async def publish(session: str, request: Request) -> Response:
 
 
 async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Response:
-    """Each complete line is appended as it arrives; lines that arrive together share a commit."""
+    """Each complete line is appended as it arrives; lines that arrive together share a commit.
+
+    Whatever ends the request early (a bad line, a line too long or too slow, a refused append), its error
+    carries the ``ids`` of the lines appended before it: the publisher learns what was kept.
+    """
     ids: list[int] = []
+    try:
+        return await _ndjson_lines(gw, session, request, ids)
+    except GatewayError as err:
+        err.extra = {**err.extra, "ids": list(ids)}
+        raise
+
+
+async def _ndjson_lines(gw: Gateway, session: str, request: Request, ids: list[int]) -> Response:
     answer: dict = {"ids": ids, "session": session, "last_id": 0}
     any_new = False
     pending = b""
@@ -91,9 +103,8 @@ async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Respon
             for line in lines:
                 if line.strip():
                     events.append(parse_event(parse_json(line), settings.max_event_bytes))
-        except GatewayError as err:
+        except GatewayError:
             await append_all(events)  # the good lines before the bad one are kept, as if they had come alone
-            err.extra = {"ids": ids}
             raise
         await append_all(events)
 
@@ -105,8 +116,7 @@ async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Respon
         try:
             chunk = await limits.next_chunk(chunks, deadline)
         except TimeoutError:
-            raise RequestTimeout(f"no complete NDJSON line arrived for {patience:g} s", "line_timeout",
-                                 extra={"ids": ids}) from None
+            raise RequestTimeout(f"no complete NDJSON line arrived for {patience:g} s", "line_timeout") from None
         if chunk is None:
             break
         pending += chunk
@@ -115,8 +125,7 @@ async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Respon
             deadline = loop.time() + patience
             await flush(lines)
         if len(pending) > settings.max_body_bytes:
-            raise TooLarge(f"an NDJSON line is longer than {settings.max_body_bytes} bytes", "line_too_long",
-                           extra={"ids": ids})
+            raise TooLarge(f"an NDJSON line is longer than {settings.max_body_bytes} bytes", "line_too_long")
     await flush([pending])
     return json_response(answer, 201 if any_new else 200)
 
