@@ -166,8 +166,9 @@ class Retry:
     A request is tried at most ``attempts`` times and never after ``timeout`` seconds from the first
     try. Between tries the client waits ``uniform(0, min(cap, base * 2**n))`` (exponential backoff
     with full jitter), and at least the answer's ``Retry-After`` when it gives one (plus that
-    jitter, so that clients told the same ``Retry-After`` do not return together). A wait that would
-    end past ``timeout`` is not started: the last error is raised at once.
+    jitter, so that clients told the same ``Retry-After`` do not return together). The last wait is
+    cut short to try once more when ``timeout`` ends; a ``Retry-After`` beyond it is not waited
+    for: the gateway's error is raised at once.
     """
 
     attempts: int = 12
@@ -215,8 +216,10 @@ async def _with_retries(send: Callable[[], Awaitable[httpx.Response]], *, method
                 raise error
         attempt += 1
         delay = retry.delay(attempt - 1, error.retry_after)
-        if attempt >= retry.attempts or time.monotonic() - start + delay > retry.timeout:
+        left = retry.timeout - (time.monotonic() - start)
+        if attempt >= retry.attempts or left <= 0 or (error.retry_after or 0) > left:
             raise error
+        delay = min(delay, left)  # one last try when the time is up
         if on_retry is not None:
             on_retry(RetryNotice(method, url, attempt, delay, error))
         await asyncio.sleep(delay)
@@ -550,7 +553,11 @@ class Publisher:
         return await self.send(session, event, {"text": text})
 
     async def flush(self, session: str | None = None) -> list[int]:
-        """Send what is buffered for ``session`` (every session if None) now; answers the ids given."""
+        """Send what is buffered for ``session`` (every session if None) now; answers the ids it got.
+
+        Raises the error of a batch that failed (its events are kept and sent again by the next
+        flush, unless the gateway refused them for good).
+        """
         if session is None:
             ids: list[int] = []
             for name in list(self._buffers):
@@ -559,11 +566,12 @@ class Publisher:
         buf = self._buffers.get(session)
         if buf is None:
             return []
+        waiting = list(buf.futures)  # what is buffered now, whichever flush (this or the timer's) sends it
         buf.error = None
-        ids = []
-        while buf.items:
-            ids += await self._flush_batch(session, buf)
-        return ids
+        while buf.items and not all(f.done() for f in waiting):
+            await self._flush_batch(session, buf)
+        buf.error = None  # reported here, not again by the next send
+        return [f.result() for f in waiting]
 
     async def _flusher(self, session: str, buf: _Buffer) -> None:
         try:
@@ -1038,12 +1046,14 @@ class Subscriber:
             delay = random.uniform(0, min(self.backoff_cap, self._retry_hint * 2 ** min(attempt, 30)))
             if error is not None and error.retry_after is not None:
                 delay += error.retry_after
-            if error is not None and failing_since is not None and now + delay - failing_since > self.give_up_after:
+            left = self.give_up_after - (now - failing_since) if failing_since is not None else float("inf")
+            if error is not None and (left <= 0 or (error.retry_after or 0) > left):
                 if isinstance(error, GatewayUnreachable):
                     cause = _describe(error.__cause__) if error.__cause__ else reason
                     raise GatewayUnreachable(f"cannot reach the gateway at {self.url} ({cause}); gave up "
                                              f"after {self.give_up_after:g} s of retries") from error.__cause__
                 raise error
+            delay = min(delay, left)  # one last try when the time is up
             attempt += 1
             if self.on_reconnect is not None:
                 self.on_reconnect(Reconnect(reason, self.cursor, delay, error))
