@@ -401,7 +401,7 @@ def run_client_command(args: argparse.Namespace) -> int:
     commands = {"publish": publish, "tail": tail, "create": create, "complete": complete, "token": mint_token}
     try:
         return asyncio.run(commands[args.command](args, url, key, retry))
-    except GatewayError as exc:
+    except (GatewayError, ValueError) as exc:  # a refusal, or a session id or event type the gateway would refuse
         return fail(args.command, str(exc))
     except KeyboardInterrupt:
         return 130
