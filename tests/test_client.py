@@ -8,12 +8,19 @@ network must fail.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
+import textwrap
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from conftest import ROOT
 from util import ChaosProxy, await_until, free_port
 
 from sse_gateway.client import (
@@ -560,3 +567,51 @@ async def test_a_publisher_outlives_a_gateway_killed_and_restarted(gateway):
     assert [f.result() for f in futures] == list(range(1, 601))
     async with httpx.AsyncClient(base_url=gateway.url) as http:
         assert_exactly(await history(http, "crash"), texts)
+
+
+# -- the documentation's examples run -------------------------------------------------------------
+
+
+def doc_blocks() -> list[str]:
+    text = (ROOT / "docs" / "python.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def run_python(code: str, url: str, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    script = tmp_path / name
+    script.write_text(code)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")},
+           "PYTHONPATH": str(ROOT), "SSE_GATEWAY_URL": url}
+    return subprocess.run([sys.executable, str(script), "doc-run"], capture_output=True, text=True, timeout=60,
+                          env=env, cwd=tmp_path)
+
+
+def as_program(block: str, url: str) -> str:
+    """A top-level ``async with`` example as a program (what ``python -m asyncio`` would run)."""
+    body = block.replace('"http://127.0.0.1:8000"', repr(url))
+    return "import asyncio\n\nasync def main():\n" + textwrap.indent(body, "    ") + "\nasyncio.run(main())\n"
+
+
+def test_the_documented_examples_run(gateway, tmp_path):
+    blocks = doc_blocks()
+    first, reader = blocks[0], blocks[1]
+    imports, _, rest = first.partition("\n\n")
+    r = run_python(imports + "\n" + as_program(rest, gateway.url), gateway.url, tmp_path, "five.py")
+    assert r.returncode == 0, r.stderr
+    imports, _, rest = reader.partition("\n\n")
+    r = run_python(imports + "\n" + as_program(rest, gateway.url), gateway.url, tmp_path, "read.py")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "4 gateway.end {'text': 'Hello world'}"
+    sync = next(b for b in blocks if b.startswith("from sse_gateway.client import SyncPublisher"))
+    assert run_python(sync, gateway.url, tmp_path, "sync.py").returncode == 0
+    assert httpx.get(f"{gateway.url}/v1/sessions/run2").json()["result"] == {"text": "Hello"}
+
+
+def test_the_documented_agent_runs(gateway, tmp_path):
+    agent = next(b for b in doc_blocks() if b.startswith('"""agent.py'))
+    r = run_python(agent, gateway.url, tmp_path, "agent.py")
+    assert r.returncode == 0, r.stderr
+    row = httpx.get(f"{gateway.url}/v1/sessions/doc-run").json()
+    assert row["status"] == "completed" and row["result"]["text"].startswith("You asked: why is the sky blue")
+    state = httpx.get(f"{gateway.url}/v1/sessions/doc-run/state").json()
+    assert state["state"] == {"step": "done", "chars": len(row["result"]["text"])}
