@@ -270,20 +270,20 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def bind_socket(host: str, port: int) -> tuple[socket.socket | None, str]:
-    """The listening address bound now (uvicorn serves this very socket), or why it cannot be."""
+    """The listening address bound now (uvicorn serves this very socket), or why it cannot be.
+
+    Bound as uvicorn binds it: IPv6 for an address with a colon, else IPv4 (so ``localhost`` is
+    127.0.0.1), with SO_REUSEADDR (a port in TIME_WAIT is free).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        return None, f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
+        if isinstance(exc, socket.gaierror):
+            return None, f"cannot listen on {host}: {exc.strerror or exc}"
         if exc.errno == errno.EADDRINUSE:
             return None, f"port {port} is in use on {host} (another sse-gateway?); choose another with --port"
         if exc.errno == errno.EACCES:
