@@ -537,6 +537,8 @@ class Publisher:
         if buf.error is not None:
             error, buf.error = buf.error, None
             raise error
+        if len(buf.items) >= self.max_buffer:  # back-pressure: wait for room (a failure here takes nothing)
+            await self.flush(session)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         buf.items.append(body)
         buf.futures.append(future)
@@ -544,8 +546,6 @@ class Publisher:
             buf.full.set()
         if buf.task is None:
             buf.task = asyncio.create_task(self._flusher(session, buf))
-        if len(buf.items) >= self.max_buffer:
-            await self.flush(session)
         return future
 
     async def token(self, session: str, text: str, *, event: str = "token") -> asyncio.Future[int]:
@@ -782,7 +782,13 @@ class SyncPublisher:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close(flush=exc is None or isinstance(exc, Exception))
+        if exc is None:
+            self.close()
+            return
+        try:  # the exception that ends the block goes on; a failed last flush is noted on it
+            self.close(flush=isinstance(exc, Exception))
+        except Exception as close_error:
+            exc.add_note(f"sse-gateway: buffered events were not stored: {close_error}")
 
     def create(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None) -> SessionInfo:
         return self._call(self.publisher.create(session, metadata=metadata, ttl_seconds=ttl_seconds))
@@ -947,6 +953,7 @@ class Subscriber:
     reached, or answers only ``429``/``5xx``, for ``give_up_after`` seconds (counted from the first
     failure since the last good connection) raises ``GatewayUnreachable`` (or the last refusal).
     ``read_timeout``: a connection silent for this long (heartbeats included) counts as dropped.
+    A subscriber is iterated once (it closes its HTTP client at the end, unless ``client`` was given).
     """
 
     def __init__(self, session: str, *, url: str | None = None, key: str | None = None, cursor: str | None = None,

@@ -451,6 +451,23 @@ async def test_the_subscriber_raises_refusals_at_once(start_app, setup, status, 
     assert (caught.value.status, caught.value.code) == (status, code) and sub.connects == 0
 
 
+async def test_the_subscriber_reads_with_a_subscribe_token_and_not_another_sessions(start_app):
+    app = start_app(publish_key=(KEY,), token_secret="s" * 40)
+    async with app.async_client() as http, Publisher(client=http, key=KEY) as pub:
+        info = await pub.create("mine")
+        await pub.publish("mine", "message", "for my eyes")
+        token = (await pub.mint_token("mine", ttl_seconds=60)).token
+        assert info.subscribe_token and info.stream_url.endswith("?token=" + info.subscribe_token)
+        for credential in (token, info.subscribe_token):
+            got = [e.data async for e in Subscriber("mine", key=credential, live=False, client=http)]
+            assert got == ["for my eyes"]
+        await pub.create("theirs")
+        with pytest.raises(GatewayError) as caught:
+            async for _ in Subscriber("theirs", key=token, client=http):
+                pass
+    assert (caught.value.status, caught.value.code) == (403, "wrong_session")
+
+
 async def test_an_unreachable_gateway_ends_the_subscriber_with_a_clear_error():
     url = f"http://127.0.0.1:{free_port()}"
     notes: list[Reconnect] = []
