@@ -106,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"gateway base URL [env {ENV_PREFIX}URL; default http://127.0.0.1:8000]")
     client.add_argument("--key", default=None,
                         help=f"publisher key (for tail: or a subscribe token) [env {KEY_ENV}]")
-    client.add_argument("--retry-for", type=_seconds, default=30.0, metavar="SECONDS",
+    client.add_argument("--retry-for", type=_seconds, default=None, metavar="SECONDS",
                         help="keep trying a gateway that cannot be reached or is busy this long, then give up "
-                             "(default 30)")
+                             f"(default {RETRY_FOR:g}; for tail {TAIL_RETRY_FOR:g})")
 
     pub = sub.add_parser("publish", parents=[client], help="append an event to a session",
                          description="Append one event. DATA is sent as JSON if it parses as JSON, else as "
@@ -185,6 +185,10 @@ def _json_arg(raw: str) -> Any:
 
 
 CLIENT_COMMANDS = ("publish", "tail", "create", "complete", "token")
+#: How long the client commands keep trying a gateway that is down or busy: long enough for a restart;
+#: tail, which usually runs for long, rides out longer outages.
+RETRY_FOR = 10.0
+TAIL_RETRY_FOR = 60.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,7 +401,10 @@ def run_client_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(args.command, str(exc))
     key = client_key(args.key)
-    retry = Retry(attempts=1_000_000, timeout=args.retry_for)
+    retry_for = args.retry_for
+    if retry_for is None:
+        retry_for = TAIL_RETRY_FOR if args.command == "tail" else RETRY_FOR
+    retry = Retry(attempts=1_000_000, timeout=retry_for)
     commands = {"publish": publish, "tail": tail, "create": create, "complete": complete, "token": mint_token}
     try:
         return asyncio.run(commands[args.command](args, url, key, retry))

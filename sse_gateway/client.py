@@ -790,7 +790,8 @@ class SyncPublisher:
         except Exception as close_error:
             exc.add_note(f"sse-gateway: buffered events were not stored: {close_error}")
 
-    def create(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None) -> SessionInfo:
+    def create(self, session: str | None = None, *, metadata: Any = None,
+               ttl_seconds: int | None = None) -> SessionInfo:
         return self._call(self.publisher.create(session, metadata=metadata, ttl_seconds=ttl_seconds))
 
     def get(self, session: str) -> dict[str, Any]:
@@ -802,7 +803,8 @@ class SyncPublisher:
     def complete(self, session: str, result: Any = None) -> dict[str, Any]:
         return self._call(self.publisher.complete(session, result))
 
-    def fail(self, session: str, error: BaseException | str | Mapping[str, Any], code: str | None = None) -> dict[str, Any]:
+    def fail(self, session: str, error: BaseException | str | Mapping[str, Any],
+             code: str | None = None) -> dict[str, Any]:
         return self._call(self.publisher.fail(session, error, code))
 
     def watchers(self, session: str) -> Watchers:
