@@ -177,9 +177,18 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def strict_json(raw: str | bytes) -> Any:
+    """JSON as the gateway reads it: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
 def _json_arg(raw: str) -> Any:
     try:
-        return json.loads(raw)
+        return strict_json(raw)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{raw!r} is not JSON ({exc})") from None
 
@@ -432,7 +441,7 @@ async def publish(args: argparse.Namespace, url: str, key: str | None, retry) ->
             return await _publish_lines(pub, args)
         if not args.text:
             try:
-                value = json.loads(args.data)
+                value = strict_json(args.data)
             except ValueError:
                 pass
             else:
@@ -453,7 +462,7 @@ async def _publish_lines(pub, args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            item = strict_json(line)
         except ValueError as exc:
             await pub.flush()
             return fail("publish", f"standard input line {number} is not JSON ({exc}); the lines before it "

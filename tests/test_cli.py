@@ -189,6 +189,7 @@ def one_line_error(r: subprocess.CompletedProcess, *says: str) -> str:
     (("publish", "x", "1", "--url", "localhost:8000"), "the gateway URL must be http://"),
     (("tail", "x", "--retry-for", "soon"), "argument --retry-for: 'soon' is not a number of seconds"),
     (("create", "--metadata", "{nope"), "argument --metadata: '{nope' is not JSON"),
+    (("create", "--metadata", "NaN"), "argument --metadata: 'NaN' is not JSON"),
     (("create", "--ttl", "-1"), "argument --ttl: '-1' is not positive"),
     (("complete", "x", "--result", "{"), "argument --result: '{' is not JSON"),
     (("token", "x", "--ttl", "an hour"), "argument --ttl: 'an hour' is not a whole number"),
