@@ -1,7 +1,12 @@
-"""The ``sse-gateway`` command: serve, publish, tail (and bench).
+"""The ``sse-gateway`` command: serve, publish, tail, create, complete, token (and bench).
 
 ``serve`` options are generated from ``Settings``: each has an environment
-variable ``SSE_GATEWAY_<NAME>``; the command line wins.
+variable ``SSE_GATEWAY_<NAME>``; the command line wins. The client commands
+use ``sse_gateway.client`` and read ``SSE_GATEWAY_URL`` and
+``SSE_GATEWAY_PUBLISH_KEY``, the variable ``serve`` reads its keys from.
+
+Every mistake and every failure is one line on standard error and a
+non-zero exit status, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,16 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import ipaddress
+import json
 import logging
 import os
-import random
 import re
+import socket
 import sys
 import time
 import urllib.parse
-
-import orjson
+from typing import Any, NoReturn
 
 from . import __version__
 from .bench import add_parser as add_bench
@@ -36,7 +42,37 @@ after any dropped connection (Last-Event-ID).
   sse-gateway serve                       start the gateway on 127.0.0.1:8000 (SQLite)
   sse-gateway publish run1 '{"text":"hi"}'  append an event to session run1
   sse-gateway tail run1                   print run1's events as they arrive, resuming by itself
+  sse-gateway create run1                 create session run1 (or take it up if it exists)
+  sse-gateway token run1                  mint a subscribe token for run1 and print its stream URL
+  sse-gateway complete run1 --result '{"text":"hi"}'  end run1 with its result
 """
+
+#: The client commands' credential; SSE_GATEWAY_KEY is its former name, still read with a warning.
+KEY_ENV = ENV_PREFIX + "PUBLISH_KEY"
+OLD_KEY_ENV = ENV_PREFIX + "KEY"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes told in one line (usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _kind(f: dataclasses.Field) -> str:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return {"int": "an integer", "float": "a number", "bool": "a boolean"}.get(kind.split(" ")[0], kind)
+
+
+def _setting_type(f: dataclasses.Field):
+    def convert(raw: str) -> Any:
+        try:
+            return parse_value(f, raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not {_kind(f)}") from None
+
+    convert.__name__ = f.name
+    return convert
 
 
 def _add_settings_options(parser: argparse.ArgumentParser) -> None:
@@ -53,12 +89,11 @@ def _add_settings_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="append", default=None, metavar=meta.get("metavar"), help=help_text)
         else:
             parser.add_argument(flag, default=None, metavar=meta.get("metavar"), help=help_text,
-                                type=lambda raw, f=f: parse_value(f, raw))
+                                type=_setting_type(f))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sse-gateway", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="sse-gateway", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sse-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -66,32 +101,103 @@ def build_parser() -> argparse.ArgumentParser:
                            f"reads an environment variable {ENV_PREFIX}<NAME>.")
     _add_settings_options(serve)
 
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--url", default=os.environ.get(ENV_PREFIX + "URL", "http://127.0.0.1:8000"),
-                        help=f"gateway base URL [env {ENV_PREFIX}URL]")
-    client.add_argument("--key", default=os.environ.get(ENV_PREFIX + "KEY"),
-                        help=f"publisher key or subscribe token [env {ENV_PREFIX}KEY]")
+    client = Parser(add_help=False)
+    client.add_argument("--url", default=None,
+                        help=f"gateway base URL [env {ENV_PREFIX}URL; default http://127.0.0.1:8000]")
+    client.add_argument("--key", default=None,
+                        help=f"publisher key (for tail: or a subscribe token) [env {KEY_ENV}]")
+    client.add_argument("--retry-for", type=_seconds, default=None, metavar="SECONDS",
+                        help="keep trying a gateway that cannot be reached or is busy this long, then give up "
+                             f"(default {RETRY_FOR:g}; for tail {TAIL_RETRY_FOR:g})")
 
     pub = sub.add_parser("publish", parents=[client], help="append an event to a session",
                          description="Append one event. DATA is sent as JSON if it parses as JSON, else as "
-                         "text; '-' streams standard input, one JSON event object per line (NDJSON).")
+                         "text; '-' reads standard input, one JSON event object per line (NDJSON), sent in "
+                         "batches as the lines arrive. Retries are safe: every event has an idempotency key.")
     pub.add_argument("session")
     pub.add_argument("data", metavar="DATA")
     pub.add_argument("--event", default="message", help="event type (default: message)")
     pub.add_argument("--text", action="store_true", help="send DATA as text even if it parses as JSON")
-    pub.add_argument("--idempotency-key", help="make a retry of this publish safe")
+    pub.add_argument("--idempotency-key", help="the event's idempotency key (default: a fresh one)")
 
     tail = sub.add_parser("tail", parents=[client], help="print a session's events as they arrive",
                           description="Stream a session and print its events; reconnects by itself after a "
-                          "dropped connection and resumes exactly after the last event it printed.")
+                          "dropped connection and resumes exactly after the last event it printed. Gives up "
+                          "when the gateway cannot be reached for --retry-for seconds.")
     tail.add_argument("session")
     tail.add_argument("--from", dest="start", default=None, metavar="N",
-                      help="start after event N (default: from the first event)")
+                      help="start after event N (a cursor ID or ID:EPOCH), or 'earliest' or 'latest' "
+                           "(default: from the first event)")
     tail.add_argument("--json", action="store_true", help="print one JSON object per event")
     tail.add_argument("--no-follow", action="store_true", help="print what exists, then exit")
 
+    create = sub.add_parser("create", parents=[client], help="create a session (or take up an existing one)",
+                            description="Create a session and print the gateway's answer (id, epoch, "
+                            "stream_url, subscribe_token) as JSON, with \"created\": false when it existed.")
+    create.add_argument("session", nargs="?", default=None, metavar="ID", help="its id (default: a fresh one)")
+    create.add_argument("--metadata", type=_json_arg, default=None, metavar="JSON", help="any JSON value")
+    create.add_argument("--ttl", type=_positive_int, default=None, metavar="SECONDS",
+                        help="how long the session is kept after completion")
+
+    complete = sub.add_parser("complete", parents=[client], help="complete a session with its result",
+                              description="Complete a session: its streams get gateway.end with the result. "
+                              "Prints the session as JSON.")
+    complete.add_argument("session", metavar="ID")
+    complete.add_argument("--result", type=_json_arg, default=None, metavar="JSON", help="the result, any JSON")
+
+    token = sub.add_parser("token", parents=[client], help="mint a subscribe token and print its stream URL",
+                           description="Mint a subscribe token for one session (the gateway needs "
+                           "--token-secret) and print {token, expires_at, stream_url} as JSON; stream_url is "
+                           "the full URL a browser or curl can read.")
+    token.add_argument("session", metavar="ID")
+    token.add_argument("--ttl", type=_positive_int, default=None, metavar="SECONDS",
+                       help="the token's lifetime (default: the gateway's --token-ttl)")
+
     add_bench(sub)  # only the options: the bench itself is imported when it runs
     return parser
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not positive")
+    return value
+
+
+def strict_json(raw: str | bytes) -> Any:
+    """JSON as the gateway reads it: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+def _json_arg(raw: str) -> Any:
+    try:
+        return strict_json(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not JSON ({exc})") from None
+
+
+CLIENT_COMMANDS = ("publish", "tail", "create", "complete", "token")
+#: How long the client commands keep trying a gateway that is down or busy: long enough for a restart;
+#: tail, which usually runs for long, rides out longer outages.
+RETRY_FOR = 10.0
+TAIL_RETRY_FOR = 60.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,10 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve(args)
-    if args.command == "publish":
-        return publish(args)
-    if args.command == "tail":
-        return asyncio.run(tail(args))
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(args)
     return args.run(args)
 
 
@@ -159,11 +263,6 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
-    from .protocol import header_deadline
-
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
     for name in ("publish_key", "cors_origin", "allowed_host"):
         if overrides[name] is not None:
@@ -173,6 +272,48 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sse-gateway: {exc}", file=sys.stderr)
         return 2
+    sock, problem = bind_socket(settings.host, settings.port)
+    if sock is None:  # before anything is logged or any file is made
+        print(f"sse-gateway: {problem}", file=sys.stderr)
+        return 1
+    try:
+        return _serve(settings, sock)
+    finally:
+        sock.close()
+
+
+def bind_socket(host: str, port: int) -> tuple[socket.socket | None, str]:
+    """The listening address bound now (uvicorn serves this very socket), or why it cannot be.
+
+    Bound as uvicorn binds it: IPv6 for an address with a colon, else IPv4 (so ``localhost`` is
+    127.0.0.1), with SO_REUSEADDR (a port in TIME_WAIT is free).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        if isinstance(exc, socket.gaierror):
+            return None, f"cannot listen on {host}: {exc.strerror or exc}"
+        if exc.errno == errno.EADDRINUSE:
+            return None, f"port {port} is in use on {host} (another sse-gateway?); choose another with --port"
+        if exc.errno == errno.EACCES:
+            return None, f"no permission to listen on port {port} (ports below 1024 need privileges)"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return None, f"cannot listen on {host}: no such address on this machine"
+        return None, f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    sock.set_inheritable(True)
+    return sock, ""
+
+
+def _serve(settings: Settings, sock: socket.socket) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .protocol import header_deadline
+
     setup_logging(settings.log_level)
     if not settings.publish_keys:
         if not is_loopback(settings.host) and not settings.insecure:
@@ -203,7 +344,7 @@ def serve(args: argparse.Namespace) -> int:
         settings.db if settings.backend == "sqlite" else re.sub(r"//[^@/]*@", "//***@", settings.redis_url))
     log.info("sse-gateway %s on http://%s:%d  backend=%s (%s)  heartbeat=%gs", __version__, settings.host,
              settings.port, settings.backend, where, settings.heartbeat)
-    return 0 if server.run() else 1
+    return 0 if server.run(sockets=[sock]) else 1
 
 
 class GatewayServer:
@@ -236,102 +377,170 @@ class GatewayServer:
         if self._signals > 2:
             server.force_exit = True
 
-    def run(self) -> bool:
-        self.server.run()
+    def run(self, sockets: list[socket.socket] | None = None) -> bool:
+        self.server.run(sockets=sockets)
         return self.server.started
+
+
+# -- the client commands ---------------------------------------------------------
+
+
+def fail(command: str, message: str) -> int:
+    print(f"sse-gateway {command}: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def client_key(given: str | None) -> str | None:
+    """--key, else SSE_GATEWAY_PUBLISH_KEY (as ``serve`` reads it), else the former SSE_GATEWAY_KEY, with a warning."""
+    from .client import resolve_key
+
+    key = resolve_key(given)
+    if key is None and os.environ.get(OLD_KEY_ENV, "").strip():
+        print(f"sse-gateway: warning: {OLD_KEY_ENV} is deprecated, use {KEY_ENV} (the variable serve reads)",
+              file=sys.stderr)
+        key = os.environ[OLD_KEY_ENV].strip()
+    return key
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    from .client import GatewayError, Retry, resolve_url
+
+    try:
+        url = resolve_url(args.url)
+    except ValueError as exc:
+        return fail(args.command, str(exc))
+    key = client_key(args.key)
+    retry_for = args.retry_for
+    if retry_for is None:
+        retry_for = TAIL_RETRY_FOR if args.command == "tail" else RETRY_FOR
+    retry = Retry(attempts=1_000_000, timeout=retry_for)
+    commands = {"publish": publish, "tail": tail, "create": create, "complete": complete, "token": mint_token}
+    try:
+        return asyncio.run(commands[args.command](args, url, key, retry))
+    except (GatewayError, ValueError) as exc:  # a refusal, or a session id or event type the gateway would refuse
+        return fail(args.command, str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `sse-gateway tail run1 | head`
+        sys.stderr.close()
+        return 0
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False), flush=True)
 
 
 # -- publish ---------------------------------------------------------------------
 
 
-def _headers(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
+async def publish(args: argparse.Namespace, url: str, key: str | None, retry) -> int:
+    from .client import Publisher
 
-
-def publish(args: argparse.Namespace) -> int:
-    import httpx
-
-    url = f"{args.url.rstrip('/')}/v1/sessions/{args.session}/events"
-    headers = _headers(args.key)
-    if args.idempotency_key:
-        headers["Idempotency-Key"] = args.idempotency_key
-    with httpx.Client(timeout=None) as client:
+    async with Publisher(url, key, retry=retry) as pub:
         if args.data == "-":
-            resp = client.post(url, content=_stdin_lines(), headers={**headers,
-                               "Content-Type": "application/x-ndjson"})
-        else:
-            value = None
-            if not args.text:
-                try:
-                    value = orjson.loads(args.data)
-                except orjson.JSONDecodeError:
-                    value = None
-            if value is not None or args.data.strip() == "null" and not args.text:
-                resp = client.post(url, content=orjson.dumps({"event": args.event, "data": value}),
-                                   headers={**headers, "Content-Type": "application/json"})
+            return await _publish_lines(pub, args)
+        if not args.text:
+            try:
+                value = strict_json(args.data)
+            except ValueError:
+                pass
             else:
-                resp = client.post(url, params={"event": args.event}, content=args.data.encode(),
-                                   headers={**headers, "Content-Type": "text/plain; charset=utf-8"})
-    print(resp.text)
-    return 0 if resp.status_code < 400 else 1
+                _print_json((await pub.publish(args.session, args.event, value,
+                                               idempotency_key=args.idempotency_key)).raw)
+                return 0
+        _print_json((await pub.publish_text(args.session, args.data, event=args.event,
+                                            idempotency_key=args.idempotency_key)).raw)
+        return 0
 
 
-def _stdin_lines():
-    for line in sys.stdin.buffer:
-        yield line
+async def _publish_lines(pub, args: argparse.Namespace) -> int:
+    """Standard input, one event object per line, in batches as lines arrive (every line has a key)."""
+    futures = []
+    number = 0
+    while line := await asyncio.to_thread(sys.stdin.buffer.readline):
+        number += 1
+        if not line.strip():
+            continue
+        try:
+            item = strict_json(line)
+        except ValueError as exc:
+            await pub.flush()
+            return fail("publish", f"standard input line {number} is not JSON ({exc}); the lines before it "
+                        "were published")
+        if not isinstance(item, dict) or "data" not in item or set(item) - {"event", "data", "idempotency_key"}:
+            await pub.flush()
+            return fail("publish", f"standard input line {number} is not an event object "
+                        '{"event"?, "data", "idempotency_key"?}; the lines before it were published')
+        try:
+            futures.append(await pub.send(args.session, item.get("event") or "message", item["data"],
+                                          idempotency_key=item.get("idempotency_key")))
+        except ValueError as exc:
+            await pub.flush()
+            return fail("publish", f"standard input line {number}: {exc}")
+    await pub.flush()
+    ids = [f.result() for f in futures]
+    _print_json({"ids": ids, "session": args.session, "last_id": ids[-1] if ids else 0})
+    return 0
 
 
 # -- tail -------------------------------------------------------------------------
 
 
-async def tail(args: argparse.Namespace) -> int:
-    import httpx
-    from httpx_sse import aconnect_sse
+async def tail(args: argparse.Namespace, url: str, key: str | None, retry) -> int:
+    from .client import Reconnect, Subscriber
 
-    url = f"{args.url.rstrip('/')}/v1/sessions/{args.session}/stream"
-    cursor = args.start
-    delay = 1.0
-    params = {"live": "false"} if args.no_follow else {}
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client:
-        while True:
-            headers = _headers(args.key)
-            if cursor is not None:
-                headers["Last-Event-ID"] = cursor
-            try:
-                async with aconnect_sse(client, "GET", url, headers=headers, params=params) as source:
-                    if source.response.status_code == 204:
-                        return 0
-                    if source.response.status_code != 200:
-                        await source.response.aread()
-                        print(f"sse-gateway tail: {source.response.status_code} {source.response.text}",
-                              file=sys.stderr)
-                        return 1
-                    async for sse in source.aiter_sse():
-                        if sse.retry:
-                            delay = sse.retry / 1000
-                        if not sse.data and sse.id in ("", cursor):
-                            continue  # a block without an event (httpx-sse reports one)
-                        if sse.event in ("gateway.gap", "gateway.reset"):
-                            print(f"# {sse.event} {sse.data}", file=sys.stderr, flush=True)
-                            if sse.event == "gateway.reset":
-                                cursor = None
-                            continue
-                        if sse.id:
-                            cursor = sse.id
-                        _print_event(sse, args.json)
-                        if sse.event == "gateway.end":
-                            return 0
-                    if args.no_follow:
-                        return 0
-            except httpx.HTTPError as exc:
-                print(f"# connection lost ({exc.__class__.__name__}); resuming after {cursor or 'the start'}",
-                      file=sys.stderr, flush=True)
-            await asyncio.sleep(delay * (1 + random.random() / 2))
+    def reconnecting(note: Reconnect) -> None:
+        where = f"resuming after {note.cursor}" if note.cursor else "retrying"
+        print(f"# {note.reason}; {where} in {note.delay:.1f} s", file=sys.stderr, flush=True)
+
+    start = args.start
+    cursor = None
+    if start is not None and start not in ("earliest", "latest"):
+        cursor, start = start, None  # a cursor resumes after it (Last-Event-ID), as a reconnect would
+    subscriber = Subscriber(args.session, url=url, key=key, cursor=cursor, from_=start, live=not args.no_follow,
+                            give_up_after=retry.timeout, on_reconnect=reconnecting)
+    async for event in subscriber:
+        if event.id is None:  # gateway.gap, gateway.reset: notices, not events of the log
+            print(f"# {event.event} {event.text}", file=sys.stderr, flush=True)
+            continue
+        _print_event(event, args.json)
+    return 0
 
 
-def _print_event(sse, as_json: bool) -> None:
+def _print_event(event, as_json: bool) -> None:
     if as_json:
-        print(orjson.dumps({"id": sse.id, "event": sse.event, "data": sse.data}).decode(), flush=True)
+        _print_json({"id": event.cursor, "event": event.event, "data": event.text})
     else:
         stamp = time.strftime("%H:%M:%S")
-        print(f"{stamp} {sse.id:>12} {sse.event:<16} {sse.data}", flush=True)
+        print(f"{stamp} {event.cursor:>12} {event.event:<16} {event.text}", flush=True)
+
+
+# -- create, complete, token ----------------------------------------------------------
+
+
+async def create(args: argparse.Namespace, url: str, key: str | None, retry) -> int:
+    from .client import Publisher
+
+    async with Publisher(url, key, retry=retry) as pub:
+        info = await pub.create(args.session, metadata=args.metadata, ttl_seconds=args.ttl)
+    answer = dataclasses.asdict(info)
+    answer["stream_url"] = url + info.stream_url
+    _print_json(answer)
+    return 0
+
+
+async def complete(args: argparse.Namespace, url: str, key: str | None, retry) -> int:
+    from .client import Publisher
+
+    async with Publisher(url, key, retry=retry) as pub:
+        _print_json(await pub.complete(args.session, args.result))
+    return 0
+
+
+async def mint_token(args: argparse.Namespace, url: str, key: str | None, retry) -> int:
+    from .client import Publisher
+
+    async with Publisher(url, key, retry=retry) as pub:
+        token = await pub.mint_token(args.session, ttl_seconds=args.ttl)
+    _print_json({"token": token.token, "expires_at": token.expires_at, "stream_url": url + token.stream_url})
+    return 0
