@@ -418,39 +418,58 @@ async def test_a_page_of_an_origin_the_gateway_does_not_allow_is_told_so(start_g
     assert (error["code"], error["status"]) == ("cors", 0)
 
 
-async def demo_state(page) -> dict:
-    return await page.evaluate("JSON.parse(sessionStorage.getItem('sse-gateway-demo:run') || '{}')")
+async def demo_view(page) -> dict:
+    """The demo's run as the helper persisted it: {"session", "cursor", "view", "end"}."""
+    return await page.evaluate("""(() => {
+        const run = JSON.parse(sessionStorage.getItem('sse-gateway-demo:run') || 'null');
+        if (!run) return {};
+        const key = 'sse-gateway:view:/v1/sessions/' + run.session + '/stream';
+        return { session: run.session, ...JSON.parse(sessionStorage.getItem(key) || '{}') };
+    })()""")
 
 
 @pytest.mark.timeout(90)
-async def test_demo_page_runs_drops_resumes_and_ends(start_gateway, page):
+async def test_demo_page_runs_drops_reloads_resumes_and_ends(start_gateway, page):
     gw = start_gateway("--heartbeat", "1", "--retry-ms", "200")
     await page.goto(f"{gw.url}/?duration=8")
     assert await page.locator("h1").inner_text() == "Agent runs that outlive the connection."
     await page.click("text=Start a simulated agent run")
-    await page.wait_for_function("(JSON.parse(sessionStorage.getItem('sse-gateway-demo:run')) || {}).events > 40",
-                           timeout=15_000)
+    await page.wait_for_function("Number(document.getElementById('events').textContent) > 40", timeout=15_000)
     assert (await page.locator("#text").inner_text()).startswith("You asked")
     await page.click("text=Drop connection")
     await page.wait_for_function("document.getElementById('reconnects').textContent === '1'", timeout=10_000)
+    await page.wait_for_function("Number(document.getElementById('events').textContent) > 120", timeout=15_000)
+    stored = await demo_view(page)
+    assert stored["view"]["events"] > 0 and stored["end"] is None, "reload the page before the run ends"
+    await page.reload()
+    await page.wait_for_function("document.getElementById('timeline').textContent.includes('page reloaded')",
+                                 timeout=10_000)
     await page.wait_for_function("document.getElementById('state').textContent === 'ended'", timeout=30_000)
 
-    run = await demo_state(page)
+    run = await demo_view(page)
     async with httpx.AsyncClient(base_url=gw.url) as api:
         session = (await api.get(f"/v1/sessions/{run['session']}")).json()
         metrics = (await api.get("/metrics")).text
     assert session["status"] == "completed"
+    view = run["view"]
     assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()
-    assert run["text"] == session["result"]["text"]
-    assert (run["lastId"], run["missing"], run["duplicates"]) == (session["last_id"], 0, 0)
-    assert run["events"] == session["last_id"]
+    assert view["text"] == session["result"]["text"]
+    assert (view["lastId"], view["missing"], view["duplicates"]) == (session["last_id"] - 1, 0, 0)
+    assert view["events"] == session["last_id"] - 1  # every event but gateway.end, once
     assert await page.locator("#cursor").inner_text() == f"{session['last_id']}:{session['epoch']}"
     assert (await page.locator("#verdict").inner_text()).startswith("Complete.")
     timeline = await page.locator("#timeline").inner_text()
-    assert "reconnected, resuming after" in timeline and "gateway.end" in timeline
+    assert "page reloaded" in timeline and "gateway.end" in timeline
     heartbeats = next(line for line in metrics.splitlines() if line.startswith("sse_gateway_heartbeats_total"))
     assert float(heartbeats.split()[1]) >= 1, "the run's quiet tool call sent no heartbeat"
+    await await_until(lambda: httpx.get(f"{gw.url}/v1/sessions/{run['session']}").json()["acked_id"]
+                      == session["last_id"], what="the demo page to acknowledge the end")
 
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
-    print(f"demo: {run['events']} events, {run['reconnects']} reconnect(s); screenshot in {ARTIFACTS / 'demo.png'}")
+    print(f"demo: {view['events']} events; screenshot in {ARTIFACTS / 'demo.png'}")
+
+    await page.reload()  # after the end: the text and the verdict come back from storage
+    await page.wait_for_function("document.getElementById('verdict').textContent.startsWith('Complete.')",
+                                 timeout=10_000)
+    assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()
