@@ -299,6 +299,51 @@ async def test_a_page_reloaded_mid_answer_and_after_the_end_shows_the_whole_text
     assert session["acked_id"] == session["last_id"] == total + 1, "the end of the run was not acknowledged"
 
 
+def minimal_page() -> str:
+    """The minimal page of docs/javascript.md, as written there."""
+    doc = (ROOT / "docs" / "javascript.md").read_text()
+    start = doc.index("```html\n", doc.index("## A minimal page")) + len("```html\n")
+    return doc[start:doc.index("\n```", start)]
+
+
+@pytest.mark.timeout(90)
+async def test_the_documented_minimal_page_survives_reloads(start_gateway, page):
+    total = 300
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
+    api = httpx.AsyncClient(base_url=gw.url)
+    (await api.post("/v1/sessions", json={"id": "docs"})).raise_for_status()
+
+    async def fulfill(route) -> None:
+        await route.fulfill(body=minimal_page(), content_type="text/html")
+
+    await page.route(f"{gw.url}/minimal-test**", fulfill)
+    await page.goto(f"{gw.url}/minimal-test?run=docs")
+
+    def run() -> None:
+        with httpx.Client(base_url=gw.url, timeout=10) as client:
+            for first in range(1, total + 1, 5):
+                items = [{"event": "token", "data": {"text": token_text(n)}} for n in range(first, first + 5)]
+                client.post("/v1/sessions/docs/events", json=items).raise_for_status()
+                time.sleep(0.03)
+
+    publisher = threading.Thread(target=run, daemon=True)
+    publisher.start()
+    await page.wait_for_function("(document.getElementById('answer') || {}).textContent?.length > 300",
+                                 timeout=20_000)
+    assert publisher.is_alive(), "the reload must happen while the answer is still being written"
+    await page.reload()
+    await asyncio.to_thread(publisher.join)
+    expected = "".join(token_text(n) for n in range(1, total + 1))
+    (await api.post("/v1/sessions/docs/complete", json={"result": "ok"})).raise_for_status()
+    await api.aclose()
+    for _ in range(2):  # mid-answer, then once more after the end
+        await page.wait_for_function("(document.getElementById('note') || {}).textContent?.startsWith('done')",
+                                     timeout=30_000)
+        assert await page.locator("#answer").text_content() == expected
+        assert await page.locator("#note").inner_text() == 'done: "ok"'
+        await page.reload()
+
+
 @pytest.mark.timeout(60)
 async def test_a_cursor_already_at_the_end_gets_the_result_from_the_session(start_gateway, page):
     gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")

@@ -62,7 +62,7 @@ def installed(tmp_path_factory) -> Path:
     assert not (project / "node_modules" / "react").exists(), "react is an optional peer, never installed"
     for name in FROM_TESTS:
         (project / "node_modules" / name).symlink_to(NODE_TESTS / "node_modules" / name, target_is_directory=True)
-    for name in ("use-package.mjs", "usage.ts", "tsconfig.json", "tsconfig.node16.json"):
+    for name in ("use-package.mjs", "usage.ts", "global.ts", "tsconfig.json", "tsconfig.node16.json"):
         shutil.copy(NODE_TESTS / "package" / name, project / name)
     return project
 
