@@ -129,6 +129,7 @@
       this._downSince = null;
       this._refreshes = 0;
       this._timer = null;
+      this._watchdog = null;
       this._saveTimer = null;
       this._flush = () => this._write();
 
@@ -202,12 +203,15 @@
 
     _open() {
       this._timer = null;
+      this._arm();
       const source = new EventSource(this._streamUrl(), { withCredentials: !!this.options.withCredentials });
       this._source = source;
       this._setState(this._opened ? "reconnecting" : "connecting");
       source.onopen = () => {
         if (source !== this._source) return;
         if (this._opened++) this.reconnects++;
+        clearTimeout(this._watchdog);
+        this._watchdog = null;
         this._attempts = 0;
         this._downSince = null;
         this._refreshes = 0;
@@ -301,6 +305,16 @@
     _attempt() {
       this._attempts++;
       if (this._downSince === null) this._downSince = Date.now();
+      this._arm();
+    }
+
+    /** However the attempts go (a connection may also hang), no connection for giveUpMs is a failure. */
+    _arm() {
+      if (this._watchdog || !(this.giveUpMs <= 2147483647)) return; // Infinity: never give up
+      this._watchdog = setTimeout(() => {
+        this._watchdog = null;
+        if (this.state === "connecting" || this.state === "reconnecting") this._fail("unreachable", 0);
+      }, this.giveUpMs);
     }
 
     _exhausted() {
@@ -345,6 +359,12 @@
 
     /** 204: the session is completed and the cursor is at its end. Its result is in the session. */
     async _endFromSession() {
+      if (!this.sessionUrl) {
+        // No session URL to ask: the run has ended, its result is unknown here.
+        const end = new GatewayEvent({ type: "gateway.end", lastEventId: this.cursor || "0", data: "null" });
+        end.fromSession = true;
+        return this._ended(end);
+      }
       let res = null;
       try {
         res = await this._request("GET");
@@ -435,7 +455,9 @@
 
     _stop(state) {
       clearTimeout(this._timer);
+      clearTimeout(this._watchdog);
       this._timer = null;
+      this._watchdog = null;
       this._detach();
       this._setState(state);
     }

@@ -17,6 +17,7 @@ CPython 3.11's recursion bookkeeping for code parsed later in the run.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from urllib.parse import parse_qs, urlparse
@@ -194,6 +195,7 @@ VIEW_PAGE = """<!doctype html><meta charset="utf-8"><title>a page that rebuilds 
     events: ["token"],
     retryMs: 50,
     maxAttempts: Number(q.get("attempts") || 1000),
+    giveUpMs: Number(q.get("giveup") || 60000),
     onEnd: (end) => {
       window.ends.push(end && { result: end.result, json: end.json, id: end.id, fromSession: !!end.fromSession });
       document.getElementById("result").textContent = JSON.stringify(end && end.json);
@@ -445,6 +447,27 @@ async def test_a_stopped_gateway_is_reported_as_unreachable(start_gateway, page)
     assert "reconnecting" in await page.evaluate("window.states")
 
 
+async def serve_helper_from_disk(page, origin: str) -> None:
+    async def helper(route) -> None:
+        await route.fulfill(path=ROOT / "static" / urlparse(route.request.url).path.rpartition("/")[2],
+                            content_type="text/javascript")
+
+    await page.route(f"{origin}/static/*", helper)
+
+
+@pytest.mark.timeout(60)
+async def test_a_gateway_that_never_answers_is_reported_as_unreachable_after_give_up_ms(page):
+    with socket.socket() as hole:  # accepts connections (the kernel does), never answers them
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        origin = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        await serve_view_page(page, origin)
+        await serve_helper_from_disk(page, origin)
+        await page.goto(f"{origin}/view-test?giveup=1500&url=/v1/sessions/hole/stream")
+        error = await wait_for_error(page)
+    assert (error["code"], error["status"]) == ("unreachable", 0)
+
+
 @pytest.mark.timeout(60)
 async def test_a_page_of_an_origin_the_gateway_does_not_allow_is_told_so(start_gateway, page):
     gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
@@ -452,12 +475,7 @@ async def test_a_page_of_an_origin_the_gateway_does_not_allow_is_told_so(start_g
         (await api.post("/v1/sessions", json={"id": "elsewhere"})).raise_for_status()
     other = "http://localhost:8765"  # never reached: the page and the helper come from routes
     await serve_view_page(page, other)
-
-    async def helper(route) -> None:
-        await route.fulfill(path=ROOT / "static" / urlparse(route.request.url).path.rpartition("/")[2],
-                            content_type="text/javascript")
-
-    await page.route(f"{other}/static/*", helper)
+    await serve_helper_from_disk(page, other)
     await page.goto(f"{other}/view-test?url={gw.url}/v1/sessions/elsewhere/stream")
     error = await wait_for_error(page)
     assert (error["code"], error["status"]) == ("cors", 0)
