@@ -181,6 +181,11 @@ async def test_helper_gets_a_new_token_when_the_old_one_expired(start_gateway, p
     assert ids == list(range(1, 102))
     assert token_requests == 1
     assert 1 <= len(refused) <= 2, f"the helper looped on 401: {refused}"
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as api:
+        async def acked() -> bool:  # the page acked with its own token
+            return (await api.get("/v1/sessions/tok")).json()["acked_id"] == 101
+
+        await await_until(acked, what="the end to be acknowledged with the stream's token")
 
 
 VIEW_PAGE = """<!doctype html><meta charset="utf-8"><title>a page that rebuilds its view</title>
