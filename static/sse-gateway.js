@@ -1,24 +1,31 @@
 /*
- * sse-gateway.js: EventSource for sse-gateway streams, with a cursor that survives page reloads.
+ * sse-gateway.js: EventSource for sse-gateway streams, with a view that survives page reloads.
  *
  *   <script src="/static/sse-gateway.js"></script>      defines window.SSEGateway
  *   import { connect } from "/static/sse-gateway.mjs";  the same, as an ES module
+ *   npm install ./sse-gateway-client-X.Y.Z.tgz          the same, as a package (see docs/javascript.md)
  *
  *   const stream = SSEGateway.connect("/v1/sessions/run1/stream", {
- *     events: ["token"],                       // event types besides "message"
- *     onEvent: (e) => render(e.json),          // e: {type, id, cursor, data, json}
- *     onEnd: (e) => done(e.json),              // gateway.end: the run's final result
+ *     events: ["token"],                                  // event types besides "message"
+ *     initial: { text: "" },
+ *     reduce: (view, e) => ({ text: view.text + e.json.text }),   // the page's view of the run
+ *     onView: (view) => render(view.text),                // after a (re)load and after each event
+ *     onEnd: (end) => done(end.result),                   // the run's final result
+ *     onError: (err) => fail(err.code),                   // unauthorized, forbidden, not_found, cors, unreachable
  *   });
  *
- * What it adds to EventSource:
- *  - the cursor (ID:EPOCH of the last event received) is kept in sessionStorage and sent as
- *    ?last_event_id= when a new EventSource is opened, so a page reload resumes exactly where it
- *    was (EventSource itself sends Last-Event-ID only on its own reconnects);
- *  - gateway.gap and gateway.reset are reported (a reset also forgets the stored cursor);
- *  - gateway.end closes the stream for good, and so does a 204 (cursor already at the end);
- *  - when the browser gives up (any non-200 answer), it asks the gateway why: on 401 it gets a
- *    fresh subscribe token from options.getToken() and reconnects; on 5xx/429 or a network
- *    failure it reconnects with exponential backoff; on 403/404 it stops.
+ * The reload model:
+ *  - by default nothing is stored: every page load reads the session's log from its first event
+ *    (the log is durable), so a reloaded page rebuilds its whole view; within one page life, a
+ *    dropped connection resumes exactly after the last event received (the cursor, ID:EPOCH);
+ *  - with `persist`, the reduced view and the cursor are stored together (sessionStorage by
+ *    default), so a reload restores the view and resumes right after the stored cursor; a run that
+ *    had ended is restored with its result and not streamed again.
+ * Either way each event is applied once, and gateway.reset (a new life of the session) starts the
+ * view over. At the end the helper acknowledges the end event (POST .../ack), and when the gateway
+ * answers 204 (the cursor is already at the end) it fetches the session for its result. Failures
+ * that retrying cannot fix are reported once through onError with a code instead of reconnecting
+ * forever; a 401 first asks options.getToken() for a fresh subscribe token.
  * Heartbeats (": ping" comments) keep proxies from closing a quiet stream; EventSource never
  * surfaces them, so `lastEventAt` only moves on events.
  */
@@ -26,7 +33,18 @@
   "use strict";
 
   const CONTROL = ["gateway.gap", "gateway.reset", "gateway.end"];
-  const FATAL = new Set([400, 403, 404, 405, 406, 410, 415]);
+  const FATAL = { 400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "refused",
+    406: "refused", 410: "not_found", 415: "refused" };
+  const MESSAGES = {
+    unauthorized: "the gateway refused the credentials (401) and no new token could be had",
+    forbidden: "the credentials do not allow reading this session (403)",
+    not_found: "there is no such session (404): it was deleted, expired or never existed",
+    bad_request: "the gateway refused the request as malformed (400)",
+    refused: "the gateway refused the request",
+    cors: "the gateway answered but the browser may not read it: the page's origin is not allowed (--cors-origin)",
+    unreachable: "the gateway could not be reached for too long",
+  };
+  const RECORD_VERSION = 1;
 
   function defaultStorage() {
     try {
@@ -36,11 +54,17 @@
     }
   }
 
+  function idOf(cursor) {
+    const id = parseInt(cursor, 10);
+    return Number.isFinite(id) ? id : 0;
+  }
+
+  /** One entry of the log: {type, id, cursor, data}; `json` parses the data. */
   class GatewayEvent {
     constructor(message) {
       this.type = message.type;
       this.cursor = message.lastEventId;
-      this.id = parseInt(message.lastEventId, 10);
+      this.id = idOf(message.lastEventId);
       this.data = message.data;
     }
 
@@ -52,44 +76,121 @@
         return undefined;
       }
     }
+
+    /** For gateway.end: the run's final result (null if it was completed without one). */
+    get result() {
+      return this.type === "gateway.end" ? this.json : undefined;
+    }
   }
 
   class GatewayStream {
     constructor(url, options) {
-      this.options = options || {};
+      const o = (this.options = options || {});
       this.url = new URL(url, root.location && root.location.href);
-      const given = this.url.searchParams.get("last_event_id"); // a start point, unless one is stored
+      const given = this.url.searchParams.get("last_event_id"); // a start point, unless a view is restored
       this.url.searchParams.delete("last_event_id");
-      this.storage = this.options.storage === undefined ? defaultStorage() : this.options.storage;
-      this.storageKey = this.options.storageKey || "sse-gateway:cursor:" + this.url.pathname;
-      this.types = ["message", ...(this.options.events || [])].filter((t) => !CONTROL.includes(t));
-      this.retryMs = this.options.retryMs || 1000;
-      this.maxRetryMs = this.options.maxRetryMs || 30000;
+      this.sessionUrl = o.sessionUrl ? new URL(o.sessionUrl, this.url) : sessionUrlOf(this.url);
+      this.types = ["message", ...(o.events || [])].filter((t) => !CONTROL.includes(t));
+      this.retryMs = o.retryMs || 1000;
+      this.maxRetryMs = o.maxRetryMs || 30000;
+      this.giveUpMs = o.giveUpMs === undefined ? 60000 : o.giveUpMs;
+      this.maxAttempts = o.maxAttempts === undefined ? Infinity : o.maxAttempts;
+      const persist = o.persist === true ? {} : o.persist || null;
+      this._reduce = o.reduce || (persist && persist.reduce) || null;
+      this._initial = "initial" in o ? o.initial : persist && "initial" in persist ? persist.initial : null;
+      if (persist && !this._reduce) throw new TypeError("SSEGateway: persist needs a reduce(view, event) function");
+      this.storage = persist ? (persist.storage === undefined ? defaultStorage() : persist.storage) : null;
+      this.storageKey = persist ? persist.key || "sse-gateway:view:" + this.url.pathname : null;
+      this._saveMs = persist && persist.saveMs !== undefined ? persist.saveMs : 100;
+
+      /** The page's view of the run, as `reduce` builds it (null without reduce). */
+      this.view = this._freshView();
       /** ID:EPOCH of the last event received, or null before the first one. */
-      this.cursor = this._load() || given;
+      this.cursor = given || null;
+      /** gateway.end's data: the run's result, once it ended (undefined before). */
+      this.result = undefined;
+      /** {code, status, message} of the failure that stopped the stream, or null. */
+      this.error = null;
+      /** The cursor the gateway confirmed as acknowledged, or null. */
+      this.acked = null;
       /** connecting | open | reconnecting | ended | closed | failed */
       this.state = "connecting";
+      /** true when the view and cursor were restored from storage. */
+      this.restored = false;
       this.reconnects = 0;
       this.gaps = 0;
       this.resets = 0;
+      this.duplicates = 0;
       this.lastEventAt = null;
+      this._end = null;
       this._source = null;
       this._opened = 0;
-      this._failures = 0;
+      this._attempts = 0;
+      this._downSince = null;
+      this._refreshes = 0;
       this._timer = null;
+      this._watchdog = null;
+      this._saveTimer = null;
+      this._flush = () => this._write();
+
+      const record = this._load();
+      if (record) {
+        this.restored = true;
+        this.view = record.view;
+        this.cursor = record.cursor;
+        if (record.end) this._end = new GatewayEvent({ type: "gateway.end", lastEventId: record.end.cursor,
+          data: record.end.data });
+        if (record.acked) this.acked = record.acked;
+      }
+      this._lastId = idOf(this.cursor);
+      if (this.storage && root.addEventListener) root.addEventListener("pagehide", this._flush);
+
+      if (this._end) {
+        // The run had ended before the reload: its view and result are all there is; nothing to stream.
+        this.result = this._end.json;
+        this.state = "ended";
+        this._later(() => {
+          this._showView();
+          this._call("onState", "ended");
+          this._call("onEnd", this._end);
+          if (this.acked !== this._end.cursor) this._ack(this._end.cursor);
+        });
+        return;
+      }
+      if (this._reduce) this._later(() => this._showView());
       this._open();
     }
 
-    /** Stop for good; the stored cursor is kept, so a later connect() resumes after it. */
+    /** Stop for good; a persisted view and cursor are kept, so a later connect() resumes after them. */
     close() {
+      this._write();
+      if (this.storage && root.removeEventListener) root.removeEventListener("pagehide", this._flush);
       this._stop("closed");
     }
 
-    /** Drop the connection now and open a new one after `delayMs`, resuming from the cursor. */
+    /** Drop the connection now and open a new one after `delayMs`, resuming from the cursor; also
+     * starts again after a failure. */
     reconnect(delayMs) {
       if (this.state === "ended" || this.state === "closed") return;
+      if (this.state === "failed") {
+        this.error = null;
+        this._attempts = 0;
+        this._downSince = null;
+        this._refreshes = 0;
+      }
       this._detach();
       this._schedule(delayMs || 0);
+    }
+
+    /** Forget the persisted view and cursor (the stream itself goes on). */
+    forget() {
+      clearTimeout(this._saveTimer);
+      this._saveTimer = null;
+      try {
+        if (this.storage) this.storage.removeItem(this.storageKey);
+      } catch (_) {
+        // storage disabled: nothing was stored
+      }
     }
 
     // -- connection ----------------------------------------------------------
@@ -102,20 +203,29 @@
 
     _open() {
       this._timer = null;
+      this._arm();
       const source = new EventSource(this._streamUrl(), { withCredentials: !!this.options.withCredentials });
       this._source = source;
       this._setState(this._opened ? "reconnecting" : "connecting");
       source.onopen = () => {
         if (source !== this._source) return;
         if (this._opened++) this.reconnects++;
-        this._failures = 0;
+        clearTimeout(this._watchdog);
+        this._watchdog = null;
+        this._attempts = 0;
+        this._downSince = null;
+        this._refreshes = 0;
         this._setState("open");
       };
       source.onerror = () => {
         if (source !== this._source) return;
-        if (source.readyState === EventSource.CONNECTING) {
-          this._setState("reconnecting"); // the browser retries by itself, sending Last-Event-ID
+        if (source.readyState === EventSource.CONNECTING && this.state === "open") {
+          // An open stream dropped: the browser reconnects by itself, sending Last-Event-ID.
+          this._attempt();
+          this._setState("reconnecting");
         } else {
+          // Refused, or the browser's own reconnect failed too (network, CORS): find out why, and
+          // back off from here on, within giveUpMs and maxAttempts.
           this._detach();
           this._diagnose();
         }
@@ -132,67 +242,202 @@
           this.gaps++;
           this._call("onGap", info);
         } else {
-          this.resets++; // another life of the session: the old cursor means nothing now
+          this.resets++; // another life of the session: the old cursor and view mean nothing now
           this.cursor = null;
-          this._save();
+          this._lastId = 0;
+          this.view = this._freshView();
+          this._save(true);
           this._call("onReset", info);
+          if (this._reduce) this._showView();
         }
         return;
       }
-      this.cursor = message.lastEventId;
-      this.lastEventAt = Date.now();
-      this._save();
       const event = new GatewayEvent(message);
-      if (type === "gateway.end") {
-        this._stop("ended");
-        this._call("onEnd", event);
-      } else {
-        this._call("onEvent", event);
+      if (event.id && event.id <= this._lastId) {
+        this.duplicates++; // never expected from the gateway; applying it twice would corrupt the view
+        return;
       }
+      this.cursor = message.lastEventId;
+      this._lastId = event.id;
+      this.lastEventAt = Date.now();
+      if (type === "gateway.end") {
+        this._ended(event);
+        return;
+      }
+      if (this._reduce) this.view = this._reduce(this.view, event);
+      this._save(false);
+      this._call("onEvent", event);
+      if (this._reduce) this._showView();
+    }
+
+    _ended(event) {
+      this._end = event;
+      this.result = event.json;
+      this.cursor = event.cursor;
+      this._save(true);
+      this._stop("ended");
+      this._call("onEnd", event);
+      this._ack(event.cursor);
     }
 
     /** EventSource hides the status of a refused connection: ask the gateway, then decide. */
     async _diagnose() {
       this._setState("reconnecting");
-      const status = await this._probe();
-      if (this._source || this._timer || this.state === "closed") return; // closed or reopened meanwhile
-      if (status === 204) {
-        this._stop("ended");
-        this._call("onEnd", null);
-        return;
+      const probe = await this._probe();
+      if (this._source || this._timer || this.state !== "reconnecting") return; // closed or reopened meanwhile
+      const status = probe.status;
+      if (status === 204) return this._endFromSession();
+      if (status === 401) return this._refreshOrFail(status);
+      if (FATAL[status]) return this._fail(FATAL[status], status);
+      if (probe.cors) return this._fail("cors", 0);
+      this._retry(status, probe.retryAfter);
+    }
+
+    /** A retryable failure (network, 429, 5xx): back off, unless the attempts are exhausted. */
+    _retry(status, retryAfterS) {
+      this._attempt();
+      if (this._exhausted()) return this._fail("unreachable", status);
+      const n = Math.min(this._attempts, 30);
+      const backoff = Math.min(this.maxRetryMs, this.retryMs * 2 ** (n - 1)) * (0.5 + Math.random() / 2);
+      this._schedule(Math.max(backoff, (retryAfterS || 0) * 1000));
+    }
+
+    _attempt() {
+      this._attempts++;
+      if (this._downSince === null) this._downSince = Date.now();
+      this._arm();
+    }
+
+    /** However the attempts go (a connection may also hang), no connection for giveUpMs is a failure. */
+    _arm() {
+      if (this._watchdog || !(this.giveUpMs <= 2147483647)) return; // Infinity: never give up
+      this._watchdog = setTimeout(() => {
+        this._watchdog = null;
+        if (this.state === "connecting" || this.state === "reconnecting") this._fail("unreachable", 0);
+      }, this.giveUpMs);
+    }
+
+    _exhausted() {
+      if (this._attempts >= this.maxAttempts) return true;
+      return this._downSince !== null && Date.now() - this._downSince >= this.giveUpMs;
+    }
+
+    async _refreshOrFail(status) {
+      if (!this.options.getToken || this._refreshes >= 2) return this._fail("unauthorized", status);
+      this._refreshes++; // twice without a successful open in between: the new tokens are refused too
+      try {
+        const token = await this.options.getToken(this);
+        if (!token) throw new Error("getToken() returned no token");
+        this.url.searchParams.set(this.options.tokenParam || "token", token);
+      } catch (err) {
+        return this._fail("unauthorized", status, err);
       }
-      if (status === 401 && this.options.getToken) {
-        try {
-          this.url.searchParams.set(this.options.tokenParam || "token", await this.options.getToken());
-        } catch (err) {
-          this._call("onError", { status, error: err });
-        }
-      } else if (status === 401 || FATAL.has(status)) {
-        this._stop("failed");
-        this._call("onError", { status });
-        return;
-      }
-      this._failures++;
-      const backoff = Math.min(this.maxRetryMs, this.retryMs * 2 ** (this._failures - 1));
-      this._schedule(backoff * (0.5 + Math.random() / 2));
+      if (this.state === "reconnecting" && !this._timer && !this._source) this._schedule(0);
     }
 
     async _probe() {
       const u = this._streamUrl();
       u.searchParams.set("live", "false");
       const abort = new AbortController();
+      const init = { signal: abort.signal, cache: "no-store", credentials: this._credentials() };
       try {
-        const res = await fetch(u, {
-          signal: abort.signal,
-          cache: "no-store",
-          credentials: this.options.withCredentials ? "include" : "same-origin",
-        });
-        return res.status;
+        const res = await fetch(u, init);
+        return { status: res.status, retryAfter: Number(res.headers.get("retry-after")) || 0 };
       } catch (_) {
-        return 0; // network failure
+        // A network failure, or an answer the browser may not read (CORS). An opaque request
+        // goes through in the second case only.
+        try {
+          await fetch(u, { ...init, mode: "no-cors" });
+          return { status: 0, cors: root.location && u.origin !== root.location.origin };
+        } catch (_) {
+          return { status: 0 };
+        }
       } finally {
         abort.abort(); // only the status was wanted, never the body
       }
+    }
+
+    /** 204: the session is completed and the cursor is at its end. Its result is in the session. */
+    async _endFromSession() {
+      if (!this.sessionUrl) {
+        // No session URL to ask: the run has ended, its result is unknown here.
+        const end = new GatewayEvent({ type: "gateway.end", lastEventId: this.cursor || "0", data: "null" });
+        end.fromSession = true;
+        return this._ended(end);
+      }
+      let res = null;
+      try {
+        res = await this._request("GET");
+      } catch (_) {
+        res = null;
+      }
+      if (this.state !== "reconnecting" || this._source || this._timer) return;
+      if (res && res.status === 200) {
+        const session = await res.json();
+        if (session.status === "completed") {
+          const end = new GatewayEvent({ type: "gateway.end", lastEventId: `${session.last_id}:${session.epoch}`,
+            data: JSON.stringify(session.result === undefined ? null : session.result) });
+          end.fromSession = true;
+          this._lastId = end.id;
+          return this._ended(end);
+        }
+        return this._retry(200); // rarely: deleted and created again as the stream started
+      }
+      if (!res) return this._retry(0);
+      if (res.status === 401) return this._refreshOrFail(401);
+      if (FATAL[res.status]) return this._fail(FATAL[res.status], res.status);
+      this._retry(res.status);
+    }
+
+    /** Acknowledge delivery up to `cursor`, so the session's acked_id reaches its last id. */
+    async _ack(cursor) {
+      if (this.options.ack === false || !this.sessionUrl) return;
+      for (let tries = 0; tries < 2; tries++) {
+        let res;
+        try {
+          res = await this._request("POST", "/ack", { id: cursor });
+        } catch (_) {
+          return; // best effort: the gateway still knows the run ended
+        }
+        if (res.ok) {
+          this.acked = cursor;
+          this._save(true);
+          this._call("onAck", cursor);
+          return;
+        }
+        if (res.status !== 401 || !this.options.getToken) return;
+        try {
+          this.url.searchParams.set(this.options.tokenParam || "token", await this.options.getToken(this));
+        } catch (_) {
+          return;
+        }
+      }
+    }
+
+    /** A JSON request to the session (GET) or one of its sub-resources, with the stream's credentials. */
+    _request(method, path, body) {
+      const u = new URL(this.sessionUrl);
+      if (path) u.pathname += path;
+      const headers = {};
+      const token = this.url.searchParams.get(this.options.tokenParam || "token");
+      if (token) headers.authorization = "Bearer " + token;
+      const init = { method, headers, cache: "no-store", credentials: this._credentials() };
+      if (body !== undefined) {
+        headers["content-type"] = "application/json";
+        init.body = JSON.stringify(body);
+      }
+      return fetch(u, init);
+    }
+
+    _credentials() {
+      return this.options.withCredentials ? "include" : "same-origin";
+    }
+
+    _fail(code, status, error) {
+      this.error = { code, status, message: MESSAGES[code] || code };
+      if (error) this.error.error = error;
+      this._stop("failed");
+      this._call("onError", this.error);
     }
 
     _schedule(delayMs) {
@@ -210,7 +455,9 @@
 
     _stop(state) {
       clearTimeout(this._timer);
+      clearTimeout(this._watchdog);
       this._timer = null;
+      this._watchdog = null;
       this._detach();
       this._setState(state);
     }
@@ -226,30 +473,71 @@
       if (fn) fn.call(this, arg, this);
     }
 
-    // -- cursor storage --------------------------------------------------------
+    _showView() {
+      this._call("onView", this.view);
+    }
+
+    _later(fn) {
+      // Callbacks never run inside connect(), so `const stream = connect(...)` is set when they do.
+      Promise.resolve().then(() => {
+        if (this.state !== "closed") fn();
+      });
+    }
+
+    _freshView() {
+      const initial = this._initial;
+      if (typeof initial === "function") return initial();
+      if (initial === null || initial === undefined) return null;
+      return JSON.parse(JSON.stringify(initial)); // a copy: reducers may change the view in place
+    }
+
+    // -- the persisted view ------------------------------------------------------
 
     _load() {
+      if (!this.storage) return null;
       try {
-        return (this.storage && this.storage.getItem(this.storageKey)) || null;
+        const record = JSON.parse(this.storage.getItem(this.storageKey));
+        return record && record.v === RECORD_VERSION && "view" in record ? record : null;
       } catch (_) {
         return null;
       }
     }
 
-    _save() {
+    /** Store the view and cursor together: at once (`now`), or within saveMs. */
+    _save(now) {
       if (!this.storage) return;
+      if (now || !this._saveMs) return this._write();
+      if (!this._saveTimer) this._saveTimer = setTimeout(this._flush, this._saveMs);
+    }
+
+    _write() {
+      clearTimeout(this._saveTimer);
+      this._saveTimer = null;
+      if (!this.storage) return;
+      const end = this._end ? { cursor: this._end.cursor, data: this._end.data } : null;
+      const record = { v: RECORD_VERSION, cursor: this.cursor, view: this.view, end, acked: this.acked };
       try {
-        if (this.cursor) this.storage.setItem(this.storageKey, this.cursor);
-        else this.storage.removeItem(this.storageKey);
+        this.storage.setItem(this.storageKey, JSON.stringify(record));
       } catch (_) {
-        // storage full or disabled: the stream still works, a reload just starts over
+        // storage full or disabled: the stream still works, a reload just replays from the start
       }
     }
+  }
+
+  /** /v1/sessions/ID/stream → /v1/sessions/ID (null when the stream URL has another shape). */
+  function sessionUrlOf(streamUrl) {
+    if (!/\/stream\/?$/.test(streamUrl.pathname)) return null;
+    const u = new URL(streamUrl);
+    u.pathname = u.pathname.replace(/\/stream\/?$/, "");
+    u.search = "";
+    return u;
   }
 
   function connect(url, options) {
     return new GatewayStream(url, options);
   }
 
-  root.SSEGateway = { connect, GatewayStream, GatewayEvent };
+  const api = { connect, GatewayStream, GatewayEvent };
+  root.SSEGateway = api;
+  if (typeof module === "object" && module && module.exports) module.exports = api; // require() in Node
 })(globalThis);

@@ -1,8 +1,11 @@
 """Chromium end to end: what a real browser does with the gateway's streams.
 
 * native ``EventSource`` through a proxy that keeps dropping every connection;
-* the client helper (``static/sse-gateway.js``) across a page reload, and
-  when its subscribe token expires;
+* the client helper (``static/sse-gateway.js``): a page reloaded mid-answer
+  and after the end rebuilds its whole view (replayed, or restored from
+  storage), gets the result (also after a ``204``) and acknowledges the end;
+  failures are reported with a code (401, 404, a stopped gateway, a refused
+  origin); an expired subscribe token is refreshed;
 * the demo page, with a screenshot in ``test-artifacts/demo.png``.
 
 Pages are served from the gateway's origin (or the proxy's), so every
@@ -14,6 +17,7 @@ CPython 3.11's recursion bookkeeping for code parsed later in the run.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from urllib.parse import parse_qs, urlparse
@@ -27,7 +31,8 @@ from conftest import ROOT, require_binary
 from util import ChaosProxy, await_until
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+                 "--disable-sync", "--no-first-run", "--disable-quic",
+                 "--disable-features=LocalNetworkAccessChecks"]  # a page of another origin may reach 127.0.0.1
 ARTIFACTS = ROOT / "test-artifacts"
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.system]  # chromium, real gateways
@@ -120,56 +125,6 @@ async def test_native_eventsource_resumes_exactly_through_dropped_connections(st
     assert data == list(range(1, total + 1))
 
 
-RELOAD_PAGE = """<!doctype html><meta charset="utf-8"><title>helper across a reload</title>
-<script type="module">
-  import { connect } from "/static/sse-gateway.mjs";
-  const session = new URLSearchParams(location.search).get("session");
-  const got = JSON.parse(sessionStorage.getItem("got") || "[]");
-  sessionStorage.setItem("loads", String(Number(sessionStorage.getItem("loads") || 0) + 1));
-  const keep = (e) => { got.push(e.id); sessionStorage.setItem("got", JSON.stringify(got)); };
-  window.stream = connect(`/v1/sessions/${session}/stream`, {
-    onEvent: keep,
-    onEnd: (e) => { keep(e); sessionStorage.setItem("ended", "1"); },
-  });
-</script>"""
-
-
-@pytest.mark.timeout(60)
-async def test_helper_resumes_exactly_across_a_page_reload(start_gateway, page):
-    total = 600
-    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
-    api = httpx.AsyncClient(base_url=gw.url)
-    epoch = (await api.post("/v1/sessions", json={"id": "reload"})).json()["epoch"]
-
-    async def serve_page(route) -> None:
-        await route.fulfill(body=RELOAD_PAGE, content_type="text/html")
-
-    await page.route(f"{gw.url}/reload-test*", serve_page)
-    streams: list[str] = []
-    page.on("request", lambda req: streams.append(req.url) if "/stream" in req.url else None)
-    await page.goto(f"{gw.url}/reload-test?session=reload")
-
-    publisher = publish_paced(gw.url, "reload", total, batch=10, pause=0.04)
-    await page.wait_for_function("JSON.parse(sessionStorage.getItem('got') || '[]').length >= 150", timeout=10_000)
-    assert publisher.is_alive(), "the reload must happen while events are still being published"
-    await page.reload()
-    await page.wait_for_function("sessionStorage.getItem('loads') === '2'", timeout=10_000)
-    await asyncio.to_thread(publisher.join)
-    (await api.post("/v1/sessions/reload/complete")).raise_for_status()
-    await api.aclose()
-    await page.wait_for_function("sessionStorage.getItem('ended') === '1'", timeout=20_000)
-
-    got = await page.evaluate("JSON.parse(sessionStorage.getItem('got'))")
-    assert got == list(range(1, total + 2)), "ids across the reload are not exactly 1..N+1"
-    assert len(streams) == 2, streams
-    assert "last_event_id" not in parse_qs(urlparse(streams[0]).query)
-    resumed = parse_qs(urlparse(streams[1]).query)["last_event_id"][0]
-    after, _, cursor_epoch = resumed.partition(":")
-    print(f"reload: resumed after {resumed}; {len(got)} events in all")
-    assert cursor_epoch == epoch
-    assert 150 <= int(after) < total, "the reload did not happen mid-stream"
-
-
 TOKEN_PAGE = """<!doctype html><meta charset="utf-8"><title>helper with expiring tokens</title>
 <script src="/static/sse-gateway.js"></script>
 <script>
@@ -211,7 +166,7 @@ async def test_helper_gets_a_new_token_when_the_old_one_expired(start_gateway, p
         await page.route(f"{origin}/fresh-token", serve)
         await page.goto(f"{origin}/token-test?session=tok&token={token}")
         (await api.post("/v1/sessions/tok/events", json=[{"data": n} for n in range(50)])).raise_for_status()
-        await page.wait_for_function("window.ids.length === 50", timeout=20_000)
+        await page.wait_for_function("window.ids && window.ids.length === 50", timeout=20_000)
         exp = jwt.decode(token, secret, algorithms=["HS256"])["exp"]
         await await_until(lambda: time.time() > exp + 0.01, interval=0.1,
                           what="the token in the stream's URL to expire")
@@ -226,41 +181,363 @@ async def test_helper_gets_a_new_token_when_the_old_one_expired(start_gateway, p
     assert ids == list(range(1, 102))
     assert token_requests == 1
     assert 1 <= len(refused) <= 2, f"the helper looped on 401: {refused}"
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}) as api:
+        async def acked() -> bool:  # the page acked with its own token
+            return (await api.get("/v1/sessions/tok")).json()["acked_id"] == 101
+
+        await await_until(acked, what="the end to be acknowledged with the stream's token")
 
 
-async def demo_state(page) -> dict:
-    return await page.evaluate("JSON.parse(sessionStorage.getItem('sse-gateway-demo:run') || '{}')")
+VIEW_PAGE = """<!doctype html><meta charset="utf-8"><title>a page that rebuilds its view</title>
+<pre id="out"></pre><p id="result"></p>
+<script type="module">
+  import { connect } from "/static/sse-gateway.mjs";
+  const q = new URLSearchParams(location.search);
+  const out = document.getElementById("out");
+  sessionStorage.setItem("loads", String(Number(sessionStorage.getItem("loads") || 0) + 1));
+  window.ids = []; window.ends = []; window.errors = []; window.states = [];
+  const common = {
+    events: ["token"],
+    retryMs: 50,
+    maxAttempts: Number(q.get("attempts") || 1000),
+    giveUpMs: Number(q.get("giveup") || 60000),
+    onEnd: (end) => {
+      window.ends.push(end && { result: end.result, json: end.json, id: end.id, fromSession: !!end.fromSession });
+      document.getElementById("result").textContent = JSON.stringify(end && end.json);
+    },
+    onError: (err) => window.errors.push(err),
+    onState: (state) => window.states.push(state),
+  };
+  const url = q.get("url");
+  if (q.get("model") === "persist") {
+    window.stream = connect(url, { ...common, persist: true, initial: { text: "", ids: [] },
+      reduce: (view, e) => ({ text: view.text + e.json.t, ids: [...view.ids, e.id] }),
+      onView: (view) => { out.textContent = view.text; window.ids = view.ids; } });
+  } else {
+    window.stream = connect(url, { ...common,
+      onEvent: (e) => { out.textContent += e.json.t; window.ids.push(e.id); } });
+  }
+</script>"""
+
+
+def token_text(n: int) -> str:
+    return f"w{n} "
+
+
+def publish_tokens(base_url: str, session: str, total: int, batch: int, pause: float,
+                   headers: dict | None = None) -> threading.Thread:
+    """Publish ``total`` token events ``{"t": "wN "}`` in batches from a thread."""
+
+    def run() -> None:
+        with httpx.Client(base_url=base_url, timeout=10, headers=headers or {}) as client:
+            for first in range(1, total + 1, batch):
+                items = [{"event": "token", "data": {"t": token_text(n)}}
+                         for n in range(first, min(first + batch, total + 1))]
+                client.post(f"/v1/sessions/{session}/events", json=items).raise_for_status()
+                time.sleep(pause)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+async def serve_view_page(page, base: str) -> None:
+    async def fulfill(route) -> None:
+        await route.fulfill(body=VIEW_PAGE, content_type="text/html")
+
+    await page.route(f"{base}/view-test**", fulfill)
+
+
+async def page_view(page) -> dict:
+    return await page.evaluate("""({ text: document.getElementById('out').textContent, ids: window.ids,
+        ends: window.ends, errors: window.errors, loads: sessionStorage.getItem('loads') })""")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model", ["replay", "persist"])
+async def test_a_page_reloaded_mid_answer_and_after_the_end_shows_the_whole_text_once(start_gateway, page, model):
+    total = 400
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
+    api = httpx.AsyncClient(base_url=gw.url)
+    (await api.post("/v1/sessions", json={"id": "answer"})).raise_for_status()
+    await serve_view_page(page, gw.url)
+    streams: list[str] = []
+    page.on("request", lambda req: streams.append(req.url) if urlparse(req.url).path.endswith("/stream") else None)
+    address = f"{gw.url}/view-test?model={model}&url=/v1/sessions/answer/stream"
+    await page.goto(address)
+
+    publisher = publish_tokens(gw.url, "answer", total, batch=5, pause=0.03)
+    await page.wait_for_function("window.ids && window.ids.length >= 100", timeout=20_000)
+    assert publisher.is_alive(), "the reload must happen while the answer is still being written"
+    await page.reload()
+    await page.wait_for_function("sessionStorage.getItem('loads') === '2'", timeout=10_000)
+    await asyncio.to_thread(publisher.join)
+    expected = "".join(token_text(n) for n in range(1, total + 1))
+    (await api.post("/v1/sessions/answer/complete", json={"result": {"text": expected}})).raise_for_status()
+    await page.wait_for_function("window.ends && window.ends.length === 1", timeout=30_000)
+
+    view = await page_view(page)
+    assert view["text"] == expected, "the page does not show the whole text exactly once after a reload"
+    assert view["ids"] == list(range(1, total + 1))
+    assert view["ends"] == [{"result": {"text": expected}, "json": {"text": expected}, "id": total + 1,
+                             "fromSession": False}]
+    assert view["errors"] == []
+    if model == "persist":  # the second page resumed after its stored cursor instead of reading it all again
+        resumed = parse_qs(urlparse(streams[-1]).query)["last_event_id"][0]
+        assert 100 <= int(resumed.partition(":")[0]) < total
+    else:
+        assert "last_event_id" not in parse_qs(urlparse(streams[-1]).query)
+
+    # Reloaded once the run has ended: the whole text again, and the result (never null).
+    before = len(streams)
+    await page.reload()
+    await page.wait_for_function("sessionStorage.getItem('loads') === '3'", timeout=10_000)
+    await page.wait_for_function("window.ends && window.ends.length === 1", timeout=30_000)
+    view = await page_view(page)
+    assert view["text"] == expected
+    assert view["ids"] == list(range(1, total + 1))
+    assert view["ends"][0]["result"] == {"text": expected}
+    assert await page.locator("#result").inner_text() == f'{{"text":"{expected}"}}'
+    if model == "persist":
+        assert len(streams) == before, "an ended run restored from storage needs no stream"
+
+    session = (await api.get("/v1/sessions/answer")).json()
+    await api.aclose()
+    assert session["acked_id"] == session["last_id"] == total + 1, "the end of the run was not acknowledged"
+
+
+def minimal_page() -> str:
+    """The minimal page of docs/javascript.md, as written there."""
+    doc = (ROOT / "docs" / "javascript.md").read_text()
+    start = doc.index("```html\n", doc.index("## A minimal page")) + len("```html\n")
+    return doc[start:doc.index("\n```", start)]
 
 
 @pytest.mark.timeout(90)
-async def test_demo_page_runs_drops_resumes_and_ends(start_gateway, page):
+async def test_the_documented_minimal_page_survives_reloads(start_gateway, page):
+    total = 300
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
+    api = httpx.AsyncClient(base_url=gw.url)
+    (await api.post("/v1/sessions", json={"id": "docs"})).raise_for_status()
+
+    async def fulfill(route) -> None:
+        await route.fulfill(body=minimal_page(), content_type="text/html")
+
+    await page.route(f"{gw.url}/minimal-test**", fulfill)
+    await page.goto(f"{gw.url}/minimal-test?run=docs")
+
+    def run() -> None:
+        with httpx.Client(base_url=gw.url, timeout=10) as client:
+            for first in range(1, total + 1, 5):
+                items = [{"event": "token", "data": {"text": token_text(n)}} for n in range(first, first + 5)]
+                client.post("/v1/sessions/docs/events", json=items).raise_for_status()
+                time.sleep(0.03)
+
+    publisher = threading.Thread(target=run, daemon=True)
+    publisher.start()
+    await page.wait_for_function("(document.getElementById('answer') || {}).textContent?.length > 300",
+                                 timeout=20_000)
+    assert publisher.is_alive(), "the reload must happen while the answer is still being written"
+    await page.reload()
+    await asyncio.to_thread(publisher.join)
+    expected = "".join(token_text(n) for n in range(1, total + 1))
+    (await api.post("/v1/sessions/docs/complete", json={"result": "ok"})).raise_for_status()
+    await api.aclose()
+    for _ in range(2):  # mid-answer, then once more after the end
+        await page.wait_for_function("(document.getElementById('note') || {}).textContent?.startsWith('done')",
+                                     timeout=30_000)
+        assert await page.locator("#answer").text_content() == expected
+        assert await page.locator("#note").inner_text() == 'done: "ok"'
+        await page.reload()
+
+
+@pytest.mark.timeout(60)
+async def test_a_cursor_already_at_the_end_gets_the_result_from_the_session(start_gateway, page):
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
+    api = httpx.AsyncClient(base_url=gw.url)
+    epoch = (await api.post("/v1/sessions", json={"id": "done"})).json()["epoch"]
+    (await api.post("/v1/sessions/done/events", json={"event": "token", "data": {"t": "hi"}})).raise_for_status()
+    (await api.post("/v1/sessions/done/complete", json={"result": {"answer": 42}})).raise_for_status()
+    await serve_view_page(page, gw.url)
+    answers: list[int] = []
+    page.on("response", lambda resp: answers.append(resp.status) if urlparse(resp.url).path.endswith("/stream")
+            else None)
+    await page.goto(f"{gw.url}/view-test?url=/v1/sessions/done/stream%3Flast_event_id%3D2:{epoch}")
+    await page.wait_for_function("window.ends && window.ends.length === 1", timeout=20_000)
+    view = await page_view(page)
+    assert view["ends"] == [{"result": {"answer": 42}, "json": {"answer": 42}, "id": 2, "fromSession": True}]
+    assert view["errors"] == [] and view["ids"] == []
+    assert 204 in answers
+    assert await page.evaluate("window.stream.state") == "ended"
+    await await_until(lambda: api.get("/v1/sessions/done"), what="the session")
+    session = (await api.get("/v1/sessions/done")).json()
+    await api.aclose()
+    assert session["acked_id"] == 2
+
+
+@pytest.mark.timeout(60)
+async def test_the_end_of_a_run_is_acknowledged(start_gateway, page):
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
+    api = httpx.AsyncClient(base_url=gw.url)
+    (await api.post("/v1/sessions", json={"id": "acked"})).raise_for_status()
+    await serve_view_page(page, gw.url)
+    await page.goto(f"{gw.url}/view-test?url=/v1/sessions/acked/stream")
+    await page.wait_for_function("window.stream && window.stream.state === 'open'", timeout=20_000)
+    (await api.post("/v1/sessions/acked/events", json=[{"event": "token", "data": {"t": "a"}}] * 3)).raise_for_status()
+    (await api.post("/v1/sessions/acked/complete", json={"result": "aaa"})).raise_for_status()
+    await page.wait_for_function("window.ends && window.ends.length === 1", timeout=20_000)
+
+    async def acked() -> bool:
+        session = (await api.get("/v1/sessions/acked")).json()
+        return session["acked_id"] == session["last_id"] == 4
+
+    await await_until(acked, what="acked_id to reach last_id once gateway.end was received")
+    assert await page.evaluate("window.stream.acked") == await page.evaluate("window.stream.cursor")
+    await api.aclose()
+
+
+async def wait_for_error(page) -> dict:
+    await page.wait_for_function("window.errors && window.errors.length > 0", timeout=30_000)
+    errors = await page.evaluate("window.errors")
+    assert len(errors) == 1, errors
+    assert await page.evaluate("window.stream.state") == "failed"
+    return errors[0]
+
+
+@pytest.mark.timeout(60)
+async def test_an_expired_token_without_refresh_is_reported_as_unauthorized(start_gateway, page):
+    secret, key = "a-token-secret-of-at-least-32-bytes", "pk-" + "k" * 20
+    gw = start_gateway("--heartbeat", "1", "--publish-key", key, "--token-secret", secret)
+    api = httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key}"})
+    (await api.post("/v1/sessions", json={"id": "expired"})).raise_for_status()
+    await api.aclose()
+    stale = jwt.encode({"sub": "expired", "exp": int(time.time()) - 10, "scope": "subscribe"}, secret,
+                       algorithm="HS256")
+    await serve_view_page(page, gw.url)
+    refused: list[str] = []
+    page.on("response", lambda resp: refused.append(resp.url) if resp.status == 401 else None)
+    await page.goto(f"{gw.url}/view-test?url=/v1/sessions/expired/stream%3Ftoken%3D{stale}")
+    error = await wait_for_error(page)
+    assert (error["code"], error["status"]) == ("unauthorized", 401)
+    assert len(refused) <= 2, f"the helper looped on 401: {refused}"
+
+
+@pytest.mark.timeout(60)
+async def test_a_deleted_session_is_reported_as_not_found(start_gateway, page):
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
+    api = httpx.AsyncClient(base_url=gw.url)
+    (await api.post("/v1/sessions", json={"id": "gone"})).raise_for_status()
+    await serve_view_page(page, gw.url)
+    await page.goto(f"{gw.url}/view-test?url=/v1/sessions/gone/stream")
+    (await api.post("/v1/sessions/gone/events", json={"event": "token", "data": {"t": "x"}})).raise_for_status()
+    await page.wait_for_function("window.ids && window.ids.length === 1", timeout=20_000)
+    (await api.delete("/v1/sessions/gone")).raise_for_status()
+    await api.aclose()
+    error = await wait_for_error(page)
+    assert (error["code"], error["status"]) == ("not_found", 404)
+
+
+@pytest.mark.timeout(90)
+async def test_a_stopped_gateway_is_reported_as_unreachable(start_gateway, page):
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
+    async with httpx.AsyncClient(base_url=gw.url) as api:
+        (await api.post("/v1/sessions", json={"id": "away"})).raise_for_status()
+        await serve_view_page(page, gw.url)
+        await page.goto(f"{gw.url}/view-test?attempts=3&url=/v1/sessions/away/stream")
+        (await api.post("/v1/sessions/away/events", json={"event": "token", "data": {"t": "x"}})).raise_for_status()
+        await page.wait_for_function("window.ids && window.ids.length === 1", timeout=20_000)
+    await asyncio.to_thread(gw.stop)
+    error = await wait_for_error(page)
+    assert (error["code"], error["status"]) == ("unreachable", 0)
+    assert "reconnecting" in await page.evaluate("window.states")
+
+
+async def serve_helper_from_disk(page, origin: str) -> None:
+    async def helper(route) -> None:
+        await route.fulfill(path=ROOT / "static" / urlparse(route.request.url).path.rpartition("/")[2],
+                            content_type="text/javascript")
+
+    await page.route(f"{origin}/static/*", helper)
+
+
+@pytest.mark.timeout(60)
+async def test_a_gateway_that_never_answers_is_reported_as_unreachable_after_give_up_ms(page):
+    with socket.socket() as hole:  # accepts connections (the kernel does), never answers them
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        origin = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        await serve_view_page(page, origin)
+        await serve_helper_from_disk(page, origin)
+        await page.goto(f"{origin}/view-test?giveup=1500&url=/v1/sessions/hole/stream")
+        error = await wait_for_error(page)
+    assert (error["code"], error["status"]) == ("unreachable", 0)
+
+
+@pytest.mark.timeout(60)
+async def test_a_page_of_an_origin_the_gateway_does_not_allow_is_told_so(start_gateway, page):
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
+    async with httpx.AsyncClient(base_url=gw.url) as api:
+        (await api.post("/v1/sessions", json={"id": "elsewhere"})).raise_for_status()
+    other = "http://localhost:8765"  # never reached: the page and the helper come from routes
+    await serve_view_page(page, other)
+    await serve_helper_from_disk(page, other)
+    await page.goto(f"{other}/view-test?url={gw.url}/v1/sessions/elsewhere/stream")
+    error = await wait_for_error(page)
+    assert (error["code"], error["status"]) == ("cors", 0)
+
+
+async def demo_view(page) -> dict:
+    """The demo's run as the helper persisted it: {"session", "cursor", "view", "end"}."""
+    return await page.evaluate("""(() => {
+        const run = JSON.parse(sessionStorage.getItem('sse-gateway-demo:run') || 'null');
+        if (!run) return {};
+        const key = 'sse-gateway:view:/v1/sessions/' + run.session + '/stream';
+        return { session: run.session, ...JSON.parse(sessionStorage.getItem(key) || '{}') };
+    })()""")
+
+
+@pytest.mark.timeout(90)
+async def test_demo_page_runs_drops_reloads_resumes_and_ends(start_gateway, page):
     gw = start_gateway("--heartbeat", "1", "--retry-ms", "200")
     await page.goto(f"{gw.url}/?duration=8")
     assert await page.locator("h1").inner_text() == "Agent runs that outlive the connection."
     await page.click("text=Start a simulated agent run")
-    await page.wait_for_function("(JSON.parse(sessionStorage.getItem('sse-gateway-demo:run')) || {}).events > 40",
-                           timeout=15_000)
+    await page.wait_for_function("Number(document.getElementById('events').textContent) > 40", timeout=15_000)
     assert (await page.locator("#text").inner_text()).startswith("You asked")
     await page.click("text=Drop connection")
     await page.wait_for_function("document.getElementById('reconnects').textContent === '1'", timeout=10_000)
+    await page.wait_for_function("Number(document.getElementById('events').textContent) > 120", timeout=15_000)
+    stored = await demo_view(page)
+    assert stored["view"]["events"] > 0 and stored["end"] is None, "reload the page before the run ends"
+    await page.reload()
+    await page.wait_for_function("document.getElementById('timeline').textContent.includes('page reloaded')",
+                                 timeout=10_000)
     await page.wait_for_function("document.getElementById('state').textContent === 'ended'", timeout=30_000)
 
-    run = await demo_state(page)
+    run = await demo_view(page)
     async with httpx.AsyncClient(base_url=gw.url) as api:
         session = (await api.get(f"/v1/sessions/{run['session']}")).json()
         metrics = (await api.get("/metrics")).text
     assert session["status"] == "completed"
+    view = run["view"]
     assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()
-    assert run["text"] == session["result"]["text"]
-    assert (run["lastId"], run["missing"], run["duplicates"]) == (session["last_id"], 0, 0)
-    assert run["events"] == session["last_id"]
+    assert view["text"] == session["result"]["text"]
+    assert (view["lastId"], view["missing"], view["duplicates"]) == (session["last_id"] - 1, 0, 0)
+    assert view["events"] == session["last_id"] - 1  # every event but gateway.end, once
     assert await page.locator("#cursor").inner_text() == f"{session['last_id']}:{session['epoch']}"
     assert (await page.locator("#verdict").inner_text()).startswith("Complete.")
     timeline = await page.locator("#timeline").inner_text()
-    assert "reconnected, resuming after" in timeline and "gateway.end" in timeline
+    assert "page reloaded" in timeline and "gateway.end" in timeline
     heartbeats = next(line for line in metrics.splitlines() if line.startswith("sse_gateway_heartbeats_total"))
     assert float(heartbeats.split()[1]) >= 1, "the run's quiet tool call sent no heartbeat"
+    await await_until(lambda: httpx.get(f"{gw.url}/v1/sessions/{run['session']}").json()["acked_id"]
+                      == session["last_id"], what="the demo page to acknowledge the end")
 
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
-    print(f"demo: {run['events']} events, {run['reconnects']} reconnect(s); screenshot in {ARTIFACTS / 'demo.png'}")
+    print(f"demo: {view['events']} events; screenshot in {ARTIFACTS / 'demo.png'}")
+
+    await page.reload()  # after the end: the text and the verdict come back from storage
+    await page.wait_for_function("document.getElementById('verdict').textContent.startsWith('Complete.')",
+                                 timeout=10_000)
+    assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()

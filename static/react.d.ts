@@ -1,0 +1,37 @@
+// Types for react.mjs (the package's "sse-gateway-client/react").
+import type { ConnectOptions, GatewayError, GatewayEvent, GatewayStream, StreamState } from "./sse-gateway.js";
+
+/** What the default reducer keeps of each event when no `reduce` is given. */
+export interface EventEntry {
+  id: number;
+  type: string;
+  cursor: string;
+  /** Parsed JSON, or the text when it is not JSON. */
+  data: any;
+}
+
+export interface SessionOptions<V> extends ConnectOptions<V> {
+  /** The stream URL; null or undefined: no stream (status "idle"). */
+  url?: string | URL | null;
+}
+
+export interface SessionSnapshot<V> {
+  /** The reduced view, or the list of events without `reduce`. */
+  view: V;
+  status: StreamState | "idle";
+  /** The run's result once it ended (undefined before). */
+  result: any;
+  ended: boolean;
+  error: GatewayError | null;
+  cursor: string | null;
+  stream: GatewayStream<V> | null;
+}
+
+export declare function appendEvent(list: EventEntry[], event: GatewayEvent): EventEntry[];
+
+export declare function useGatewaySession<V>(
+  options: SessionOptions<V> & { reduce: (view: V, event: GatewayEvent) => V },
+): SessionSnapshot<V>;
+export declare function useGatewaySession(options: SessionOptions<EventEntry[]>): SessionSnapshot<EventEntry[]>;
+
+export default useGatewaySession;

@@ -1,0 +1,153 @@
+// Types for sse-gateway.js / sse-gateway.mjs (the package "sse-gateway-client").
+
+/** A connection's state. `ended`, `closed` and `failed` are final. */
+export type StreamState = "connecting" | "open" | "reconnecting" | "ended" | "closed" | "failed";
+
+/** Why a stream stopped for good (see `onError`). */
+export type ErrorCode =
+  | "unauthorized" // 401, and no (working) getToken
+  | "forbidden" // 403: a token for another session or an earlier life of it
+  | "not_found" // 404: no such session (deleted, expired, never created)
+  | "bad_request" // 400: a malformed URL or cursor
+  | "refused" // another status that retrying cannot change (405, 406, 415)
+  | "cors" // the gateway answered, but the page's origin may not read it
+  | "unreachable"; // network failures, 429 or 5xx for giveUpMs or maxAttempts
+
+export interface GatewayError {
+  code: ErrorCode;
+  /** The HTTP status, 0 when there was none (network, CORS). */
+  status: number;
+  /** For people; may change. */
+  message: string;
+  /** What getToken() threw, when it did. */
+  error?: unknown;
+}
+
+export interface GapNotice {
+  from: number;
+  to: number;
+}
+
+export interface ResetNotice {
+  epoch: string;
+  last_id: number;
+}
+
+/** One entry of the session's log. */
+export declare class GatewayEvent {
+  /** The event type: "message", "token", ..., or "gateway.end". */
+  readonly type: string;
+  /** Its id (1, 2, 3, ...). */
+  readonly id: number;
+  /** "ID:EPOCH": where a stream resumes after this event. */
+  readonly cursor: string;
+  /** The data as text (JSON text for JSON data). */
+  readonly data: string;
+  /** The data parsed as JSON, or undefined for text that is not JSON. */
+  readonly json: any;
+  /** For gateway.end: the run's result (null when completed without one); undefined otherwise. */
+  readonly result: any;
+  /** true on a gateway.end made from the session after a 204 (the stream had nothing left to send). */
+  fromSession?: boolean;
+}
+
+export interface PersistOptions<V = any> {
+  /** Storage key; default "sse-gateway:view:" + the stream URL's path. */
+  key?: string;
+  /** Where the view and cursor are kept; default sessionStorage (per tab). null: nowhere. */
+  storage?: Pick<Storage, "getItem" | "setItem" | "removeItem"> | null;
+  /** Save at most this often while events arrive, in ms (default 100); always on pagehide and at the end. */
+  saveMs?: number;
+  /** Same as the top-level options, accepted here too. */
+  reduce?: (view: V, event: GatewayEvent) => V;
+  initial?: V | (() => V);
+}
+
+export interface ConnectOptions<V = any> {
+  /** Event types to receive besides "message". */
+  events?: string[];
+  /** Builds the page's view from the events, one at a time; required by `persist`. */
+  reduce?: (view: V, event: GatewayEvent) => V;
+  /** The view before the first event (copied), or a function returning it. */
+  initial?: V | (() => V);
+  /** Keep the view and cursor across reloads (true: sessionStorage, default key). */
+  persist?: boolean | PersistOptions<V>;
+
+  onEvent?: (event: GatewayEvent, stream: GatewayStream<V>) => void;
+  /** After the view is restored or built, and after each event that changed it. */
+  onView?: (view: V, stream: GatewayStream<V>) => void;
+  /** Once: gateway.end, or the session's result when the cursor was already at the end (204). */
+  onEnd?: (end: GatewayEvent, stream: GatewayStream<V>) => void;
+  /** Once: the stream stopped for good. */
+  onError?: (error: GatewayError, stream: GatewayStream<V>) => void;
+  onGap?: (gap: GapNotice, stream: GatewayStream<V>) => void;
+  onReset?: (reset: ResetNotice, stream: GatewayStream<V>) => void;
+  onState?: (state: StreamState, stream: GatewayStream<V>) => void;
+  /** The gateway confirmed the acknowledgement of `cursor`. */
+  onAck?: (cursor: string, stream: GatewayStream<V>) => void;
+
+  /** A fresh subscribe token after a 401 (sent as ?token=, or `tokenParam`). */
+  getToken?: (stream: GatewayStream<V>) => string | Promise<string>;
+  tokenParam?: string;
+  /** Send cookies cross-origin (the sse_gateway_token cookie). */
+  withCredentials?: boolean;
+  /** POST the end event's cursor to .../ack when the run ends (default true). */
+  ack?: boolean;
+  /** The session's URL, for its result and acks; default: the stream URL without "/stream". */
+  sessionUrl?: string | URL;
+  /** Backoff after a failed attempt, first and largest, in ms (1000, 30000). */
+  retryMs?: number;
+  maxRetryMs?: number;
+  /** Give up ("unreachable") after this long without a connection, in ms (default 60000). */
+  giveUpMs?: number;
+  /** ... or after this many failed attempts in a row (default Infinity). */
+  maxAttempts?: number;
+}
+
+export declare class GatewayStream<V = any> {
+  constructor(url: string | URL, options?: ConnectOptions<V>);
+  readonly options: ConnectOptions<V>;
+  readonly url: URL;
+  readonly state: StreamState;
+  /** "ID:EPOCH" of the last event received, or null. */
+  readonly cursor: string | null;
+  /** The view `reduce` built (null without reduce). */
+  readonly view: V;
+  /** The run's result once it ended; undefined before. */
+  readonly result: any;
+  readonly error: GatewayError | null;
+  /** The last cursor the gateway confirmed as acknowledged. */
+  readonly acked: string | null;
+  /** true when the view and cursor came from storage. */
+  readonly restored: boolean;
+  readonly reconnects: number;
+  readonly gaps: number;
+  readonly resets: number;
+  readonly duplicates: number;
+  /** Date.now() of the last event, or null. */
+  readonly lastEventAt: number | null;
+  /** Stop for good; a persisted view is kept. */
+  close(): void;
+  /** Drop the connection and resume from the cursor after delayMs; also restarts a failed stream. */
+  reconnect(delayMs?: number): void;
+  /** Remove the persisted view and cursor. */
+  forget(): void;
+}
+
+export declare function connect<V = any>(url: string | URL, options?: ConnectOptions<V>): GatewayStream<V>;
+
+declare const SSEGateway: {
+  connect: typeof connect;
+  GatewayStream: typeof GatewayStream;
+  GatewayEvent: typeof GatewayEvent;
+};
+export default SSEGateway;
+
+declare global {
+  /** Defined by <script src="sse-gateway.js">. */
+  var SSEGateway: {
+    connect: typeof connect;
+    GatewayStream: typeof GatewayStream;
+    GatewayEvent: typeof GatewayEvent;
+  };
+}

@@ -1,0 +1,83 @@
+// Runs inside a scratch project where the packed sse-gateway-client tarball was installed with
+// `npm install <tarball>`: imports the package by its name (ESM, require(), the script build and
+// the React hook), and reads a run on a real gateway through it. Node has no EventSource, so the
+// `eventsource` package (a spec-following one) stands in for the browser's.
+// Usage: node use-package.mjs GATEWAY_URL   → prints one JSON line of findings.
+import { createRequire } from "node:module";
+import { EventSource } from "eventsource";
+import SSEGateway, { connect, GatewayStream, GatewayEvent } from "sse-gateway-client";
+import { useGatewaySession, appendEvent } from "sse-gateway-client/react";
+import React from "react";
+import TestRenderer from "react-test-renderer";
+
+globalThis.EventSource = EventSource;
+const require = createRequire(import.meta.url);
+const base = process.argv[2];
+const out = {};
+const timer = setTimeout(() => finish({ timeout: true }), 60000);
+
+function finish(extra) {
+  clearTimeout(timer);
+  process.stdout.write(JSON.stringify({ ...out, ...extra }) + "\n");
+  process.exit(0);
+}
+
+async function call(method, path, body) {
+  const res = await fetch(base + path, { method, headers: { "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body) });
+  if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${await res.text()}`);
+  return res.status === 204 ? null : res.json();
+}
+
+async function publishRun(id, words) {
+  await call("POST", "/v1/sessions", { id });
+  await call("POST", `/v1/sessions/${id}/events`, words.map((w) => ({ event: "token", data: { t: w } })));
+  await call("POST", `/v1/sessions/${id}/complete`, { result: { text: words.join("") } });
+}
+
+// What the package exports, by each way of loading it.
+const cjs = require("sse-gateway-client");
+out.esm = typeof connect === "function" && SSEGateway.connect === connect && typeof GatewayStream === "function"
+  && typeof GatewayEvent === "function";
+out.cjs = typeof cjs.connect === "function" && typeof cjs.GatewayStream === "function";
+await import("sse-gateway-client/script");
+out.script = typeof globalThis.SSEGateway.connect === "function";
+out.react = typeof useGatewaySession === "function" && typeof appendEvent === "function";
+out.version = require("sse-gateway-client/package.json").version;
+
+// The helper, reducing a finished run to its text, with the result and the ack.
+const words = Array.from({ length: 50 }, (_, i) => `w${i + 1} `);
+await publishRun("pkg", words);
+const helper = await new Promise((resolve) => {
+  connect(`${base}/v1/sessions/pkg/stream`, {
+    events: ["token"],
+    initial: { text: "" },
+    reduce: (view, e) => ({ text: view.text + e.json.t }),
+    onAck: (cursor, stream) => resolve({ text: stream.view.text, result: stream.result, acked: cursor,
+      cursor: stream.cursor, state: stream.state }),
+    onError: (err) => resolve({ error: err }),
+  });
+});
+out.helper = helper;
+
+// The React hook, rendered with react-test-renderer until the run has ended.
+await publishRun("hook", words.slice(0, 20));
+const seen = [];
+function Run() {
+  const session = useGatewaySession({ url: `${base}/v1/sessions/hook/stream`, events: ["token"] });
+  seen.push({ status: session.status, count: session.view.length, ended: session.ended });
+  return React.createElement("p", null, session.ended ? JSON.stringify(session.result) : session.status);
+}
+const renderer = TestRenderer.create(React.createElement(Run));
+const hook = await new Promise((resolve) => {
+  const check = setInterval(() => {
+    const last = seen[seen.length - 1];
+    if (last && last.ended) {
+      clearInterval(check);
+      resolve({ last, rendered: renderer.toJSON().children.join("") });
+    }
+  }, 10);
+});
+renderer.unmount();
+out.hook = { ...hook, statuses: [...new Set(seen.map((s) => s.status))] };
+finish({});
