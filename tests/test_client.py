@@ -34,9 +34,9 @@ from sse_gateway.client import (
     Subscriber,
     SyncPublisher,
     Watchers,
-    _retry_after,
     failure_result,
 )
+from sse_gateway.client.http import _retry_after
 
 pytestmark = pytest.mark.timeout(120)
 

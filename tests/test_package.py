@@ -18,8 +18,9 @@ def test_a_wheel_serves_the_demo_page_and_the_helper_without_a_checkout(tmp_path
                     str(ROOT)], check=True, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("sse_gateway-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for name in ("sse_gateway/static/index.html", "sse_gateway/static/sse-gateway.js",
-                 "sse_gateway/log/redis_append.lua", "sse_gateway/routes/publish.py"):
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "sse_gateway").rglob("*") if p.suffix in (".py", ".lua")}
+    assert sources - set(names) == set(), "modules the wheel lacks (a subpackage missing from pyproject.toml?)"
+    for name in ("sse_gateway/static/index.html", "sse_gateway/static/sse-gateway.js", "sse_gateway/static/react.mjs"):
         assert name in names, name
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -1,0 +1,40 @@
+"""A Python client of sse-gateway: ``Publisher`` for agents, ``Subscriber`` for readers.
+
+``Publisher`` (async; ``SyncPublisher`` is its blocking twin) appends events with stable
+idempotency keys, batches tokens, retries what can be retried and runs a session as a block::
+
+    async with Publisher() as pub, pub.run("run1") as run:
+        for piece in ("Hel", "lo"):
+            await run.token(piece)
+        run.result = {"text": "Hello"}
+
+``Subscriber`` reads a session with exact resume::
+
+    async for event in Subscriber("run1"):
+        print(event.id, event.event, event.data)
+
+Both take the gateway's base URL and a credential, or read ``SSE_GATEWAY_URL`` and
+``SSE_GATEWAY_PUBLISH_KEY`` when they are not given. See docs/python.md.
+
+The package: ``http`` (where the gateway is, credentials, errors, retries), ``publisher``,
+``sync`` (the blocking twin), ``subscriber``.
+"""
+
+from .http import (
+                   DEFAULT_URL,
+                   ENV_KEY,
+                   ENV_URL,
+                   GatewayError,
+                   GatewayUnreachable,
+                   Retry,
+                   RetryNotice,
+                   resolve_key,
+                   resolve_url,
+)
+from .publisher import Published, Publisher, Run, SessionInfo, State, Token, Watchers, failure_result
+from .subscriber import Event, Reconnect, Subscriber
+from .sync import SyncPublisher, SyncRun
+
+__all__ = ["DEFAULT_URL", "ENV_KEY", "ENV_URL", "Event", "GatewayError", "GatewayUnreachable", "Published",
+           "Publisher", "Reconnect", "Retry", "RetryNotice", "Run", "SessionInfo", "State", "Subscriber",
+           "SyncPublisher", "SyncRun", "Token", "Watchers", "failure_result", "resolve_key", "resolve_url"]

@@ -1,0 +1,173 @@
+"""``SyncPublisher`` and ``SyncRun``: the publisher for code without an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Mapping
+from types import TracebackType
+from typing import Any
+
+from .http import T
+from .publisher import Published, Publisher, Run, SessionInfo, State, Token, Watchers
+
+# -- the blocking twin -------------------------------------------------------------------------
+
+
+class SyncPublisher:
+    """``Publisher`` for code without an event loop: the same methods, blocking.
+
+    It runs a ``Publisher`` on an event loop of its own, on a background thread, so that batches
+    are still sent every ``flush_interval`` while the caller's code runs. ``send`` and ``token``
+    answer nothing here (``flush`` answers the ids). Close it (``with``, or ``close()``) to flush.
+    """
+
+    def __init__(self, url: str | None = None, key: str | None = None, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sse-gateway-publisher", daemon=True)
+        self._thread.start()
+
+        async def make() -> Publisher:
+            return Publisher(url, key, **options)
+
+        try:
+            self.publisher: Publisher = self._call(make())
+        except BaseException:
+            self._stop()
+            raise
+
+    def _call(self, coro: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def close(self, *, flush: bool = True) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self.publisher.aclose(flush=flush))
+        finally:
+            self._stop()
+
+    def __enter__(self) -> SyncPublisher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # the exception that ends the block goes on; a failed last flush is noted on it
+            self.close(flush=isinstance(exc, Exception))
+        except Exception as close_error:
+            exc.add_note(f"sse-gateway: buffered events were not stored: {close_error}")
+
+    def create(self, session: str | None = None, *, metadata: Any = None,
+               ttl_seconds: int | None = None) -> SessionInfo:
+        return self._call(self.publisher.create(session, metadata=metadata, ttl_seconds=ttl_seconds))
+
+    def get(self, session: str) -> dict[str, Any]:
+        return self._call(self.publisher.get(session))
+
+    def delete(self, session: str) -> bool:
+        return self._call(self.publisher.delete(session))
+
+    def complete(self, session: str, result: Any = None) -> dict[str, Any]:
+        return self._call(self.publisher.complete(session, result))
+
+    def fail(self, session: str, error: BaseException | str | Mapping[str, Any],
+             code: str | None = None) -> dict[str, Any]:
+        return self._call(self.publisher.fail(session, error, code))
+
+    def watchers(self, session: str) -> Watchers:
+        return self._call(self.publisher.watchers(session))
+
+    def get_state(self, session: str) -> State:
+        return self._call(self.publisher.get_state(session))
+
+    def put_state(self, session: str, state: Mapping[str, Any], *, if_match: int | None = None) -> State:
+        return self._call(self.publisher.put_state(session, state, if_match=if_match))
+
+    def mint_token(self, session: str, *, ttl_seconds: int | None = None) -> Token:
+        return self._call(self.publisher.mint_token(session, ttl_seconds=ttl_seconds))
+
+    def publish(self, session: str, event: str, data: Any, *, idempotency_key: str | None = None) -> Published:
+        return self._call(self.publisher.publish(session, event, data, idempotency_key=idempotency_key))
+
+    def publish_text(self, session: str, text: str, *, event: str = "message",
+                     idempotency_key: str | None = None) -> Published:
+        return self._call(self.publisher.publish_text(session, text, event=event, idempotency_key=idempotency_key))
+
+    def send(self, session: str, event: str, data: Any, *, idempotency_key: str | None = None) -> None:
+        self._call(self.publisher.send(session, event, data, idempotency_key=idempotency_key))
+
+    def token(self, session: str, text: str, *, event: str = "token") -> None:
+        self._call(self.publisher.token(session, text, event=event))
+
+    def flush(self, session: str | None = None) -> list[int]:
+        return self._call(self.publisher.flush(session))
+
+    def run(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None) -> SyncRun:
+        return SyncRun(self, self.publisher.run(session, metadata=metadata, ttl_seconds=ttl_seconds))
+
+
+class SyncRun:
+    """``Run`` for ``SyncPublisher``: ``with pub.run(id) as run:``, the same behaviour at the end."""
+
+    def __init__(self, owner: SyncPublisher, run: Run) -> None:
+        self._owner = owner
+        self.run = run
+
+    @property
+    def session(self) -> str:
+        return self.run.session
+
+    @property
+    def info(self) -> SessionInfo | None:
+        return self.run.info
+
+    @property
+    def result(self) -> Any:
+        return self.run.result
+
+    @result.setter
+    def result(self, value: Any) -> None:
+        self.run.result = value
+
+    def __enter__(self) -> SyncRun:
+        self._owner._call(self.run.__aenter__())
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        return self._owner._call(self.run.__aexit__(exc_type, exc, tb))
+
+    def send(self, event: str, data: Any, *, idempotency_key: str | None = None) -> None:
+        self._owner._call(self.run.send(event, data, idempotency_key=idempotency_key))
+
+    def token(self, text: str, *, event: str = "token") -> None:
+        self._owner._call(self.run.token(text, event=event))
+
+    def publish(self, event: str, data: Any, *, idempotency_key: str | None = None) -> Published:
+        return self._owner._call(self.run.publish(event, data, idempotency_key=idempotency_key))
+
+    def flush(self) -> list[int]:
+        return self._owner._call(self.run.flush())
+
+    def complete(self, result: Any = None) -> dict[str, Any]:
+        return self._owner._call(self.run.complete(result))
+
+    def fail(self, error: BaseException | str | Mapping[str, Any], code: str | None = None) -> dict[str, Any]:
+        return self._owner._call(self.run.fail(error, code))
+
+    def watchers(self) -> Watchers:
+        return self._owner._call(self.run.watchers())
+
+    def get_state(self) -> State:
+        return self._owner._call(self.run.get_state())
+
+    def put_state(self, state: Mapping[str, Any], *, if_match: int | None = None) -> State:
+        return self._owner._call(self.run.put_state(state, if_match=if_match))
