@@ -5,7 +5,7 @@ send() that only counts bytes, M events are published, and the process CPU time
 is divided by the events delivered (N x M).
 
 * ``starlette``: sse-starlette's ``EventSourceResponse`` fed by an asyncio.Queue
-  per stream (the usual way, as in sse_gateway/baseline.py): each event is
+  per stream (the usual way, as in sse_gateway/bench/_baseline.py): each event is
   encoded for every stream and sent in a write of its own.
 * ``gateway``: the gateway's ``EventStream`` on its hub and the memory log: each
   event is encoded once into the hub's window, every stream copies the frames
