@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import dataclasses
 import errno
-import ipaddress
 import json
 import logging
 import os
@@ -253,15 +252,6 @@ class _QuietSlowConsumerCut(logging.Filter):
         return record.getMessage() != "ASGI callable returned without completing response."
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def serve(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
     for name in ("publish_key", "cors_origin", "allowed_host"):
@@ -271,6 +261,10 @@ def serve(args: argparse.Namespace) -> int:
         settings = Settings.from_env(**overrides)
     except ValueError as exc:
         print(f"sse-gateway: {exc}", file=sys.stderr)
+        return 2
+    if not settings.publish_keys and not settings.loopback and not settings.insecure:
+        print(f"sse-gateway: refusing to listen on {settings.host} with no publisher keys: anyone could "
+              "publish and read. Set --publish-key (and --token-secret), or pass --insecure.", file=sys.stderr)
         return 2
     sock, problem = bind_socket(settings.host, settings.port)
     if sock is None:  # before anything is logged or any file is made
@@ -316,16 +310,11 @@ def _serve(settings: Settings, sock: socket.socket) -> int:
 
     setup_logging(settings.log_level)
     if not settings.publish_keys:
-        if not is_loopback(settings.host) and not settings.insecure:
-            print(f"sse-gateway: refusing to listen on {settings.host} with no publisher keys: anyone could "
-                  "publish and read. Set --publish-key (and --token-secret), or pass --insecure.", file=sys.stderr)
-            return 2
         log.warning("no publisher keys: the gateway is open to anyone who can reach %s", settings.host)
     elif not settings.token_secret:
         log.warning("publisher keys but no --token-secret: only publishers can read; browsers get no tokens")
-    if settings.token_secret and len(settings.token_secret.encode()) < 32:
-        log.warning("the token secret is shorter than 32 bytes: tokens can be forged by guessing it; generate one "
-                    "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    for problem in settings.weak_credentials():
+        log.warning("%s", problem)
     if settings.backend == "sqlite":
         from .log.sqlite import preflight
 

@@ -9,6 +9,7 @@ wins over the environment, which wins over the default. The CLI builds its
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ class Settings:
                                         metavar="KEY", repeat=True)
     token_secret: str | None = _opt(None, "secret that signs subscribe tokens", metavar="SECRET")
     token_ttl: int = _opt(3600, "lifetime of minted subscribe tokens", metavar="SECONDS")
-    insecure: bool = _opt(False, "allow a non-loopback --host with no publisher keys", flag=True)
+    insecure: bool = _opt(False, "allow a non-loopback --host with no publisher keys, or with placeholder or short "
+                          "keys and secrets", flag=True)
     cors_origin: tuple[str, ...] = _opt((), "allowed CORS origin (repeatable; env: comma-separated)",
                                         metavar="ORIGIN", repeat=True)
     allowed_host: tuple[str, ...] = _opt((), "host name a gateway without publisher keys answers to, besides "
@@ -117,12 +119,20 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
 
 
-    def check_credentials(self) -> None:
-        """Refuse keys and secrets that protect nothing (see ``MIN_KEY_CHARS``), unless ``insecure``.
+    @property
+    def loopback(self) -> bool:
+        """The gateway listens on this machine only (``--host`` 127.0.0.1, ::1 or localhost)."""
+        return is_loopback(self.host)
 
-        An empty or blank one (what ``--publish-key "$UNSET"`` gives) is refused
-        even then: it would leave a gateway open while its operator thinks it
-        is closed.
+    def check_credentials(self) -> None:
+        """Refuse keys and secrets that protect nothing.
+
+        An empty or blank one (what ``--publish-key "$UNSET"`` gives) is always
+        refused: it would leave a gateway open while its operator thinks it is
+        closed. A placeholder of the example files is refused unless
+        ``insecure``; so is a key or secret too short to be secret, on a gateway
+        that listens beyond this machine (on loopback ``serve`` only warns:
+        ``weak_credentials``).
         """
         for key in self.publish_key:
             if not key.strip():
@@ -131,21 +141,36 @@ class Settings:
             raise ValueError("the token secret is empty or blank (an unset variable?): give a real secret, or none")
         if self.insecure:
             return
-        for key in self.publish_key:
-            if problem := _weak(key, MIN_KEY_CHARS):
-                raise ValueError(f"a publisher key is {problem}: use {MIN_KEY_CHARS} or more random characters "
-                                 f"({GENERATE}), or pass --insecure")
-        if self.token_secret is not None and (problem := _weak(self.token_secret, MIN_SECRET_BYTES)):
-            raise ValueError(f"the token secret is {problem}: use {MIN_SECRET_BYTES} or more random bytes "
-                             f"({GENERATE}), or pass --insecure")
+        if any(_placeholder(v) for v in (*self.publish_key, self.token_secret or "")):
+            raise ValueError(f"a publisher key or the token secret is a placeholder of the example files: use a "
+                             f"random one ({GENERATE}), or pass --insecure")
+        if not self.loopback and (weak := self.weak_credentials()):
+            raise ValueError(f"{weak[0]}; {self.host} is reachable from other machines (or pass --insecure)")
+
+    def weak_credentials(self) -> list[str]:
+        """Keys and secrets too short to be secret (or placeholders), one line each."""
+        problems = []
+        if any(_placeholder(key) or len(key) < MIN_KEY_CHARS for key in self.publish_key):
+            problems.append(f"a publisher key is shorter than {MIN_KEY_CHARS} characters: use a random one "
+                            f"({GENERATE})")
+        secret = self.token_secret
+        if secret is not None and (_placeholder(secret) or len(secret.encode()) < MIN_SECRET_BYTES):
+            problems.append(f"the token secret is shorter than {MIN_SECRET_BYTES} bytes: tokens can be forged by "
+                            f"guessing it; use a random one ({GENERATE})")
+        return problems
 
 
-def _weak(value: str, minimum: int) -> str | None:
-    if value.strip().lower() in PLACEHOLDERS:
-        return "a placeholder"
-    if len(value.encode()) < minimum:
-        return f"shorter than {minimum} bytes"
-    return None
+def _placeholder(value: str) -> bool:
+    return value.strip().lower() in PLACEHOLDERS
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 #: Values the example files ship, refused as keys or secrets.

@@ -82,6 +82,11 @@ CREATE = {"requestBody": {"required": False, "content": {"application/json": {"s
     "additionalProperties": False,
 }}}}}
 
+PUT_SESSION = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"metadata": {}, "ttl_seconds": {"anyOf": [_TTL, {"type": "null"}]}},
+    "additionalProperties": False,
+}}}}}
+
 TOKENS = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
     "type": "object",
     "properties": {"ttl_seconds": {"anyOf": [rules.TOKEN_TTL.schema(), {"type": "null"}],
@@ -262,8 +267,11 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
         {"200": {"description": "events after the cursor", "content": _json("History")}},
         (400, 401, 403, 404), "reader"),
     ("post", "/v1/sessions"): (
+        {"201": {"description": "created", "content": _json("Created")}},
+        (400, 401, 408, 409, 413, 415, 503), "publisher"),
+    ("put", "/v1/sessions/{session}"): (
         {"201": {"description": "created", "content": _json("Created")},
-         "200": {"description": "the session exists with this id, metadata and ttl_seconds (a retried create)",
+         "200": {"description": "it exists with this metadata and ttl_seconds (a retried create)",
                  "content": _json("Created")}},
         (400, 401, 408, 409, 413, 415, 503), "publisher"),
     ("post", "/v1/sessions/{session}/tokens"): (

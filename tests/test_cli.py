@@ -140,22 +140,23 @@ def test_serve_does_not_load_the_bench_or_the_naive_baseline():
     assert set(ALL_TARGETS) == set(PRESETS) - set(REDIS_NODES)  # --preset's choices are the presets
 
 
-@pytest.mark.parametrize("args, says", [
-    (("--publish-key", ""), "publisher key is empty or blank"),
-    (("--publish-key", "   "), "publisher key is empty or blank"),
-    (("--publish-key", "k" * 40, "--token-secret", ""), "token secret is empty or blank"),
-    (("--publish-key", "", "--insecure"), "publisher key is empty or blank"),
-    (("--publish-key", "change-me"), "placeholder"),
-    (("--publish-key", "k" * 40, "--token-secret", "change-me-too"), "placeholder"),
-    (("--publish-key", "short-key"), "shorter than 16"),
-    (("--publish-key", "k" * 40, "--token-secret", "s" * 31), "shorter than 32"),
+@pytest.mark.parametrize("host, args, says", [
+    ("127.0.0.1", ("--publish-key", ""), "publisher key is empty or blank"),
+    ("127.0.0.1", ("--publish-key", "   "), "publisher key is empty or blank"),
+    ("127.0.0.1", ("--publish-key", "k" * 40, "--token-secret", ""), "token secret is empty or blank"),
+    ("0.0.0.0", ("--publish-key", "", "--insecure"), "publisher key is empty or blank"),
+    ("127.0.0.1", ("--publish-key", "change-me"), "placeholder"),
+    ("127.0.0.1", ("--publish-key", "k" * 40, "--token-secret", "change-me-too"), "placeholder"),
+    ("0.0.0.0", ("--publish-key", "short-key"), "shorter than 16 characters"),
+    ("0.0.0.0", ("--publish-key", "k" * 40, "--token-secret", "s" * 31), "shorter than 32 bytes"),
 ], ids=["empty key", "blank key", "empty secret", "empty key despite --insecure", "placeholder key",
-        "placeholder secret", "short key", "short secret"])
-def test_keys_and_secrets_that_protect_nothing_are_refused_with_one_line(tmp_path, args, says):
-    r = cli("serve", "--host", "0.0.0.0", "--port", str(free_port()), "--db", str(tmp_path / "x.db"), *args)
+        "placeholder secret", "short key beyond loopback", "short secret beyond loopback"])
+def test_keys_and_secrets_that_protect_nothing_are_refused_with_one_line(tmp_path, host, args, says):
+    r = cli("serve", "--host", host, "--port", str(free_port()), "--db", str(tmp_path / "x.db"), *args)
     assert r.returncode == 2 and says in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "k" * 40 not in r.stderr  # a refusal never prints a key
+    assert not (tmp_path / "x.db").exists()
 
 
 def test_the_example_environment_file_does_not_start_as_shipped(tmp_path):

@@ -231,15 +231,18 @@ def test_completed_sessions_expire_after_their_ttl(app_client):
 
 def test_a_create_retried_after_a_lost_answer_gets_the_same_session(app_client):
     c = app_client
-    first = c.post("/v1/sessions", json={"id": "again", "metadata": {"user": 7}, "ttl_seconds": 60})
-    assert first.status_code == 201
-    again = c.post("/v1/sessions", json={"id": "again", "metadata": {"user": 7}, "ttl_seconds": 60})
+    spec = {"metadata": {"user": 7}, "ttl_seconds": 60}
+    first = c.put("/v1/sessions/again", json=spec)
+    assert first.status_code == 201 and first.json()["id"] == "again"
+    again = c.put("/v1/sessions/again", json=spec)
     assert again.status_code == 200 and again.json()["epoch"] == first.json()["epoch"]
-    for other in ({"id": "again", "metadata": {"user": 8}, "ttl_seconds": 60},
-                  {"id": "again", "metadata": {"user": 7}}):
-        r = c.post("/v1/sessions", json=other)
+    for other in ({"metadata": {"user": 8}, "ttl_seconds": 60}, {"metadata": {"user": 7}}):
+        r = c.put("/v1/sessions/again", json=other)
         assert r.status_code == 409 and r.json()["error"]["code"] == "session_exists"
+    r = c.post("/v1/sessions", json={"id": "again", **spec})  # POST creates, or says the id is taken
+    assert r.status_code == 409 and r.json()["error"]["code"] == "session_exists"
     published = c.post("/v1/sessions/auto/events", json={"data": 1}).json()
-    r = c.post("/v1/sessions", json={"id": "auto"})  # created by a publish: no metadata, no ttl
+    r = c.put("/v1/sessions/auto")  # created by a publish: no metadata, no ttl
     assert r.status_code == 200 and r.json()["epoch"] == published["epoch"]
     assert c.get("/v1/sessions/auto").json()["last_id"] == 1
+    assert c.put("/v1/sessions/auto", json={"id": "x"}).json()["error"]["code"] == "unknown_field"

@@ -224,18 +224,18 @@ class Publisher:
         """Create ``session``, or take it up if it exists (``created`` False).
 
         Without an id, one is made here (``s_`` and 16 random characters), so that a retry after a
-        lost ``201`` finds the session it created. An existing id is answered ``200`` by gateways
-        that reuse a session created with the same settings, ``409 session_exists`` by older ones
-        (and for other settings): both are taken as "reuse"; the session keeps its own metadata.
+        lost ``201`` finds the session it created. ``PUT /v1/sessions/{id}`` answers ``200`` for a
+        session that exists with the same settings; one with other settings (``409 session_exists``)
+        is taken up too, keeping its own metadata.
         """
         session = check_session(session) if session is not None else "s_" + secrets.token_urlsafe(12)
-        body: dict[str, Any] = {"id": session}
+        body: dict[str, Any] = {}
         if metadata is not None:
             body["metadata"] = metadata
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
         try:
-            response = await self.request("POST", "/v1/sessions", json_body=body)
+            response = await self.request("PUT", session_path(session), json_body=body)
         except GatewayError as exc:
             if exc.code != "session_exists":
                 raise

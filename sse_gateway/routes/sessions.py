@@ -17,6 +17,7 @@ from .common import json_response, publisher, readable_row, session_json
 router = APIRouter(tags=["sessions"])
 
 _CREATE_FIELDS = frozenset({"id", "metadata", "ttl_seconds"})
+_PUT_FIELDS = frozenset({"metadata", "ttl_seconds"})
 _TOKEN_FIELDS = frozenset({"ttl_seconds"})
 
 
@@ -28,18 +29,27 @@ def _stream_url(session: str, token: str | None) -> str:
 @router.post("/v1/sessions", status_code=201, openapi_extra=openapi.CREATE, summary="Create a session")
 async def create_session(request: Request) -> Response:
     gw = publisher(request)
-    spec = await json_object(request, gw.settings.max_body_bytes, _CREATE_FIELDS,
-                             '{"id"?, "metadata"?, "ttl_seconds"?}', "invalid_body", unknown_code="unknown_field")
+    spec = await _session_spec(request, gw, _CREATE_FIELDS, '{"id"?, "metadata"?, "ttl_seconds"?}')
     session = spec.get("id")
     if session is None:
         session = "s_" + secrets.token_urlsafe(12)
     elif not isinstance(session, str):
         raise BadRequest("id must be a string", "invalid_session_id")
     check_session_id(session)
-    metadata = spec.get("metadata")
-    ttl = bounded_int(spec.get("ttl_seconds"), rules.SESSION_TTL, "ttl_seconds", "invalid_ttl")
-    check_size(dump_json(metadata), gw.settings.max_event_bytes, "metadata")
-    row = await gw.log.get_session(session) if "id" in spec else None
+    await gw.writes.admit_session()
+    row = await gw.log.create_session(session, metadata=spec.get("metadata"), ttl_seconds=spec["ttl_seconds"])
+    return _created(gw, row, 201)
+
+
+@router.put("/v1/sessions/{session}", status_code=201, openapi_extra=openapi.PUT_SESSION,
+            summary="Create a session, or find it as created before (idempotent)")
+async def put_session(session: str, request: Request) -> Response:
+    """Created (201), or the same session when it exists with this metadata and ttl_seconds (200): a create
+    retried after its answer was lost succeeds. Other settings are 409 session_exists."""
+    gw = publisher(request, session)
+    spec = await _session_spec(request, gw, _PUT_FIELDS, '{"metadata"?, "ttl_seconds"?}')
+    metadata, ttl = spec.get("metadata"), spec["ttl_seconds"]
+    row = await gw.log.get_session(session)
     if row is None:
         await gw.writes.admit_session()
         try:
@@ -49,7 +59,16 @@ async def create_session(request: Request) -> Response:
                 raise
     if (row.metadata, row.ttl_seconds) != (metadata, ttl):
         raise Conflict(f"session {session!r} exists with other metadata or ttl_seconds", "session_exists")
-    return _created(gw, row, 200)  # a retry of a create whose answer was lost: the same session
+    return _created(gw, row, 200)
+
+
+async def _session_spec(request: Request, gw: Gateway, fields: frozenset[str], shape: str) -> dict:
+    """A create's body, its ``ttl_seconds`` checked (None when absent) and its metadata bounded."""
+    spec = await json_object(request, gw.settings.max_body_bytes, fields, shape, "invalid_body",
+                             unknown_code="unknown_field")
+    spec["ttl_seconds"] = bounded_int(spec.get("ttl_seconds"), rules.SESSION_TTL, "ttl_seconds", "invalid_ttl")
+    check_size(dump_json(spec.get("metadata")), gw.settings.max_event_bytes, "metadata")
+    return spec
 
 
 def _created(gw: Gateway, row: Session, status: int) -> Response:
