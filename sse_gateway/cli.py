@@ -311,6 +311,9 @@ def _serve(settings: Settings, sock: socket.socket) -> int:
     setup_logging(settings.log_level)
     if not settings.publish_keys:
         log.warning("no publisher keys: the gateway is open to anyone who can reach %s", settings.host)
+        if settings.loopback and "*" not in settings.allowed_host:
+            log.info("it answers only to localhost and IP addresses, not to other host names (a page could "
+                     "rebind one to this machine); add names with --allowed-host")
     elif not settings.token_secret:
         log.warning("publisher keys but no --token-secret: only publishers can read; browsers get no tokens")
     for problem in settings.weak_credentials():

@@ -12,12 +12,16 @@ CORS only governs what a page may *read*; a browser sends some writes
 
 * a write (POST, PUT, PATCH, DELETE) from a page whose ``Origin`` is neither
   the gateway's own nor one of ``--cors-origin``: ``403 cross_site_refused``;
-* on a gateway without publisher keys (open, meant for one machine), a
-  request whose ``Host`` is a name other than ``localhost`` (or a name of
-  ``--allowed-host``): ``403 host_not_allowed``. A page of any site can
-  make its own name resolve to 127.0.0.1 (DNS rebinding) and would then be
-  same-origin with the gateway; IP addresses cannot be rebound.
+* on a gateway without publisher keys that listens on loopback (open,
+  meant for one machine), a request whose ``Host`` is a name other than
+  ``localhost`` (or a name of ``--allowed-host``): ``403 host_not_allowed``.
+  A page of any site can make its own name resolve to 127.0.0.1 (DNS
+  rebinding) and would then be same-origin with the gateway; IP addresses
+  cannot be rebound;
+* two ``Host`` or two ``Origin`` headers: ``400 invalid_http``.
 
+A read from a page of another site is served (CORS decides what the page
+may see) but has no side effect: its cursor is not taken as an ack.
 Clients that are not browsers send no ``Origin`` and are not affected.
 """
 
@@ -33,7 +37,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from .config import Settings
-from .errors import Forbidden, GatewayError, error_body
+from .errors import BadRequest, Forbidden, GatewayError, error_body
 
 METHODS = ["GET", "POST", "PUT", "DELETE"]
 HEADERS = ["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "If-Match"]
@@ -82,32 +86,46 @@ def _is_local_name(name: str) -> bool:
     return True
 
 
+CROSS_SITE = "sse_gateway.cross_site"  # set in the scope of a read from a page of a site not allowed
+
+
 class SiteGuard:
     """Refuses cross-site writes and, on an open gateway, names that may have been rebound (module docstring)."""
 
     def __init__(self, settings: Settings) -> None:
         self.origins = frozenset(o.lower() for o in settings.cors_origin)
         self.any_origin = "*" in self.origins
-        self.check_host = not settings.publish_keys and "*" not in settings.allowed_host
+        # A gateway without keys that listens beyond this machine is open to the network by choice (--insecure).
+        self.check_host = not settings.publish_keys and settings.loopback and "*" not in settings.allowed_host
         self.hosts = frozenset(h.lower() for h in settings.allowed_host)
 
     def check(self, scope: Scope) -> GatewayError | None:
-        """The refusal for this request, or None."""
-        host = origin = None
+        """The refusal for this request, or None. A read from a page of another site is marked ``CROSS_SITE``
+        in the scope: it is served (CORS decides what the page may see) but has no side effect (no ack)."""
+        host = origin = fetch_site = None
         for name, value in scope["headers"]:
-            if name == b"host":
-                host = value.decode("latin-1")
-            elif name == b"origin":
-                origin = value.decode("latin-1")
+            if name == b"host" or name == b"origin":
+                if (host if name == b"host" else origin) is not None:
+                    return BadRequest(f"two {name.decode()} headers", "invalid_http")
+                if name == b"host":
+                    host = value.decode("latin-1")
+                else:
+                    origin = value.decode("latin-1")
+            elif name == b"sec-fetch-site":
+                fetch_site = value
         if self.check_host and host is not None:
             name = _split_host(host)[0]
             if not _is_local_name(name) and name not in self.hosts:
                 return Forbidden(f"this gateway has no publisher keys and answers only to localhost and IP "
                                  f"addresses, not {name[:100]!r}; start it with --allowed-host {name[:100]} "
                                  "or with --publish-key", "host_not_allowed")
-        if origin is not None and scope["method"] in _WRITES and not self._allowed(origin, host):
-            return Forbidden(f"a page of {origin[:100]} may not write to this gateway; list the site with "
-                             "--cors-origin", "cross_site_refused")
+        if origin is not None and not self._allowed(origin, host):
+            if scope["method"] in _WRITES:
+                return Forbidden(f"a page of {origin[:100]} may not write to this gateway; list the site with "
+                                 "--cors-origin", "cross_site_refused")
+            scope[CROSS_SITE] = True
+        elif origin is None and fetch_site == b"cross-site" and not self.any_origin:
+            scope[CROSS_SITE] = True  # an <img> or a link of another site: no Origin, but the browser says so
         return None
 
     def _allowed(self, origin: str, host: str | None) -> bool:

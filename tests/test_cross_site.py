@@ -7,8 +7,11 @@ rebinding). These tests send exactly what such a page's browser would send.
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import pytest
+from util import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,10 +65,41 @@ JSON_WRITES = [w for w in WRITES if w[2] and w[1] != "/v1/sessions/s1/events"]
 
 
 @pytest.mark.parametrize("method, path, body, kind", JSON_WRITES, ids=[f"{m} {p}" for m, p, *_ in JSON_WRITES])
-def test_a_json_request_must_say_it_is_json(session, method, path, body, kind):
-    r = session.request(method, path, content=body, headers={"content-type": kind})
+def test_a_json_request_from_a_page_must_say_it_is_json(gw, session, method, path, body, kind):
+    own = f"http://127.0.0.1:{gw.port}"  # even the gateway's own page: a form is not JSON
+    r = session.request(method, path, content=body, headers={"content-type": kind, "origin": own})
     assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
     unchanged(session)
+
+
+def test_clients_that_are_not_browsers_are_taken_at_their_word(session):
+    """No Origin: a JSON body sent as a form (curl -d) is read as JSON, as it always was."""
+    r = session.post("/v1/sessions/s1/ack", content=b'{"id": 3}',
+                     headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["acked_id"] == 3
+
+
+def test_a_read_from_another_site_is_served_without_side_effects(session):
+    for headers in ({"origin": EVIL}, {"sec-fetch-site": "cross-site"}):  # an EventSource, an <img>
+        r = session.get("/v1/sessions/s1/stream", params={"live": "false", "last_event_id": "7"}, headers=headers)
+        assert r.status_code == 200
+    r = session.get("/v1/sessions/s1/stream", params={"live": "false", "last_event_id": "3"})
+    assert r.status_code == 200
+    wait_until(lambda: session.get("/v1/sessions/s1").json()["acked_id"] >= 3,
+               what="a read from no other site to count as an ack")
+    assert session.get("/v1/sessions/s1").json()["acked_id"] == 3  # acks only move up: 7 was never taken
+
+
+def test_two_host_or_origin_headers_are_refused(gw):
+    for name in (b"Host", b"Origin"):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
+            s.sendall(b"POST /v1/sessions/s1/trim HTTP/1.1\r\nHost: 127.0.0.1\r\n%s: http://127.0.0.1:%d\r\n"
+                      b"%s: https://evil.example\r\nContent-Type: application/json\r\nContent-Length: 14\r\n"
+                      b"Connection: close\r\n\r\n{\"through\": 5}" % (name, gw.port, name))
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400") and b'"invalid_http"' in answer, answer[:200]
 
 
 def test_the_gateways_own_page_and_listed_sites_may_write(gw, session):
@@ -88,10 +122,12 @@ def test_an_open_gateway_answers_only_local_names(gw, session, host):
         assert session.get("/v1/sessions/s1", headers={"host": ok}).status_code == 200, ok
 
 
-def test_named_hosts_and_keyed_gateways_answer_to_their_names(start_gateway):
+def test_named_hosts_keyed_and_network_gateways_answer_to_their_names(start_gateway):
     named = start_gateway("--allowed-host", "gw.internal")
     assert httpx.get(named.url + "/healthz", headers={"host": "gw.internal"}).status_code == 200
     assert httpx.get(named.url + "/healthz", headers={"host": "other.internal"}).status_code == 403
+    network = start_gateway("--host", "0.0.0.0", "--insecure")  # open to the network by choice
+    assert httpx.get(network.url + "/healthz", headers={"host": "gateway.svc"}).status_code == 200
     keyed = start_gateway("--publish-key", "k" * 40)
     assert httpx.get(keyed.url + "/healthz", headers={"host": "gw.example.com"}).status_code == 200
     r = httpx.post(keyed.url + "/v1/sessions/s/events", json={"data": 1},

@@ -100,7 +100,7 @@ class ChaosProxy:
         self.connections += 1
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
+        except (OSError, asyncio.CancelledError):
             writer.transport.abort()
             return
         self.writers.update((writer, up_writer))
@@ -115,7 +115,10 @@ class ChaosProxy:
             finally:
                 dst.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        except asyncio.CancelledError:
+            pass  # the proxy shuts down; a cancelled connection task makes Python 3.11's asyncio log an "error"
         self.writers.difference_update((writer, up_writer))
 
     def drop_all(self) -> int:

@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from .. import openapi, rules
 from ..bodies import query_int
+from ..cors import CROSS_SITE
 from ..errors import BadRequest, GatewayError, Unavailable
 from ..log.base import EventLog
 from ..sse import encode_retry
@@ -49,7 +50,7 @@ async def stream(session: str, request: Request) -> Response:
     if from_latest:
         cursor, epoch = row.last_id, row.epoch
     start, notice = start_position(row, cursor, epoch)
-    if resuming is not None and not notice and start > row.acked_id:
+    if resuming is not None and not notice and start > row.acked_id and CROSS_SITE not in request.scope:
         gw.spawn(_ack_quietly(gw.log, session, start))  # a reconnect's cursor is also an ack, the last one too
     if row.completed and start >= row.last_id and not notice:
         return Response(status_code=204)
