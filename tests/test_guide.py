@@ -1,0 +1,254 @@
+"""docs/guide.md, followed literally: its agent, backend and page run as written, and a browser reloads the page.
+
+How the guide marks what this test runs. In docs/guide.md, a fenced code block whose line just
+before the opening fence is
+
+* ``<!-- file: NAME -->`` is written, as it stands, to the file NAME of a fresh directory
+  (``agent.py``, ``app.py``, ``index.html``);
+* ``<!-- run: STEP -->`` is a shell step, run by ``bash`` in that directory with the environment
+  the guide builds (``keys`` exports the two secrets; ``gateway``, ``backend`` and ``agent`` start
+  the processes; ``helper`` copies the browser helper; ``status`` asks for the session).
+
+Blocks without such a line are prose for people and are not run. The only changes made: in shell
+steps, the guide's ports 8000 (the gateway) and 3000 (the app) become free ports, and every process
+gets ``SSE_GATEWAY_URL``, the variable the guide's agent and backend read for the gateway's address.
+The programs come from this interpreter's directory first on ``PATH`` (``python``, ``sse-gateway``,
+``uvicorn``), as in the guide's activated virtual environment.
+
+What it checks: the secrets the guide generates start a gateway with keys and ``--cors-origin``;
+the backend mints subscribe tokens; Chromium loads the page from the app's origin, which streams
+from the gateway's origin; the page is reloaded mid-answer (the agent is paused with SIGSTOP for
+the reload, so that it happens mid-answer on any machine, then continued) and again after the end,
+and each time shows the whole answer exactly once and the result; the guide's status command
+shows the session completed with ``acked_id == last_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from conftest import ROOT, require_binary
+from util import await_until, free_port, wait_until
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic",
+                 "--disable-features=LocalNetworkAccessChecks"]  # a page of another origin may reach 127.0.0.1
+GUIDE = ROOT / "docs" / "guide.md"
+FILES = {"agent.py", "app.py", "index.html"}
+STEPS = {"keys", "gateway", "helper", "backend", "agent", "status"}
+RUN = "run1"  # the run id the guide's commands use
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
+
+
+def guide_blocks() -> dict[tuple[str, str], str]:
+    """{("file", NAME) or ("run", STEP): the block's text}, for every marked block of the guide."""
+    found: dict[tuple[str, str], str] = {}
+    for kind, name, body in re.findall(r"^<!-- (file|run): (\S+) -->\n```[\w-]*\n(.*?)^```", GUIDE.read_text(),
+                                       re.S | re.M):
+        assert (kind, name) not in found, f"docs/guide.md marks two blocks '{kind}: {name}'"
+        found[kind, name] = body
+    return found
+
+
+def test_the_guide_marks_every_block_this_test_runs():
+    blocks = guide_blocks()
+    assert {name for kind, name in blocks if kind == "file"} == FILES
+    assert {name for kind, name in blocks if kind == "run"} == STEPS
+
+
+class Guide:
+    """The guide's directory, its environment and the processes its steps started."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.blocks = guide_blocks()
+        self.gateway_port, self.app_port = free_port(), free_port()
+        self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
+        self.app_url = f"http://127.0.0.1:{self.app_port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["PYTHONPATH"] = str(ROOT)  # the checkout under test, as the guide's `pip install -e`
+        env["SSE_GATEWAY_URL"] = self.gateway_url
+        self.env = env
+        self.procs: dict[str, subprocess.Popen] = {}
+        for (kind, name), body in self.blocks.items():
+            if kind == "file":
+                (home / name).write_text(body)
+
+    def command(self, step: str) -> str:
+        body = self.blocks["run", step]
+        body = re.sub(r"\b8000\b", str(self.gateway_port), body)
+        return re.sub(r"\b3000\b", str(self.app_port), body)
+
+    def export(self, step: str) -> None:
+        """Run a step that exports variables, and keep them for the steps after it."""
+        out = subprocess.run(["bash", "-c", f"set -e\n{self.command(step)}\nenv -0"], cwd=self.home, env=self.env,
+                             capture_output=True, timeout=60)
+        assert out.returncode == 0, out.stderr.decode()
+        self.env = dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
+
+    def run(self, step: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", f"set -e\n{self.command(step)}"], cwd=self.home, env=self.env,
+                              capture_output=True, text=True, timeout=60)
+
+    def start(self, step: str) -> subprocess.Popen:
+        """Start a step that keeps running, in a process group of its own (so it can be paused and stopped)."""
+        log = open(self.home / f"{step}.log", "ab")
+        proc = subprocess.Popen(["bash", "-c", self.command(step)], cwd=self.home, env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs[step] = proc
+        return proc
+
+    def signal(self, step: str, sig: int) -> None:
+        proc = self.procs[step]
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+
+    def log(self, step: str) -> str:
+        path = self.home / f"{step}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for step in reversed(list(self.procs)):
+            proc = self.procs[step]
+            if proc.poll() is not None:
+                continue
+            self.signal(step, signal.SIGCONT)
+            self.signal(step, signal.SIGINT)  # Ctrl-C
+            if step == "gateway":
+                self.signal(step, signal.SIGINT)  # a second one skips the drain of its streams
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.signal(step, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture
+def guide(tmp_path: Path):
+    g = Guide(tmp_path)
+    yield g
+    g.stop()
+    for step in ("gateway", "backend"):  # the agent exits 0 on its own (asserted); a Ctrl-C of a failed test is no bug
+        assert "Traceback" not in g.log(step), f"the {step} logged a traceback:\n{g.log(step)}"
+
+
+@pytest.mark.asyncio
+async def test_the_guide_followed_literally(guide: Guide):
+    path = require_binary("chromium", "/usr/bin/chromium")
+    from playwright.async_api import async_playwright
+
+    # 1. Keys, then the gateway with them.
+    guide.export("keys")
+    key, secret = guide.env["SSE_GATEWAY_PUBLISH_KEY"], guide.env["SSE_GATEWAY_TOKEN_SECRET"]
+    assert len(key) >= 32 and len(secret) >= 32 and key != secret
+    gateway = guide.start("gateway")
+    await asyncio.to_thread(wait_until, lambda: gateway.poll() is not None or answers(f"{guide.gateway_url}/readyz"),
+                            what="the guide's gateway to be ready")
+    assert gateway.poll() is None, f"the guide's gateway stopped:\n{guide.log('gateway')}"
+    keyed = {"Authorization": f"Bearer {key}"}
+    api = httpx.AsyncClient(base_url=guide.gateway_url, timeout=10)
+    assert (await api.post(f"/v1/sessions/{RUN}/events", json={"data": 1})).status_code == 401, "no key needed"
+
+    # 2.-3. The helper copied next to the page, and the backend.
+    copied = await asyncio.to_thread(guide.run, "helper")
+    assert copied.returncode == 0, copied.stderr
+    assert (guide.home / "sse-gateway.js").read_bytes() == (ROOT / "static" / "sse-gateway.js").read_bytes()
+    backend = guide.start("backend")
+    await asyncio.to_thread(wait_until, lambda: backend.poll() is not None or answers(guide.app_url + "/"),
+                            what="the guide's backend to answer")
+    assert backend.poll() is None, f"the guide's backend stopped:\n{guide.log('backend')}"
+
+    # 5. The agent, then the page.
+    agent = guide.start("agent")
+
+    async def session() -> dict:
+        response = await api.get(f"/v1/sessions/{RUN}", headers=keyed)
+        return response.json() if response.status_code == 200 else {}
+
+    await await_until(lambda: session(), what="the agent to create its session")
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        page = await browser.new_page()
+        errors: list = []
+        page.on("pageerror", lambda exc: errors.append(exc))  # not a builtin: Playwright wraps it
+        streams: list[str] = []
+        page.on("request", lambda req: streams.append(req.url) if urlparse(req.url).path.endswith("/stream")
+                else None)
+        answer = "document.getElementById('answer').textContent"
+        note = "document.getElementById('note').textContent"
+
+        async def wait_for(condition: str, timeout: float) -> None:
+            """Wait until ``condition`` holds in the page; fail at once if the page stopped with an error."""
+            await page.wait_for_function(f"({condition}) || {note}.startsWith('Stopped')", timeout=timeout)
+            assert not (await page.evaluate(note)).startswith("Stopped"), await page.evaluate(note)
+
+        await page.goto(f"{guide.app_url}/?run={RUN}")
+        await wait_for(f"{answer}.split(' ').length > 10", timeout=60_000)
+
+        # The reload, mid-answer: the agent is paused so the answer cannot end meanwhile.
+        guide.signal("agent", signal.SIGSTOP)
+        assert (await session())["status"] == "open", "the reload must happen while the agent is still writing"
+        before = await page.evaluate(answer)
+        await page.reload()
+        await wait_for(f"{answer}.startsWith({json.dumps(before)})", timeout=60_000)
+        assert not (await page.evaluate(note)).startswith("Finished")
+        guide.signal("agent", signal.SIGCONT)
+
+        await wait_for(f"{note}.startsWith('Finished')", timeout=120_000)
+        assert await asyncio.to_thread(agent.wait, 60) == 0, guide.log("agent")
+        row = await session()
+        result = row["result"]
+        assert row["status"] == "completed" and result["text"].startswith("Server-Sent Events keep")
+
+        async def shows_the_whole_answer_once() -> None:
+            assert await page.evaluate(answer) == result["text"]
+            body = await page.evaluate("document.body.innerText")
+            assert body.count(result["text"].strip()) == 1, "the answer is not shown exactly once"
+            assert await page.evaluate(note) == f"Finished ({result['words']} words)"
+
+        await shows_the_whole_answer_once()
+
+        # Delivered: the helper acknowledged the end; the guide's status command shows it.
+        def status() -> dict:
+            out = guide.run("status")
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)
+
+        def delivered() -> dict:
+            row = status()
+            return row if row["acked_id"] == row["last_id"] else {}
+
+        row = await asyncio.to_thread(wait_until, delivered, what="acked_id to reach last_id after the end")
+        assert row["status"] == "completed" and row["result"] == result
+
+        # Reloaded after the end: the whole answer and the result again.
+        await page.reload()
+        await wait_for(f"{note}.startsWith('Finished')", timeout=60_000)
+        await shows_the_whole_answer_once()
+
+        assert streams and all(url.startswith(guide.gateway_url + "/") for url in streams), streams
+        assert errors == [], f"the page threw: {errors}"
+        await browser.close()
+    await api.aclose()
