@@ -3,7 +3,7 @@
 # (for example `bash scripts/test.sh -m "not system"` runs the fast tier only).
 #
 # Python packages come from the hashed lock requirements/test.txt into a virtual environment of the
-# suite's own (.venv, made afresh on every run), never from the system's site-packages: every run,
+# suite's own (.venv-test, made afresh on every run; the README's .venv is left alone), never from the system's site-packages: every run,
 # on every machine, tests exactly the locked versions. Debian packages (redis-server, nginx with
 # nchan, chromium) and the Node test client are installed when missing.
 set -euo pipefail
@@ -25,8 +25,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-python3 -m venv --clear .venv
-.venv/bin/python -m pip install -q --require-hashes -r requirements/test.txt
-.venv/bin/python -m pip install -q --no-deps -e .
+python3 -m venv --clear .venv-test
+.venv-test/bin/python -m pip install -q --require-hashes -r requirements/test.txt
+.venv-test/bin/python -m pip install -q --no-deps -e .
 (cd tests/node && npm ci --silent --no-audit --no-fund >/dev/null)
-exec .venv/bin/python -m pytest "$@"
+exec .venv-test/bin/python -m pytest "$@"

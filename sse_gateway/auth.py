@@ -52,13 +52,9 @@ def _bearer(request: Request) -> str | None:
 
 class Auth:
     def __init__(self, keys: tuple[str, ...] = (), secret: str | None = None, ttl: int = 3600) -> None:
-        self.keys = tuple(_digest(k) for k in keys if k)
+        self.keys = tuple(_digest(k) for k in keys)  # empty keys never get here (Settings refuses them)
         self.secret = secret
         self.ttl = ttl
-
-    @property
-    def open(self) -> bool:
-        return not self.keys
 
     def _is_key(self, credential: str) -> bool:
         given = _digest(credential)

@@ -60,7 +60,7 @@ PUBLISH = {
 STREAM = {
     "parameters": [
         {"name": "Last-Event-ID", "in": "header", "required": False,
-         "schema": {"type": "string", "pattern": r"^\s*([0-9]{1,18}(:[A-Za-z0-9]{1,32})?)?\s*$"},
+         "schema": {"anyOf": [{"type": "string", "pattern": CURSOR}, {"type": "string", "pattern": r"^\s*$"}]},
          "description": "the cursor EventSource sends back: ID:EPOCH or ID; empty means none"},
         {"name": "last_event_id", "in": "query", "required": False, "schema": {"type": "string", "pattern": CURSOR}},
         {"name": "from", "in": "query", "required": False, "description": "earliest, latest or a cursor",

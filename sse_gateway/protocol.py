@@ -109,7 +109,8 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {TRANSPORT_EXTENSION: {"transport": self.transport}}  # to abort a cut stream
+        # the connection, so that a cut stream can abort it (stream.py)
+        self.scope.setdefault("extensions", {})[TRANSPORT_EXTENSION] = {"transport": self.transport}
         self._begun = True
         self._header_bytes = 0
         if self._deadline is None:

@@ -20,7 +20,7 @@ SESSION_ID = r"^(?!\.{1,2}$)[A-Za-z0-9_.~-]{1,128}$"
 EVENT_TYPE = r"^[A-Za-z0-9_.:-]{1,64}$"
 RESERVED_PREFIX = "gateway."
 #: A cursor: ``ID`` or ``ID:EPOCH`` (surrounding blanks are ignored).
-CURSOR = r"^\s*[0-9]{1,18}(:[A-Za-z0-9]{1,32})?\s*$"
+CURSOR = r"^\s*([0-9]{1,18})(?::([A-Za-z0-9]{1,32}))?\s*$"
 #: An idempotency key: 1-256 printable ASCII characters.
 MAX_IDEMPOTENCY_KEY = 256
 IDEMPOTENCY_KEY = r"^[\x20-\x7e]{1,256}$"

@@ -58,6 +58,7 @@ import struct
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from . import rules
 from .errors import BadRequest, GatewayError
 from .hub import CHUNK_BYTES, Channel, Hub
 from .models import END_EVENT, Session
@@ -75,7 +76,7 @@ HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-_CURSOR = re.compile(r"([0-9]{1,18})(?::([A-Za-z0-9]{1,32}))?")
+_CURSOR = re.compile(rules.CURSOR)
 
 
 def parse_cursor(text: str) -> tuple[int, str | None]:

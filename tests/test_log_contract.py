@@ -301,14 +301,6 @@ async def test_observer_hears_deletes_and_nothing_for_writes_without_events(log)
     assert heard.facts[-1] == ("deleted", "short")
 
 
-async def test_the_old_listener_form_hears_the_same_facts(log):
-    seen = []
-    log.add_listener(lambda session, events, row: seen.append((session, [e.id for e in events], row is None)))
-    await log.append("s", [ev(), ev()])
-    await log.delete_session("s")
-    assert seen == [("s", [1, 2], False), ("s", [], True)]
-
-
 async def test_an_observer_that_overrides_nothing_is_never_called(log):
     class Deaf(LogObserver):
         pass

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from conftest import free_port, require_binary
 from httpx_sse import aconnect_sse
-from util import RawStream, Received, await_until, metric, read_stream
+from util import Heard, RawStream, Received, await_until, metric, read_stream
 
 from sse_gateway.errors import Unavailable
 from sse_gateway.log.redis import RedisLog
@@ -310,7 +310,7 @@ async def test_redis_cluster_appends_reads_and_feed(start_redis):
         names = [f"c{i}" for i in range(6)]  # spread over the slots of all three masters
         heads: dict[str, int] = {}
         watcher.watched = set(names)
-        watcher.add_listener(lambda s, events, row: row and heads.__setitem__(s, row.last_id))
+        watcher.add_observer(Heard(lambda s, events, row: row and heads.__setitem__(s, row.last_id)))
         await feeds_subscribed(*(s.url for s in servers), count=2)  # the writer's and the watcher's
         jobs = [(name, i) for name in names for i in range(20)]
         results = await asyncio.gather(*(writer.append(name, [NewEvent("message", f'"{name}-{i}"')])
@@ -367,7 +367,7 @@ async def test_a_write_whose_reply_was_lost_still_reaches_this_nodes_streams(sta
     try:
         await store.create_session("late")
         store.watched = {"late"}
-        store.add_listener(lambda s, events, row: row and heads.append(row.last_id))
+        store.add_observer(Heard(lambda s, events, row: row and heads.append(row.last_id)))
         await feeds_subscribed(server.url, count=1)
         busy = subprocess.Popen([require_binary("redis-cli"), "-p", str(server.port), "DEBUG", "SLEEP", "4"])
         await redis_busy(server.port)
@@ -398,7 +398,7 @@ async def test_feed_takes_lines_of_older_nodes_and_survives_garbage(redis_server
     try:
         epoch = (await writer.create_session("mixed")).epoch
         watcher.watched = {"mixed"}
-        watcher.add_listener(lambda s, events, row: row and heads.append(row.last_id))
+        watcher.add_observer(Heard(lambda s, events, row: row and heads.append(row.last_id)))
         await feeds_subscribed(redis_server, count=2)
         for junk in (b"", b"no tabs", b"mixed\tx\tnot-a-number\topen", b"\xff\xfe", b"a\tb"):
             await raw.publish(CHANNEL, junk)

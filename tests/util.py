@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
+from sse_gateway.log.base import LogObserver
+
 #: How long a wait may take before the test fails. Generous on purpose: a wait ends as soon as its
 #: condition holds, so this costs nothing when the machine is fast, and it must not fail a slow one.
 WAIT_TIMEOUT = 30.0
@@ -280,3 +282,19 @@ class RawStream:
             self.clean_end = False
         finally:
             writer.transport.abort()
+
+
+class Heard(LogObserver):
+    """One function ``heard(session, events, row)`` for a log's appends, moves (no events) and deletes (row None)."""
+
+    def __init__(self, heard) -> None:
+        self.heard = heard
+
+    def appended(self, session, events, row) -> None:
+        self.heard(session, events, row)
+
+    def moved(self, session, row) -> None:
+        self.heard(session, [], row)
+
+    def deleted(self, session) -> None:
+        self.heard(session, [], None)

@@ -126,23 +126,6 @@ class OpenStreams:
         return None
 
 
-class _Listener(LogObserver):
-    """A single ``listener(session, events, row)`` for all three facts: ``events`` empty when the head
-    moved elsewhere, ``row`` None when deleted. The older form, kept for callers that want one function."""
-
-    def __init__(self, listener: Callable[[str, list[StoredEvent], Session | None], None]) -> None:
-        self.listener = listener
-
-    def appended(self, session: str, events: list[StoredEvent], row: Session) -> None:
-        self.listener(session, events, row)
-
-    def moved(self, session: str, row: Session) -> None:
-        self.listener(session, [], row)
-
-    def deleted(self, session: str) -> None:
-        self.listener(session, [], None)
-
-
 class EventLog(abc.ABC):
     """A durable store of sessions and their events (see the module docstring)."""
 
@@ -166,10 +149,6 @@ class EventLog(abc.ABC):
         for fact in _FACTS:
             if getattr(type(observer), fact, None) not in (None, getattr(LogObserver, fact)):
                 getattr(self, "_on_" + fact).append(getattr(observer, fact))
-
-    def add_listener(self, listener: Callable[[str, list[StoredEvent], Session | None], None]) -> None:
-        """``add_observer`` for one function that hears appends, moves (no events) and deletes (row None)."""
-        self.add_observer(_Listener(listener))
 
     def _appended(self, session: str, events: list[StoredEvent], row: Session) -> None:
         for call in self._on_appended:
