@@ -168,3 +168,19 @@ def test_one_key_for_two_different_events_of_a_batch_is_refused(app_client):
     r = c.post("/v1/sessions/reuse/events", content=lines, headers={"content-type": "application/x-ndjson"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_reused"
     assert c.get("/v1/sessions/reuse").json()["last_id"] == 1
+
+
+def test_an_ndjson_stream_of_blank_lines_says_where_the_session_stands(app_client):
+    c = app_client
+    nd = {"content-type": "application/x-ndjson"}
+    r = c.post("/v1/sessions/blank/events", content=b"\n\n", headers=nd)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+    first = c.post("/v1/sessions/blank/events", json=[{"data": 1}, {"data": 2}]).json()
+    r = c.post("/v1/sessions/blank/events", content=b"\n \n", headers=nd)
+    assert r.status_code == 200 and r.json() == {"ids": [], "session": "blank", "last_id": 2, "epoch": first["epoch"]}
+
+
+def test_json_in_another_charset_is_refused(app_client):
+    r = app_client.post("/v1/sessions/cs/events", content='{"data": "é"}'.encode("latin-1"),
+                        headers={"content-type": "application/json; charset=latin-1"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_charset"

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from .. import limits, openapi
 from ..bodies import check_key, check_size, content_type, parse_event, parse_json, read_body
-from ..errors import BadRequest, GatewayError, RequestTimeout, TooLarge, UnsupportedMedia
+from ..errors import BadRequest, GatewayError, NotFound, RequestTimeout, TooLarge, UnsupportedMedia
 from ..gateway import Gateway
 from ..models import AppendResult, NewEvent, check_event_type
 from .common import json_response, publisher
@@ -31,7 +31,9 @@ async def publish(session: str, request: Request) -> Response:
         header_key = check_key(header_key)
     settings = gw.settings
     try:
-        text_type = check_event_type(request.query_params.get("event", "message"))  # checked for every body
+        # ?event= is checked for every body (and ignored but for text); most publishes have no query at all
+        text_type = check_event_type(request.query_params.get("event", "message")) if request.scope["query_string"] \
+            else "message"
         if kind == "application/x-ndjson":
             if header_key is not None:
                 raise BadRequest("an NDJSON stream takes per-line idempotency_key, not the header",
@@ -39,6 +41,8 @@ async def publish(session: str, request: Request) -> Response:
             return await _publish_ndjson(gw, session, request)
         body = await read_body(request, settings.max_body_bytes)
         if kind == "application/json":
+            if charset not in ("", "utf-8", "utf8"):
+                raise UnsupportedMedia("application/json must be UTF-8", "unsupported_charset")
             payload = parse_json(body)
             if isinstance(payload, list):
                 if header_key is not None:
@@ -86,7 +90,8 @@ async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Respon
 async def _ndjson_lines(gw: Gateway, session: str, request: Request, ids: list[int]) -> Response:
     answer: dict = {"ids": ids, "session": session, "last_id": 0}
     any_new = False
-    pending = b""
+    pending: list[bytes] = []  # the pieces of the line not complete yet (joined once its end arrives)
+    size = 0
     settings = gw.settings
 
     async def append_all(events: list[NewEvent]) -> None:
@@ -119,14 +124,22 @@ async def _ndjson_lines(gw: Gateway, session: str, request: Request, ids: list[i
             raise RequestTimeout(f"no complete NDJSON line arrived for {patience:g} s", "line_timeout") from None
         if chunk is None:
             break
-        pending += chunk
         if b"\n" in chunk:
-            *lines, pending = pending.split(b"\n")
+            *lines, rest = b"".join((*pending, chunk)).split(b"\n")
+            pending, size = [rest], len(rest)
             deadline = loop.time() + patience
             await flush(lines)
-        if len(pending) > settings.max_body_bytes:
+        else:
+            pending.append(chunk)
+            size += len(chunk)
+        if size > settings.max_body_bytes:
             raise TooLarge(f"an NDJSON line is longer than {settings.max_body_bytes} bytes", "line_too_long")
-    await flush([pending])
+    await flush([b"".join(pending)])
+    if not ids:  # nothing but blank lines: say where the session stands
+        row = await gw.log.get_session(session)
+        if row is None:
+            raise NotFound(f"no session {session!r} (an NDJSON stream without events creates none)")
+        answer.update(last_id=row.last_id, epoch=row.epoch)
     return json_response(answer, 201 if any_new else 200)
 
 

@@ -21,7 +21,7 @@ router = APIRouter(tags=["sessions"])
 async def complete(session: str, request: Request) -> Response:
     gw = publisher(request, session)
     spec = await json_object(request, gw.settings.max_body_bytes, frozenset({"result"}),
-                       '{"result"?}', "invalid_body")
+                             '{"result"?}', "invalid_body")
     if "result" in spec:
         check_size(dump_json(spec["result"]), gw.settings.max_event_bytes, "result")
     row = await gw.log.complete(session, spec.get("result", NO_RESULT))
@@ -32,11 +32,11 @@ async def complete(session: str, request: Request) -> Response:
 async def ack(session: str, request: Request) -> Response:
     gw, bound = reader(request, session)
     spec = await json_object(request, rules.SMALL_BODY, frozenset({"id"}), '{"id": N}', "invalid_ack",
-                       empty=False)
-    upto, epoch = spec.get("id"), None
-    upto, epoch = parse_cursor(upto) if isinstance(upto, str) else (json_int(upto), None)
+                             empty=False)
+    upto = spec.get("id")
+    upto, epoch = parse_cursor(upto) if isinstance(upto, str) else (json_int(upto), None)  # 400 invalid_cursor
     if upto is None:
-        raise BadRequest("body must be {\"id\": N}", "invalid_ack")
+        raise BadRequest("body must be {\"id\": N} with N a number or a cursor \"N:EPOCH\"", "invalid_ack")
     if bound is not None or epoch is not None:
         row = await row_for_reader(gw, session, bound)
         if epoch is not None and epoch != row.epoch:  # a cursor of an earlier life of this session id
@@ -78,7 +78,7 @@ async def put_state(session: str, request: Request) -> Response:
 async def trim(session: str, request: Request) -> Response:
     gw = publisher(request, session)
     spec = await json_object(request, rules.SMALL_BODY, frozenset({"through"}), '{"through": N}',
-                       "invalid_trim", empty=False)
+                             "invalid_trim", empty=False)
     through = json_int(spec.get("through"))
     if through is None or through < 0:
         raise BadRequest("body must be {\"through\": N}", "invalid_trim")

@@ -85,7 +85,7 @@ def _created(gw: Gateway, row: Session, status: int) -> Response:
 async def mint_token(session: str, request: Request) -> Response:
     gw = publisher(request, session)
     spec = await json_object(request, rules.SMALL_BODY, _TOKEN_FIELDS, '{"ttl_seconds"?}',
-                       "invalid_body")
+                             "invalid_body")
     ttl = bounded_int(spec.get("ttl_seconds"), rules.TOKEN_TTL, "ttl_seconds", "invalid_ttl")
     row = await gw.log.get_session(session)  # an existing session binds the token to its life
     token = gw.auth.mint(session, ttl, epoch=row.epoch if row else None)
