@@ -186,7 +186,11 @@ async def test_the_guide_followed_literally(guide: Guide):
         response = await api.get(f"/v1/sessions/{RUN}", headers=keyed)
         return response.json() if response.status_code == 200 else {}
 
-    await await_until(lambda: session(), what="the agent to create its session")
+    async def started() -> bool:
+        assert agent.poll() is None, f"the guide's agent stopped:\n{guide.log('agent')}"
+        return bool(await session())
+
+    await await_until(started, what="the agent to create its session")
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
