@@ -10,6 +10,7 @@ its worker) from ``/proc``.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import re
 import resource
@@ -345,6 +346,8 @@ def make_server(name: str, workdir: Path, *, cpu: int | None, nchan_conf: Path =
     url = f"http://127.0.0.1:{port}"
     py = [sys.executable, "-m"]
     if name == "baseline":
+        if importlib.util.find_spec("sse_starlette") is None:
+            raise RuntimeError("the baseline needs sse-starlette: pip install 'sse-gateway[bench]'")
         cmd = py + ["sse_gateway.bench._baseline", "--port", str(port)]
     elif name == "floor":
         cmd = py + ["sse_gateway.bench.floor", "--port", str(port)]
