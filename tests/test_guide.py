@@ -4,12 +4,15 @@ How the guide marks what this test runs. In docs/guide.md, a fenced code block w
 before the opening fence is
 
 * ``<!-- file: NAME -->`` is written, as it stands, to the file NAME of a fresh directory
-  (``agent.py``, ``app.py``, ``index.html``);
+  (``agent.py``, ``app.py``, ``index.html``, ``delivered.py``);
 * ``<!-- run: STEP -->`` is a shell step, run by ``bash`` in that directory with the environment
-  the guide builds (``keys`` exports the two secrets; ``gateway``, ``backend`` and ``agent`` start
-  the processes; ``helper`` copies the browser helper; ``status`` asks for the session).
+  the guide builds (``install`` makes a virtual environment from the lock; ``keys`` exports the two
+  secrets; ``gateway``, ``backend`` and ``agent`` start the processes; ``helper`` copies the browser
+  helper; ``status`` and ``delivered`` ask about the session).
 
-Blocks without such a line are prose for people and are not run. The only changes made: in shell
+Every code block of the guide carries such a line (checked here), so every one is run. The
+``install`` step runs on its own (it downloads the locked packages); the others use this
+interpreter's environment, which holds the same packages. The only changes made: in shell
 steps, the guide's ports 8000 (the gateway) and 3000 (the app) become free ports, and every process
 gets ``SSE_GATEWAY_URL``, the variable the guide's agent and backend read for the gateway's address.
 The programs come from this interpreter's directory first on ``PATH`` (``python``, ``sse-gateway``,
@@ -20,7 +23,8 @@ the backend mints subscribe tokens; Chromium loads the page from the app's origi
 from the gateway's origin; the page is reloaded mid-answer (the agent is paused with SIGSTOP for
 the reload, so that it happens mid-answer on any machine, then continued) and again after the end,
 and each time shows the whole answer exactly once and the result; the guide's status command
-shows the session completed with ``acked_id == last_id``.
+shows the session completed with ``acked_id == last_id``, and ``delivered.py`` says "running"
+mid-answer and "finished and delivered" after the end.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic",
                  "--disable-features=LocalNetworkAccessChecks"]  # a page of another origin may reach 127.0.0.1
 GUIDE = ROOT / "docs" / "guide.md"
-FILES = {"agent.py", "app.py", "index.html"}
-STEPS = {"keys", "gateway", "helper", "backend", "agent", "status"}
+FILES = {"agent.py", "app.py", "index.html", "delivered.py"}
+STEPS = {"install", "keys", "gateway", "helper", "backend", "agent", "status", "delivered"}
 RUN = "run1"  # the run id the guide's commands use
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
@@ -56,16 +60,33 @@ def guide_blocks() -> dict[tuple[str, str], str]:
     """{("file", NAME) or ("run", STEP): the block's text}, for every marked block of the guide."""
     found: dict[tuple[str, str], str] = {}
     for kind, name, body in re.findall(r"^<!-- (file|run): (\S+) -->\n```[\w-]*\n(.*?)^```", GUIDE.read_text(),
-                                       re.S | re.M):
+                                       re.DOTALL | re.MULTILINE):
         assert (kind, name) not in found, f"docs/guide.md marks two blocks '{kind}: {name}'"
         found[kind, name] = body
     return found
 
 
-def test_the_guide_marks_every_block_this_test_runs():
+def test_every_block_of_the_guide_is_run():
     blocks = guide_blocks()
     assert {name for kind, name in blocks if kind == "file"} == FILES
     assert {name for kind, name in blocks if kind == "run"} == STEPS
+    fences = re.findall(r"^```", GUIDE.read_text(), re.MULTILINE)
+    assert len(fences) == 2 * len(blocks), "a code block of docs/guide.md is not marked, so nothing runs it"
+
+
+@pytest.mark.timeout(600)
+def test_the_install_step_gives_everything_the_guide_uses(tmp_path: Path):
+    """Step 0, as written, in an app directory beside the checkout (network: the hashed lock from PyPI)."""
+    (tmp_path / "sse-gateway").symlink_to(ROOT)
+    app = tmp_path / "app"
+    app.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SSE_GATEWAY_", "VIRTUAL_ENV", "PYTHON"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    check = "python -c 'import sse_gateway.client, starlette, uvicorn' && sse-gateway serve --help && uvicorn --version"
+    out = subprocess.run(["bash", "-c", f"set -e\n{guide_blocks()['run', 'install']}\n{check}"], cwd=app, env=env,
+                         check=False, capture_output=True, text=True, timeout=540)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (app / ".venv" / "bin" / "sse-gateway").exists()
 
 
 class Guide:
@@ -95,20 +116,19 @@ class Guide:
     def export(self, step: str) -> None:
         """Run a step that exports variables, and keep them for the steps after it."""
         out = subprocess.run(["bash", "-c", f"set -e\n{self.command(step)}\nenv -0"], cwd=self.home, env=self.env,
-                             capture_output=True, timeout=60)
+                             check=False, capture_output=True, timeout=60)
         assert out.returncode == 0, out.stderr.decode()
         self.env = dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
 
     def run(self, step: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", "-c", f"set -e\n{self.command(step)}"], cwd=self.home, env=self.env,
-                              capture_output=True, text=True, timeout=60)
+                              check=False, capture_output=True, text=True, timeout=60)
 
     def start(self, step: str) -> subprocess.Popen:
         """Start a step that keeps running, in a process group of its own (so it can be paused and stopped)."""
-        log = open(self.home / f"{step}.log", "ab")
-        proc = subprocess.Popen(["bash", "-c", self.command(step)], cwd=self.home, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.home / f"{step}.log", "ab") as log:
+            proc = subprocess.Popen(["bash", "-c", self.command(step)], cwd=self.home, env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[step] = proc
         return proc
 
@@ -218,6 +238,8 @@ async def test_the_guide_followed_literally(guide: Guide):
         await page.reload()
         await wait_for(f"{answer}.startsWith({json.dumps(before)})", timeout=60_000)
         assert not (await page.evaluate(note)).startswith("Finished")
+        running = await asyncio.to_thread(guide.run, "delivered")
+        assert re.fullmatch(rf"{RUN}: running \(\d+ events so far\)\n", running.stdout), running.stdout + running.stderr
         guide.signal("agent", signal.SIGCONT)
 
         await wait_for(f"{note}.startsWith('Finished')", timeout=120_000)
@@ -246,6 +268,8 @@ async def test_the_guide_followed_literally(guide: Guide):
 
         row = await asyncio.to_thread(wait_until, delivered, what="acked_id to reach last_id after the end")
         assert row["status"] == "completed" and row["result"] == result
+        said = await asyncio.to_thread(guide.run, "delivered")
+        assert said.stdout == f"{RUN}: finished and delivered\n", said.stdout + said.stderr
 
         # Reloaded after the end: the whole answer and the result again.
         await page.reload()
