@@ -6,13 +6,14 @@ before the opening fence is
 * ``<!-- file: NAME -->`` is written, as it stands, to the file NAME of a fresh directory
   (``agent.py``, ``app.py``, ``index.html``, ``delivered.py``);
 * ``<!-- run: STEP -->`` is a shell step, run by ``bash`` in that directory with the environment
-  the guide builds (``install`` makes a virtual environment from the lock; ``keys`` exports the two
-  secrets; ``gateway``, ``backend`` and ``agent`` start the processes; ``helper`` copies the browser
-  helper; ``status`` and ``delivered`` ask about the session).
+  the guide builds (``install`` makes a virtual environment from the lock; ``keys`` writes the two
+  secrets to ``.env``; ``terminal`` is how each terminal starts; ``gateway``, ``backend`` and
+  ``agent`` start the processes; ``helper`` copies the browser helper; ``status`` and
+  ``delivered`` ask about the session).
 
 Every code block of the guide carries such a line (checked here), so every one is run. The
-``install`` step runs on its own (it downloads the locked packages); the others use this
-interpreter's environment, which holds the same packages. The only changes made: in shell
+``install`` step runs on its own (it downloads the locked packages); for the others, ``.venv`` is
+this interpreter's environment, which holds the same packages. The only changes made: in shell
 steps, the guide's ports 8000 (the gateway) and 3000 (the app) become free ports, and every process
 gets ``SSE_GATEWAY_URL``, the variable the guide's agent and backend read for the gateway's address.
 The programs come from this interpreter's directory first on ``PATH`` (``python``, ``sse-gateway``,
@@ -50,7 +51,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-features=LocalNetworkAccessChecks"]  # a page of another origin may reach 127.0.0.1
 GUIDE = ROOT / "docs" / "guide.md"
 FILES = {"agent.py", "app.py", "index.html", "delivered.py"}
-STEPS = {"install", "keys", "gateway", "helper", "backend", "agent", "status", "delivered"}
+STEPS = {"install", "keys", "terminal", "gateway", "helper", "backend", "agent", "status", "delivered"}
 RUN = "run1"  # the run id the guide's commands use
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
@@ -76,17 +77,22 @@ def test_every_block_of_the_guide_is_run():
 
 @pytest.mark.timeout(600)
 def test_the_install_step_gives_everything_the_guide_uses(tmp_path: Path):
-    """Step 0, as written, in an app directory beside the checkout (network: the hashed lock from PyPI)."""
+    """Steps 0 and 1's keys, as written, in an app directory beside the checkout (network: the lock from PyPI)."""
     (tmp_path / "sse-gateway").symlink_to(ROOT)
     app = tmp_path / "app"
     app.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SSE_GATEWAY_", "VIRTUAL_ENV", "PYTHON"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     check = "python -c 'import sse_gateway.client, starlette, uvicorn' && sse-gateway serve --help && uvicorn --version"
-    out = subprocess.run(["bash", "-c", f"set -e\n{guide_blocks()['run', 'install']}\n{check}"], cwd=app, env=env,
+    steps = "\n".join(guide_blocks()["run", step] for step in ("install", "keys", "terminal"))
+    out = subprocess.run(["bash", "-c", f"set -e\n{steps}\n{check}"], cwd=app, env=env,
                          check=False, capture_output=True, text=True, timeout=540)
     assert out.returncode == 0, out.stdout + out.stderr
     assert (app / ".venv" / "bin" / "sse-gateway").exists()
+    keys = dict(re.findall(r"^export (\w+)=(\S+)$", (app / ".env").read_text(), re.MULTILINE))
+    assert set(keys) == {"SSE_GATEWAY_PUBLISH_KEY", "SSE_GATEWAY_TOKEN_SECRET"}
+    assert all(len(value) >= 32 for value in keys.values()) and len(set(keys.values())) == 2
+    assert (app / ".env").stat().st_mode & 0o077 == 0, "the secrets' file is readable by others"
 
 
 class Guide:
@@ -104,6 +110,12 @@ class Guide:
         env["SSE_GATEWAY_URL"] = self.gateway_url
         self.env = env
         self.procs: dict[str, subprocess.Popen] = {}
+        # Step 0's environment: this interpreter's (test_the_install_step... makes a real one from the lock).
+        if (Path(sys.prefix) / "bin" / "activate").exists():
+            (home / ".venv").symlink_to(sys.prefix)
+        else:
+            (home / ".venv" / "bin").mkdir(parents=True)
+            (home / ".venv" / "bin" / "activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
         for (kind, name), body in self.blocks.items():
             if kind == "file":
                 (home / name).write_text(body)
@@ -178,8 +190,10 @@ async def test_the_guide_followed_literally(guide: Guide):
     path = require_binary("chromium", "/usr/bin/chromium")
     from playwright.async_api import async_playwright
 
-    # 1. Keys, then the gateway with them.
-    guide.export("keys")
+    # 1. Keys, once; every terminal reads them; the gateway with them.
+    made = await asyncio.to_thread(guide.run, "keys")
+    assert made.returncode == 0, made.stderr
+    guide.export("terminal")
     key, secret = guide.env["SSE_GATEWAY_PUBLISH_KEY"], guide.env["SSE_GATEWAY_TOKEN_SECRET"]
     assert len(key) >= 32 and len(secret) >= 32 and key != secret
     gateway = guide.start("gateway")
