@@ -21,8 +21,9 @@ The programs come from this interpreter's directory first on ``PATH`` (``python`
 
 What it checks: the secrets the guide generates start a gateway with keys and ``--cors-origin``;
 the backend mints subscribe tokens; Chromium loads the page from the app's origin, which streams
-from the gateway's origin; the page is reloaded mid-answer (the agent is paused with SIGSTOP for
-the reload, so that it happens mid-answer on any machine, then continued) and again after the end,
+from the gateway's origin and receives live words; the page is reloaded mid-answer (the agent is
+paused with SIGSTOP while the browser starts and while the page reloads, so that the reload comes
+mid-answer on any machine, then continued) and again after the end,
 and each time shows the whole answer exactly once and the result; the guide's status command
 shows the session completed with ``acked_id == last_id``, and ``delivered.py`` says "running"
 mid-answer and "finished and delivered" after the end.
@@ -220,11 +221,14 @@ async def test_the_guide_followed_literally(guide: Guide):
         response = await api.get(f"/v1/sessions/{RUN}", headers=keyed)
         return response.json() if response.status_code == 200 else {}
 
-    async def started() -> bool:
+    async def writing() -> bool:
         assert agent.poll() is None, f"the guide's agent stopped:\n{guide.log('agent')}"
-        return bool(await session())
+        return (await session()).get("last_id", 0) >= 5
 
-    await await_until(started, what="the agent to create its session")
+    # The agent is paused (SIGSTOP) while the browser starts, and again while the page reloads, so
+    # that the reload comes mid-answer however slow the machine; between the pauses it writes live.
+    await await_until(writing, what="the agent to write its first events")
+    guide.signal("agent", signal.SIGSTOP)
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
@@ -243,9 +247,12 @@ async def test_the_guide_followed_literally(guide: Guide):
             assert not (await page.evaluate(note)).startswith("Stopped"), await page.evaluate(note)
 
         await page.goto(f"{guide.app_url}/?run={RUN}")
-        await wait_for(f"{answer}.split(' ').length > 10", timeout=60_000)
+        await wait_for(f"{answer}.length > 0", timeout=60_000)
+        shown = len((await page.evaluate(answer)).split())
+        guide.signal("agent", signal.SIGCONT)
+        await wait_for(f"{answer}.split(' ').length > {shown + 3}", timeout=60_000)  # live words arrive
 
-        # The reload, mid-answer: the agent is paused so the answer cannot end meanwhile.
+        # The reload, mid-answer.
         guide.signal("agent", signal.SIGSTOP)
         assert (await session())["status"] == "open", "the reload must happen while the agent is still writing"
         before = await page.evaluate(answer)
