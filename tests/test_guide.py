@@ -55,7 +55,7 @@ FILES = {"agent.py", "app.py", "index.html", "delivered.py"}
 STEPS = {"install", "keys", "terminal", "gateway", "helper", "backend", "agent", "status", "delivered"}
 RUN = "run1"  # the run id the guide's commands use
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 
 def guide_blocks() -> dict[tuple[str, str], str]:
@@ -76,6 +76,7 @@ def test_every_block_of_the_guide_is_run():
     assert len(fences) == 2 * len(blocks), "a code block of docs/guide.md is not marked, so nothing runs it"
 
 
+@pytest.mark.system  # a fresh virtual environment from the lock
 @pytest.mark.timeout(600)
 def test_the_install_step_gives_everything_the_guide_uses(tmp_path: Path):
     """Steps 0 and 1's keys, as written, in an app directory beside the checkout (network: the lock from PyPI)."""
@@ -186,6 +187,7 @@ def guide(tmp_path: Path):
         assert "Traceback" not in g.log(step), f"the {step} logged a traceback:\n{g.log(step)}"
 
 
+@pytest.mark.system  # a gateway, the app, the agent, Chromium
 @pytest.mark.asyncio
 async def test_the_guide_followed_literally(guide: Guide):
     path = require_binary("chromium", "/usr/bin/chromium")
