@@ -334,8 +334,10 @@ def _serve(settings: Settings, sock: socket.socket) -> int:
     server = GatewayServer(config, app)
     where = "memory (nothing is kept)" if settings.backend == "memory" else (
         settings.db if settings.backend == "sqlite" else re.sub(r"//[^@/]*@", "//***@", settings.redis_url))
-    log.info("sse-gateway %s on http://%s:%d  backend=%s (%s)  heartbeat=%gs", __version__, settings.host,
-             settings.port, settings.backend, where, settings.heartbeat)
+    log.info("sse-gateway %s on http://%s:%d  backend=%s (%s)  heartbeat=%gs  keys=%s  tokens=%s  cors=%s",
+             __version__, settings.host, settings.port, settings.backend, where, settings.heartbeat,
+             len(settings.publish_keys) or "none", "on" if settings.token_secret else "off",
+             ",".join(settings.cors_origin) or "none")
     return 0 if server.run(sockets=[sock]) else 1
 
 

@@ -82,6 +82,7 @@ def test_environment_configures_serve(tmp_path):
     assert proc.returncode == 0
     assert "open to anyone" in err and "backend=sqlite" in err and "Traceback" not in err
     assert "heartbeat=0.5s" in err  # the heartbeat from the environment (the ping above came from it)
+    assert "keys=none" in err and "tokens=off" in err and "cors=none" in err
 
 
 def test_publish_and_tail(gateway):
