@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import orjson
@@ -18,8 +19,6 @@ from starlette.requests import Request
 
 from . import limits, rules
 from .errors import BadRequest, TooLarge, UnsupportedMedia
-import re
-
 from .models import DECISIONS, DIGITS_TO_ZERO, INPUT_KINDS, LONG_DIGITS, NewEvent, NewInput, check_event_type, dump_json
 
 

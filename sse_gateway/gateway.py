@@ -1,6 +1,6 @@
 """The gateway process: what every request needs, built in the lifespan, and its life.
 
-``Gateway`` owns the event log, the hub, auth, stream slots, metrics and the
+``Gateway`` owns the event log, the hub, the input waiters, auth, stream slots, metrics and the
 background tasks (retention sweep, slow-client watchdog, loop-lag probe).
 It is created when the app starts (never at import: every asyncio object
 belongs to the running loop), drains on SIGTERM, and closes the log last.

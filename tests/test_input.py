@@ -116,8 +116,8 @@ def test_approval_flow(c):
     c.post("/v1/sessions", json={"id": "in-ap"})
     r = c.post("/v1/sessions/in-ap/input", json={"kind": "approval", "approval_id": "a1", "decision": "approve"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "approval_not_found"
-    assert c.post("/v1/sessions/in-ap/events",
-                  json={"event": "approval.request", "data": {"approval_id": "a1", "tool": "rm -rf"}}).status_code == 201
+    request = {"event": "approval.request", "data": {"approval_id": "a1", "tool": "rm -rf"}}
+    assert c.post("/v1/sessions/in-ap/events", json=request).status_code == 201
     r = c.post("/v1/sessions/in-ap/input", json={"kind": "approval", "approval_id": "a1", "decision": "deny",
                                                   "data": {"why": "too broad"}, "idempotency_key": "tab-1"})
     assert r.status_code == 201 and r.json()["id"] == 1
@@ -170,7 +170,8 @@ def test_input_stream_replays_after_the_ack_and_resets_another_life(c):
     c.post("/v1/sessions/in-st/input/ack", json={"id": 2})
     assert [f["id"] for f in sse_frames(c.get("/v1/sessions/in-st/input/stream", params={"live": "false"}).text)] \
         == [f"3:{epoch}"]  # a restarted agent resumes after what it acked
-    resumed = c.get("/v1/sessions/in-st/input/stream", params={"live": "false"}, headers={"Last-Event-ID": f"1:{epoch}"})
+    resumed = c.get("/v1/sessions/in-st/input/stream", params={"live": "false"},
+                    headers={"Last-Event-ID": f"1:{epoch}"})
     assert [f["id"] for f in sse_frames(resumed.text)] == [f"2:{epoch}", f"3:{epoch}"]
     for start, ids in (("earliest", [1, 2, 3]), ("latest", []), ("acked", [3])):
         got = c.get("/v1/sessions/in-st/input/stream", params={"live": "false", "from": start})

@@ -32,11 +32,11 @@ from .base import (
     apply_complete,
     apply_input,
     apply_input_ack,
-    approval_ids,
-    stored_input,
     apply_state,
     apply_trim,
+    approval_ids,
     is_expired,
+    stored_input,
     stored_json,
     stored_text,
 )
