@@ -405,3 +405,43 @@ def test_input_streams_end_when_the_session_is_deleted(gateway):
             c.delete("/v1/sessions/gone")
             body = b"".join(r.iter_bytes())
         assert body.count(b"\nid: ") + body.startswith(b"id: ") == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_input_sent_to_another_process_reaches_a_live_input_stream(start_gateway, start_redis, backend, tmp_path):
+    """Two processes on one SQLite file, or two nodes on one Redis: the agent streams from one, the user
+    sends to the other, and the input arrives live (the other writer's notice wakes the stream)."""
+    args = ("--heartbeat", "1")
+    if backend == "redis":
+        args += ("--backend", "redis", "--redis-url", start_redis().url)
+    else:
+        args += ("--db", str(tmp_path / "shared.db"))
+    a, b = start_gateway(*args), start_gateway(*args)
+    with httpx.Client(base_url=b.url, timeout=10) as user, \
+            httpx.Client(base_url=a.url, timeout=httpx.Timeout(5.0, read=20.0)) as agent:
+        user.post("/v1/sessions", json={"id": "far"})
+        with agent.stream("GET", "/v1/sessions/far/input/stream") as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("retry: ")
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert user.post("/v1/sessions/far/input", json={"kind": "cancel", "data": "stop"}).status_code == 201
+            for line in lines:
+                if line.startswith("data: "):
+                    assert json.loads(line[6:])["data"] == "stop"
+                    break
+            assert time.monotonic() - started < 3  # live, not a heartbeat's or a reconnect's later
+
+
+def test_a_draining_gateway_ends_input_streams(start_gateway):
+    gateway = start_gateway("--heartbeat", "1", "--drain-seconds", "2")
+    with httpx.Client(base_url=gateway.url, timeout=httpx.Timeout(5.0, read=20.0)) as c:
+        c.post("/v1/sessions", json={"id": "dr"})
+        with c.stream("GET", "/v1/sessions/dr/input/stream") as r:
+            assert r.status_code == 200
+            gateway.proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            b"".join(r.iter_bytes())  # ends: the agent reconnects elsewhere
+            assert time.monotonic() - started < 5
+        gateway.proc.wait(15)
