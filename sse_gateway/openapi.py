@@ -294,7 +294,7 @@ SSE_EVENT = {
         "event": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$",
                   "description": "the publisher's event type ('message' when the SSE frame names none), or one "
                   "of the gateway's own: gateway.end (with an id; data: the session's result, see GatewayEnd; the "
-                  "last event), gateway.gap (no id; data: GatewayGap), gateway.reset (no id; data: GatewayReset). "
+                  "last event), gateway.input (with an id; data: GatewayInput, the mirror of an input), gateway.gap (no id; data: GatewayGap), gateway.reset (no id; data: GatewayReset). "
                   "Heartbeats are SSE comments (': ping'), never events.",
                   "examples": ["token", "gateway.end", "gateway.gap", "gateway.reset"]},
         "data": {"type": "string", "description": "compact JSON for JSON events, the text for text events"},
@@ -311,6 +311,12 @@ GATEWAY_EVENTS = {
     "GatewayGap": {"type": "object", "required": ["from", "to"], "properties": {"from": _ID, "to": _ID},
                    "description": "gateway.gap: events from..to were removed by retention before they were read; "
                    "the stream goes on after them"},
+    "GatewayInput": {"type": "object", "required": ["input_id", "kind", "data"],
+                     "properties": {"input_id": {"type": "integer", "minimum": 1}, "kind": {"type": "string"},
+                                    "data": {}, "approval_id": {"type": "string"},
+                                    "decision": {"type": "string", "enum": ["approve", "deny"]}},
+                     "description": "gateway.input: an input a user sent the agent (POST .../input), mirrored "
+                     "into the output in the same commit; on the input stream itself, event is the input's kind"},
     "GatewayReset": {"type": "object", "required": ["epoch", "last_id"],
                      "properties": {"epoch": {"type": "string"}, "last_id": _ID},
                      "description": "gateway.reset: the cursor was of another life of the session (or beyond its "
