@@ -185,6 +185,9 @@ def test_input_stream_replays_after_the_ack_and_resets_another_life(c):
     for bad in ("abc", "-1", "1:"):
         r = c.get("/v1/sessions/in-st/input/stream", headers={"Last-Event-ID": bad})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_cursor"
+        for overridden in ({"last_event_id": bad}, {"from": bad}):  # checked although the header wins
+            r = c.get("/v1/sessions/in-st/input/stream", headers={"Last-Event-ID": "1"}, params=overridden)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_cursor"
 
 
 # -- who may send -------------------------------------------------------------------------------

@@ -94,17 +94,16 @@ async def input_stream(session: str, request: Request) -> Response:
     if gw.draining:
         raise Unavailable("the gateway is shutting down; reconnect", "draining", retry_after=1)
     q = request.query_params
+    # Where it starts: the header, else ?last_event_id=, else ?from=, else after input_acked_id. Every one
+    # given is checked, even one that a former one overrides (an agent's bug shows at once).
     header = request.headers.get("last-event-id")
-    resuming = header if header is not None else q.get("last_event_id")
-    if resuming is not None and resuming.strip() == "":
-        resuming = None
-    cursor, epoch, start = None, None, None
-    if resuming is not None:
-        cursor, epoch = parse_cursor(resuming)
-    elif "from" in q:
-        start = q["from"]
-        if start not in ("earliest", "latest", "acked"):
-            cursor, epoch = parse_cursor(start)
+    given = [parse_cursor(header) if header is not None and header.strip() else None,
+             parse_cursor(q["last_event_id"]) if "last_event_id" in q else None]
+    start = q.get("from")
+    if start is not None and start not in ("earliest", "latest", "acked"):
+        given.append(parse_cursor(start))
+        start = None
+    cursor, epoch = next((c for c in given if c is not None), (None, None))
     live = q.get("live", "true").lower()
     if live not in ("true", "false", "1", "0"):
         raise BadRequest("live must be true or false", "invalid_live")
