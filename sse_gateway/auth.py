@@ -7,7 +7,9 @@
   requests. Compared in constant time (digests of equal length, every key
   compared).
 * **Subscribe tokens** are HS256 JWTs signed with ``--token-secret``, with
-  ``sub`` = the session id, ``scope`` = ``subscribe``, an ``exp`` and,
+  ``sub`` = the session id, ``scope`` = ``subscribe`` (or a list of scopes:
+  ``["subscribe", "input"]`` also lets the token's holder send input to the
+  session, ``POST /v1/sessions/{id}/input``), an ``exp`` and,
   when the session exists as it is minted, ``ep`` = its epoch. A token
   reads exactly one session and nothing else: with ``ep``, not even a
   session deleted and created again under the same id (``check_life``).
@@ -35,6 +37,7 @@ from .errors import Forbidden, Unauthorized
 
 COOKIE = "sse_gateway_token"
 SCOPE = "subscribe"
+INPUT_SCOPE = "input"
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="sse-gateway"'}
 
 
@@ -77,6 +80,14 @@ class Auth:
     def reader(self, request: Request, session: str) -> str | None:
         """Raise 401/403 unless the request may read ``session``; the epoch its token is bound to, if any
         (pass it to ``check_life`` with the session's row)."""
+        return self._token_holder(request, session, SCOPE)
+
+    def sender(self, request: Request, session: str) -> str | None:
+        """Raise 401/403 unless the request may send input to ``session`` (a publisher key, or a token
+        whose scopes include ``input``); the epoch its token is bound to, if any."""
+        return self._token_holder(request, session, INPUT_SCOPE)
+
+    def _token_holder(self, request: Request, session: str, scope: str) -> str | None:
         if not self.keys and not self.secret:
             return None  # wide open: there is nothing to check credentials against
         bearer = _bearer(request)
@@ -97,23 +108,38 @@ class Auth:
             raise Unauthorized("the subscribe token has expired", "token_expired", headers=_CHALLENGE) from None
         except jwt.PyJWTError:
             raise Unauthorized("the subscribe token is not valid", "invalid_token", headers=_CHALLENGE) from None
-        if claims["scope"] != SCOPE:
+        scopes = token_scopes(claims["scope"])
+        if SCOPE not in scopes:
             raise Unauthorized("the token is not a subscribe token", "invalid_token", headers=_CHALLENGE)
         if claims["sub"] != session:
             raise Forbidden("the subscribe token is for another session", "wrong_session")
+        if scope not in scopes:
+            raise Forbidden(f"the subscribe token does not allow {scope} (mint one with \"scopes\": "
+                            f"[\"subscribe\", \"{scope}\"])", "insufficient_scope")
         epoch = claims.get("ep")
         return epoch if isinstance(epoch, str) else None
 
-    def mint(self, session: str, ttl: int | None = None, epoch: str | None = None) -> tuple[str, int] | None:
+    def mint(self, session: str, ttl: int | None = None, epoch: str | None = None,
+             scopes: tuple[str, ...] = (SCOPE,)) -> tuple[str, int] | None:
         """A subscribe token for ``session`` (bound to its life ``epoch`` if given) and its expiry (Unix
-        seconds), or None without a secret."""
+        seconds), or None without a secret. ``scopes`` beyond ``subscribe`` are written as a list; a token of
+        ``subscribe`` alone keeps the string form every earlier gateway reads."""
         if not self.secret:
             return None
         exp = int(time.time()) + (ttl or self.ttl)
-        claims = {"sub": session, "exp": exp, "scope": SCOPE}
+        claims = {"sub": session, "exp": exp, "scope": SCOPE if tuple(scopes) == (SCOPE,) else list(scopes)}
         if epoch is not None:
             claims["ep"] = epoch
         return jwt.encode(claims, self.secret, algorithm="HS256"), exp
+
+
+def token_scopes(claim: object) -> frozenset[str]:
+    """The scopes of a token's ``scope`` claim: a string (space-separated, as OAuth writes them) or a list."""
+    if isinstance(claim, str):
+        return frozenset(claim.split())
+    if isinstance(claim, list) and all(isinstance(s, str) for s in claim):
+        return frozenset(claim)
+    return frozenset()
 
 
 def check_life(bound: str | None, epoch: str) -> None:

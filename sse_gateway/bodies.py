@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import orjson
@@ -18,7 +19,7 @@ from starlette.requests import Request
 
 from . import limits, rules
 from .errors import BadRequest, TooLarge, UnsupportedMedia
-from .models import DIGITS_TO_ZERO, LONG_DIGITS, NewEvent, check_event_type, dump_json
+from .models import DECISIONS, DIGITS_TO_ZERO, INPUT_KINDS, LONG_DIGITS, NewEvent, NewInput, check_event_type, dump_json
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -266,3 +267,47 @@ def parse_event(item: Any, max_bytes: int, key: str | None = None) -> NewEvent:
     data = dump_json(item["data"])
     check_size(data, max_bytes)
     return NewEvent(event, data, True, key)
+
+
+_INPUT_FIELDS = frozenset({"kind", "data", "idempotency_key", "approval_id", "decision"})
+INPUT_SHAPE = '{"kind", "data"?, "idempotency_key"?, "approval_id"?, "decision"?}'
+_APPROVAL_ID = re.compile(rules.APPROVAL_ID)
+
+
+def parse_input(item: Any, max_bytes: int) -> NewInput:
+    """The body of ``POST /v1/sessions/{id}/input`` (already parsed JSON) as an input, or ``400``/``413``."""
+    if not isinstance(item, dict):
+        raise BadRequest(f"body must be a JSON object {INPUT_SHAPE}", "invalid_body")
+    if not item.keys() <= _INPUT_FIELDS:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(set(item) - _INPUT_FIELDS))}", "unknown_field")
+    kind = item.get("kind")
+    if kind not in INPUT_KINDS or type(kind) is not str:
+        raise BadRequest(f"kind must be one of {', '.join(INPUT_KINDS)}", "invalid_kind")
+    key = None if item.get("idempotency_key") is None else check_key(item["idempotency_key"])
+    approval_id, decision = item.get("approval_id"), item.get("decision")
+    if kind == "approval":
+        if not isinstance(approval_id, str) or not _APPROVAL_ID.fullmatch(approval_id):
+            raise BadRequest(f"an approval names its request: approval_id, 1-{rules.MAX_APPROVAL_ID} printable ASCII "
+                             "characters", "invalid_approval_id")
+        if decision not in DECISIONS or type(decision) is not str:
+            raise BadRequest("an approval needs a decision: approve or deny", "invalid_decision")
+    else:
+        if approval_id is not None:
+            raise BadRequest("only an input of kind approval names an approval_id", "invalid_approval_id")
+        if decision is not None:
+            raise BadRequest("only an input of kind approval has a decision", "invalid_decision")
+    data = dump_json(item.get("data"))
+    check_size(data, max_bytes, "input")
+    return NewInput(kind, data, key, approval_id, decision)
+
+
+def parse_scopes(value: Any) -> tuple[str, ...]:
+    """A token's ``scopes``: absent or null is ``subscribe``; otherwise a list of distinct known scopes that
+    includes ``subscribe`` (every token reads its session), else ``400 invalid_scopes``."""
+    if value is None:
+        return ("subscribe",)
+    if not isinstance(value, list) or not all(type(s) is str and s in rules.SCOPES for s in value) \
+            or len(set(value)) != len(value) or "subscribe" not in value:
+        raise BadRequest(f"scopes must be a list of distinct scopes from {', '.join(rules.SCOPES)}, with subscribe",
+                         "invalid_scopes")
+    return tuple(s for s in rules.SCOPES if s in value)

@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("session", metavar="ID")
     token.add_argument("--ttl", type=_positive_int, default=None, metavar="SECONDS",
                        help="the token's lifetime (default: the gateway's --token-ttl)")
+    token.add_argument("--input", action="store_true",
+                       help="the token may also send input to the session (scopes subscribe and input)")
 
     add_bench(sub)  # only the options: the bench itself is imported when it runs
     return parser
@@ -535,6 +537,7 @@ async def mint_token(args: argparse.Namespace, url: str, key: str | None, retry)
     from .client import Publisher
 
     async with Publisher(url, key, retry=retry) as pub:
-        token = await pub.mint_token(args.session, ttl_seconds=args.ttl)
+        token = await pub.mint_token(args.session, ttl_seconds=args.ttl,
+                                     scopes=["subscribe", "input"] if args.input else None)
     _print_json({"token": token.token, "expires_at": token.expires_at, "stream_url": url + token.stream_url})
     return 0

@@ -1,6 +1,6 @@
 """The gateway process: what every request needs, built in the lifespan, and its life.
 
-``Gateway`` owns the event log, the hub, auth, stream slots, metrics and the
+``Gateway`` owns the event log, the hub, the input waiters, auth, stream slots, metrics and the
 background tasks (retention sweep, slow-client watchdog, loop-lag probe).
 It is created when the app starts (never at import: every asyncio object
 belongs to the running loop), drains on SIGTERM, and closes the log last.
@@ -16,6 +16,7 @@ from .auth import Auth
 from .config import Settings
 from .errors import GatewayError
 from .hub import Hub
+from .inputs import InputWaiters, Watched
 from .log.base import EventLog
 from .metrics import Stats, make_registry, measure_loop_lag
 from .models import now_ms
@@ -33,6 +34,9 @@ class Gateway:
         self.stats = Stats()
         self.streams = limits.StreamSlots(settings.max_streams, settings.max_streams_per_session)
         self.hub = Hub(log_, self.stats, coalesce=self.settings.coalesce_ms / 1000, slots=self.streams)
+        self.inputs = InputWaiters()  # the agents reading sessions' input (inputs.py)
+        log_.add_observer(self.inputs)
+        log_.watched = Watched(self.hub.channels, self.inputs.waiting)
         self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
         self.writes = Writes(settings, log_, self.stats)
         self.registry = make_registry(self)
@@ -60,6 +64,7 @@ class Gateway:
         self.draining = True
         window = self.settings.drain_seconds
         self.hub.begin_drain(window * 0.8)
+        self.inputs.drain()
 
         async def wait_for_streams() -> None:
             deadline = self.loop.time() + window
@@ -71,6 +76,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self.hub.shutdown()
+        self.inputs.drain()
         pending = [*self._tasks, *self._background]  # background work must not outlive the log
         for task in pending:
             task.cancel()

@@ -41,7 +41,8 @@ metrics read it for the ``open_streams`` gauge.
 
 The hub is the log's observer (``log.base.LogObserver``): ``appended``
 extends a channel's window, ``moved`` (another writer) moves its head,
-``deleted`` closes it. ``log.watched`` is the hub's set of channels.
+``deleted`` closes it. ``log.watched`` is the hub's set of channels (the
+gateway adds the sessions whose input an agent reads: ``inputs.Watched``).
 """
 
 from __future__ import annotations

@@ -127,6 +127,8 @@ class Session:
     state_version: int = 0
     state_as_of: int = 0
     result: Any = None
+    input_last_id: int = 0  # the last input id (user -> agent), 0 before the first
+    input_acked_id: int = 0  # every input id <= this the agent confirmed it handled
 
     @property
     def earliest_id(self) -> int:
@@ -135,6 +137,67 @@ class Session:
     @property
     def completed(self) -> bool:
         return self.status == "completed"
+
+
+INPUT_KINDS = ("message", "steer", "approval", "cancel")
+DECISIONS = ("approve", "deny")
+INPUT_EVENT = "gateway.input"  # the mirror of an input in the output stream
+APPROVAL_REQUEST = "approval.request"  # an output event that opens an approval (data: {"approval_id": ...})
+
+
+@dataclass(slots=True)
+class NewInput:
+    """An input a client sends to a session's agent. ``data`` is JSON text."""
+
+    kind: str
+    data: str = "null"
+    idempotency_key: str | None = None
+    approval_id: str | None = None  # kind approval: the request it answers
+    decision: str | None = None  # kind approval: approve | deny
+
+
+@dataclass(slots=True)
+class StoredInput:
+    id: int
+    kind: str
+    data: str  # JSON text
+    ts: int
+    event_id: int  # the id of its mirror (``gateway.input``) in the output log
+    approval_id: str | None = None
+    decision: str | None = None
+
+    def to_json(self) -> dict:
+        body = {"id": self.id, "kind": self.kind, "data": orjson.Fragment(self.data), "ts": rfc3339(self.ts),
+                "event_id": self.event_id}
+        if self.approval_id is not None:
+            body["approval_id"] = self.approval_id
+            body["decision"] = self.decision
+        return body
+
+
+@dataclass(slots=True)
+class InputResult:
+    """What ``append_input`` did: ``new`` is False for an idempotent repeat (nothing stored again)."""
+
+    input: StoredInput
+    new: bool
+    input_last_id: int
+    last_id: int  # the output log's last id after the mirror event
+    epoch: str
+
+
+def mirror_tail(item: NewInput) -> str:
+    """The mirror event's JSON after its leading ``{"input_id":N,`` (which only the store can write: N is
+    given at commit). Every backend joins the two the same way (``mirror_data``; Redis in Lua)."""
+    body: dict = {"kind": item.kind, "data": orjson.Fragment(item.data)}
+    if item.approval_id is not None:
+        body["approval_id"] = item.approval_id
+        body["decision"] = item.decision
+    return orjson.dumps(body).decode()[1:]
+
+
+def mirror_data(input_id: int, tail: str) -> str:
+    return '{"input_id":%d,%s' % (input_id, tail)
 
 
 @dataclass(slots=True)

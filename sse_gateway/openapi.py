@@ -90,8 +90,53 @@ PUT_SESSION = {"requestBody": {"required": False, "content": {"application/json"
 TOKENS = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
     "type": "object",
     "properties": {"ttl_seconds": {"anyOf": [rules.TOKEN_TTL.schema(), {"type": "null"}],
-                                   "description": "null or absent: --token-ttl"}},
+                                   "description": "null or absent: --token-ttl"},
+                   "scopes": {"anyOf": [{"type": "array", "uniqueItems": True, "minItems": 1,
+                                         "items": {"type": "string", "enum": list(rules.SCOPES)},
+                                         "contains": {"const": "subscribe"}}, {"type": "null"}],
+                              "description": "what the token allows: subscribe (always), input (send input to the "
+                              "session); null or absent: subscribe"}},
     "additionalProperties": False}}}}}
+
+_KEY = {"anyOf": [{"type": "string", "pattern": _PRINTABLE}, {"type": "null"}], "description": "null or absent: none"}
+_APPROVAL_ID = {"type": "string", "pattern": rules.APPROVAL_ID}
+INPUT = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+    {"type": "object", "required": ["kind"], "additionalProperties": False,
+     "properties": {"kind": {"type": "string", "enum": ["message", "steer", "cancel"]}, "data": {},
+                    "idempotency_key": _KEY, "approval_id": {"type": "null"}, "decision": {"type": "null"}}},
+    {"type": "object", "required": ["kind", "approval_id", "decision"], "additionalProperties": False,
+     "properties": {"kind": {"const": "approval"}, "data": {}, "idempotency_key": _KEY,
+                    "approval_id": {**_APPROVAL_ID, "description": "the approval.request it answers"},
+                    "decision": {"type": "string", "enum": ["approve", "deny"]}}},
+]}}}}}
+
+INPUT_READ = {"parameters": [
+    {"name": "after", "in": "query", "required": False, "schema": rules.READ_AFTER.schema(),
+     "description": "absent: the session's input_acked_id"},
+    {"name": "limit", "in": "query", "required": False, "schema": rules.READ_LIMIT.schema()},
+    {"name": "wait", "in": "query", "required": False, "schema": rules.INPUT_WAIT.schema(),
+     "description": "seconds to wait for input when there is none after the cursor (long poll)"},
+]}
+
+INPUT_STREAM = {"parameters": [
+    {"name": "Last-Event-ID", "in": "header", "required": False,
+     "schema": {"anyOf": [{"type": "string", "pattern": CURSOR}, {"type": "string", "pattern": r"^\s*$"}]},
+     "description": "the cursor of the last input received: ID:EPOCH or ID; empty means none"},
+    {"name": "last_event_id", "in": "query", "required": False, "schema": {"type": "string", "pattern": CURSOR}},
+    {"name": "from", "in": "query", "required": False,
+     "description": "earliest, acked (the default: after input_acked_id), latest or a cursor",
+     "schema": {"anyOf": [{"type": "string", "enum": ["earliest", "acked", "latest"]},
+                          {"type": "string", "pattern": CURSOR}]}},
+    {"name": "live", "in": "query", "required": False,
+     "schema": {"type": "string", "enum": ["true", "false", "1", "0"], "default": "true"},
+     "description": "false: replay what exists, then close"},
+]}
+
+INPUT_ACK = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object",
+    "properties": {"id": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": CURSOR}],
+                          "description": "at most the session's input_last_id"}},
+    "required": ["id"], "additionalProperties": False}}}}}
 
 COMPLETE = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
     "type": "object", "properties": {"result": {}}, "additionalProperties": False}}}}}
@@ -163,8 +208,29 @@ SCHEMAS: dict[str, Any] = {
             "created_at": _TIME, "completed_at": _NULLABLE_TIME, "earliest_id": _ID, "last_id": _ID,
             "metadata": {}, "subscribers": _ID, "last_seen_at": _NULLABLE_TIME, "acked_id": _ID,
             "state_version": _ID, "ttl_seconds": {"anyOf": [_ID, {"type": "null"}]}, "result": {},
+            "input_last_id": _ID, "input_acked_id": _ID,
         },
     },
+    "Input": {
+        "type": "object", "required": ["id", "kind", "data", "ts", "event_id"],
+        "properties": {"id": {"type": "integer", "minimum": 1},
+                       "kind": {"type": "string", "enum": ["message", "steer", "approval", "cancel"]},
+                       "data": {}, "ts": _TIME, "event_id": {"type": "integer", "minimum": 1},
+                       "approval_id": {"type": "string"}, "decision": {"type": "string", "enum": ["approve", "deny"]}},
+    },
+    "InputSent": {
+        "type": "object", "required": ["id", "session", "kind", "event_id", "input_last_id", "epoch"],
+        "properties": {"id": {"type": "integer", "minimum": 1}, "session": {"type": "string"},
+                       "kind": {"type": "string"}, "event_id": {"type": "integer", "minimum": 1},
+                       "input_last_id": _ID, "epoch": {"type": "string"}},
+    },
+    "InputPage": {
+        "type": "object", "required": ["inputs", "epoch", "input_last_id", "input_acked_id", "next_after"],
+        "properties": {"inputs": {"type": "array", "items": {"$ref": "#/components/schemas/Input"}},
+                       "epoch": {"type": "string"}, "input_last_id": _ID, "input_acked_id": _ID, "next_after": _ID},
+    },
+    "InputAcked": {"type": "object", "required": ["session", "input_acked_id", "input_last_id"],
+                   "properties": {"session": {"type": "string"}, "input_acked_id": _ID, "input_last_id": _ID}},
     "SessionList": {"type": "object", "required": ["sessions"],
                     "properties": {"sessions": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}},
     "Created": {
@@ -187,10 +253,12 @@ SCHEMAS: dict[str, Any] = {
 _WHY = {
     400: "bad input (invalid_session_id, invalid_json, invalid_cursor, ...)",
     401: "no or bad credentials",
-    403: "a subscribe token for another session; a write from a site --cors-origin does not list",
-    404: "no such session",
+    403: "a subscribe token for another session, or without the scope needed (insufficient_scope); a write from "
+         "a site --cors-origin does not list",
+    404: "no such session (or, for an approval input, no such approval: approval_not_found)",
     408: "the body arrived too slowly; the connection is closed",
-    409: "conflict: the session exists, or is completed; an ack's cursor is of another life of the session",
+    409: "conflict: the session exists, or is completed; an ack's cursor is of another life of the session; "
+         "the approval was answered already (approval_answered)",
     412: "the state version moved (If-Match)",
     413: "too large: event, batch, body or NDJSON line",
     415: "unsupported content type or charset (a JSON body must be sent as application/json)",
@@ -226,7 +294,7 @@ SSE_EVENT = {
         "event": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$",
                   "description": "the publisher's event type ('message' when the SSE frame names none), or one "
                   "of the gateway's own: gateway.end (with an id; data: the session's result, see GatewayEnd; the "
-                  "last event), gateway.gap (no id; data: GatewayGap), gateway.reset (no id; data: GatewayReset). "
+                  "last event), gateway.input (with an id; data: GatewayInput, the mirror of an input), gateway.gap (no id; data: GatewayGap), gateway.reset (no id; data: GatewayReset). "
                   "Heartbeats are SSE comments (': ping'), never events.",
                   "examples": ["token", "gateway.end", "gateway.gap", "gateway.reset"]},
         "data": {"type": "string", "description": "compact JSON for JSON events, the text for text events"},
@@ -243,6 +311,12 @@ GATEWAY_EVENTS = {
     "GatewayGap": {"type": "object", "required": ["from", "to"], "properties": {"from": _ID, "to": _ID},
                    "description": "gateway.gap: events from..to were removed by retention before they were read; "
                    "the stream goes on after them"},
+    "GatewayInput": {"type": "object", "required": ["input_id", "kind", "data"],
+                     "properties": {"input_id": {"type": "integer", "minimum": 1}, "kind": {"type": "string"},
+                                    "data": {}, "approval_id": {"type": "string"},
+                                    "decision": {"type": "string", "enum": ["approve", "deny"]}},
+                     "description": "gateway.input: an input a user sent the agent (POST .../input), mirrored "
+                     "into the output in the same commit; on the input stream itself, event is the input's kind"},
     "GatewayReset": {"type": "object", "required": ["epoch", "last_id"],
                      "properties": {"epoch": {"type": "string"}, "last_id": _ID},
                      "description": "gateway.reset: the cursor was of another life of the session (or beyond its "
@@ -296,6 +370,19 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
     ("post", "/v1/sessions/{session}/trim"): (
         {"200": {"description": "trimmed", "content": _json("Trimmed")}},
         (400, 401, 404, 408, 413, 415, 503), "publisher"),
+    ("post", "/v1/sessions/{session}/input"): (
+        {"201": {"description": "stored, with its gateway.input mirror in the output", "content": _json("InputSent")},
+         "200": {"description": "a repeat of an idempotency key: nothing stored again", "content": _json("InputSent")}},
+        (400, 401, 403, 404, 408, 409, 413, 415, 503), "sender"),
+    ("get", "/v1/sessions/{session}/input"): (
+        {"200": {"description": "inputs after the cursor", "content": _json("InputPage")}}, (400, 401, 404),
+        "publisher"),
+    ("get", "/v1/sessions/{session}/input/stream"): (
+        {"200": {"description": "the input stream: replay after the cursor, then live (with live=false, replay only)",
+                 "content": {"text/event-stream": {"schema": SSE_EVENT}}}}, (400, 401, 404, 503), "publisher"),
+    ("post", "/v1/sessions/{session}/input/ack"): (
+        {"200": {"description": "acked", "content": _json("InputAcked")}},
+        (400, 401, 404, 408, 409, 413, 415, 503), "publisher"),
     ("post", "/v1/demo/runs"): (
         {"201": {"description": "a simulated run has started", "content": {"application/json": {"schema": {
             "type": "object", "required": ["session", "stream_url"],
@@ -321,13 +408,16 @@ def _security(settings: Settings) -> tuple[dict, dict[str | None, list]]:
     """
     schemes = {
         "bearer": {"type": "http", "scheme": "bearer",
-                   "description": "a publisher key (--publish-key), or (reading only) a subscribe token"},
-        "token": {"type": "apiKey", "in": "query", "name": "token", "description": "a subscribe token (reading)"},
-        "cookie": {"type": "apiKey", "in": "cookie", "name": COOKIE, "description": "a subscribe token (reading)"},
+                   "description": "a publisher key (--publish-key), or (reading; sending input with the input "
+                   "scope) a subscribe token"},
+        "token": {"type": "apiKey", "in": "query", "name": "token",
+                  "description": "a subscribe token (reading; sending input with the input scope)"},
+        "cookie": {"type": "apiKey", "in": "cookie", "name": COOKIE,
+                   "description": "a subscribe token (reading; sending input with the input scope)"},
     }
     anyone = [] if settings.publish_keys else [{}]
-    return schemes, {"publisher": [{"bearer": []}, *anyone],
-                     "reader": [{"bearer": []}, {"token": []}, {"cookie": []}, *anyone], None: []}
+    readers = [{"bearer": []}, {"token": []}, {"cookie": []}, *anyone]
+    return schemes, {"publisher": [{"bearer": []}, *anyone], "reader": readers, "sender": readers, None: []}
 
 
 def describe(app: FastAPI, settings: Settings) -> dict:

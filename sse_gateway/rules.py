@@ -46,4 +46,9 @@ TOKEN_TTL = Bound(1, 30 * 86400)            # ttl_seconds of a minted subscribe 
 LIST_LIMIT = Bound(1, 1000, default=100)    # GET /v1/sessions?limit=
 READ_LIMIT = Bound(1, 1000, default=100)    # GET .../events?limit=
 READ_AFTER = Bound(0, 2**62, default=0)     # GET .../events?after=
+INPUT_WAIT = Bound(0, 30, default=0)        # GET .../input?wait= (seconds)
+#: An approval id (``approval.request`` data, an approval input): 1-128 printable ASCII characters.
+APPROVAL_ID = r"^[\x20-\x7e]{1,128}$"
+MAX_APPROVAL_ID = 128
+SCOPES = ("subscribe", "input")             # what a subscribe token may allow
 SMALL_BODY = 4096                           # bodies of ack, trim and token requests

@@ -52,6 +52,11 @@ def token_for(session: str, *, ttl: int = 300, secret: str = SECRET, **claims) -
                       algorithm="HS256")
 
 
+def input_token_for(session: str) -> str:
+    """A token minted with ``{"scopes": ["subscribe", "input"]}``: it reads the session and sends it input."""
+    return token_for(session, scope=["subscribe", "input"])
+
+
 def b64(data: dict | bytes) -> str:
     raw = data if isinstance(data, bytes) else json.dumps(data).encode()
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
@@ -74,7 +79,8 @@ def snapshot(c: httpx.Client, session: str) -> dict | None:
     if r.status_code == 404:
         return None
     row = r.json()
-    return {k: row[k] for k in ("epoch", "status", "last_id", "earliest_id", "acked_id", "state_version")}
+    return {k: row[k] for k in ("epoch", "status", "last_id", "earliest_id", "acked_id", "state_version",
+                                "input_last_id", "input_acked_id")}
 
 
 # -- the matrix: every endpoint, every kind of credential ----------------------------------
@@ -95,22 +101,30 @@ ENDPOINTS = {
     "get_session": ("GET", "/v1/sessions/{s}", {}, "reader", 200),
     "get_state": ("GET", "/v1/sessions/{s}/state", {}, "reader", 200),
     "ack": ("POST", "/v1/sessions/{s}/ack", {"json": {"id": 1}}, "reader", 200),
+    "send_input": ("POST", "/v1/sessions/{s}/input", {"json": {"kind": "message", "data": "hi"}}, "sender", 201),
+    "read_input": ("GET", "/v1/sessions/{s}/input", {}, "publisher", 200),
+    "input_stream": ("GET", "/v1/sessions/{s}/input/stream", {"params": {"live": "false"}}, "publisher", 200),
+    "input_ack": ("POST", "/v1/sessions/{s}/input/ack", {"json": {"id": 0}}, "publisher", 200),
     "demo_run": ("POST", "/v1/demo/runs", {"json": {"duration": 1}}, "publisher", 201),
 }
 PUBLIC = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
 
-#: credential -> (status, error code) for publisher endpoints, and for reader endpoints; None: allowed
+#: credential -> (status, error code) for publisher endpoints, for reader endpoints, and for input senders;
+#: None: allowed
 CREDENTIALS = {
-    "none": ((401, "missing_credentials"), (401, "missing_credentials")),
-    "wrong_key": ((401, "invalid_credentials"), (401, "invalid_token")),
-    "basic_scheme": ((401, "missing_credentials"), (401, "missing_credentials")),
-    "right_key": (None, None),
-    "second_key": (None, None),
-    "token": ((401, "invalid_credentials"), None),
-    "token_other_session": ((401, "invalid_credentials"), (403, "wrong_session")),
-    "key_in_query": ((401, "missing_credentials"), (401, "invalid_token")),
-    "key_in_cookie": ((401, "missing_credentials"), (401, "invalid_token")),
+    "none": ((401, "missing_credentials"), (401, "missing_credentials"), (401, "missing_credentials")),
+    "wrong_key": ((401, "invalid_credentials"), (401, "invalid_token"), (401, "invalid_token")),
+    "basic_scheme": ((401, "missing_credentials"), (401, "missing_credentials"), (401, "missing_credentials")),
+    "right_key": (None, None, None),
+    "second_key": (None, None, None),
+    "token": ((401, "invalid_credentials"), None, (403, "insufficient_scope")),
+    "input_token": ((401, "invalid_credentials"), None, None),
+    "token_other_session": ((401, "invalid_credentials"), (403, "wrong_session"), (403, "wrong_session")),
+    "input_token_other_session": ((401, "invalid_credentials"), (403, "wrong_session"), (403, "wrong_session")),
+    "key_in_query": ((401, "missing_credentials"), (401, "invalid_token"), (401, "invalid_token")),
+    "key_in_cookie": ((401, "missing_credentials"), (401, "invalid_token"), (401, "invalid_token")),
 }
+ROLES = {"publisher": 0, "reader": 1, "sender": 2}
 
 
 def credential(kind: str, session: str) -> dict:
@@ -122,7 +136,9 @@ def credential(kind: str, session: str) -> dict:
         "right_key": {"headers": AS_PUBLISHER},
         "second_key": {"headers": {"Authorization": f"Bearer {KEY2}"}},
         "token": {"headers": {"Authorization": f"Bearer {token_for(session)}"}},
+        "input_token": {"headers": {"Authorization": f"Bearer {input_token_for(session)}"}},
         "token_other_session": {"headers": {"Authorization": f"Bearer {token_for(session + '-other')}"}},
+        "input_token_other_session": {"headers": {"Authorization": f"Bearer {input_token_for(session + '-other')}"}},
         "key_in_query": {"params": {"token": KEY}},
         "key_in_cookie": {"headers": {"Cookie": f"sse_gateway_token={KEY}"}},
     }[kind]
@@ -146,7 +162,7 @@ def test_auth_matrix(c, name, kind):
     cred = credential(kind, session)
     kwargs = {**args, **cred, "params": {**args.get("params", {}), **cred.get("params", {})}}
     r = c.request(method, path.replace("{s}", session), **kwargs)
-    expected = CREDENTIALS[kind][0 if role == "publisher" else 1]
+    expected = CREDENTIALS[kind][ROLES[role]]
     if expected is None:
         assert r.status_code == ok, r.text
         return

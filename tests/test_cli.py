@@ -277,11 +277,17 @@ def test_create_token_and_complete(keyed):
     token = json.loads(cli("token", "c1", "--ttl", "120", env=env).stdout)
     assert set(token) == {"token", "expires_at", "stream_url"}
     assert "data: hello" in httpx.get(token["stream_url"] + "&live=false", timeout=10).text  # the token reads it
+    steer = {"kind": "steer", "data": "shorter"}
+    r = httpx.post(f"{gw.url}/v1/sessions/c1/input", json=steer, params={"token": token["token"]}, timeout=10)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
+    sender = json.loads(cli("token", "c1", "--input", env=env).stdout)["token"]
+    r = httpx.post(f"{gw.url}/v1/sessions/c1/input", json=steer, params={"token": sender}, timeout=10)
+    assert r.status_code == 201 and r.json()["id"] == 1
 
     done = json.loads(cli("complete", "c1", "--result", '{"text": "hello"}', env=env).stdout)
     assert done["status"] == "completed" and done["result"] == {"text": "hello"}
     lines = [json.loads(line) for line in cli("tail", "c1", "--json", env=env).stdout.splitlines()]
-    assert [x["event"] for x in lines] == ["message", "gateway.end"]
+    assert [x["event"] for x in lines] == ["message", "gateway.input", "gateway.end"]
     one_line_error(cli("complete", "c1", "--result", '"other"', env=env), "409 session_completed")
     one_line_error(cli("complete", "nowhere", env=env), "404 session_not_found")
     one_line_error(cli("create", "bad id", env=env), "sse-gateway create: invalid session id 'bad id'")

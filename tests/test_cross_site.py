@@ -26,6 +26,10 @@ WRITES = [
     ("POST", "/v1/demo/runs", b"", "text/plain"),
     ("DELETE", "/v1/sessions/s1", b"", "text/plain"),
     ("PUT", "/v1/sessions/s1/state", b'{"a": 1}', "text/plain"),
+    ("POST", "/v1/sessions/s1/input", b'{"kind": "cancel"}', "text/plain"),
+    ("POST", "/v1/sessions/s1/input", b'{"kind": "approval", "approval_id": "a", "decision": "approve"}',
+     "multipart/form-data"),
+    ("POST", "/v1/sessions/s1/input/ack", b'{"id": 0}', "text/plain"),
 ]
 
 
@@ -48,6 +52,7 @@ def unchanged(c: httpx.Client) -> None:
     row = c.get("/v1/sessions/s1").json()
     assert (row["status"], row["earliest_id"], row["last_id"], row["acked_id"], row["state_version"]) == \
         ("open", 1, 10, 0, 0)
+    assert (row["input_last_id"], row["input_acked_id"]) == (0, 0)
     assert c.get("/v1/sessions/s2").status_code == 404
     assert [s["id"] for s in c.get("/v1/sessions").json()["sessions"]] == ["s1"]
 

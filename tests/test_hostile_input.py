@@ -65,7 +65,8 @@ def snapshot(c: httpx.Client, session: str) -> dict | None:
     if r.status_code == 404:
         return None
     row = r.json()
-    return {k: row[k] for k in ("epoch", "status", "last_id", "earliest_id", "acked_id", "state_version")}
+    return {k: row[k] for k in ("epoch", "status", "last_id", "earliest_id", "acked_id", "state_version",
+                                "input_last_id", "input_acked_id")}
 
 
 def session_names(c: httpx.Client) -> set[str]:
@@ -110,6 +111,11 @@ def test_bad_cursors_are_400_everywhere(c, cursor):
         assert_error(r.status_code, r.headers, r.content, 400, ("invalid_cursor",))
     r = c.post("/v1/sessions/cur/ack", json={"id": cursor})
     assert_error(r.status_code, r.headers, r.content, 400, ("invalid_cursor",))
+    for place in places:  # the input stream takes its cursors alike
+        r = c.get("/v1/sessions/cur/input/stream", **place)
+        assert_error(r.status_code, r.headers, r.content, 400, ("invalid_cursor",))
+    r = c.post("/v1/sessions/cur/input/ack", json={"id": cursor})
+    assert_error(r.status_code, r.headers, r.content, 400, ("invalid_cursor",))
     assert snapshot(c, "cur") == before
 
 
@@ -135,7 +141,8 @@ def test_cursor_edge_cases_that_are_fine(c):
 def test_bad_integers_in_queries(c, value):
     seed(c, "q")
     for path, name in [("/v1/sessions/q/events", "after"), ("/v1/sessions/q/events", "limit"),
-                       ("/v1/sessions", "limit")]:
+                       ("/v1/sessions", "limit"), ("/v1/sessions/q/input", "after"), ("/v1/sessions/q/input", "limit"),
+                       ("/v1/sessions/q/input", "wait")]:
         r = c.get(path, params={name: value})
         assert_error(r.status_code, r.headers, r.content, 400, (f"invalid_{name}",))
     r = c.get("/v1/sessions", params={"status": "OPEN"})
@@ -150,7 +157,8 @@ BAD_SEGMENTS = ["..", ".", "%2e%2e", "%2E", ".%2e", "a%2Fb", "%2F", "..%2F..%2Fe
                 "a%23b", "a%25", "x" * 129, "caf%C3%A9", "a%2Cb", "a%3Bb", "%7E%2F", "a%2F..", "%2F%2F"]
 SESSION_ROUTES = [("POST", "/events"), ("GET", "/stream"), ("GET", "/events"), ("GET", ""), ("DELETE", ""),
                   ("POST", "/complete"), ("POST", "/ack"), ("GET", "/state"), ("PUT", "/state"), ("POST", "/trim"),
-                  ("POST", "/tokens")]
+                  ("POST", "/tokens"), ("POST", "/input"), ("GET", "/input"), ("GET", "/input/stream"),
+                  ("POST", "/input/ack")]
 
 
 @pytest.mark.parametrize("segment", BAD_SEGMENTS)
@@ -286,6 +294,22 @@ WRONG_BODIES = (
     + [("PUT", "/state", v, ("invalid_state",)) for v in [1, 1.5, "x", True, None, [], [{}]]]
     + [("POST", "/tokens", {"ttl_seconds": v}, ("invalid_ttl",)) for v in ["1", 1.5, True, [], {}, 0, -1, BIG]]
     + [("POST", "/tokens", v, ("invalid_body",)) for v in [1, "x", True, None, [], {"ttl": 1}]]
+    + [("POST", "/tokens", {"scopes": v}, ("invalid_scopes",)) for v in
+       [1, "subscribe", True, {}, [], [1], ["input"], ["subscribe", "subscribe"], ["subscribe", "x"], [None]]]
+    + [("POST", "/input", v, ("invalid_body",)) for v in [1, 1.5, "x", True, None, [], [{"kind": "message"}]]]
+    + [("POST", "/input", {"kind": v}, ("invalid_kind",)) for v in [*WRONG, "MESSAGE", "approve", ""]]
+    + [("POST", "/input", {"kind": "message", "extra": 1}, ("unknown_field",))]
+    + [("POST", "/input", {"kind": "message", "idempotency_key": v}, ("invalid_idempotency_key",))
+       for v in [1, 1.5, True, [], {}, "", "x" * 257, "é", "a\nb", "\x00"]]
+    + [("POST", "/input", {"kind": "approval", "approval_id": v, "decision": "approve"}, ("invalid_approval_id",))
+       for v in [1, 1.5, True, None, [], {}, "", "x" * 129, "é", "a\nb", "\x00"]]
+    + [("POST", "/input", {"kind": "approval", "approval_id": "a", "decision": v}, ("invalid_decision",))
+       for v in [*WRONG, "APPROVE", "yes"]]
+    + [("POST", "/input", {"kind": k, **extra}, (code,)) for k in ("message", "steer", "cancel")
+       for extra, code in [({"approval_id": "a"}, "invalid_approval_id"), ({"decision": "deny"}, "invalid_decision")]]
+    + [("POST", "/input/ack", {"id": v}, ("invalid_ack", "invalid_cursor")) for v in
+       ["abc", 1.5, True, [], {}, None, -1, BIG, "-1", 10**15, "1000000000000000"]]
+    + [("POST", "/input/ack", v, ("invalid_ack",)) for v in [1, "x", True, None, [], {"idd": 1}]]
 )
 
 
@@ -293,11 +317,14 @@ WRONG_BODIES = (
     f"{m}{s or '/sessions'}:{json.dumps(b)[:30]}" for m, s, b, _ in WRONG_BODIES])
 def test_wrong_types_for_every_json_field(c, method, suffix, body, codes):
     before = seed(c, "types2", 3)
+    before_inputs = c.get("/v1/sessions/types2/input", params={"after": 0}).json()["inputs"]
     names = session_names(c)
     path = "/v1/sessions" if method == "POST" and suffix == "" else f"/v1/sessions/types2{suffix}"
     r = c.request(method, path, content=json.dumps(body), headers={"content-type": "application/json"})
     assert_error(r.status_code, r.headers, r.content, 400, codes)
     assert snapshot(c, "types2") == before and session_names(c) == names
+    if suffix.startswith("/input"):  # nothing reached the input, nor its mirror the output
+        assert c.get("/v1/sessions/types2/input", params={"after": 0}).json()["inputs"] == before_inputs
 
 
 @pytest.mark.parametrize("if_match", ["abc", "-1", "1.5", '"x"', "W/abc", "1_0", "1 2", "", "99999999999999999999"])
@@ -330,7 +357,8 @@ def test_json_the_store_cannot_keep_is_refused_and_the_writer_keeps_writing(c, b
     targets = [("POST", "/v1/sessions/poison/events", body),
                ("POST", "/v1/sessions", body.replace(b'"data"', b'"metadata"')),
                ("PUT", "/v1/sessions/poison/state", body),
-               ("POST", "/v1/sessions/poison/complete", body.replace(b'"data"', b'"result"'))]
+               ("POST", "/v1/sessions/poison/complete", body.replace(b'"data"', b'"result"')),
+               ("POST", "/v1/sessions/poison/input", body.replace(b'{"data"', b'{"kind": "message", "data"'))]
     for method, path, content in targets:
         r = c.request(method, path, content=content, headers={"content-type": "application/json"})
         assert_error(r.status_code, r.headers, r.content, 400, ("invalid_json",))
@@ -342,7 +370,8 @@ def test_json_the_store_cannot_keep_is_refused_and_the_writer_keeps_writing(c, b
 
 
 def test_deep_nesting_is_refused(c):
-    for path, method in [("/v1/sessions/deep/events", "POST"), ("/v1/sessions/deep/state", "PUT")]:
+    for path, method in [("/v1/sessions/deep/events", "POST"), ("/v1/sessions/deep/state", "PUT"),
+                         ("/v1/sessions/deep/input", "POST")]:
         body = b'{"data": ' + b"[" * 3000 + b"]" * 3000 + b"}"
         r = c.request(method, path, content=body, headers={"content-type": "application/json"})
         assert_error(r.status_code, r.headers, r.content, 400, ("json_too_deep",))
@@ -363,11 +392,15 @@ def test_oversized_bodies(c):
                                 ("PUT", "/v1/sessions/big/state", "application/json"),
                                 ("POST", "/v1/sessions/big/ack", "application/json"),
                                 ("POST", "/v1/sessions/big/trim", "application/json"),
-                                ("POST", "/v1/sessions/big/tokens", "application/json")]:
+                                ("POST", "/v1/sessions/big/tokens", "application/json"),
+                                ("POST", "/v1/sessions/big/input", "application/json"),
+                                ("POST", "/v1/sessions/big/input/ack", "application/json")]:
         r = c.request(method, path, content=huge, headers={"content-type": ctype})
         assert_error(r.status_code, r.headers, r.content, 413, ("body_too_large",))
     r = c.post("/v1/sessions/big/events", json={"data": "y" * (1 << 20)})
     assert_error(r.status_code, r.headers, r.content, 413, ("event_too_large",))
+    r = c.post("/v1/sessions/big/input", json={"kind": "message", "data": "y" * (1 << 20)})
+    assert_error(r.status_code, r.headers, r.content, 413, ("input_too_large",))
     r = c.post("/v1/sessions/big/events", content=b'{"data": 1}\n' + b"z" * (MAX_BODY + 10),
                headers={"content-type": "application/x-ndjson"})
     assert_error(r.status_code, r.headers, r.content, 413, ("line_too_long",))

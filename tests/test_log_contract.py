@@ -20,7 +20,7 @@ from sse_gateway.log.base import EventLog, LogObserver, OpenStreams
 from sse_gateway.log.memory import MemoryLog
 from sse_gateway.log.redis import RedisLog
 from sse_gateway.log.sqlite import SqliteLog
-from sse_gateway.models import END_EVENT, NewEvent
+from sse_gateway.models import APPROVAL_REQUEST, END_EVENT, INPUT_EVENT, NewEvent, NewInput, load_json
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -654,3 +654,243 @@ async def test_list_sessions(log):
     assert {r.id for r in await log.list_sessions()} == {"a", "b"}
     assert [r.id for r in await log.list_sessions(status="completed")] == ["b"]
     assert len(await log.list_sessions(limit=1)) == 1
+
+
+# -- input (user -> agent), its mirror, approvals --------------------------------------------------
+
+
+def inp(kind: str = "message", data: str = '"hi"', key: str | None = None, approval_id: str | None = None,
+        decision: str | None = None) -> NewInput:
+    return NewInput(kind, data, key, approval_id, decision)
+
+
+def approve(approval_id: str, decision: str = "approve", key: str | None = None) -> NewInput:
+    return NewInput("approval", "null", key, approval_id, decision)
+
+
+class InputHeard(LogObserver):
+    """The facts about input and output, in order: what the hub and the input waiters hear."""
+
+    def __init__(self) -> None:
+        self.facts: list[tuple] = []
+
+    def appended(self, session, events, row) -> None:
+        self.facts.append(("appended", session, [e.id for e in events]))
+
+    def input_appended(self, session, inputs, row) -> None:
+        assert row.input_last_id == inputs[-1].id
+        self.facts.append(("input", session, [i.id for i in inputs], row.last_id))
+
+    def moved(self, session, row) -> None:
+        self.facts.append(("moved", session, row.epoch, row.last_id, row.input_last_id))
+
+
+async def test_input_has_ids_of_its_own_and_a_mirror_in_the_output(log):
+    await log.create_session("s")
+    await log.append("s", [ev("1"), ev("2")])
+    first = await log.append_input("s", inp(data='{"text":"hi"}'))
+    assert first.new and first.input.id == 1 and first.input_last_id == 1
+    assert first.input.event_id == 3 and first.last_id == 3
+    second = await log.append_input("s", inp("cancel", data="null"))
+    assert (second.input.id, second.input.event_id) == (2, 4)
+    events = await log.read("s", 0, 10)
+    assert [(e.id, e.event) for e in events] == [(1, "message"), (2, "message"), (3, INPUT_EVENT), (4, INPUT_EVENT)]
+    # the same bytes on every backend: the mirror is the input, told in the output's order
+    assert events[2].data == '{"input_id":1,"kind":"message","data":{"text":"hi"}}'
+    assert events[3].data == '{"input_id":2,"kind":"cancel","data":null}'
+    got = await log.read_input("s", 0, 10)
+    assert [(i.id, i.kind, i.data, i.event_id) for i in got] == [(1, "message", '{"text":"hi"}', 3),
+                                                                 (2, "cancel", "null", 4)]
+    assert [i.id for i in await log.read_input("s", 1, 10)] == [2]
+    assert [i.id for i in await log.read_input("s", 0, 1)] == [1]
+    assert await log.read_input("s", 2, 10) == [] and await log.read_input("nope", 0, 10) == []
+    row = await log.get_session("s")
+    assert (row.last_id, row.input_last_id, row.input_acked_id) == (4, 2, 0)
+
+
+async def test_concurrent_inputs_are_contiguous_and_each_with_its_own_mirror(log):
+    await log.create_session("s")
+
+    async def user(n: int) -> list[tuple[int, int]]:
+        out = []
+        for i in range(20):
+            r = await log.append_input("s", inp(data=f'"{n}-{i}"'))
+            out.append((r.input.id, r.input.event_id))
+        return out
+
+    async def agent() -> None:
+        for i in range(50):
+            await log.append("s", [ev(f'"out-{i}"')])
+
+    *results, _ = await asyncio.gather(*(user(n) for n in range(10)), agent())
+    ids = sorted(i for got in results for i, _ in got)
+    assert ids == list(range(1, 201))
+    for got in results:
+        assert got == sorted(got)  # each sender's inputs keep their order
+    stored = await log.read_input("s", 0, 1000)
+    mirrors = {e.id: e for e in await log.read("s", 0, 1000) if e.event == INPUT_EVENT}
+    assert len(mirrors) == 200 and len(await log.read("s", 0, 1000)) == 250
+    for item in stored:  # every input's mirror names it, and mirrors come in input order
+        assert load_json(mirrors[item.event_id].data) == {"input_id": item.id, "kind": "message",
+                                                          "data": load_json(item.data)}
+    assert [item.event_id for item in stored] == sorted(mirrors)
+
+
+async def test_input_is_idempotent_by_key_in_a_key_space_of_its_own(log):
+    await log.append("s", [ev("1", key="k")])  # an output key does not name an input
+    first = await log.append_input("s", inp(key="k"))
+    again = await log.append_input("s", inp(data='"other"', key="k"))
+    assert first.new and not again.new
+    assert again.input == first.input and again.input_last_id == 1
+    assert len(await log.read_input("s", 0, 10)) == 1
+    assert [e.event for e in await log.read("s", 0, 10)] == ["message", INPUT_EVENT]  # one mirror
+    assert (await log.append_input("s", inp(key="k2"))).input.id == 2
+
+
+async def test_input_errors_change_nothing(log):
+    with pytest.raises(NotFound):
+        await log.append_input("nope", inp())
+    assert await log.get_session("nope") is None  # input never creates a session
+    await log.append("s", [ev()])
+    await log.append_input("s", inp(key="done"))
+    with pytest.raises(BadRequest) as exc:
+        await log.append_input("s", inp(data='"\udc80"'))
+    assert exc.value.code == "invalid_json"
+    await log.complete("s")
+    with pytest.raises(Conflict) as exc:
+        await log.append_input("s", inp())
+    assert exc.value.code == "session_completed"
+    assert not (await log.append_input("s", inp(key="done"))).new  # a repeat still learns its input
+    row = await log.get_session("s")
+    assert (row.last_id, row.input_last_id) == (3, 1)
+
+
+async def test_approvals_open_with_a_request_and_close_with_one_answer(log):
+    await log.create_session("s")
+    with pytest.raises(NotFound) as exc:
+        await log.append_input("s", approve("a1"))
+    assert exc.value.code == "approval_not_found"
+    await log.append("s", [ev('{"approval_id":"a1","tool":"rm"}', event=APPROVAL_REQUEST),
+                           ev('{"approval_id":"a2"}', event=APPROVAL_REQUEST)])
+    assert await log.approvals("s") == {"a1": 0, "a2": 0}
+    answer = await log.append_input("s", approve("a1", key="answer-1"))
+    assert answer.new and answer.input.approval_id == "a1" and answer.input.decision == "approve"
+    assert await log.approvals("s") == {"a1": 1, "a2": 0}
+    with pytest.raises(Conflict) as exc:
+        await log.append_input("s", approve("a1", "deny"))
+    assert exc.value.code == "approval_answered"
+    assert not (await log.append_input("s", approve("a1", key="answer-1"))).new  # a retry is not a second answer
+    await log.append("s", [ev('{"approval_id":"a1"}', event=APPROVAL_REQUEST)])  # never reopens
+    assert (await log.approvals("s"))["a1"] == 1
+    deny = await log.append_input("s", approve("a2", "deny"))
+    assert deny.input.id == 2
+    mirror = (await log.read("s", deny.input.event_id - 1, 1))[0]
+    assert mirror.data == '{"input_id":2,"kind":"approval","data":null,"approval_id":"a2","decision":"deny"}'
+    row = await log.get_session("s")
+    assert (row.input_last_id, row.last_id) == (2, 5)
+
+
+async def test_only_well_formed_approval_requests_open_approvals(log):
+    await log.append("s", [
+        ev('{"approval_id":1}', event=APPROVAL_REQUEST), ev('["a"]', event=APPROVAL_REQUEST),
+        ev('{"approval_id":""}', event=APPROVAL_REQUEST), ev('{"approval_id":"' + "x" * 129 + '"}',
+                                                            event=APPROVAL_REQUEST),
+        ev('{"approval_id":"a\\n"}', event=APPROVAL_REQUEST), ev('{"approval_id":"\\u00e9"}', event=APPROVAL_REQUEST),
+        NewEvent(APPROVAL_REQUEST, '{"approval_id":"text"}', False), ev('{"approval_id":"b"}', event="other"),
+        ev('{"approval_id":"' + "y" * 128 + '","n":[1,2]}', event=APPROVAL_REQUEST),
+        ev('{"approval_id":"ok ~!"}', event=APPROVAL_REQUEST),
+    ])
+    assert await log.approvals("s") == {"y" * 128: 0, "ok ~!": 0}
+
+
+async def test_input_ack_moves_forward_only(log):
+    await log.create_session("s")
+    for _ in range(3):
+        await log.append_input("s", inp())
+    assert (await log.ack_input("s", 2)).input_acked_id == 2
+    assert (await log.ack_input("s", 1)).input_acked_id == 2
+    for bad in (4, -1):
+        with pytest.raises(BadRequest) as exc:
+            await log.ack_input("s", bad)
+        assert exc.value.code == "invalid_ack"
+    row = await log.get_session("s")
+    assert (row.input_acked_id, row.acked_id) == (2, 0)  # the output's acks are another thing
+    with pytest.raises(NotFound):
+        await log.ack_input("nope", 0)
+
+
+async def test_delete_removes_input_keys_and_approvals(log):
+    await log.append("s", [ev('{"approval_id":"a"}', event=APPROVAL_REQUEST)])
+    await log.append_input("s", inp(key="k"))
+    await log.append_input("s", approve("a"))
+    await log.ack_input("s", 1)
+    assert await log.delete_session("s")
+    assert await log.read_input("s", 0, 10) == [] and await log.approvals("s") == {}
+    row = await log.create_session("s")
+    assert (row.input_last_id, row.input_acked_id) == (0, 0)
+    again = await log.append_input("s", inp(key="k"))  # the old life's key is gone
+    assert again.new and again.input.id == 1 and again.input.event_id == 1
+    with pytest.raises(NotFound):
+        await log.append_input("s", approve("a"))
+
+
+async def test_observers_hear_the_mirror_then_the_input(log):
+    heard = InputHeard()
+    log.add_observer(heard)
+    await log.create_session("s")
+    await log.append("s", [ev()])
+    await log.append_input("s", inp(key="k"))
+    await log.append_input("s", inp(key="k"))  # a repeat adds nothing: nothing told
+    assert heard.facts == [("appended", "s", [1]), ("appended", "s", [2]), ("input", "s", [1], 2)]
+
+
+async def test_input_survives_a_reopen(make_log, log):
+    if isinstance(log, MemoryLog):
+        pytest.skip(reason="MemoryLog keeps nothing across a restart")
+    await log.append("s", [ev('{"approval_id":"a"}', event=APPROVAL_REQUEST)])
+    await log.append_input("s", inp(key="k"))
+    await log.ack_input("s", 1)
+    await log.close()
+    second = make_log()
+    await second.open()
+    try:
+        row = await second.get_session("s")
+        assert (row.input_last_id, row.input_acked_id) == (1, 1)
+        assert not (await second.append_input("s", inp(key="k"))).new
+        assert (await second.append_input("s", approve("a"))).input.id == 2
+    finally:
+        await second.close()  # (the fixture's close of the first is a no-op now)
+
+
+async def test_another_instance_s_input_reaches_this_one_s_observer(log, other):
+    heard = InputHeard()
+    log.add_observer(heard)
+    await log.create_session("s")
+    log.watched = {"s"}
+    await other.append_input("s", inp())
+    await until(lambda: any(f[0] == "moved" and f[4] == 1 for f in heard.facts),
+                "this instance hears the other's input (its input_last_id)")
+    assert [i.id for i in await log.read_input("s", 0, 10)] == [1]
+    assert not [f for f in heard.facts if f[0] == "input"]
+
+
+async def test_sqlite_adds_the_input_columns_to_an_older_file(tmp_path):
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE sessions (sid INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+        epoch TEXT NOT NULL, created_at INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'open', completed_at INTEGER,
+        last_id INTEGER NOT NULL DEFAULT 0, trimmed_id INTEGER NOT NULL DEFAULT 0,
+        purged_id INTEGER NOT NULL DEFAULT 0, metadata TEXT, ttl_seconds INTEGER,
+        acked_id INTEGER NOT NULL DEFAULT 0, state TEXT, state_version INTEGER NOT NULL DEFAULT 0,
+        state_as_of INTEGER NOT NULL DEFAULT 0, result TEXT);
+        INSERT INTO sessions (name, epoch, created_at, last_id) VALUES ('old', 'abc', 1, 0);""")
+    db.commit()
+    db.close()
+    log = SqliteLog(path)
+    await log.open()
+    try:
+        row = await log.get_session("old")
+        assert (row.epoch, row.input_last_id, row.input_acked_id) == ("abc", 0, 0)
+        assert (await log.append_input("old", inp())).input.id == 1
+    finally:
+        await log.close()

@@ -32,3 +32,17 @@ def test_the_batch_limit_is_this_deployments():
     assert body["schema"]["oneOf"][1]["maxItems"] == 7
     assert create_app(Settings()).openapi()["paths"]["/v1/sessions/{session}/events"]["post"]["requestBody"][
         "content"]["application/json"]["schema"]["oneOf"][1]["maxItems"] == 1000
+
+
+def test_input_is_sent_with_a_token_and_read_with_a_key():
+    doc = create_app(Settings(publish_key=("k" * 20,), token_secret="s" * 32)).openapi()
+    paths = doc["paths"]
+    send = paths["/v1/sessions/{session}/input"]["post"]
+    assert {"token": []} in send["security"] and {"bearer": []} in send["security"]
+    assert {"201", "200", "403", "404", "409"} <= set(send["responses"])
+    for method, path in (("get", "/v1/sessions/{session}/input"), ("get", "/v1/sessions/{session}/input/stream"),
+                         ("post", "/v1/sessions/{session}/input/ack")):
+        assert paths[path][method]["security"] == [{"bearer": []}], path
+    kinds = [s["properties"]["kind"] for s in send["requestBody"]["content"]["application/json"]["schema"]["oneOf"]]
+    assert kinds == [{"type": "string", "enum": ["message", "steer", "cancel"]}, {"const": "approval"}]
+    assert {"input_last_id", "input_acked_id"} <= set(doc["components"]["schemas"]["Session"]["properties"])

@@ -37,6 +37,13 @@ CONFIG = schemathesis.Config.from_dict({
         # An ack beyond the session's last id is 400 invalid_ack: the range depends on the session.
         {"include-name": "POST /v1/sessions/{session}/ack",
          "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "400"]}}},
+        # An input ack beyond the session's input_last_id is 400 invalid_ack, as above.
+        {"include-name": "POST /v1/sessions/{session}/input/ack",
+         "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "400"]}}},
+        # An input's data beyond --max-event-bytes is documented as 413 input_too_large.
+        {"include-name": "POST /v1/sessions/{session}/input",
+         "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "413"]},
+                    "negative_data_rejection": {"expected-statuses": [*REJECTED, "413"]}}},
         # A batch over its limit is documented as 413 batch_too_large.
         {"include-name": "POST /v1/sessions/{session}/events",
          "checks": {"negative_data_rejection": {"expected-statuses": [*REJECTED, "413"]}}},
@@ -77,6 +84,8 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 def test_the_gateway_does_what_its_openapi_says(case):
     if case.path.endswith("/stream"):
         case.query = {**(case.query or {}), "live": "false"}
+    if case.path.endswith("/input") and case.method == "GET" and isinstance((case.query or {}).get("wait"), int):
+        case.query["wait"] = min(case.query["wait"], 1)  # a long poll of up to 30 s is valid, but slow to test
     if case.path.endswith("/events") and case.method == "POST" and one_key_too_many(case):
         del case.headers["Idempotency-Key"]
     SENT[f"{case.method} {case.path}"] += 1

@@ -296,9 +296,13 @@ class Publisher:
                                       headers=headers)
         return _state(response.json())
 
-    async def mint_token(self, session: str, *, ttl_seconds: int | None = None) -> Token:
-        """A subscribe token for one session (the gateway needs ``--token-secret``)."""
-        body = {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}
+    async def mint_token(self, session: str, *, ttl_seconds: int | None = None,
+                         scopes: list[str] | None = None) -> Token:
+        """A subscribe token for one session (the gateway needs ``--token-secret``); ``scopes``
+        ``["subscribe", "input"]`` also lets its holder send the session input."""
+        body: dict = {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}
+        if scopes is not None:
+            body["scopes"] = scopes
         data = (await self.request("POST", session_path(session) + "/tokens", json_body=body)).json()
         return Token(data["token"], data["expires_at"], data["stream_url"])
 

@@ -91,8 +91,8 @@ class SyncPublisher:
     def put_state(self, session: str, state: Mapping[str, Any], *, if_match: int | None = None) -> State:
         return self._call(self.publisher.put_state(session, state, if_match=if_match))
 
-    def mint_token(self, session: str, *, ttl_seconds: int | None = None) -> Token:
-        return self._call(self.publisher.mint_token(session, ttl_seconds=ttl_seconds))
+    def mint_token(self, session: str, *, ttl_seconds: int | None = None, scopes: list[str] | None = None) -> Token:
+        return self._call(self.publisher.mint_token(session, ttl_seconds=ttl_seconds, scopes=scopes))
 
     def publish(self, session: str, event: str, data: Any, *, idempotency_key: str | None = None) -> Published:
         return self._call(self.publisher.publish(session, event, data, idempotency_key=idempotency_key))

@@ -39,6 +39,27 @@ ids 1, 2, 3, ... and no holes, plus a small row of facts about the run
   (``create_session``) and ``409 session_completed``; ``412
   state_version_mismatch``; ``400 invalid_ack`` (beyond the last id or
   negative) and ``400 invalid_trim`` (negative).
+* **Input (user -> agent).** A session also holds a second sequence, its
+  input, with ids 1, 2, 3, ... of its own (``input_last_id``), kept in
+  order, durably, for the session's life. ``append_input`` stores one input
+  and, in the same atomic write, appends its **mirror** to the output log:
+  a ``gateway.input`` event whose data is ``{"input_id": N, "kind", "data",
+  "approval_id"?, "decision"?}`` (``models.mirror_data``), so readers of the
+  output see every input exactly once, in order. An input with an
+  ``idempotency_key`` already used for an input of the session is not
+  stored again (``new=False``, the first input returned; the key space is
+  not the output's). ``404`` no session (input never creates one), ``409
+  session_completed``. ``read_input(after, limit)`` returns inputs with id >
+  after in order. ``ack_input(upto)`` moves ``input_acked_id`` forward only
+  (``400 invalid_ack`` beyond ``input_last_id`` or negative). Deleting the
+  session removes its input, keys and approvals.
+* **Approvals.** An event of type ``approval.request`` whose JSON data is
+  an object with a string ``approval_id`` (``rules.APPROVAL_ID``) opens
+  that approval, in the same atomic write as the append (an id already
+  known stays as it is: an answered approval is never reopened). An input
+  of kind ``approval`` must name an open one: ``404 approval_not_found``
+  if the session never opened it, ``409 approval_answered`` if an input
+  answered it already; storing the input closes it, atomically.
 * **Observation.** A log tells its observers (``add_observer``) what
   happened, each fact its own call, made from the event loop after the
   commit, in commit order per session; observers must not block or raise:
@@ -54,6 +75,11 @@ ids 1, 2, 3, ... and no holes, plus a small row of facts about the run
     from the log.
   - ``deleted(session)``: the session is gone (deleted here, expired, or,
     for a watched session, deleted by another writer).
+  - ``input_appended(session, inputs, row)``: a write of this instance
+    stored ``inputs`` (in id order; ``row`` is the session after them,
+    ``input_last_id`` included). Its mirror event is told as ``appended``
+    first. Another writer's input reaches ``moved`` with a row whose
+    ``input_last_id`` moved (0 when the backend's notice does not say).
   - ``committed(operations, seconds)``: a backend that batches writes
     (``group_commit``) committed one batch of ``operations`` in ``seconds``
     (metrics).
@@ -86,11 +112,28 @@ that passes it works.
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-from ..errors import BadRequest, Conflict, PreconditionFailed
-from ..models import END_EVENT, AppendResult, NewEvent, Session, StoredEvent, dump_json
+from ..errors import BadRequest, Conflict, NotFound, PreconditionFailed
+from ..models import (
+    APPROVAL_REQUEST,
+    END_EVENT,
+    INPUT_EVENT,
+    AppendResult,
+    InputResult,
+    NewEvent,
+    NewInput,
+    Session,
+    StoredEvent,
+    StoredInput,
+    dump_json,
+    load_json,
+    mirror_data,
+    mirror_tail,
+)
+from ..rules import APPROVAL_ID
 
 NO_RESULT = object()
 
@@ -108,11 +151,14 @@ class LogObserver:
     def deleted(self, session: str) -> None:
         """The session was deleted (or expired)."""
 
+    def input_appended(self, session: str, inputs: list[StoredInput], row: Session) -> None:
+        """This instance stored ``inputs`` (in id order); ``row`` is the session after them."""
+
     def committed(self, operations: int, seconds: float) -> None:
         """One group commit of ``operations`` writes took ``seconds``."""
 
 
-_FACTS = ("appended", "moved", "deleted", "committed")
+_FACTS = ("appended", "moved", "deleted", "input_appended", "committed")
 
 
 class OpenStreams:
@@ -143,6 +189,7 @@ class EventLog(abc.ABC):
         self._on_moved: list[Callable[[str, Session], None]] = []
         self._on_deleted: list[Callable[[str], None]] = []
         self._on_committed: list[Callable[[int, float], None]] = []
+        self._on_input_appended: list[Callable[[str, list[StoredInput], Session], None]] = []
 
     def add_observer(self, observer: LogObserver) -> None:
         """Tell ``observer`` of every fact it overrides (an override of nothing costs nothing per write)."""
@@ -161,6 +208,10 @@ class EventLog(abc.ABC):
     def _deleted(self, session: str) -> None:
         for call in self._on_deleted:
             call(session)
+
+    def _input_appended(self, session: str, inputs: list[StoredInput], row: Session) -> None:
+        for call in self._on_input_appended:
+            call(session, inputs, row)
 
     def _committed(self, operations: int, seconds: float) -> None:
         for call in self._on_committed:
@@ -234,6 +285,22 @@ class EventLog(abc.ABC):
     async def sweep(self, now: int) -> int:
         """Apply retention at time ``now`` (ms): remove expired sessions. Returns how many."""
 
+    @abc.abstractmethod
+    async def append_input(self, session: str, item: NewInput) -> InputResult:
+        """Store ``item`` as the session's next input and append its mirror event, atomically (see above)."""
+
+    @abc.abstractmethod
+    async def read_input(self, session: str, after: int, limit: int) -> list[StoredInput]:
+        """Up to ``limit`` inputs with id > ``after``, in order ([] for no session)."""
+
+    @abc.abstractmethod
+    async def ack_input(self, session: str, upto: int) -> Session:
+        """Move ``input_acked_id`` forward to ``upto`` (never back)."""
+
+    @abc.abstractmethod
+    async def approvals(self, session: str) -> dict[str, int]:
+        """The session's approvals: approval id -> the input id that answered it (0: still open)."""
+
 
 def stored_json(value: Any, what: str) -> str:
     """``value`` (metadata, state, result) as the JSON text a backend stores, or ``400`` if it has none.
@@ -301,6 +368,65 @@ def apply_append(row: Session, events: Sequence[NewEvent], keys: Mapping[str, in
     if max_events and row.last_id - row.trimmed_id > max_events:
         row.trimmed_id = row.last_id - max_events
     return AppendResult(ids, new, row.last_id, stored, row.epoch), batch_keys
+
+
+_APPROVAL_ID = re.compile(APPROVAL_ID)
+
+
+def approval_ids(events: Sequence[StoredEvent]) -> list[str]:
+    """The approval ids the ``approval.request`` events among ``events`` open (one string compare per event
+    for the rest). Redis applies the same rule in Lua (``redis_append.lua``)."""
+    found = []
+    for ev in events:
+        if ev.event == APPROVAL_REQUEST and ev.is_json:
+            try:
+                doc = load_json(ev.data)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and isinstance(aid := doc.get("approval_id"), str) \
+                    and _APPROVAL_ID.fullmatch(aid):
+                found.append(aid)
+    return found
+
+
+def stored_input(item: NewInput) -> str:
+    """``item``'s mirror tail (``models.mirror_tail``), or ``400`` if its data cannot be stored."""
+    if not item.data.isascii():
+        try:
+            item.data.encode()
+        except UnicodeEncodeError:
+            raise BadRequest("input data is not valid Unicode text (a lone surrogate)", "invalid_json") from None
+    return mirror_tail(item)
+
+
+def apply_input(row: Session, item: NewInput, tail: str, repeat: StoredInput | None, approval: int | None,
+                ts: int, max_events: int | None) -> tuple[InputResult, StoredEvent | None]:
+    """Store ``item`` on ``row``: ``repeat`` is the input its idempotency key named already (if any),
+    ``approval`` the state of the approval it answers (None unknown, 0 open, else the input that answered).
+    Returns the result and the mirror event to append (None for a repeat)."""
+    if repeat is not None:
+        return InputResult(repeat, False, row.input_last_id, row.last_id, row.epoch), None
+    if row.completed:
+        raise Conflict(f"session {row.id!r} is completed", "session_completed")
+    if item.kind == "approval":
+        if approval is None:
+            raise NotFound(f"session {row.id!r} has no approval {item.approval_id!r}", "approval_not_found")
+        if approval:
+            raise Conflict(f"approval {item.approval_id!r} was answered by input {approval}", "approval_answered",
+                           extra={"input_id": approval})
+    row.input_last_id += 1
+    row.last_id += 1
+    mirror = StoredEvent(row.last_id, INPUT_EVENT, mirror_data(row.input_last_id, tail), True, ts)
+    if max_events and row.last_id - row.trimmed_id > max_events:
+        row.trimmed_id = row.last_id - max_events
+    stored = StoredInput(row.input_last_id, item.kind, item.data, ts, row.last_id, item.approval_id, item.decision)
+    return InputResult(stored, True, row.input_last_id, row.last_id, row.epoch), mirror
+
+
+def apply_input_ack(row: Session, upto: int) -> None:
+    if upto < 0 or upto > row.input_last_id:
+        raise BadRequest(f"input ack id must be between 0 and the last input id ({row.input_last_id})", "invalid_ack")
+    row.input_acked_id = max(row.input_acked_id, upto)
 
 
 def apply_complete(row: Session, result: Any, ts: int, data: str | None = None) -> StoredEvent | None:

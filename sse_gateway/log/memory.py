@@ -13,28 +13,45 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import Conflict, NotFound, Unavailable
-from ..models import AppendResult, NewEvent, Session, StoredEvent, new_epoch, now_ms
+from ..models import (
+    AppendResult,
+    InputResult,
+    NewEvent,
+    NewInput,
+    Session,
+    StoredEvent,
+    StoredInput,
+    new_epoch,
+    now_ms,
+)
 from .base import (
     NO_RESULT,
     EventLog,
     apply_ack,
     apply_append,
     apply_complete,
+    apply_input,
+    apply_input_ack,
     apply_state,
     apply_trim,
+    approval_ids,
     is_expired,
+    stored_input,
     stored_json,
     stored_text,
 )
 
 
 class _Entry:
-    __slots__ = ("row", "events", "keys")
+    __slots__ = ("row", "events", "keys", "inputs", "input_keys", "approvals")
 
     def __init__(self, row: Session) -> None:
         self.row = row
         self.events: list[StoredEvent] = []
         self.keys: dict[str, int] = {}
+        self.inputs: list[StoredInput] = []  # inputs[i] has id i + 1
+        self.input_keys: dict[str, int] = {}
+        self.approvals: dict[str, int] = {}  # approval id -> the input that answered it (0: open)
 
 
 class MemoryLog(EventLog):
@@ -105,8 +122,41 @@ class MemoryLog(EventLog):
             entry = self._sessions[session]
         result, new_keys = apply_append(entry.row, events, entry.keys, now_ms(), self.max_events)
         entry.keys.update(new_keys)
+        for aid in approval_ids(result.events):
+            entry.approvals.setdefault(aid, 0)
         self._store(entry, result.events)
         return result
+
+    async def append_input(self, session: str, item: NewInput) -> InputResult:
+        entry = self._entry(session)
+        tail = stored_input(item)
+        key = item.idempotency_key
+        repeat = entry.inputs[entry.input_keys[key] - 1] if key is not None and key in entry.input_keys else None
+        approval = entry.approvals.get(item.approval_id) if item.kind == "approval" else None
+        result, mirror = apply_input(entry.row, item, tail, repeat, approval, now_ms(), self.max_events)
+        if mirror is not None:
+            stored = result.input
+            entry.inputs.append(stored)
+            if key is not None:
+                entry.input_keys[key] = stored.id
+            if item.kind == "approval":
+                entry.approvals[item.approval_id] = stored.id
+            self._store(entry, [mirror])
+            self._input_appended(session, [stored], copy.copy(entry.row))
+        return result
+
+    async def read_input(self, session: str, after: int, limit: int) -> list[StoredInput]:
+        entry = self._sessions.get(session)
+        return [] if entry is None else entry.inputs[max(after, 0):max(after, 0) + limit]
+
+    async def ack_input(self, session: str, upto: int) -> Session:
+        entry = self._entry(session)
+        apply_input_ack(entry.row, upto)
+        return copy.copy(entry.row)
+
+    async def approvals(self, session: str) -> dict[str, int]:
+        entry = self._sessions.get(session)
+        return {} if entry is None else dict(entry.approvals)
 
     def _store(self, entry: _Entry, events: list[StoredEvent]) -> None:
         entry.events.extend(events)

@@ -43,10 +43,17 @@ and one script can change them all::
     sse-gateway:{SESSION}:events    stream: entry ID-0 = {e: type, d: data, j: 1 if JSON, t: ts ms}
     sse-gateway:{SESSION}:keys      hash: idempotency key -> id
     sse-gateway:{SESSION}:presence  hash: node -> open streams; last_seen -> ms
+    sse-gateway:{SESSION}:inputs    stream: entry ID-0 = {k: kind, d: data, t: ts, e: mirror event id,
+                                    a: approval id, c: decision}
+    sse-gateway:{SESSION}:ikeys     hash: input idempotency key -> input id
+    sse-gateway:{SESSION}:approvals hash: approval id -> the input that answered it (0: open)
     sse-gateway:sessions            sorted set: session by created_at (listing)
     sse-gateway:expiring            sorted set: completed session by expiry time (retention)
     sse-gateway:node:NODE           string with a 6 s expiry: the node is alive
-    sse-gateway:appends             pub/sub channel: "SESSION\\tEPOCH\\tLAST_ID\\tSTATUS\\tNODE"
+    sse-gateway:appends             pub/sub channel: "SESSION\\tEPOCH\\tLAST_ID\\tSTATUS\\tNODE[\\tINPUT_LAST_ID]"
+
+An input and its mirror event are one script (``redis_input.lua``); an
+``approval.request`` event opens its approval inside the append script.
 
 The two sorted sets are global keys. On a single Redis (or a primary with
 replicas) the scripts update them atomically with the session. On Redis
@@ -106,8 +113,22 @@ from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from ..errors import BadRequest, Conflict, GatewayError, NotFound, PreconditionFailed, Unavailable
-from ..models import END_EVENT, AppendResult, NewEvent, Session, StoredEvent, load_json, new_epoch, now_ms
-from .base import NO_RESULT, EventLog, stored_json, stored_text
+from ..models import (
+    END_EVENT,
+    INPUT_EVENT,
+    AppendResult,
+    InputResult,
+    NewEvent,
+    NewInput,
+    Session,
+    StoredEvent,
+    StoredInput,
+    load_json,
+    mirror_data,
+    new_epoch,
+    now_ms,
+)
+from .base import NO_RESULT, EventLog, stored_input, stored_json, stored_text
 from .group_commit import GroupCommit, Write
 
 log = logging.getLogger("sse_gateway.redis")
@@ -135,6 +156,7 @@ class _Script:
 
 _APPEND = _Script("redis_append.lua")
 _SESSION = _Script("redis_session.lua")
+_INPUT = _Script("redis_input.lua")
 
 
 class _Op(Write):
@@ -171,7 +193,8 @@ def _session(name: str, h: dict[str, str]) -> Session:
                    trimmed_id=int(h["trimmed_id"]), metadata=_json(h.get("metadata")),
                    ttl_seconds=_int(h.get("ttl_seconds")), acked_id=int(h["acked_id"]),
                    state=_json(h.get("state")), state_version=int(h["state_version"]),
-                   state_as_of=int(h["state_as_of"]), result=_json(h.get("result")))
+                   state_as_of=int(h["state_as_of"]), result=_json(h.get("result")),
+                   input_last_id=int(h.get("input_last_id", 0)), input_acked_id=int(h.get("input_acked_id", 0)))
 
 
 def _unavailable(exc: RedisError, write: bool = False) -> Unavailable:
@@ -196,6 +219,13 @@ def _gateway_error(session: str, exc: Exception) -> GatewayError:
         return Conflict(f"session {session!r} is completed", "session_completed")
     if code == "invalid_ack":
         return BadRequest(f"ack id must be between 0 and the last id ({detail})", "invalid_ack")
+    if code == "invalid_input_ack":
+        return BadRequest(f"input ack id must be between 0 and the last input id ({detail})", "invalid_ack")
+    if code == "approval_not_found":
+        return NotFound(f"session {session!r} has no such approval", "approval_not_found")
+    if code == "approval_answered":
+        return Conflict(f"the approval was answered by input {detail}", "approval_answered",
+                        extra={"input_id": int(detail)})
     if code == "state_version_mismatch":
         return PreconditionFailed(f"state is at version {detail}, not the one given", "state_version_mismatch",
                                   extra={"version": int(detail)})
@@ -241,7 +271,8 @@ class RedisLog(EventLog):
 
     def _keys(self, session: str) -> list[str]:
         tag = f"{PREFIX}{{{session}}}:"
-        return [tag + "meta", tag + "events", tag + "keys", tag + "presence", *self._global_keys]
+        return [tag + "meta", tag + "events", tag + "keys", tag + "presence", tag + "inputs", tag + "ikeys",
+                tag + "approvals", *self._global_keys]
 
     # -- life ------------------------------------------------------------------
 
@@ -314,6 +345,16 @@ class RedisLog(EventLog):
             entries = await self._redis.xrange(self._keys(session)[1], min=f"({after}-0", max="+", count=limit)
         return [StoredEvent(int(eid.partition("-")[0]), f["e"], f["d"], f["j"] == "1", int(f["t"]))
                 for eid, f in entries]
+
+    async def read_input(self, session: str, after: int, limit: int) -> list[StoredInput]:
+        with _store():
+            entries = await self._redis.xrange(self._keys(session)[4], min=f"({after}-0", max="+", count=limit)
+        return [StoredInput(int(eid.partition("-")[0]), f["k"], f["d"], int(f["t"]), int(f["e"]), f.get("a"),
+                            f.get("c")) for eid, f in entries]
+
+    async def approvals(self, session: str) -> dict[str, int]:
+        with _store():
+            return {k: int(v) for k, v in (await self._redis.hgetall(self._keys(session)[6])).items()}
 
     async def presence(self, session: str) -> tuple[int, int | None]:
         """Streams of ``session`` open on all live nodes, and when one last closed (ms)."""
@@ -396,6 +437,28 @@ class RedisLog(EventLog):
     async def ack(self, session: str, upto: int) -> Session:
         return await self._submit(_SESSION, session, self._args("ack", session, upto), self._row_reply(session))
 
+    async def append_input(self, session: str, item: NewInput) -> InputResult:
+        tail = stored_input(item)
+        args = self._args("input", session, item.kind, item.data, item.idempotency_key or "", item.approval_id or "",
+                          item.decision or "", tail, self.max_events or 0)
+
+        def reply(r: list) -> tuple[InputResult, tuple | None]:
+            new, (id_, kind, data, ts, event_id, aid, decision) = r[0], r[1:8]
+            epoch, status, last_id, trimmed_id, input_last_id, input_acked_id = r[8:14]
+            got = StoredInput(id_, kind, data, ts, event_id, aid or None, decision or None)
+            row = Session(id=session, epoch=epoch, created_at=0, status=status, last_id=last_id,
+                          trimmed_id=trimmed_id, input_last_id=input_last_id, input_acked_id=input_acked_id)
+            result = InputResult(got, bool(new), input_last_id, last_id, epoch)
+            if not new:
+                return result, None
+            mirror = StoredEvent(event_id, INPUT_EVENT, mirror_data(id_, tail), True, ts)
+            return result, ([mirror], row, [got])
+
+        return await self._submit(_INPUT, session, args, reply)
+
+    async def ack_input(self, session: str, upto: int) -> Session:
+        return await self._submit(_SESSION, session, self._args("input_ack", session, upto), self._row_reply(session))
+
     async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
         args = self._args("state", session, stored_json(state, "state"), "" if if_version is None else if_version)
         return await self._submit(_SESSION, session, args, self._row_reply(session))
@@ -466,11 +529,13 @@ class RedisLog(EventLog):
                     op.reject(Unavailable(
                         f"the write is on the Redis primary but fewer than {self.wait_replicas} replica(s) "
                         "confirmed it (retry with an idempotency key)", "store_not_replicated"))
-            for session, events, row in news:
+            for session, events, row, *inputs in news:
                 if row is None:
                     self._deleted(session)
                 else:
                     self._appended(session, events, row)
+                    if inputs:
+                        self._input_appended(session, inputs[0], row)
         finally:
             self._release_held(lost)
         if self._index_updates:
@@ -520,7 +585,7 @@ class RedisLog(EventLog):
                 todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
                 if not todo:
                     break
-                for script in (_APPEND, _SESSION):
+                for script in (_APPEND, _SESSION, _INPUT):
                     await self._redis.script_load(script.text)
             except RedisError as exc:
                 for i in todo:
@@ -609,12 +674,13 @@ class RedisLog(EventLog):
             session, epoch, last_id, status = fields[:4]  # a line from an older node has no origin
             origin = fields[4] if len(fields) > 4 else ""
             head = int(last_id)
+            input_head = int(fields[5]) if len(fields) > 5 else 0  # only an input's line says
         except ValueError:  # not from a gateway: never let it stop the feed
             log.warning("ignored a malformed line on %s: %.100r", CHANNEL, line)
             return
         if session in self.watched:
             row = None if status == "deleted" else Session(id=session, epoch=epoch, created_at=0, status=status,
-                                                             last_id=head)
+                                                             last_id=head, input_last_id=input_head)
             if origin == self.node and session in self._writing:
                 self._held[session] = row  # see the module docstring: the writer's reply decides
             else:
@@ -633,10 +699,10 @@ class RedisLog(EventLog):
             chunk = names[i:i + 500]
             pipe = self._redis.pipeline(transaction=False)
             for name in chunk:
-                pipe.hmget(self._keys(name)[0], "epoch", "status", "last_id")
-            for name, (epoch, status, last_id) in zip(chunk, await pipe.execute()):
+                pipe.hmget(self._keys(name)[0], "epoch", "status", "last_id", "input_last_id")
+            for name, (epoch, status, last_id, input_last) in zip(chunk, await pipe.execute()):
                 row = None if epoch is None else Session(id=name, epoch=epoch, created_at=0, status=status,
-                                                         last_id=int(last_id))
+                                                         last_id=int(last_id), input_last_id=int(input_last or 0))
                 self._heard(name, row)
 
     # -- presence ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 -- session's keys (the key layout is in redis.py). Every check runs before the
 -- first write, so an error reply leaves the session as it was.
 --
--- KEYS: meta, events, idempotency keys, presence, [index of sessions, expiry schedule]
+-- KEYS: meta, events, idempotency keys, presence, inputs, input keys, approvals,
+--       [index of sessions, expiry schedule]
 --       (the last two only outside Redis Cluster: they live in other slots)
 -- ARGV: op, session, now (ms), channel, origin (the node writing), then by op:
 --   create    epoch, metadata JSON ('' none), ttl seconds ('' none)
@@ -11,7 +12,7 @@
 --   complete  result JSON, default ttl seconds ('' none)
 -- Errors are replies 'GW <code>'.
 
-local meta, events, idem, index, expiring = KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6]
+local meta, events, idem, approvals, index, expiring = KEYS[1], KEYS[2], KEYS[3], KEYS[7], KEYS[8], KEYS[9]
 local op, name, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local origin = table.remove(ARGV, 5)  -- what follows keeps the places the ops below use
 
@@ -65,6 +66,15 @@ if op == 'append' then
       if key ~= '' then
         batch[key] = last_id
         redis.call('HSET', idem, key, last_id)
+      end
+      if ARGV[i] == 'approval.request' and ARGV[i + 2] == '1' then
+        -- opens an approval (log/base.py, approval_ids): an object with a string approval_id of 1-128
+        -- printable ASCII characters; an id already known keeps its state
+        local ok, doc = pcall(cjson.decode, ARGV[i + 1])
+        if ok and type(doc) == 'table' and type(doc.approval_id) == 'string' and #doc.approval_id <= 128
+            and string.find(doc.approval_id, '^[%w%p ]+$') then
+          redis.call('HSETNX', approvals, doc.approval_id, 0)
+        end
       end
       out[#out + 1] = last_id
       out[#out + 1] = 1

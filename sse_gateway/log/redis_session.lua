@@ -2,10 +2,12 @@
 -- open on it: one atomic step on one session's keys (the key layout is in
 -- redis.py). Every check runs before the first write.
 --
--- KEYS: meta, events, idempotency keys, presence, [index of sessions, expiry schedule]
+-- KEYS: meta, events, idempotency keys, presence, inputs, input keys, approvals,
+--       [index of sessions, expiry schedule]
 --       (the last two only outside Redis Cluster: they live in other slots)
 -- ARGV: op, session, now (ms), channel, origin (the node writing), then by op:
 --   ack       id                        acked_id moves forward only
+--   input_ack id                        input_acked_id moves forward only
 --   state     state JSON, version ('' any)
 --   trim      through
 --   delete                              returns 1, or 0 if there was no session
@@ -13,7 +15,7 @@
 --   presence  node, count               returns 0 if there is no session
 -- Errors are replies 'GW <code> [detail]'.
 
-local meta, events, idem, presence, index, expiring = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local meta, events, idem, presence, index, expiring = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8], KEYS[9]
 local op, name, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local origin = table.remove(ARGV, 5)  -- what follows keeps the places the ops below use
 
@@ -34,7 +36,7 @@ if op == 'expire' then
 end
 
 if op == 'delete' then
-  redis.call('DEL', meta, events, idem, presence)
+  redis.call('DEL', meta, events, idem, presence, KEYS[5], KEYS[6], KEYS[7])
   if index then redis.call('ZREM', index, name) end
   if expiring then redis.call('ZREM', expiring, name) end
   redis.call('PUBLISH', channel, name .. '\t\t0\tdeleted\t' .. origin)
@@ -56,6 +58,11 @@ if op == 'ack' then
   local upto = tonumber(ARGV[5])
   if upto < 0 or upto > tonumber(row[1]) then return redis.error_reply('GW invalid_ack ' .. row[1]) end
   if upto > tonumber(row[2]) then redis.call('HSET', meta, 'acked_id', ARGV[5]) end
+elseif op == 'input_ack' then
+  local row = redis.call('HMGET', meta, 'input_last_id', 'input_acked_id')
+  local last, acked, upto = tonumber(row[1] or 0), tonumber(row[2] or 0), tonumber(ARGV[5])
+  if upto < 0 or upto > last then return redis.error_reply('GW invalid_input_ack ' .. last) end
+  if upto > acked then redis.call('HSET', meta, 'input_acked_id', ARGV[5]) end
 elseif op == 'state' then
   local row = redis.call('HMGET', meta, 'state_version', 'last_id')
   if ARGV[6] ~= '' and tonumber(ARGV[6]) ~= tonumber(row[1]) then

@@ -50,16 +50,32 @@ from typing import Any
 import aiosqlite
 
 from ..errors import Conflict, GatewayError, NotFound, Unavailable
-from ..models import AppendResult, NewEvent, Session, StoredEvent, dump_json, load_json, new_epoch, now_ms
+from ..models import (
+    AppendResult,
+    InputResult,
+    NewEvent,
+    NewInput,
+    Session,
+    StoredEvent,
+    StoredInput,
+    dump_json,
+    load_json,
+    new_epoch,
+    now_ms,
+)
 from .base import (
     NO_RESULT,
     EventLog,
     apply_ack,
     apply_append,
     apply_complete,
+    apply_input,
+    apply_input_ack,
     apply_state,
     apply_trim,
+    approval_ids,
     is_expired,
+    stored_input,
     stored_json,
     stored_text,
 )
@@ -102,6 +118,29 @@ CREATE TABLE IF NOT EXISTS idem (
     id INTEGER NOT NULL,
     PRIMARY KEY (sid, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inputs (      -- user -> agent, ids of their own per session
+    sid INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    event_id INTEGER NOT NULL,           -- its mirror (gateway.input) in events
+    approval_id TEXT,
+    decision TEXT,
+    PRIMARY KEY (sid, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS input_keys (
+    sid INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    PRIMARY KEY (sid, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS approvals (  -- opened by approval.request events, closed by an approval input
+    sid INTEGER NOT NULL,
+    approval_id TEXT NOT NULL,
+    input_id INTEGER NOT NULL,           -- 0: open
+    PRIMARY KEY (sid, approval_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS doomed (      -- deleted sessions whose events are still being removed
     sid INTEGER PRIMARY KEY,
     last_id INTEGER NOT NULL
@@ -109,20 +148,24 @@ CREATE TABLE IF NOT EXISTS doomed (      -- deleted sessions whose events are st
 """
 
 _ROW = ("sid, name, epoch, created_at, status, completed_at, last_id, trimmed_id, ttl_seconds, acked_id, "
-        "state_version, state_as_of, result")
+        "state_version, state_as_of, result, input_last_id, input_acked_id")
+#: columns added after the first release: a file made before them gets them when it is opened
+_ADDED_COLUMNS = {"input_last_id": "INTEGER NOT NULL DEFAULT 0", "input_acked_id": "INTEGER NOT NULL DEFAULT 0"}
+_INPUT = "id, kind, data, ts, event_id, approval_id, decision"
 _FULL_ROW = _ROW + ", metadata, state"
 _PURGE_CHUNK = 5000
 _MAX_BATCH = 1000
 
 
 def _row(t: tuple, full: bool = False) -> tuple[int, Session]:
-    sid, name, epoch, created_at, status, completed_at, last_id, trimmed_id, ttl, acked, sv, sa, result = t[:13]
+    sid, name, epoch, created_at, status, completed_at, last_id, trimmed_id, ttl, acked, sv, sa, result, il, ia = t[:15]
     row = Session(id=name, epoch=epoch, created_at=created_at, status=status, completed_at=completed_at,
                   last_id=last_id, trimmed_id=trimmed_id, ttl_seconds=ttl, acked_id=acked, state_version=sv,
-                  state_as_of=sa, result=None if result is None else load_json(result))
+                  state_as_of=sa, result=None if result is None else load_json(result), input_last_id=il,
+                  input_acked_id=ia)
     if full:
-        row.metadata = None if t[13] is None else load_json(t[13])
-        row.state = None if t[14] is None else load_json(t[14])
+        row.metadata = None if t[15] is None else load_json(t[15])
+        row.state = None if t[16] is None else load_json(t[16])
     return sid, row
 
 
@@ -208,6 +251,7 @@ class _Writes:
     states: list[tuple] = field(default_factory=list)
     touched: dict[str, tuple[int, Session]] = field(default_factory=dict)
     appended: dict[str, tuple[list[StoredEvent], Session]] = field(default_factory=dict)
+    inputs: dict[str, tuple[list[StoredInput], Session]] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
 
 
@@ -296,6 +340,18 @@ class SqliteLog(EventLog):
             (session, after, limit))
         return [StoredEvent(*r) for r in rows]
 
+    async def read_input(self, session: str, after: int, limit: int) -> list[StoredInput]:
+        rows = await self._query(
+            f"SELECT {', '.join('i.' + c.strip() for c in _INPUT.split(','))} FROM sessions s "
+            "JOIN inputs i ON i.sid = s.sid WHERE s.name = ? AND i.id > ? ORDER BY i.id LIMIT ?",
+            (session, after, limit))
+        return [_input(r) for r in rows]
+
+    async def approvals(self, session: str) -> dict[str, int]:
+        rows = await self._query("SELECT a.approval_id, a.input_id FROM sessions s JOIN approvals a ON a.sid = s.sid "
+                                 "WHERE s.name = ?", (session,))
+        return dict(rows)
+
     # -- writes: everything goes through the writer ------------------------
 
     async def _submit(self, kind: str, session: str, *args: Any) -> Any:
@@ -325,6 +381,12 @@ class SqliteLog(EventLog):
     async def trim(self, session: str, through: int) -> Session:
         return await self._submit("trim", session, through)
 
+    async def append_input(self, session: str, item: NewInput) -> InputResult:
+        return await self._submit("input", session, item, stored_input(item))
+
+    async def ack_input(self, session: str, upto: int) -> Session:
+        return await self._submit("input_ack", session, upto)
+
     async def _commit(self, batch: list[_Op]) -> tuple[list[tuple[Any, GatewayError | None]], _Writes]:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._commit_sync, batch)
 
@@ -339,6 +401,8 @@ class SqliteLog(EventLog):
             self._deleted(session)
         for session, (new_events, row) in writes.appended.items():
             self._appended(session, new_events, row)
+        for session, (inputs, row) in writes.inputs.items():
+            self._input_appended(session, inputs, row)
 
     async def _on_writer(self, work, *args: Any) -> Any:
         """Run ``work`` on the writer's thread, between group commits (purges)."""
@@ -360,6 +424,11 @@ class SqliteLog(EventLog):
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {self.synchronous}")
         db.executescript(SCHEMA)
+        have = {r[1] for r in db.execute("PRAGMA table_info(sessions)")}
+        for name, spec in _ADDED_COLUMNS.items():
+            if name not in have:
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it meanwhile
+                    db.execute(f"ALTER TABLE sessions ADD COLUMN {name} {spec}")
         return db
 
     def _transaction(self, body) -> Any:
@@ -406,9 +475,12 @@ class SqliteLog(EventLog):
             outcomes.append(outcome)
             for session in done.deleted:  # as _apply does within one batch: a life that ended is not told
                 writes.appended.pop(session, None)
+                writes.inputs.pop(session, None)
                 writes.deleted.append(session)
             for session, (new_events, row) in done.appended.items():
                 _add_appended(writes, session, new_events, row)
+            for session, (inputs, row) in done.inputs.items():
+                _add_inputs(writes, session, inputs, row)
         return outcomes, writes
 
     def _write_error(self, exc: Exception) -> GatewayError:
@@ -486,10 +558,15 @@ class SqliteLog(EventLog):
         if op.kind == "delete":
             db.execute("DELETE FROM sessions WHERE sid = ?", (sid,))
             db.execute("DELETE FROM idem WHERE sid = ?", (sid,))
+            if row.input_last_id:
+                db.execute("DELETE FROM inputs WHERE sid = ?", (sid,))
+                db.execute("DELETE FROM input_keys WHERE sid = ?", (sid,))
+            db.execute("DELETE FROM approvals WHERE sid = ?", (sid,))
             db.execute("INSERT OR REPLACE INTO doomed (sid, last_id) VALUES (?, ?)", (sid, row.last_id))
             rows[op.session] = None
             writes.touched.pop(op.session, None)
             writes.appended.pop(op.session, None)  # nobody is told of events of a life that ended
+            writes.inputs.pop(op.session, None)
             writes.deleted.append(op.session)
             return True
         new_events: list[StoredEvent] = []
@@ -498,6 +575,9 @@ class SqliteLog(EventLog):
             keys.update({(sid, k): v for k, v in batch_keys.items()})
             writes.keys.extend((sid, k, v) for k, v in batch_keys.items())
             new_events = result.events
+            if opened := approval_ids(new_events):
+                db.executemany("INSERT OR IGNORE INTO approvals (sid, approval_id, input_id) VALUES (?,?,0)",
+                               [(sid, aid) for aid in opened])
             value: Any = result
         elif op.kind == "complete":
             end = apply_complete(row, op.args[0], now_ms(), op.args[1])
@@ -505,6 +585,14 @@ class SqliteLog(EventLog):
             value = row
         elif op.kind == "ack":
             apply_ack(row, op.args[0])
+            value = row
+        elif op.kind == "input":
+            value, new_events = self._apply_input(db, sid, row, *op.args)
+            if new_events:
+                _add_inputs(writes, op.session, [value.input], copy.copy(row))
+        elif op.kind == "input_ack":
+            apply_input_ack(row, op.args[0])
+            db.execute("UPDATE sessions SET input_acked_id = ? WHERE sid = ?", (row.input_acked_id, sid))
             value = row
         elif op.kind == "trim":
             apply_trim(row, op.args[0])
@@ -521,6 +609,34 @@ class SqliteLog(EventLog):
             writes.events.extend((sid, e.id, e.event, e.data, int(e.is_json), e.ts) for e in new_events)
             _add_appended(writes, op.session, new_events, copy.copy(row))
         return value
+
+    def _apply_input(self, db: sqlite3.Connection, sid: int, row: Session, item: NewInput,
+                     tail: str) -> tuple[InputResult, list[StoredEvent]]:
+        """An input and its mirror: the input's rows are written here, the mirror event with the batch's."""
+        repeat = None
+        if item.idempotency_key is not None:
+            found = db.execute(f"SELECT {_INPUT} FROM inputs WHERE sid = ? AND id = "
+                               "(SELECT id FROM input_keys WHERE sid = ? AND key = ?)",
+                               (sid, sid, item.idempotency_key)).fetchone()
+            repeat = None if found is None else _input(found)
+        approval = None
+        if item.kind == "approval" and repeat is None:
+            found = db.execute("SELECT input_id FROM approvals WHERE sid = ? AND approval_id = ?",
+                               (sid, item.approval_id)).fetchone()
+            approval = None if found is None else found[0]
+        result, mirror = apply_input(row, item, tail, repeat, approval, now_ms(), self.max_events)
+        if mirror is None:
+            return result, []
+        got = result.input
+        db.execute(f"INSERT INTO inputs (sid, {_INPUT}) VALUES (?,?,?,?,?,?,?,?)",
+                   (sid, got.id, got.kind, got.data, got.ts, got.event_id, got.approval_id, got.decision))
+        if item.idempotency_key is not None:
+            db.execute("INSERT INTO input_keys (sid, key, id) VALUES (?,?,?)", (sid, item.idempotency_key, got.id))
+        if item.kind == "approval":
+            db.execute("UPDATE approvals SET input_id = ? WHERE sid = ? AND approval_id = ?",
+                       (got.id, sid, item.approval_id))
+        db.execute("UPDATE sessions SET input_last_id = ? WHERE sid = ?", (row.input_last_id, sid))
+        return result, [mirror]
 
     def _purge_sync(self, sid: int, start: int, stop: int, last: bool) -> None:
         def body(db: sqlite3.Connection) -> None:
@@ -610,6 +726,16 @@ class _KeyView:
 
     def __contains__(self, key: str) -> bool:
         return (self.sid, key) in self.keys
+
+
+def _input(t: tuple) -> StoredInput:
+    id_, kind, data, ts, event_id, approval_id, decision = t
+    return StoredInput(id_, kind, data, ts, event_id, approval_id, decision)
+
+
+def _add_inputs(writes: _Writes, session: str, inputs: list[StoredInput], row: Session) -> None:
+    entry = writes.inputs.get(session)
+    writes.inputs[session] = ([*entry[0], *inputs] if entry else list(inputs), row)
 
 
 def _add_appended(writes: _Writes, session: str, events: list[StoredEvent], row: Session) -> None:

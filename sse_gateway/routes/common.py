@@ -31,6 +31,7 @@ def session_json(row: Session, gw: Gateway, presence: tuple[int, int | None] | N
         "subscribers": subscribers, "last_seen_at": rfc3339(last_seen),
         "acked_id": row.acked_id, "state_version": row.state_version,
         "ttl_seconds": row.ttl_seconds, "result": row.result,
+        "input_last_id": row.input_last_id, "input_acked_id": row.input_acked_id,
     }
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .. import openapi, rules
-from ..bodies import bounded_int, check_size, json_object, query_int
+from ..bodies import bounded_int, check_size, json_object, parse_scopes, query_int
 from ..errors import BadRequest, Conflict, NotConfigured, NotFound
 from ..gateway import Gateway
 from ..models import Session, check_session_id, dump_json, rfc3339
@@ -18,7 +18,7 @@ router = APIRouter(tags=["sessions"])
 
 _CREATE_FIELDS = frozenset({"id", "metadata", "ttl_seconds"})
 _PUT_FIELDS = frozenset({"metadata", "ttl_seconds"})
-_TOKEN_FIELDS = frozenset({"ttl_seconds"})
+_TOKEN_FIELDS = frozenset({"ttl_seconds", "scopes"})
 
 
 def _stream_url(session: str, token: str | None) -> str:
@@ -84,11 +84,12 @@ def _created(gw: Gateway, row: Session, status: int) -> Response:
              summary="Mint a subscribe token for a session")
 async def mint_token(session: str, request: Request) -> Response:
     gw = publisher(request, session)
-    spec = await json_object(request, rules.SMALL_BODY, _TOKEN_FIELDS, '{"ttl_seconds"?}',
+    spec = await json_object(request, rules.SMALL_BODY, _TOKEN_FIELDS, '{"ttl_seconds"?, "scopes"?}',
                              "invalid_body")
     ttl = bounded_int(spec.get("ttl_seconds"), rules.TOKEN_TTL, "ttl_seconds", "invalid_ttl")
+    scopes = parse_scopes(spec.get("scopes"))
     row = await gw.log.get_session(session)  # an existing session binds the token to its life
-    token = gw.auth.mint(session, ttl, epoch=row.epoch if row else None)
+    token = gw.auth.mint(session, ttl, epoch=row.epoch if row else None, scopes=scopes)
     if token is None:
         raise NotConfigured("this gateway mints no tokens: start it with --token-secret (or SSE_GATEWAY_TOKEN_SECRET)",
                             "tokens_not_configured")
