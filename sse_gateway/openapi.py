@@ -294,7 +294,8 @@ SSE_EVENT = {
         "event": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$",
                   "description": "the publisher's event type ('message' when the SSE frame names none), or one "
                   "of the gateway's own: gateway.end (with an id; data: the session's result, see GatewayEnd; the "
-                  "last event), gateway.input (with an id; data: GatewayInput, the mirror of an input), gateway.gap (no id; data: GatewayGap), gateway.reset (no id; data: GatewayReset). "
+                  "last event), gateway.input (with an id; data: GatewayInput, the mirror of an input), "
+                  "gateway.gap (no id; data: GatewayGap), gateway.reset (no id; data: GatewayReset). "
                   "Heartbeats are SSE comments (': ping'), never events.",
                   "examples": ["token", "gateway.end", "gateway.gap", "gateway.reset"]},
         "data": {"type": "string", "description": "compact JSON for JSON events, the text for text events"},

@@ -128,7 +128,7 @@ def test_cursor_edge_cases_that_are_fine(c):
         ({"Last-Event-ID": f"1:{epoch}"}, {}, [2, 3]),
         ({}, {"from": "earliest"}, [1, 2, 3]),
         ({}, {"from": "latest"}, []),
-        ({"Last-Event-ID": "0"}, {"from": "abc"}, [1, 2, 3]),  # first match wins: the header
+        ({"Last-Event-ID": "0"}, {"from": "latest"}, [1, 2, 3]),  # first match wins: the header
     ]:
         r = c.get("/v1/sessions/cur-ok/stream", headers=headers, params={"live": "false", **params})
         assert r.status_code == 200, (headers, params, r.text)
@@ -434,3 +434,12 @@ def test_metadata_state_and_results_are_bounded_like_event_data(c):
     small = "m" * 1000
     assert c.post("/v1/sessions", json={"id": "slim", "metadata": small}).status_code == 201
     assert c.put("/v1/sessions/docs/state", json={"blob": small}).status_code == 200
+
+
+def test_every_cursor_given_is_checked_even_one_that_is_not_used(c):
+    seed(c, "both")
+    for place in ({"headers": {"Last-Event-ID": "1"}, "params": {"from": "nope"}},
+                  {"headers": {"Last-Event-ID": "1"}, "params": {"last_event_id": "x:y:z"}},
+                  {"params": {"last_event_id": "1", "from": "-1"}}):
+        r = c.get("/v1/sessions/both/stream", **place)
+        assert_error(r.status_code, r.headers, r.content, 400, ("invalid_cursor",))

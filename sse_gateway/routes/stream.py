@@ -29,20 +29,15 @@ async def stream(session: str, request: Request) -> Response:
     if gw.draining:
         raise Unavailable("the gateway is shutting down; reconnect", "draining", retry_after=1)
     q = request.query_params
-    header = request.headers.get("last-event-id")
-    resuming = header if header is not None else q.get("last_event_id")
-    if resuming is not None and resuming.strip() == "":
-        resuming = None  # an empty Last-Event-ID means no cursor, as EventSource sends it
-    cursor, epoch = (0, None)
-    from_latest = False
-    if resuming is not None:
-        cursor, epoch = parse_cursor(resuming)
-    elif "from" in q:
-        start = q["from"]
-        if start == "latest":
-            from_latest = True
-        elif start != "earliest":
-            cursor, epoch = parse_cursor(start)
+    header, query, start = request.headers.get("last-event-id"), q.get("last_event_id"), q.get("from")
+    # Every cursor given is checked (400 invalid_cursor), also one that another takes precedence over;
+    # an empty Last-Event-ID means no cursor, as EventSource sends it.
+    given = {c: parse_cursor(c) for c in (header, query) if c is not None and c.strip()}
+    start_at = parse_cursor(start) if start not in (None, "earliest", "latest") else None
+    chosen = header if header is not None else query
+    resuming = given.get(chosen)
+    cursor, epoch = resuming or start_at or (0, None)
+    from_latest = resuming is None and start == "latest"
     live = q.get("live", "true").lower()
     if live not in ("true", "false", "1", "0"):
         raise BadRequest("live must be true or false", "invalid_live")
