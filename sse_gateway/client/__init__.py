@@ -8,6 +8,9 @@ idempotency keys, batches tokens, retries what can be retried and runs a session
             await run.token(piece)
         run.result = {"text": "Hello"}
 
+The run reads what its users send (``run.inputs()``, ``run.cancelled``, ``run.wait_approval``);
+``Publisher.send_input`` sends it from a backend.
+
 ``Subscriber`` reads a session with exact resume::
 
     async for event in Subscriber("run1"):
@@ -16,7 +19,7 @@ idempotency keys, batches tokens, retries what can be retried and runs a session
 Both take the gateway's base URL and a credential, or read ``SSE_GATEWAY_URL`` and
 ``SSE_GATEWAY_PUBLISH_KEY`` when they are not given. See docs/python.md.
 
-The package: ``http`` (where the gateway is, credentials, errors, retries), ``publisher``,
+The package: ``http`` (where the gateway is, credentials, errors, retries), ``publisher``, ``inputs``,
 ``sync`` (the blocking twin), ``subscriber``.
 """
 
@@ -31,10 +34,23 @@ from .http import (
                    resolve_key,
                    resolve_url,
 )
-from .publisher import Published, Publisher, Run, SessionInfo, State, Token, Watchers, failure_result
+from .inputs import Input, InputReader, InputSent
+from .publisher import (
+    InputPage,
+    Published,
+    Publisher,
+    Run,
+    SessionInfo,
+    State,
+    Token,
+    Watchers,
+    cancelled_result,
+    failure_result,
+)
 from .subscriber import Event, Reconnect, Subscriber
 from .sync import SyncPublisher, SyncRun
 
-__all__ = ["DEFAULT_URL", "ENV_KEY", "ENV_URL", "Event", "GatewayError", "GatewayUnreachable", "Published",
+__all__ = ["DEFAULT_URL", "ENV_KEY", "ENV_URL", "Event", "GatewayError", "GatewayUnreachable", "Input",
+           "InputPage", "InputReader", "InputSent", "Published",
            "Publisher", "Reconnect", "Retry", "RetryNotice", "Run", "SessionInfo", "State", "Subscriber",
-           "SyncPublisher", "SyncRun", "Token", "Watchers", "failure_result", "resolve_key", "resolve_url"]
+           "SyncPublisher", "SyncRun", "Token", "Watchers", "cancelled_result", "failure_result", "resolve_key", "resolve_url"]

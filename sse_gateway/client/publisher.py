@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -26,6 +26,8 @@ from .http import (
     stream_path,
     with_retries,
 )
+from .inputs import Input, InputReader, InputSent, input_body, input_from, input_sent
+from .subscriber import Reconnect
 
 # -- results ---------------------------------------------------------------------------------------
 
@@ -99,6 +101,31 @@ def failure_result(error: BaseException | str | Mapping[str, Any], code: str | N
     if code is not None:
         body["code"] = code
     return {"error": body}
+
+
+def cancelled_result(result: Any = None, reason: str | None = None) -> dict[str, Any]:
+    """The result a run stopped by a ``cancel`` input completes with: ``{"cancelled": true}``,
+    with ``"reason"`` when the cancel gave one and ``"partial"`` (what the run had set as its
+    ``result``) when there was one. The gateway has no ``cancelled`` status yet: this convention
+    is what readers look for (``result.cancelled``), and what a future status will map onto.
+    """
+    body: dict[str, Any] = {"cancelled": True}
+    if reason is not None:
+        body["reason"] = reason
+    if result is not None:
+        body["partial"] = result
+    return body
+
+
+@dataclass(frozen=True)
+class InputPage:
+    """An answer of ``read_inputs``: the inputs after ``after``, and the ``after`` of the next call."""
+
+    inputs: list[Input]
+    next_after: int
+    input_last_id: int
+    input_acked_id: int
+    epoch: str | None
 
 
 # -- publisher -------------------------------------------------------------------------------------
@@ -306,6 +333,63 @@ class Publisher:
         data = (await self.request("POST", session_path(session) + "/tokens", json_body=body)).json()
         return Token(data["token"], data["expires_at"], data["stream_url"])
 
+    # -- input (user -> agent)
+
+    async def send_input(self, session: str, kind: str, data: Any = None, *, approval_id: str | None = None,
+                         decision: str | None = None, idempotency_key: str | None = None) -> InputSent:
+        """Send the session's agent an input: ``kind`` one of ``message``, ``steer``, ``approval``,
+        ``cancel``; an approval also needs ``approval_id`` and ``decision`` (``approve``/``deny``).
+
+        It gets an idempotency key as events do (``<key_prefix>-<n>``, sent again on every retry),
+        so a retry after a lost answer is one input (``created`` False for a repeat). A refusal
+        raises ``GatewayError``: ``approval_not_found``, ``approval_answered`` (``body["input_id"]``
+        names the answer), ``session_completed``, ``session_not_found``...
+        """
+        body = input_body(kind, data, approval_id=approval_id, decision=decision,
+                          idempotency_key=idempotency_key or self.next_key())
+        response = await self.request("POST", session_path(session) + "/input", json_body=body)
+        return input_sent(response)
+
+    async def ack_input(self, session: str, input_id: int | str) -> dict[str, Any]:
+        """Confirm the session's inputs up to ``input_id`` (an id or a cursor) as handled.
+
+        Answers ``{"session", "input_acked_id", "input_last_id"}``; acks only move forward.
+        """
+        return (await self.request("POST", session_path(session) + "/input/ack",
+                                   json_body={"id": input_id})).json()
+
+    async def read_inputs(self, session: str, *, after: int | None = None, limit: int | None = None,
+                          wait: float | None = None) -> InputPage:
+        """The inputs after ``after`` (default: after ``input_acked_id``), JSON; ``wait`` (0 to 30 s)
+        waits that long for one when there is none yet (a long poll)."""
+        params: dict[str, str] = {}
+        if after is not None:
+            params["after"] = str(after)
+        if limit is not None:
+            params["limit"] = str(limit)
+        if wait is not None:
+            params["wait"] = f"{wait:g}"
+        data = (await self.request("GET", session_path(session) + "/input", params=params)).json()
+        ack = self._acker(session)
+        return InputPage([input_from(item, f"{item['id']}:{data.get('epoch')}", ack) for item in data["inputs"]],
+                         int(data["next_after"]), int(data["input_last_id"]), int(data["input_acked_id"]),
+                         data.get("epoch"))
+
+    def input_reader(self, session: str, *, cursor: str | None = None, from_: str | None = None,
+                     give_up_after: float = 60.0, read_timeout: float = 60.0,
+                     on_reconnect: Callable[[Reconnect], None] | None = None) -> InputReader:
+        """The session's input as a stream (``async for item in pub.input_reader(id)``), with this
+        publisher's gateway and key; ``item.ack()`` acks through this publisher."""
+        return InputReader(session, url=self.url, key=self.key or "", cursor=cursor, from_=from_,
+                           give_up_after=give_up_after, read_timeout=read_timeout, on_reconnect=on_reconnect,
+                           ack=self._acker(session))
+
+    def _acker(self, session: str) -> Callable[[int], Awaitable[Any]]:
+        async def ack(input_id: int) -> Any:
+            return await self.ack_input(session, input_id)
+
+        return ack
+
     # -- events
 
     async def publish(self, session: str, event: str, data: Any, *, idempotency_key: str | None = None) -> Published:
@@ -429,9 +513,13 @@ class Publisher:
 
     # -- runs
 
-    def run(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None) -> Run:
-        """``async with pub.run(id) as run:`` creates or takes up the session, completes or fails it at the end."""
-        return Run(self, session, metadata=metadata, ttl_seconds=ttl_seconds)
+    def run(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None,
+            listen: bool = False) -> Run:
+        """``async with pub.run(id) as run:`` creates or takes up the session, completes or fails it at the end.
+
+        ``listen``: start reading the session's input at entry (else at the first use of
+        ``run.inputs()``, ``run.cancelled`` or ``run.wait_approval``)."""
+        return Run(self, session, metadata=metadata, ttl_seconds=ttl_seconds, listen=listen)
 
 
 
@@ -454,17 +542,37 @@ class Run:
     already). On an exception, what is buffered is flushed, the session is completed with
     ``failure_result(exc)``, and the exception goes on. A cancelled task or a ``KeyboardInterrupt``
     only flushes (for at most 5 s) and leaves the session open, for a restarted agent to take up.
+
+    The run also reads its session's **input** (from its first use, or from entry with
+    ``listen=True``), on a background stream that starts after ``input_acked_id`` and resumes
+    exactly across drops:
+
+    - ``async for item in run.inputs():`` every input, in order, each once;
+      ``await item.ack()`` or ``await run.ack_input(id)`` confirms it.
+    - ``run.cancelled``: an ``asyncio.Event``, set when a ``cancel`` input arrives
+      (``run.cancel_input`` is that input). When the block then ends normally, the run completes
+      with ``cancelled_result(run.result, reason)``, ``{"cancelled": true, ...}``, and the cancel is acked.
+    - ``await run.request_approval("rm-1", command=...)`` publishes ``approval.request``;
+      ``await run.wait_approval("rm-1")`` answers ``"approve"`` or ``"deny"`` (None if the run is
+      cancelled first).
     """
 
     def __init__(self, publisher: Publisher, session: str | None, *, metadata: Any = None,
-                 ttl_seconds: int | None = None) -> None:
+                 ttl_seconds: int | None = None, listen: bool = False) -> None:
         self.publisher = publisher
         self._requested = session
         self._metadata = metadata
         self._ttl = ttl_seconds
+        self._listen = listen
         self.info: SessionInfo | None = None
         self.result: Any = None
         self.finished = False
+        self._cancelled = asyncio.Event()
+        self.cancel_input: Input | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reader_error: BaseException | None = None
+        self._queue: asyncio.Queue[Input | BaseException] = asyncio.Queue()
+        self._approvals: dict[str, asyncio.Future[str]] = {}
 
     @property
     def session(self) -> str:
@@ -476,13 +584,27 @@ class Run:
         self.info = await self.publisher.create(self._requested, metadata=self._metadata, ttl_seconds=self._ttl)
         if not self.info.created and (await self.publisher.get(self.info.id)).get("status") == "completed":
             raise GatewayError(409, "session_completed", f"session {self.info.id!r} is completed: its run is over")
+        if self._listen:
+            self.listen()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> bool:
+        try:
+            return await self._end(exc)
+        finally:
+            await self._stop_reader()
+
+    async def _end(self, exc: BaseException | None) -> bool:
         if exc is None:
             if not self.finished:
-                await self.complete(self.result)
+                if self._cancelled.is_set():
+                    cancel = self.cancel_input
+                    if cancel is not None:
+                        await self.publisher.ack_input(self.session, cancel.id)
+                    await self.complete(cancelled_result(self.result, cancel.reason if cancel else None))
+                else:
+                    await self.complete(self.result)
             else:
                 await self.flush()
             return False
@@ -502,6 +624,100 @@ class Run:
         except Exception:
             pass
         return False
+
+    # -- input
+
+    def listen(self) -> None:
+        """Start reading the session's input in the background (once; the other input methods call it)."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_inputs(), name=f"sse-gateway-input-{self.session}")
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set when a ``cancel`` input arrives (reading it starts the input reader)."""
+        if self.info is not None:
+            self.listen()
+        return self._cancelled
+
+    async def _read_inputs(self) -> None:
+        try:
+            async for item in self.publisher.input_reader(self.session):
+                if item.kind == "cancel" and not self._cancelled.is_set():
+                    self.cancel_input = item
+                    self._cancelled.set()
+                elif item.kind == "approval" and item.approval_id and item.decision:
+                    future = self._approval(item.approval_id)
+                    if not future.done():
+                        future.set_result(item.decision)
+                self._queue.put_nowait(item)
+        except Exception as exc:  # given to whoever waits for input
+            self._reader_error = exc
+            self._queue.put_nowait(exc)
+            for future in self._approvals.values():
+                if not future.done():
+                    future.set_exception(exc)
+                    future.exception()
+
+    async def _stop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    def _approval(self, approval_id: str) -> asyncio.Future[str]:
+        future = self._approvals.get(approval_id)
+        if future is None:
+            future = self._approvals[approval_id] = asyncio.get_running_loop().create_future()
+            if self._reader_error is not None:
+                future.set_exception(self._reader_error)
+        return future
+
+    async def inputs(self) -> AsyncIterator[Input]:
+        """Every input of the session after its ``input_acked_id``, in order, each once; waits for more.
+
+        Raises the reader's error (``GatewayError``: the session was deleted, the gateway stayed
+        unreachable for ``give_up_after``). Cancels and approvals are yielded too.
+        """
+        self.listen()
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self._queue.put_nowait(item)
+                raise item
+            yield item
+
+    async def ack_input(self, input_id: int | str) -> dict[str, Any]:
+        """Confirm the inputs up to ``input_id`` as handled (see ``Publisher.ack_input``)."""
+        return await self.publisher.ack_input(self.session, input_id)
+
+    async def send_input(self, kind: str, data: Any = None, *, approval_id: str | None = None,
+                         decision: str | None = None, idempotency_key: str | None = None) -> InputSent:
+        """Send input to this run's own session (tests, or a supervisor in the same process)."""
+        return await self.publisher.send_input(self.session, kind, data, approval_id=approval_id,
+                                               decision=decision, idempotency_key=idempotency_key)
+
+    async def request_approval(self, approval_id: str, **details: Any) -> Published:
+        """Publish ``approval.request`` with ``{"approval_id": approval_id, **details}``: it opens the approval."""
+        self.listen()
+        return await self.publish("approval.request", {"approval_id": approval_id, **details})
+
+    async def wait_approval(self, approval_id: str, *, timeout: float | None = None) -> str | None:
+        """The decision on ``approval_id``: ``"approve"`` or ``"deny"``; None when the run is cancelled
+        first. An answer that came before the call counts. ``timeout`` (seconds): ``TimeoutError``
+        after that long without an answer (the approval stays open)."""
+        self.listen()
+        future = self._approval(approval_id)
+        cancelled = asyncio.ensure_future(self._cancelled.wait())
+        try:
+            done, _ = await asyncio.wait({future, cancelled}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+        if future in done:
+            return future.result()
+        if cancelled in done or self._cancelled.is_set():
+            return None
+        raise TimeoutError(f"no answer to approval {approval_id!r} within {timeout:g} s")
+
+    # -- events
 
     async def send(self, event: str, data: Any, *, idempotency_key: str | None = None) -> asyncio.Future[int]:
         return await self.publisher.send(self.session, event, data, idempotency_key=idempotency_key)

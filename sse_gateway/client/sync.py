@@ -9,7 +9,8 @@ from types import TracebackType
 from typing import Any
 
 from .http import T
-from .publisher import Published, Publisher, Run, SessionInfo, State, Token, Watchers
+from .inputs import Input, InputSent
+from .publisher import InputPage, Published, Publisher, Run, SessionInfo, State, Token, Watchers
 
 # -- the blocking twin -------------------------------------------------------------------------
 
@@ -110,8 +111,22 @@ class SyncPublisher:
     def flush(self, session: str | None = None) -> list[int]:
         return self._call(self.publisher.flush(session))
 
-    def run(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None) -> SyncRun:
-        return SyncRun(self, self.publisher.run(session, metadata=metadata, ttl_seconds=ttl_seconds))
+    def send_input(self, session: str, kind: str, data: Any = None, *, approval_id: str | None = None,
+                   decision: str | None = None, idempotency_key: str | None = None) -> InputSent:
+        return self._call(self.publisher.send_input(session, kind, data, approval_id=approval_id, decision=decision,
+                                                    idempotency_key=idempotency_key))
+
+    def ack_input(self, session: str, input_id: int | str) -> dict[str, Any]:
+        return self._call(self.publisher.ack_input(session, input_id))
+
+    def read_inputs(self, session: str, *, after: int | None = None, limit: int | None = None,
+                    wait: float | None = None) -> InputPage:
+        """As ``Publisher.read_inputs``; the inputs' ``ack()`` is a coroutine: use ``ack_input`` here."""
+        return self._call(self.publisher.read_inputs(session, after=after, limit=limit, wait=wait))
+
+    def run(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None,
+            listen: bool = False) -> SyncRun:
+        return SyncRun(self, self.publisher.run(session, metadata=metadata, ttl_seconds=ttl_seconds, listen=listen))
 
 
 class SyncRun:
@@ -162,6 +177,27 @@ class SyncRun:
 
     def fail(self, error: BaseException | str | Mapping[str, Any], code: str | None = None) -> dict[str, Any]:
         return self._owner._call(self.run.fail(error, code))
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a ``cancel`` input has arrived (the first look starts the input reader)."""
+        async def look() -> bool:
+            return self.run.cancelled.is_set()
+
+        return self._owner._call(look())
+
+    @property
+    def cancel_input(self) -> Input | None:
+        return self.run.cancel_input
+
+    def ack_input(self, input_id: int | str) -> dict[str, Any]:
+        return self._owner._call(self.run.ack_input(input_id))
+
+    def request_approval(self, approval_id: str, **details: Any) -> Published:
+        return self._owner._call(self.run.request_approval(approval_id, **details))
+
+    def wait_approval(self, approval_id: str, *, timeout: float | None = None) -> str | None:
+        return self._owner._call(self.run.wait_approval(approval_id, timeout=timeout))
 
     def watchers(self) -> Watchers:
         return self._owner._call(self.run.watchers())
