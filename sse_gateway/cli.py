@@ -1,4 +1,4 @@
-"""The ``sse-gateway`` command: serve, publish, tail, create, complete, token (and bench).
+"""The ``sse-gateway`` command: serve, publish, tail, create, complete, token, send, cancel (and bench).
 
 ``serve`` options are generated from ``Settings``: each has an environment
 variable ``SSE_GATEWAY_<NAME>``; the command line wins. The client commands
@@ -44,6 +44,8 @@ after any dropped connection (Last-Event-ID).
   sse-gateway create run1                 create session run1 (or take it up if it exists)
   sse-gateway token run1                  mint a subscribe token for run1 and print its stream URL
   sse-gateway complete run1 --result '{"text":"hi"}'  end run1 with its result
+  sse-gateway send run1 steer '{"text":"shorter"}'  send run1's agent input (message, steer, approval)
+  sse-gateway cancel run1 --reason "enough"  ask run1's agent to stop
 """
 
 #: The client commands' credential; SSE_GATEWAY_KEY is its former name, still read with a warning.
@@ -154,6 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--input", action="store_true",
                        help="the token may also send input to the session (scopes subscribe and input)")
 
+    send = sub.add_parser("send", parents=[client], help="send a session's agent input (user -> agent)",
+                          description="Send input to the agent of a session: KIND is message, steer, approval "
+                          "or cancel; DATA is sent as JSON if it parses as JSON, else as text. An approval needs "
+                          "--approval-id and --decision. Prints the gateway's answer (the input's id, and the "
+                          "event_id of its gateway.input mirror) as JSON. Retries are safe: the input has an "
+                          "idempotency key. --key may be a token minted with --input.")
+    send.add_argument("session", metavar="ID")
+    send.add_argument("kind", metavar="KIND", choices=("message", "steer", "approval", "cancel"))
+    send.add_argument("data", metavar="DATA", nargs="?", default=None)
+    send.add_argument("--approval-id", default=None, help="for KIND approval: the approval_id it answers")
+    send.add_argument("--decision", choices=("approve", "deny"), default=None, help="for KIND approval")
+    send.add_argument("--text", action="store_true", help="send DATA as text even if it parses as JSON")
+    send.add_argument("--idempotency-key", help="the input's idempotency key (default: a fresh one)")
+
+    cancel = sub.add_parser("cancel", parents=[client], help="ask a session's agent to stop",
+                            description="Send a cancel input (data {\"reason\": ...} with --reason). The agent "
+                            "decides what it does; an agent of the Python client ends its run with "
+                            "{\"cancelled\": true}. Prints the gateway's answer as JSON.")
+    cancel.add_argument("session", metavar="ID")
+    cancel.add_argument("--reason", default=None, help="why, for the agent and the other viewers")
+    cancel.add_argument("--idempotency-key", help="the input's idempotency key (default: a fresh one)")
+
     add_bench(sub)  # only the options: the bench itself is imported when it runs
     return parser
 
@@ -194,7 +218,7 @@ def _json_arg(raw: str) -> Any:
         raise argparse.ArgumentTypeError(f"{raw!r} is not JSON ({exc})") from None
 
 
-CLIENT_COMMANDS = ("publish", "tail", "create", "complete", "token")
+CLIENT_COMMANDS = ("publish", "tail", "create", "complete", "token", "send", "cancel")
 #: How long the client commands keep trying a gateway that is down or busy: long enough for a restart;
 #: tail, which usually runs for long, rides out longer outages.
 RETRY_FOR = 10.0
@@ -410,7 +434,8 @@ def run_client_command(args: argparse.Namespace) -> int:
     if retry_for is None:
         retry_for = TAIL_RETRY_FOR if args.command == "tail" else RETRY_FOR
     retry = Retry(attempts=1_000_000, timeout=retry_for)
-    commands = {"publish": publish, "tail": tail, "create": create, "complete": complete, "token": mint_token}
+    commands = {"publish": publish, "tail": tail, "create": create, "complete": complete, "token": mint_token,
+                "send": send_input, "cancel": cancel_run}
     try:
         return asyncio.run(commands[args.command](args, url, key, retry))
     except (GatewayError, ValueError) as exc:  # a refusal, or a session id or event type the gateway would refuse
@@ -508,7 +533,21 @@ def _print_event(event, as_json: bool) -> None:
         _print_json({"id": event.cursor, "event": event.event, "data": event.text})
     else:
         stamp = time.strftime("%H:%M:%S")
-        print(f"{stamp} {event.cursor:>12} {event.event:<16} {event.text}", flush=True)
+        text = describe_input(event.data) if event.event == "gateway.input" else event.text
+        print(f"{stamp} {event.cursor:>12} {event.event:<16} {text}", flush=True)
+
+
+def describe_input(mirror: Any) -> str:
+    """A ``gateway.input`` mirror as one readable line: ``input 2 approval rm-1: approve``."""
+    if not isinstance(mirror, dict) or "kind" not in mirror:
+        return json.dumps(mirror, ensure_ascii=False)
+    line = f"input {mirror.get('input_id')} {mirror['kind']}"
+    if mirror.get("approval_id") is not None:
+        line += f" {mirror['approval_id']}: {mirror.get('decision')}"
+    data = mirror.get("data")
+    if data is not None:
+        line += " " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False))
+    return line
 
 
 # -- create, complete, token ----------------------------------------------------------
@@ -540,4 +579,33 @@ async def mint_token(args: argparse.Namespace, url: str, key: str | None, retry)
         token = await pub.mint_token(args.session, ttl_seconds=args.ttl,
                                      scopes=["subscribe", "input"] if args.input else None)
     _print_json({"token": token.token, "expires_at": token.expires_at, "stream_url": url + token.stream_url})
+    return 0
+
+
+# -- send, cancel ------------------------------------------------------------------------
+
+
+async def send_input(args: argparse.Namespace, url: str, key: str | None, retry) -> int:
+    from .client import Publisher
+
+    data: Any = args.data
+    if data is not None and not args.text:
+        try:
+            data = strict_json(data)
+        except ValueError:
+            pass
+    async with Publisher(url, key, retry=retry) as pub:
+        sent = await pub.send_input(args.session, args.kind, data, approval_id=args.approval_id,
+                                    decision=args.decision, idempotency_key=args.idempotency_key)
+    _print_json(sent.raw)
+    return 0
+
+
+async def cancel_run(args: argparse.Namespace, url: str, key: str | None, retry) -> int:
+    from .client import Publisher
+
+    async with Publisher(url, key, retry=retry) as pub:
+        sent = await pub.send_input(args.session, "cancel", None if args.reason is None else {"reason": args.reason},
+                                    idempotency_key=args.idempotency_key)
+    _print_json(sent.raw)
     return 0

@@ -293,6 +293,41 @@ def test_create_token_and_complete(keyed):
     one_line_error(cli("create", "bad id", env=env), "sse-gateway create: invalid session id 'bad id'")
 
 
+def test_send_and_cancel_reach_the_agent_and_tail_shows_them(keyed):
+    gw, env = keyed
+    assert cli("create", "in1", env=env).returncode == 0
+    sent = json.loads(cli("send", "in1", "steer", '{"text": "shorter"}', "--idempotency-key", "k-1", env=env).stdout)
+    assert (sent["id"], sent["kind"]) == (1, "steer") and sent["event_id"] == 1
+    again = json.loads(cli("send", "in1", "steer", '{"text": "shorter"}', "--idempotency-key", "k-1", env=env).stdout)
+    assert again["id"] == 1  # a retried command is one input
+    assert cli("publish", "in1", '{"approval_id": "rm-1", "command": "rm -rf build/"}', "--event",
+               "approval.request", env=env).returncode == 0
+    token = json.loads(cli("token", "in1", "--input", env=env).stdout)["token"]  # a user's token sends too
+    as_user = {"SSE_GATEWAY_URL": gw.url}
+    approved = json.loads(cli("send", "in1", "approval", "--approval-id", "rm-1", "--decision", "approve",
+                              "--key", token, env=as_user).stdout)
+    assert approved["id"] == 2
+    one_line_error(cli("send", "in1", "approval", "--approval-id", "rm-1", "--decision", "deny", env=env),
+                   "sse-gateway send: 409 approval_answered")
+    one_line_error(cli("send", "in1", "approval", env=env), "sse-gateway send: an approval needs approval_id")
+    one_line_error(cli("send", "in1", "shout", env=env), "invalid choice: 'shout'")
+    cancelled = json.loads(cli("cancel", "in1", "--reason", "enough", env=env).stdout)
+    assert (cancelled["id"], cancelled["kind"]) == (3, "cancel")
+
+    inputs = httpx.get(f"{gw.url}/v1/sessions/in1/input", params={"after": 0},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["inputs"]
+    assert [(i["kind"], i["data"]) for i in inputs] == [("steer", {"text": "shorter"}), ("approval", None),
+                                                        ("cancel", {"reason": "enough"})]
+    shown = cli("tail", "in1", "--no-follow", env=env).stdout.splitlines()
+    assert [line.split(None, 3)[2:] for line in shown] == [
+        ["gateway.input", 'input 1 steer {"text": "shorter"}'],
+        ["approval.request", '{"approval_id":"rm-1","command":"rm -rf build/"}'],
+        ["gateway.input", "input 2 approval rm-1: approve"],
+        ["gateway.input", 'input 3 cancel {"reason": "enough"}']]
+    assert cli("complete", "in1", env=env).returncode == 0
+    one_line_error(cli("cancel", "in1", env=env), "sse-gateway cancel: 409 session_completed")
+
+
 def test_publish_from_standard_input_stops_at_a_bad_line_in_one_line(keyed):
     _, env = keyed
     lines = '{"data": 1}\n\n{"event": "log", "data": 2}\nnot json\n{"data": 4}\n'
