@@ -255,3 +255,64 @@ def test_the_sync_publisher_speaks_input_too(gateway):
 def wait_cancelled(run) -> None:
     from util import wait_until
     wait_until(lambda: run.cancelled, what="the cancel to arrive")
+
+
+def test_the_documented_stoppable_agent_asks_then_stops_on_cancel(gateway, tmp_path):
+    """docs/python.md's agent: it waits for the approval, types, and ends as cancelled when told to."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "python.md").read_text()
+    agent = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if b.startswith('"""stoppable.py'))
+    script = tmp_path / "stoppable.py"
+    script.write_text(agent)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")},
+           "PYTHONPATH": str(ROOT), "SSE_GATEWAY_URL": gateway.url}
+    with SyncPublisher(gateway.url) as pub:
+        pub.create("doc-stop")
+        proc = subprocess.Popen([sys.executable, str(script), "doc-stop"], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            from util import wait_until
+
+            def asked() -> bool:
+                return pub.get("doc-stop")["last_id"] >= 1
+
+            wait_until(asked, what="the agent to ask for approval")
+            pub.send_input("doc-stop", "approval", approval_id="tool-1", decision="approve")
+            wait_until(lambda: pub.get("doc-stop")["last_id"] >= 10, what="the agent to type")
+            pub.send_input("doc-stop", "cancel", {"reason": "enough"})
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err
+        result = pub.get("doc-stop")["result"]
+    assert result["cancelled"] is True and result["reason"] == "enough"
+    assert result["partial"]["tool"] == "approve" and result["partial"]["text"].startswith("word0 word1 ")
+
+
+def test_the_documented_backend_example_runs(gateway, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "python.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if 'pub.create("run3")' in b)
+    program = ("import asyncio\nfrom sse_gateway.client import Publisher\n\nasync def main():\n"
+               + textwrap.indent(block.replace('"http://127.0.0.1:8000"', repr(gateway.url)), "    ")
+               + "\nasyncio.run(main())\n")
+    (tmp_path / "backend.py").write_text(program)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")}, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "backend.py"], capture_output=True, text=True, timeout=60, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1 2 [(1, 'steer'), (2, 'approval'), (3, 'cancel')]"
+    assert httpx.get(f"{gateway.url}/v1/sessions/run3").json()["input_acked_id"] == 3
