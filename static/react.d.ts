@@ -1,5 +1,16 @@
 // Types for react.mjs (the package's "sse-gateway-client/react").
-import type { ConnectOptions, GatewayError, GatewayEvent, GatewayStream, StreamState } from "./sse-gateway.js";
+import type {
+  ApprovalState,
+  ConnectOptions,
+  Decision,
+  GatewayError,
+  GatewayEvent,
+  GatewayStream,
+  InputKind,
+  InputSent,
+  SendOptions,
+  StreamState,
+} from "./sse-gateway.js";
 
 /** What the default reducer keeps of each event when no `reduce` is given. */
 export interface EventEntry {
@@ -25,6 +36,12 @@ export interface SessionSnapshot<V> {
   error: GatewayError | null;
   cursor: string | null;
   stream: GatewayStream<V> | null;
+  /** The approvals the agent asked for, by id (decision null while open). */
+  approvals: Record<string, ApprovalState>;
+  /** The stream's return path (they reject with code "no_stream" before it opens). */
+  send: (kind: InputKind, data?: any, options?: SendOptions) => Promise<InputSent>;
+  cancel: (reason?: string, options?: SendOptions) => Promise<InputSent>;
+  approve: (approvalId: string, decision?: Decision, data?: any, options?: SendOptions) => Promise<InputSent>;
 }
 
 export declare function appendEvent(list: EventEntry[], event: GatewayEvent): EventEntry[];

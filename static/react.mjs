@@ -11,7 +11,9 @@
 //
 // Without `reduce`, `view` is the list of events received: [{id, type, cursor, data}] (data parsed as JSON
 // when it is JSON). The stream opens when the component mounts (or `url` changes) and closes when it unmounts.
-import { useEffect, useRef, useState } from "react";
+// `send(kind, data)`, `cancel(reason)` and `approve(approvalId, decision)` post input for the agent (a token
+// with the "input" scope); `approvals` holds the approvals the agent asked for (decision null while open).
+import { useCallback, useEffect, useRef, useState } from "react";
 import { connect } from "./sse-gateway.mjs";
 
 /** The default reducer: appends each event, its data parsed when it is JSON. */
@@ -34,11 +36,23 @@ export function useGatewaySession(options) {
   const persistKey = opts.persist ? (opts.persist === true ? "default" : opts.persist.key || "default") : "";
   const [snap, setSnap] = useState(() => ({
     view: firstView(opts), status: url ? "connecting" : "idle", result: undefined, ended: false, error: null,
-    cursor: null, stream: null,
+    cursor: null, stream: null, approvals: {},
   }));
+  const streamRef = useRef(null);
+  const noStream = () => {
+    const error = new Error("the session has no stream yet");
+    error.code = "no_stream";
+    error.status = 0;
+    return Promise.reject(error);
+  };
+  const send = useCallback((kind, data, o) => (streamRef.current ? streamRef.current.send(kind, data, o) : noStream()), []);
+  const cancel = useCallback((reason, o) => (streamRef.current ? streamRef.current.cancel(reason, o) : noStream()), []);
+  const approve = useCallback(
+    (id, decision, data, o) => (streamRef.current ? streamRef.current.approve(id, decision, data, o) : noStream()), []);
 
   useEffect(() => {
     if (!url) {
+      streamRef.current = null;
       setSnap((s) => ({ ...s, status: "idle", stream: null }));
       return undefined;
     }
@@ -56,6 +70,14 @@ export function useGatewaySession(options) {
       onGap: forward("onGap"),
       onReset: forward("onReset"),
       onAck: forward("onAck"),
+      onApprovalRequest: (request, s) => {
+        setSnap((p) => ({ ...p, approvals: { ...s.approvals } }));
+        forward("onApprovalRequest")(request, s);
+      },
+      onInput: (input, s) => {
+        setSnap((p) => ({ ...p, approvals: { ...s.approvals } }));
+        forward("onInput")(input, s);
+      },
       onView: (view, s) => {
         setSnap((p) => ({ ...p, view, cursor: s.cursor }));
         forward("onView")(view, s);
@@ -73,12 +95,16 @@ export function useGatewaySession(options) {
         forward("onError")(error, s);
       },
     });
+    streamRef.current = stream;
     setSnap({ view: stream.view, status: stream.state, result: stream.result, ended: stream.state === "ended",
-      error: null, cursor: stream.cursor, stream });
-    return () => stream.close();
+      error: null, cursor: stream.cursor, stream, approvals: { ...stream.approvals } });
+    return () => {
+      if (streamRef.current === stream) streamRef.current = null;
+      stream.close();
+    };
   }, [url, persistKey]);
 
-  return snap;
+  return { ...snap, send, cancel, approve };
 }
 
 export default useGatewaySession;

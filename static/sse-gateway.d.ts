@@ -51,6 +51,67 @@ export declare class GatewayEvent {
   fromSession?: boolean;
 }
 
+/** The kinds of input a user sends an agent. */
+export type InputKind = "message" | "steer" | "approval" | "cancel";
+export type Decision = "approve" | "deny";
+
+/** The gateway's answer to an input (201, or 200 for a repeated idempotency key). */
+export interface InputSent {
+  /** The input's id (1, 2, ... per session; apart from event ids). */
+  id: number;
+  session: string;
+  kind: InputKind;
+  /** The id of its gateway.input mirror in the output. */
+  event_id: number;
+  input_last_id: number;
+  epoch: string;
+}
+
+/** A refused input: `code` is the gateway's (approval_answered, approval_not_found, insufficient_scope,
+ * session_completed, cross_site_refused, ...), or "unreachable", "invalid_kind", "no_session_url". */
+export interface InputError extends Error {
+  code: string;
+  /** The HTTP status, 0 when there was none. */
+  status: number;
+  /** The gateway's whole error body, when it sent one (approval_answered carries `input_id`). */
+  body?: any;
+}
+
+export interface SendOptions {
+  /** One per user action (default: a fresh one per call, sent again on each retry). */
+  idempotencyKey?: string;
+  approvalId?: string;
+  decision?: Decision;
+}
+
+/** A user's input, as every tab sees it (a gateway.input event). */
+export interface InputNotice {
+  inputId: number;
+  kind: InputKind;
+  data: any;
+  /** For an approval: which, and the answer. */
+  approvalId?: string;
+  decision?: Decision;
+  event: GatewayEvent;
+}
+
+/** The agent asks the user (an approval.request event). */
+export interface ApprovalRequest {
+  approvalId: string;
+  /** The event's data: {approval_id, ...whatever the agent shows the user}. */
+  data: any;
+  event: GatewayEvent;
+}
+
+/** An approval the agent asked for; `decision` is null while it is open. */
+export interface ApprovalState {
+  approvalId: string;
+  data: any;
+  cursor: string;
+  decision: Decision | null;
+  inputId: number | null;
+}
+
 export interface PersistOptions<V = any> {
   /** Storage key; default "sse-gateway:view:" + the stream URL's path. */
   key?: string;
@@ -64,7 +125,8 @@ export interface PersistOptions<V = any> {
 }
 
 export interface ConnectOptions<V = any> {
-  /** Event types to receive besides "message". */
+  /** Event types to receive besides "message" (and give `reduce`: list "gateway.input" or
+   * "approval.request" to fold them into the view; they reach onInput/onApprovalRequest anyway). */
   events?: string[];
   /** Builds the page's view from the events, one at a time; required by `persist`. */
   reduce?: (view: V, event: GatewayEvent) => V;
@@ -85,6 +147,10 @@ export interface ConnectOptions<V = any> {
   onState?: (state: StreamState, stream: GatewayStream<V>) => void;
   /** The gateway confirmed the acknowledgement of `cursor`. */
   onAck?: (cursor: string, stream: GatewayStream<V>) => void;
+  /** Each input a user sent (from any tab), once, in order among the agent's events. */
+  onInput?: (input: InputNotice, stream: GatewayStream<V>) => void;
+  /** The agent asks for an approval; answer with stream.approve(request.approvalId, ...). */
+  onApprovalRequest?: (request: ApprovalRequest, stream: GatewayStream<V>) => void;
 
   /** A fresh subscribe token after a 401 (sent as ?token=, or `tokenParam`). */
   getToken?: (stream: GatewayStream<V>) => string | Promise<string>;
@@ -126,6 +192,14 @@ export declare class GatewayStream<V = any> {
   readonly duplicates: number;
   /** Date.now() of the last event, or null. */
   readonly lastEventAt: number | null;
+  /** The approvals the agent asked for, by id (persisted with the view). */
+  readonly approvals: Record<string, ApprovalState>;
+  /** Send the agent input with the stream's token (scope "input") or cookies; rejects with an InputError. */
+  send(kind: InputKind, data?: any, options?: SendOptions): Promise<InputSent>;
+  /** A "cancel" input ({reason} when given). */
+  cancel(reason?: string, options?: SendOptions): Promise<InputSent>;
+  /** An "approval" input answering `approvalId` (decision default "approve"). */
+  approve(approvalId: string, decision?: Decision, data?: any, options?: SendOptions): Promise<InputSent>;
   /** Stop for good; a persisted view is kept. */
   close(): void;
   /** Drop the connection and resume from the cursor after delayMs; also restarts a failed stream. */

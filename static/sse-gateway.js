@@ -12,7 +12,12 @@
  *     onView: (view) => render(view.text),                // after a (re)load and after each event
  *     onEnd: (end) => done(end.result),                   // the run's final result
  *     onError: (err) => fail(err.code),                   // unauthorized, forbidden, not_found, cors, unreachable
+ *     onApprovalRequest: (req) => ask(req.approvalId, req.data),   // the agent asks (approval.request)
+ *     onInput: (input) => note(input.kind, input.decision),       // a user's input, mirrored (gateway.input)
  *   });
+ *   stream.send("steer", { text: "shorter" });          // input for the agent: a Promise of the gateway's answer
+ *   stream.approve("rm-1", "approve");                  // answers an approval request
+ *   stream.cancel("enough");                            // asks the agent to stop
  *
  * The reload model:
  *  - by default nothing is stored: every page load reads the session's log from its first event
@@ -26,6 +31,12 @@
  * answers 204 (the cursor is already at the end) it fetches the session for its result. Failures
  * that retrying cannot fix are reported once through onError with a code instead of reconnecting
  * forever; a 401 first asks options.getToken() for a fresh subscribe token.
+ * The return path: send/cancel/approve POST to the session's /input with the stream's token (one
+ * minted with the "input" scope) or cookies, each with an idempotency key (one per call, sent
+ * again on a retry), and reject with {code, status, message} where `code` is the gateway's
+ * (approval_answered, insufficient_scope, session_completed, ...). Every tab sees each input once,
+ * as a gateway.input event: onInput, and `reduce` too when "gateway.input" is in `events`.
+ * approval.request events open `stream.approvals[approvalId]` until an input answers them.
  * Heartbeats (": ping" comments) keep proxies from closing a quiet stream; EventSource never
  * surfaces them, so `lastEventAt` only moves on events.
  */
@@ -45,6 +56,19 @@
     unreachable: "the gateway could not be reached for too long",
   };
   const RECORD_VERSION = 1;
+  const INPUT_KINDS = ["message", "steer", "approval", "cancel"];
+  const SURFACED = ["gateway.input", "approval.request"]; // always received; given to reduce only if in `events`
+  const pageKeys = { prefix: "js-" + Math.random().toString(36).slice(2, 10) + Date.now().toString(36), n: 0 };
+
+  /** A fresh idempotency key: one per user action, so a retried request is one input. */
+  function nextKey() {
+    pageKeys.n += 1;
+    return pageKeys.prefix + "-" + pageKeys.n;
+  }
+
+  function sleep(ms) {
+    return new Promise((resolve) => setTimeout(resolve, ms));
+  }
 
   function defaultStorage() {
     try {
@@ -91,6 +115,8 @@
       this.url.searchParams.delete("last_event_id");
       this.sessionUrl = o.sessionUrl ? new URL(o.sessionUrl, this.url) : sessionUrlOf(this.url);
       this.types = ["message", ...(o.events || [])].filter((t) => !CONTROL.includes(t));
+      this._reduced = new Set(this.types); // the types `reduce` sees; the surfaced ones are heard anyway
+      for (const t of SURFACED) if (!this.types.includes(t)) this.types.push(t);
       this.retryMs = o.retryMs || 1000;
       this.maxRetryMs = o.maxRetryMs || 30000;
       this.giveUpMs = o.giveUpMs === undefined ? 60000 : o.giveUpMs;
@@ -122,6 +148,9 @@
       this.resets = 0;
       this.duplicates = 0;
       this.lastEventAt = null;
+      /** Approvals the agent asked for: {approvalId: {approvalId, data, cursor, decision, inputId}};
+       * `decision` is null while the approval is open. */
+      this.approvals = {};
       this._end = null;
       this._source = null;
       this._opened = 0;
@@ -141,6 +170,7 @@
         if (record.end) this._end = new GatewayEvent({ type: "gateway.end", lastEventId: record.end.cursor,
           data: record.end.data });
         if (record.acked) this.acked = record.acked;
+        if (record.approvals) this.approvals = record.approvals;
       }
       this._lastId = idOf(this.cursor);
       if (this.storage && root.addEventListener) root.addEventListener("pagehide", this._flush);
@@ -180,6 +210,105 @@
       }
       this._detach();
       this._schedule(delayMs || 0);
+    }
+
+    // -- the return path (user -> agent) ------------------------------------------
+
+    /** Send the agent input: kind "message", "steer", "approval" or "cancel". Resolves with the
+     * gateway's answer {id, session, kind, event_id, input_last_id, epoch}; rejects with
+     * {code, status, message, body} (`code` the gateway's, or "unreachable", "no_session_url"). */
+    send(kind, data, options) {
+      const o = options || {};
+      if (!INPUT_KINDS.includes(kind)) {
+        return Promise.reject(this._inputError("invalid_kind", 0, "kind is one of " + INPUT_KINDS.join(", ")));
+      }
+      const body = { kind, idempotency_key: o.idempotencyKey || nextKey() };
+      if (data !== undefined && data !== null) body.data = data;
+      if (o.approvalId !== undefined) body.approval_id = o.approvalId;
+      if (o.decision !== undefined) body.decision = o.decision;
+      return this._sendInput(body);
+    }
+
+    /** Ask the agent to stop: a "cancel" input, with {reason} when one is given. */
+    cancel(reason, options) {
+      return this.send("cancel", reason === undefined || reason === null ? null : { reason }, options);
+    }
+
+    /** Answer an approval request: decision "approve" (default) or "deny". */
+    approve(approvalId, decision, data, options) {
+      return this.send("approval", data, { ...(options || {}), approvalId, decision: decision || "approve" });
+    }
+
+    async _sendInput(body) {
+      if (!this.sessionUrl) throw this._inputError("no_session_url", 0, "no session URL to send input to");
+      let refreshed = false;
+      for (let attempt = 0; ; attempt++) {
+        let res = null;
+        try {
+          res = await this._request("POST", "/input", body);
+        } catch (_) {
+          res = null; // the network, or CORS: the same key makes a retry safe
+        }
+        if (res && res.ok) return res.json();
+        if (res && res.status === 401 && this.options.getToken && !refreshed) {
+          refreshed = true;
+          try {
+            this.url.searchParams.set(this.options.tokenParam || "token", await this.options.getToken(this));
+            continue;
+          } catch (_) {
+            // no new token: the 401 is the answer
+          }
+        }
+        const retryable = !res || res.status === 429 || res.status >= 500;
+        if (!retryable || attempt >= 3) {
+          if (!res) throw this._inputError("unreachable", 0, "the gateway could not be reached");
+          let answer = null;
+          try {
+            answer = await res.json();
+          } catch (_) {
+            answer = null;
+          }
+          const error = answer && answer.error;
+          throw this._inputError(error && error.code ? error.code : "http_" + res.status, res.status,
+            (error && error.message) || "the gateway refused the input", answer);
+        }
+        const retryAfter = res ? Number(res.headers.get("retry-after")) || 0 : 0;
+        await sleep(Math.max(retryAfter * 1000, this.retryMs * 2 ** attempt * (0.5 + Math.random() / 2)));
+      }
+    }
+
+    _inputError(code, status, message, body) {
+      const error = new Error(message);
+      error.code = code;
+      error.status = status;
+      if (body !== undefined) error.body = body;
+      return error;
+    }
+
+    /** gateway.input and approval.request: surfaced, and tracked in `approvals`. */
+    _surface(event) {
+      const data = event.json;
+      if (!data || typeof data !== "object") return;
+      if (event.type === "approval.request" && typeof data.approval_id === "string") {
+        const known = this.approvals[data.approval_id];
+        if (known) return; // asked again: an answered approval is not reopened
+        this.approvals[data.approval_id] = { approvalId: data.approval_id, data, cursor: event.cursor,
+          decision: null, inputId: null };
+        this._call("onApprovalRequest", { approvalId: data.approval_id, data, event });
+      } else if (event.type === "gateway.input") {
+        const input = { inputId: data.input_id, kind: data.kind, data: data.data === undefined ? null : data.data,
+          event };
+        if (data.approval_id !== undefined) {
+          input.approvalId = data.approval_id;
+          input.decision = data.decision;
+          const open = this.approvals[data.approval_id];
+          if (open) {
+            open.decision = data.decision;
+            open.inputId = data.input_id;
+          }
+        }
+        this._call("onInput", input);
+      }
     }
 
     /** Forget the persisted view and cursor (the stream itself goes on). */
@@ -246,6 +375,7 @@
           this.cursor = null;
           this._lastId = 0;
           this.view = this._freshView();
+          this.approvals = {};
           this._save(true);
           this._call("onReset", info);
           if (this._reduce) this._showView();
@@ -264,10 +394,12 @@
         this._ended(event);
         return;
       }
-      if (this._reduce) this.view = this._reduce(this.view, event);
+      const reduced = this._reduce && this._reduced.has(type);
+      if (reduced) this.view = this._reduce(this.view, event);
+      if (SURFACED.includes(type)) this._surface(event);
       this._save(false);
-      this._call("onEvent", event);
-      if (this._reduce) this._showView();
+      if (this._reduced.has(type)) this._call("onEvent", event);
+      if (reduced) this._showView();
     }
 
     _ended(event) {
@@ -515,7 +647,8 @@
       this._saveTimer = null;
       if (!this.storage) return;
       const end = this._end ? { cursor: this._end.cursor, data: this._end.data } : null;
-      const record = { v: RECORD_VERSION, cursor: this.cursor, view: this.view, end, acked: this.acked };
+      const record = { v: RECORD_VERSION, cursor: this.cursor, view: this.view, end, acked: this.acked,
+        approvals: this.approvals };
       try {
         this.storage.setItem(this.storageKey, JSON.stringify(record));
       } catch (_) {

@@ -83,6 +83,15 @@ def test_the_packed_package_installs_and_reads_a_run_from_node(installed, start_
     session = httpx.get(f"{gw.url}/v1/sessions/pkg").json()
     assert session["acked_id"] == session["last_id"] == 51
 
+    sent = found["input"]
+    assert "error" not in sent, sent
+    assert sent["requests"] == ["rm-1"] and sent["answers"] == [1, 2, 3] and sent["badKind"] == "invalid_kind"
+    assert sent["second"] == {"code": "approval_answered", "status": 409, "inputId": 1}
+    assert sent["inputs"] == [[1, "approval", "approve"], [2, "steer", None], [3, "cancel", None]]
+    assert sent["view"] == ["gateway.input:approval", "gateway.input:steer", "gateway.input:cancel"]
+    assert sent["approvals"]["rm-1"]["decision"] == "approve" and sent["approvals"]["rm-1"]["inputId"] == 1
+    assert sent["late"] == "session_completed" and sent["result"] == {"cancelled": True}
+
     hook = found["hook"]
     assert hook["last"] == {"status": "ended", "count": 20, "ended": True}
     assert hook["rendered"] == json.dumps({"text": "".join(f"w{n} " for n in range(1, 21))}, separators=(",", ":"))

@@ -1,5 +1,14 @@
 // Type-checked with tsc against the installed package's .d.ts files: what an app would write.
-import { connect, type GatewayError, type GatewayEvent, type GatewayStream } from "sse-gateway-client";
+import {
+  connect,
+  type ApprovalRequest,
+  type GatewayError,
+  type GatewayEvent,
+  type GatewayStream,
+  type InputError,
+  type InputNotice,
+  type InputSent,
+} from "sse-gateway-client";
 import { useGatewaySession } from "sse-gateway-client/react";
 
 interface View { text: string; ids: number[] }
@@ -20,6 +29,23 @@ const stream: GatewayStream<View> = connect<View>("/v1/sessions/run1/stream", {
   maxAttempts: 5,
 });
 stream.reconnect(1000);
+
+// The return path: input for the agent, approvals, and every tab's view of what users sent.
+const withInput = connect("/v1/sessions/run1/stream?token=t", {
+  events: ["token", "gateway.input"],
+  onInput: (input: InputNotice) => console.log(input.inputId, input.kind, input.decision ?? "", input.event.cursor),
+  onApprovalRequest: (request: ApprovalRequest) => withInput.approve(request.approvalId, "deny", { note: "no" }),
+});
+const sent: Promise<InputSent> = withInput.send("steer", { text: "shorter" }, { idempotencyKey: "tab1-1" });
+sent.then((answer) => console.log(answer.id, answer.event_id, answer.input_last_id));
+withInput.cancel("enough").catch((err: InputError) => console.log(err.code === "session_completed", err.status));
+withInput.approve("rm-1").then((a) => a.kind === "approval");
+const open = Object.values(withInput.approvals).filter((a) => a.decision === null).map((a) => a.approvalId);
+// @ts-expect-error: not a kind of input
+withInput.send("shout", "hi");
+// @ts-expect-error: a decision is approve or deny
+withInput.approve("rm-1", "maybe");
+
 const text: string = stream.view.text;
 const cursor: string | null = stream.cursor;
 stream.close();
@@ -38,6 +64,10 @@ export function Answer(): string {
     reduce: (text: string, e) => text + String(e.data),
   });
   const events = useGatewaySession({ url: null }).view;
+  const { send, cancel, approve, approvals } = useGatewaySession({ url: "/v1/sessions/run1/stream" });
+  void send("message", "hi").then((a: InputSent) => a.id);
+  void cancel().catch((err: InputError) => err.code);
+  void approve(Object.keys(approvals)[0], "approve");
   return `${status} ${view.length} ${String(result)} ${error?.code ?? ""} ${events.map((e) => e.id).join()}`;
 }
-export { text, cursor, wrong };
+export { text, cursor, wrong, open };

@@ -60,6 +60,42 @@ const helper = await new Promise((resolve) => {
 });
 out.helper = helper;
 
+// The return path: the helper answers an approval request, steers and cancels; every input comes
+// back once as gateway.input (onInput), a second answer is refused with the gateway's code.
+await call("POST", "/v1/sessions", { id: "inp" });
+out.input = await new Promise((resolve) => {
+  const found = { inputs: [], requests: [], answers: [] };
+  const stream = connect(`${base}/v1/sessions/inp/stream`, {
+    events: ["gateway.input"],
+    initial: [],
+    reduce: (view, e) => [...view, `${e.type}:${e.json.kind}`],
+    onApprovalRequest: async (request, s) => {
+      found.requests.push(request.approvalId);
+      found.answers.push((await s.approve(request.approvalId, "approve", undefined, { idempotencyKey: "a1" })).id);
+      try {
+        await s.approve(request.approvalId, "deny");
+      } catch (err) {
+        found.second = { code: err.code, status: err.status, inputId: err.body && err.body.input_id };
+      }
+      found.answers.push((await s.send("steer", { text: "shorter" })).id);
+      found.answers.push((await s.cancel("enough")).id);
+      await call("POST", "/v1/sessions/inp/complete", { result: { cancelled: true } });
+    },
+    onInput: (input) => found.inputs.push([input.inputId, input.kind, input.decision || null]),
+    onEnd: async (end, s) => {
+      try {
+        await s.send("message", "late");
+      } catch (err) {
+        found.late = err.code;
+      }
+      resolve({ ...found, view: s.view, approvals: s.approvals, result: end.result });
+    },
+    onError: (err) => resolve({ error: err }),
+  });
+  stream.send("shout").catch((err) => (found.badKind = err.code));
+  call("POST", "/v1/sessions/inp/events", { event: "approval.request", data: { approval_id: "rm-1", cmd: "rm" } });
+});
+
 // The React hook, rendered with react-test-renderer until the run has ended.
 await publishRun("hook", words.slice(0, 20));
 const seen = [];
