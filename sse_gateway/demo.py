@@ -1,11 +1,15 @@
 """Simulated agent runs for the demo page: the gateway publishes into its own log.
 
 ``POST /v1/demo/runs`` creates a session and starts a background task that
-types a few hundred ``token`` events, pauses on a slow "tool call" for longer
-than the heartbeat (so a visitor sees a quiet stream stay open), types some
-more, and completes the session with the whole text as its result. The run
-publishes through the same path as an HTTP publisher, so the demo shows
-exactly what a real agent gets.
+types a few hundred ``token`` events, asks for approval before its "tool
+call" (an ``approval.request``) and waits for the answer for the heartbeat
+plus one second (so a visitor sees a quiet stream stay open; no answer: it
+goes ahead by itself, so the demo never hangs), calls the tool (or skips it
+when denied), types some more, and completes the session with the whole
+text as its result. It reads its session's input as an agent does: a
+``cancel`` stops it at once, and it completes with ``{"cancelled": true,
+...}`` and the text typed so far. The run publishes through the same path as
+an HTTP publisher, so the demo shows exactly what a real agent gets.
 
 The task is kept by ``Gateway.spawn`` and cancelled at shutdown; a run cut
 short that way leaves its session open, like an agent that died.
@@ -14,6 +18,7 @@ short that way leaves its session open, like an agent that died.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -24,8 +29,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .bodies import json_object
+from .auth import INPUT_SCOPE, SCOPE
 from .errors import BadRequest, GatewayError, TooManyRequests
-from .models import NewEvent
+from .models import NewEvent, StoredInput
 
 log = logging.getLogger("sse_gateway.demo")
 
@@ -36,6 +42,8 @@ MAX_DURATION = 300.0
 MIN_TYPING = 2.0  # seconds of typing, however short the requested run
 KEEP_SECONDS = 3600  # a finished demo session is removed after this
 MAX_BODY = 4096
+TOOL_SECONDS = 1.0  # the tool call itself, once it may run
+APPROVAL_ID = "search_docs-1"
 MAX_RUNS = 16  # simulated runs at once per process; one more is 429 (each is a task of up to MAX_DURATION)
 RUNS_RETRY_AFTER = 10
 
@@ -45,7 +53,7 @@ PART_ONE = (
     "phones switch from Wi-Fi to cellular, laptops sleep, and every deploy restarts the servers one by one. "
     "Each of those ends an HTTP response, and whatever the agent wrote after that point is lost.\n\n"
     "Press Drop connection while I type, or reload the page: this text continues exactly where it stopped. "
-    "Meanwhile, let me look up how the gateway does it."
+    "Meanwhile, let me look up how the gateway does it: I will ask you first."
 )
 PART_TWO = (
     "\n\nHere is what I found. The gateway separates the session from the connection. The agent publishes "
@@ -102,7 +110,7 @@ async def start_run(request: Request) -> Response:
     runs.add(session)
     gw.spawn(simulate(gw, session, duration, done=lambda: runs.discard(session)))
     stream_url = f"/v1/sessions/{session}/stream"
-    token = gw.auth.mint(session, epoch=row.epoch)
+    token = gw.auth.mint(session, epoch=row.epoch, scopes=(SCOPE, INPUT_SCOPE))  # the page may also Stop, approve
     if token:
         stream_url += f"?token={token[0]}"
     body = {"session": session, "stream_url": stream_url, "heartbeat": gw.settings.heartbeat,
@@ -125,13 +133,72 @@ def _duration(spec: dict) -> float:
     return float(duration)
 
 
+class RunInput:
+    """The simulated run's reading of its session's input, as an agent reads it: in order, from after its
+    ack, each input handled once and then acked. A ``cancel`` sets ``cancelled``; an approval answers
+    ``decisions``. ``changed`` is set on each input, for whoever waits on one of these."""
+
+    def __init__(self, gw, session: str) -> None:
+        self.gw = gw
+        self.session = session
+        self.cancelled = False
+        self.reason: str | None = None
+        self.decisions: dict[str, str] = {}
+        self.changed = asyncio.Event()
+
+    async def read(self) -> None:
+        row = await self.gw.log.get_session(self.session)
+        if row is None:
+            return
+        waiter = self.gw.inputs.watch(self.session, row.input_acked_id, row.epoch)
+        try:
+            while not waiter.closed:
+                waiter.clear()
+                items = await self.gw.log.read_input(self.session, waiter.cursor, 100)
+                if not items:
+                    await waiter.wait(3600)
+                    continue
+                for item in items:
+                    self._handle(item)
+                waiter.cursor = items[-1].id
+                await self.gw.log.ack_input(self.session, waiter.cursor)
+                self.changed.set()
+        except GatewayError as exc:
+            log.info("demo run %s stopped reading its input: %s", self.session, exc.message)
+        finally:
+            self.gw.inputs.unwatch(waiter)
+
+    def _handle(self, item: StoredInput) -> None:
+        data = orjson.loads(item.data)
+        if item.kind == "cancel" and not self.cancelled:
+            self.cancelled = True
+            reason = data.get("reason") if isinstance(data, dict) else data
+            self.reason = reason if isinstance(reason, str) else None
+        elif item.kind == "approval" and item.approval_id and item.decision:
+            self.decisions[item.approval_id] = item.decision
+
+    async def wait(self, seconds: float, until) -> None:
+        """Up to ``seconds``, or until ``until()`` holds (checked on each input)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not until() and (left := deadline - loop.time()) > 0:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self.changed.wait()
+
+
 async def simulate(gw, session: str, duration: float, done=lambda: None) -> None:
-    """Type PART_ONE, wait on a slow tool for longer than the heartbeat, type PART_TWO, complete."""
+    """Type PART_ONE, ask to run a slow tool and wait for the answer for longer than the heartbeat, run it
+    (or skip it), type PART_TWO, complete. A cancel input stops it wherever it is."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     pause = gw.settings.heartbeat + 1.0
     first, second = split_tokens(PART_ONE), split_tokens(PART_TWO)
     interval = max(duration - pause, MIN_TYPING) / (len(first) + len(second))
+    typed: list[str] = []
+    inputs = RunInput(gw, session)
+    reader = asyncio.create_task(inputs.read())
 
     async def publish(event: str, data: Any) -> None:
         await gw.writes.append(session, [NewEvent(event, orjson.dumps(data).decode())])
@@ -139,19 +206,40 @@ async def simulate(gw, session: str, duration: float, done=lambda: None) -> None
     async def type_out(pieces: list[str]) -> None:
         begin = loop.time()
         for i, piece in enumerate(pieces):
+            if inputs.cancelled:
+                return
             await publish("token", {"text": piece})
-            await asyncio.sleep(max(0.0, begin + (i + 1) * interval - loop.time()))
+            typed.append(piece)
+            await inputs.wait(begin + (i + 1) * interval - loop.time(), lambda: inputs.cancelled)
 
     try:
         await publish("status", {"step": "thinking"})
         await type_out(first)
-        await publish("tool", {"name": "search_docs", "status": "running", "args": {"query": "Last-Event-ID resume"}})
-        await asyncio.sleep(pause)
-        await publish("tool", {"name": "search_docs", "status": "done", "seconds": round(pause, 1)})
-        await type_out(second)
-        await gw.log.complete(session, {"text": PART_ONE + PART_TWO, "tokens": len(first) + len(second),
-                                        "seconds": round(loop.time() - started, 1)})
+        quiet_since = loop.time()
+        if not inputs.cancelled:
+            await publish("approval.request", {"approval_id": APPROVAL_ID, "tool": "search_docs",
+                                               "args": {"query": "Last-Event-ID resume"}, "timeout": round(pause, 1)})
+            await inputs.wait(pause, lambda: inputs.cancelled or APPROVAL_ID in inputs.decisions)
+        decision = inputs.decisions.get(APPROVAL_ID, "timeout")
+        if not inputs.cancelled and decision == "deny":
+            await publish("tool", {"name": "search_docs", "status": "skipped", "decision": decision})
+            await type_out(split_tokens(PART_TWO.replace("Here is what I found.", "Without the lookup, from memory.")))
+        elif not inputs.cancelled:
+            await publish("tool", {"name": "search_docs", "status": "running", "decision": decision,
+                                   "args": {"query": "Last-Event-ID resume"}})
+            await inputs.wait(TOOL_SECONDS, lambda: inputs.cancelled)
+            await publish("tool", {"name": "search_docs", "status": "done",
+                                   "seconds": round(loop.time() - quiet_since, 1)})
+            await type_out(second)
+        result: dict[str, Any] = {"text": "".join(typed), "tokens": len(typed),
+                                  "seconds": round(loop.time() - started, 1), "tool": decision}
+        if inputs.cancelled:
+            result = {"cancelled": True, **({"reason": inputs.reason} if inputs.reason else {}), **result}
+        await gw.log.complete(session, result)
     except GatewayError as exc:  # the session was deleted or completed by someone else, or the store failed
         log.info("demo run %s stopped: %s", session, exc.message)
     finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
         done()

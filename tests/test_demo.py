@@ -42,6 +42,11 @@ def test_demo_runs_need_a_publisher_key_once_keys_are_configured(start_app):
         stream_url = resp.json()["stream_url"]
         assert "?token=" in stream_url, "the page cannot read a keyed gateway without a subscribe token"
         assert c.get(f"{stream_url}&live=false").status_code == 200
+        session, token = resp.json()["session"], stream_url.split("?token=")[1]
+        stop = c.post(f"/v1/sessions/{session}/input", json={"kind": "cancel"},
+                      headers={"Authorization": f"Bearer {token}"})
+        assert stop.status_code in (201, 409), stop.text  # the page's token may send input (Stop, approve)
+        assert stop.status_code == 201 or stop.json()["error"]["code"] == "session_completed"
         for body in ({"duration": 0}, {"duration": "5"}, {"duration": True}, {"speed": 2}, [1]):
             resp = c.post("/v1/demo/runs", json=body, headers=as_publisher)
             assert resp.status_code == 400, (body, resp.text)
@@ -80,3 +85,71 @@ def test_demo_runs_are_bounded_in_number_and_count_against_max_sessions(start_ga
         r = c.post("/v1/demo/runs", json={"duration": 1})  # a slot may be free again, the sessions are not
         assert (r.status_code, r.json()["error"]["code"]) in ((503, "too_many_sessions"), (429, "too_many_demo_runs"))
         assert len(c.get("/v1/sessions", params={"limit": 1000}).json()["sessions"]) == MAX_RUNS + 1
+
+
+async def _follow(gw, session: str, on_event) -> list[tuple[str, object]]:
+    """Read the run's stream to its end, calling ``on_event(event, data)`` as each arrives."""
+    from sse_gateway.client import Subscriber
+
+    seen = []
+    async for event in Subscriber(session, url=gw.url):
+        seen.append((event.event, event.data))
+        await on_event(event.event, event.data)
+    return seen
+
+
+@pytest.mark.timeout(60)
+async def test_a_demo_run_asks_before_its_tool_call_and_goes_on_by_itself_without_an_answer(start_gateway):
+    gw = start_gateway("--heartbeat", "1")
+    async with httpx.AsyncClient(base_url=gw.url) as api:
+        for decision in ("approve", "deny", None):
+            session = (await api.post("/v1/demo/runs", json={"duration": 2})).json()["session"]
+
+            async def answer(event, data, decision=decision, session=session):
+                if event == "approval.request" and decision:
+                    r = await api.post(f"/v1/sessions/{session}/input", json={
+                        "kind": "approval", "approval_id": data["approval_id"], "decision": decision})
+                    assert r.status_code == 201, r.text
+
+            seen = await _follow(gw, session, answer)
+            types = [e for e, _ in seen]
+            tools = [d for e, d in seen if e == "tool"]
+            result = seen[-1][1]
+            request = next(d for e, d in seen if e == "approval.request")
+            assert request["tool"] == "search_docs" and request["approval_id"] == "search_docs-1"
+            assert types.index("approval.request") < types.index("tool")
+            assert result["tool"] == (decision or "timeout") and "cancelled" not in result
+            if decision == "deny":
+                assert [t["status"] for t in tools] == ["skipped"]
+                assert "Without the lookup" in result["text"]
+            else:
+                assert [t["status"] for t in tools] == ["running", "done"]
+                assert "Here is what I found" in result["text"]
+            assert types.count("gateway.input") == (1 if decision else 0)
+            row = (await api.get(f"/v1/sessions/{session}")).json()
+            assert row["input_acked_id"] == row["input_last_id"], "the run acks the input it handled"
+
+
+@pytest.mark.timeout(60)
+async def test_a_cancel_stops_a_demo_run_and_its_result_says_so(start_gateway):
+    gw = start_gateway("--heartbeat", "1")
+    async with httpx.AsyncClient(base_url=gw.url) as api:
+        session = (await api.post("/v1/demo/runs", json={"duration": 60})).json()["session"]
+        tokens = 0
+
+        async def stop_after_ten(event, data):
+            nonlocal tokens
+            if event == "token":
+                tokens += 1
+                if tokens == 10:
+                    r = await api.post(f"/v1/sessions/{session}/input",
+                                       json={"kind": "cancel", "data": {"reason": "the user pressed Stop"}})
+                    assert r.status_code == 201, r.text
+
+        seen = await _follow(gw, session, stop_after_ten)
+    typed = "".join(d["text"] for e, d in seen if e == "token")
+    result = seen[-1][1]
+    assert seen[-1][0] == "gateway.end" and result["cancelled"] is True
+    assert result["reason"] == "the user pressed Stop" and result["text"] == typed
+    assert result["tokens"] == len([e for e, _ in seen if e == "token"]) < 100, "it stopped typing"
+    assert [d["kind"] for e, d in seen if e == "gateway.input"] == ["cancel"]
