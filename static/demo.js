@@ -1,7 +1,9 @@
 // The demo page: start a simulated run, render it through SSEGateway, show what the connection does.
 // The run's view (text, step, id checks) is built by the helper's `reduce` and persisted by it
 // together with the cursor (`persist: true`), so a reload restores the text and resumes right after
-// it. The page itself only remembers which run it is showing.
+// it. The page itself only remembers which run it is showing. The page also talks back: Stop sends the
+// run a cancel, and the approval prompt answers the run's approval.request (stream.cancel/approve); every
+// tab sees those inputs once, as gateway.input events in the stream.
 (function () {
   "use strict";
 
@@ -17,10 +19,13 @@
   let timeline = [];
   let resumeFrom = null; // the cursor a (re)connection resumed after, until the next event shows it
   let toolOpens = 0;
+  let answered = null; // the approval this tab answered (its buttons stay off)
+  let stopSent = false; // this tab pressed Stop
 
   // -- the run's view: built from its events, one at a time ------------------------------------
 
-  const initial = { text: "", step: "starting", events: 0, lastId: 0, missing: 0, duplicates: 0 };
+  const initial = { text: "", step: "starting", events: 0, lastId: 0, missing: 0, duplicates: 0, approval: null,
+    stopping: false, cancels: 0 };
 
   function reduce(view, e) {
     const next = { ...view, events: view.events + 1, lastId: Math.max(view.lastId, e.id) };
@@ -34,6 +39,20 @@
       next.step = data.step;
     } else if (e.type === "tool") {
       next.step = data.status === "running" ? `calling ${data.name}…` : "writing";
+      next.approval = null; // answered, or gone ahead without an answer
+    } else if (e.type === "approval.request") {
+      next.step = "waiting for your approval";
+      next.approval = { id: data.approval_id, tool: data.tool, timeout: data.timeout };
+    } else if (e.type === "gateway.input") {
+      if (data.kind === "approval" && next.approval && next.approval.id === data.approval_id) {
+        next.approval = null;
+        next.step = data.decision === "approve" ? "approved" : "denied";
+      } else if (data.kind === "cancel") {
+        next.stopping = true;
+        next.cancels += 1;
+        next.approval = null;
+        next.step = "stopping…";
+      }
     }
     return next;
   }
@@ -60,7 +79,8 @@
 
   function connect() {
     stream = SSEGateway.connect(run.streamUrl, {
-      events: ["status", "token", "tool"],
+      events: ["status", "token", "tool", "approval.request", "gateway.input"], // every event: the ids check
+      onInput,
       initial,
       reduce,
       persist: true, // the view and the cursor, together, in sessionStorage
@@ -113,14 +133,22 @@
     }
   }
 
+  function onInput(input) {
+    if (input.kind === "cancel") note(`gateway.input #${input.inputId}: cancel; the agent stops`, "warn");
+    else if (input.kind === "approval") note(`gateway.input #${input.inputId}: ${input.decision} ${input.approvalId}`, "good");
+    else note(`gateway.input #${input.inputId}: ${input.kind}`);
+  }
+
   function onEnd(end) {
     const view = stream.view;
     const result = end.result || {};
     const exact = result.text === view.text && view.missing === 0 && view.duplicates === 0;
+    const what = result.cancelled ? `Stopped: the run was cancelled after ${result.tokens} tokens, and its result ` +
+      "says so (cancelled: true)." : "Complete.";
     verdict = exact
-      ? { ok: true, text: `Complete. ${view.events} events, ids 1–${view.lastId} without a hole or a repeat; ` +
+      ? { ok: true, text: `${what} ${view.events} events, ids 1–${view.lastId} without a hole or a repeat; ` +
           "the streamed text matches the final result character for character." }
-      : { ok: false, text: "Complete, but the streamed text differs from the final result " +
+      : { ok: false, text: `${what} But the streamed text differs from the final result ` +
           `(${view.missing} missing, ${view.duplicates} repeated).` };
     note(end.fromSession ? "the run had already ended (204): the helper fetched its result from the session"
       : stream.lastEventAt === null ? "page reloaded after the end: the helper restored the text and the result"
@@ -149,6 +177,8 @@
       sessionStorage.setItem(CURRENT, JSON.stringify(run));
       verdict = null;
       timeline = [];
+      answered = null;
+      stopSent = false;
       note(`run ${run.session} started`);
       connect();
     } catch (err) {
@@ -165,6 +195,40 @@
     return (body.error && body.error.message) || `The gateway answered ${status}.`;
   }
 
+  /** Input for the agent: a failure is told in the timeline, with the gateway's code. */
+  async function sendInput(what, send) {
+    try {
+      const sent = await send();
+      note(`you sent ${what}: input #${sent.id}`);
+      return true;
+    } catch (err) {
+      const why = err.code === "approval_answered" ? "another tab answered first"
+        : err.code === "session_completed" ? "the run had already ended" : `${err.code}: ${err.message}`;
+      note(`${what} was not taken: ${why}`, "bad");
+      return false;
+    } finally {
+      render();
+    }
+  }
+
+  function stop() {
+    if (!stream || stream.state === "ended") return;
+    stopSent = true;
+    $("stop").disabled = true;
+    sendInput("a cancel", () => stream.cancel("the user pressed Stop")).then((ok) => {
+      stopSent = ok; // refused: Stop may be pressed again
+      render();
+    });
+  }
+
+  function answer(decision) {
+    const approval = stream && stream.view.approval;
+    if (!approval) return;
+    answered = approval.id;
+    $("approve").disabled = $("deny").disabled = true;
+    sendInput(`${decision} for ${approval.tool}`, () => stream.approve(approval.id, decision));
+  }
+
   function drop() {
     if (!stream || stream.state === "ended") return;
     note(`you dropped the connection at ${cursorOf(stream.cursor)}; reconnecting in 1 s`, "warn");
@@ -179,7 +243,9 @@
     const pill = $("state");
     pill.dataset.state = state;
     pill.textContent = state;
-    $("drop").disabled = !stream || state === "ended" || state === "closed" || state === "failed";
+    const over = !stream || state === "ended" || state === "closed" || state === "failed";
+    $("drop").disabled = over;
+    $("stop").disabled = over || stopSent || stream.view.stopping;
     const box = $("verdict");
     box.hidden = !verdict;
     if (verdict) {
@@ -198,8 +264,20 @@
       text.append(caret);
     }
     text.scrollTop = text.scrollHeight;
-    $("step").textContent = ended ? "done" : view.step;
+    const result = stream.result || {};
+    const status = ended ? (result.cancelled ? "cancelled" : result.error ? "failed" : "completed")
+      : view.stopping ? "stopping" : view.approval ? "waiting for approval" : "running";
+    $("status").textContent = status;
+    $("status").className = status;
+    $("step").textContent = ended ? status : view.step;
     $("step").dataset.step = ended ? "done" : view.step.startsWith("calling") ? "tool" : "busy";
+    const approval = ended ? null : view.approval;
+    $("approval").hidden = !approval;
+    if (approval) {
+      $("approval-tool").textContent = approval.tool;
+      $("approval-timeout").textContent = approval.timeout;
+      $("approve").disabled = $("deny").disabled = answered === approval.id;
+    }
 
     $("cursor").textContent = stream.cursor || "–";
     $("events").textContent = view.events.toLocaleString();
@@ -249,6 +327,9 @@
 
   $("start").addEventListener("click", start);
   $("drop").addEventListener("click", drop);
+  $("stop").addEventListener("click", stop);
+  $("approve").addEventListener("click", () => answer("approve"));
+  $("deny").addEventListener("click", () => answer("deny"));
   $("curl").textContent = $("curl").textContent.replaceAll("localhost:8000", origin);
   setInterval(renderActivity, 200);
   if (run) connect(); // a reload: the helper restores the run's view and resumes after its cursor

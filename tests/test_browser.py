@@ -20,7 +20,7 @@ import asyncio
 import socket
 import threading
 import time
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 import httpx
 import jwt
@@ -541,3 +541,75 @@ async def test_demo_page_runs_drops_reloads_resumes_and_ends(start_gateway, page
     await page.wait_for_function("document.getElementById('verdict').textContent.startsWith('Complete.')",
                                  timeout=10_000)
     assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()
+
+
+WATCH_PAGE = """<!doctype html><meta charset="utf-8"><title>another tab</title>
+<script src="/static/sse-gateway.js"></script>
+<script>
+  window.inputs = []; window.ended = null;
+  SSEGateway.connect(new URLSearchParams(location.search).get("stream"), {
+    events: ["token"],
+    onInput: (input) => window.inputs.push([input.inputId, input.kind, input.event.id]),
+    onEnd: (end) => { window.ended = end.result; },
+  });
+</script>"""
+
+
+@pytest.mark.timeout(90)
+async def test_the_demo_pages_stop_button_stops_the_run_and_another_tab_sees_the_cancel_once(
+        start_gateway, page, chromium):
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "200", "--token-secret", "demo-secret-" + "s" * 32)
+    await page.goto(f"{gw.url}/?duration=60")
+    assert await page.locator("#stop").is_disabled()
+    await page.click("text=Start a simulated agent run")
+    await page.wait_for_function("Number(document.getElementById('events').textContent) > 20", timeout=15_000)
+    run = await demo_view(page)
+    stream_url = await page.evaluate("JSON.parse(sessionStorage.getItem('sse-gateway-demo:run')).streamUrl")
+    assert "?token=" in stream_url, "a gateway with a token secret gives the page a token (with the input scope)"
+
+    other = await (await chromium.new_context()).new_page()  # another browser, on the same run
+
+    async def fulfill(route) -> None:
+        await route.fulfill(body=WATCH_PAGE, content_type="text/html")
+
+    await other.route(f"{gw.url}/watch-test**", fulfill)
+    await other.goto(f"{gw.url}/watch-test?stream={quote(stream_url)}")
+    await other.wait_for_function("window.inputs !== undefined", timeout=10_000)
+    await page.click("#stop")
+    await page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
+    verdict = await page.locator("#verdict").inner_text()
+    assert verdict.startswith("Stopped: the run was cancelled"), verdict
+    assert "without a hole or a repeat" in verdict and await page.locator("#stop").is_disabled()
+    assert "cancel; the agent stops" in await page.locator("#timeline").inner_text()
+
+    await other.wait_for_function("window.ended !== null", timeout=30_000)
+    inputs = await other.evaluate("window.inputs")
+    result = await other.evaluate("window.ended")
+    await other.context.close()
+    session = httpx.get(f"{gw.url}/v1/sessions/{run['session']}").json()
+    assert [kind for _, kind, _ in inputs] == ["cancel"] and inputs[0][0] == 1, "the other tab saw it once"
+    assert session["result"]["cancelled"] is True and result == session["result"]
+    assert session["result"]["reason"] == "the user pressed Stop"
+    assert session["result"]["tokens"] < 300, "the run stopped typing"
+    assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()
+
+
+@pytest.mark.timeout(90)
+async def test_the_demo_pages_approval_prompt_approves_the_tool_call(start_gateway, page):
+    gw = start_gateway("--heartbeat", "20", "--retry-ms", "200")  # the run waits 21 s for the answer
+    await page.goto(f"{gw.url}/?duration=4")
+    await page.click("text=Start a simulated agent run")
+    await page.wait_for_selector("#approval:not([hidden])", timeout=30_000)
+    assert "search_docs" in await page.locator("#approval").inner_text()
+    assert await page.locator("#status").inner_text() == "waiting for approval"
+    await page.click("#approve")
+    await page.wait_for_selector("#approval", state="hidden", timeout=15_000)
+    await page.wait_for_function("document.getElementById('status').textContent === 'completed'", timeout=30_000)
+    run = await demo_view(page)
+    session = httpx.get(f"{gw.url}/v1/sessions/{run['session']}").json()
+    assert session["result"]["tool"] == "approve" and "cancelled" not in session["result"]
+    assert session["input_last_id"] == session["input_acked_id"] == 1
+    timeline = await page.locator("#timeline").inner_text()
+    assert "you sent approve for search_docs" in timeline and "gateway.input #1: approve" in timeline
+    assert (await page.locator("#verdict").inner_text()).startswith("Complete.")
+    assert (run["view"]["missing"], run["view"]["duplicates"]) == (0, 0)
