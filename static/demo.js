@@ -268,7 +268,7 @@
     const status = ended ? (result.cancelled ? "cancelled" : result.error ? "failed" : "completed")
       : view.stopping ? "stopping" : view.approval ? "waiting for approval" : "running";
     $("status").textContent = status;
-    $("status").className = status;
+    $("status").dataset.status = status;
     $("step").textContent = ended ? status : view.step;
     $("step").dataset.step = ended ? "done" : view.step.startsWith("calling") ? "tool" : "busy";
     const approval = ended ? null : view.approval;
