@@ -392,6 +392,8 @@ async def test_the_end_of_a_run_is_acknowledged(start_gateway, page):
         return session["acked_id"] == session["last_id"] == 4
 
     await await_until(acked, what="acked_id to reach last_id once gateway.end was received")
+    # the page learns of the ack when the answer arrives, a moment after the gateway stored it
+    await page.wait_for_function("window.stream.acked !== null", timeout=10_000)
     assert await page.evaluate("window.stream.acked") == await page.evaluate("window.stream.cursor")
     await api.aclose()
 
