@@ -28,8 +28,8 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from .bodies import json_object
 from .auth import INPUT_SCOPE, SCOPE
+from .bodies import json_object
 from .errors import BadRequest, GatewayError, TooManyRequests
 from .models import NewEvent, StoredInput
 
