@@ -495,13 +495,13 @@ async def test_the_subscriber_resumes_exactly_through_drops(gateway):
         async with httpx.AsyncClient(base_url=gateway.url) as http, Publisher(gateway.url) as pub:
             await pub.create("drops")
             reader = asyncio.create_task(read())
-            connections = 0
+            connected = 0
             for i in range(1, 301):
                 await pub.publish("drops", "message", i)
-                if i % 60 == 0:  # wait until the subscriber is attached again (a new connection), then cut it
-                    await await_until(lambda: proxy.connections > connections and subscribers(http, "drops"),
+                if i % 60 == 0:  # wait until the subscriber has its new stream (it read the 200), then cut it
+                    await await_until(lambda: sub.connects > connected and subscribers(http, "drops"),
                                       what="the subscriber to attach")
-                    connections, reported = proxy.connections, len(notes)
+                    connected, reported = sub.connects, len(notes)
                     assert await asyncio.to_thread(proxy.drop_all) >= 1
                     await await_until(lambda: len(notes) > reported, what="the subscriber to see the drop")
             watching = await pub.watchers("drops")
