@@ -53,4 +53,5 @@ from .sync import SyncPublisher, SyncRun
 __all__ = ["DEFAULT_URL", "ENV_KEY", "ENV_URL", "Event", "GatewayError", "GatewayUnreachable", "Input",
            "InputPage", "InputReader", "InputSent", "Published",
            "Publisher", "Reconnect", "Retry", "RetryNotice", "Run", "SessionInfo", "State", "Subscriber",
-           "SyncPublisher", "SyncRun", "Token", "Watchers", "cancelled_result", "failure_result", "resolve_key", "resolve_url"]
+           "SyncPublisher", "SyncRun", "Token", "Watchers", "cancelled_result", "failure_result", "resolve_key",
+           "resolve_url"]

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import httpx
 
-from .http import Retry, session_path, with_retries
+from .http import session_path
 from .subscriber import Event, Reconnect, Subscriber
 
 #: The kinds of input the gateway takes.
@@ -118,6 +118,8 @@ class InputReader(Subscriber):
     Opening the stream does not ack: ack with ``item.ack()`` (given ``ack``) or ``Publisher.ack_input``.
     """
 
+    _latest_field = "input_last_id"  # from_="latest": after the last input, not the last output event
+
     def __init__(self, session: str, *, url: str | None = None, key: str | None = None, cursor: str | None = None,
                  from_: str | None = None, give_up_after: float = 60.0, read_timeout: float = 60.0,
                  backoff_cap: float = 10.0, client: httpx.AsyncClient | None = None,
@@ -143,15 +145,3 @@ class InputReader(Subscriber):
         if event.id is None or not isinstance(event.data, dict) or "kind" not in event.data:
             return None
         return input_from(event.data, event.cursor, self._ack)
-
-    async def _resolve_latest(self) -> None:
-        """``from=latest`` pinned to a cursor (``input_last_id``), so a reconnect before the first input misses nothing."""
-        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-
-        def send() -> Awaitable[httpx.Response]:
-            return self._http.get(self.url + session_path(self.session), headers=headers)
-
-        retry = Retry(attempts=1_000_000, timeout=self.give_up_after, base=self._retry_hint, cap=self.backoff_cap)
-        row = (await with_retries(send, method="GET", url=self.url + session_path(self.session),
-                                   base_url=self.url, retry=retry, on_retry=None)).json()
-        self.cursor = f"{row.get('input_last_id', 0)}:{row['epoch']}"

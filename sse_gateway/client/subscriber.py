@@ -200,6 +200,9 @@ class Subscriber:
                 self.on_reconnect(Reconnect(reason, self.cursor, delay, error))
             await asyncio.sleep(delay)
 
+    #: the field of the session's row that ``from=latest`` starts after
+    _latest_field = "last_id"
+
     async def _resolve_latest(self) -> None:
         """``from=latest`` pinned to a cursor, so that a reconnect before the first event misses nothing."""
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
@@ -210,7 +213,7 @@ class Subscriber:
         retry = Retry(attempts=1_000_000, timeout=self.give_up_after, base=self._retry_hint, cap=self.backoff_cap)
         row = (await with_retries(send, method="GET", url=self.url + session_path(self.session),
                                    base_url=self.url, retry=retry, on_retry=None)).json()
-        self.cursor = f"{row['last_id']}:{row['epoch']}"
+        self.cursor = f"{row.get(self._latest_field, 0)}:{row['epoch']}"
 
     async def _read(self, response: httpx.Response) -> AsyncIterator[Event]:
         event, data, has_data, event_id = "", [], False, None
