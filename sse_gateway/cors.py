@@ -87,6 +87,7 @@ def _is_local_name(name: str) -> bool:
 
 
 CROSS_SITE = "sse_gateway.cross_site"  # set in the scope of a read from a page of a site not allowed
+FROM_PAGE = "sse_gateway.from_page"  # set in the scope of a request with an Origin: a web page sent it
 
 
 class SiteGuard:
@@ -119,6 +120,8 @@ class SiteGuard:
                 return Forbidden(f"this gateway has no publisher keys and answers only to localhost and IP "
                                  f"addresses, not {name[:100]!r}; start it with --allowed-host {name[:100]} "
                                  "or with --publish-key", "host_not_allowed")
+        if origin is not None:
+            scope[FROM_PAGE] = True  # read by the fast paths and the JSON body rule: no second scan of the headers
         if origin is not None and not self._allowed(origin, host):
             if scope["method"] in _WRITES:
                 return Forbidden(f"a page of {origin[:100]} may not write to this gateway; list the site with "
