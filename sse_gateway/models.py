@@ -129,10 +129,24 @@ class Session:
     result: Any = None
     input_last_id: int = 0  # the last input id (user -> agent), 0 before the first
     input_acked_id: int = 0  # every input id <= this the agent confirmed it handled
+    outcome: str | None = None  # how the run ended (OUTCOMES), None while open
+    error: Any = None  # what the run ended with when it did not complete
+    lease_seconds: int | None = None  # the producer's lease (None or 0: no lease)
+    deadline: int | None = None  # when an open run ends unless its producer writes or renews (ms)
+    cancel_requested_at: int | None = None  # when the first cancel input was stored (ms)
+    producer_epoch: int = 0  # writes that name an older producer epoch are refused
+    webhook_url: str | None = None  # where to notify when nobody watches (else the gateway's)
 
     @property
     def earliest_id(self) -> int:
         return self.trimmed_id + 1
+
+    @property
+    def run_status(self) -> str:
+        """``running``, ``cancelling`` (a cancel was asked for), or the outcome once the run ended."""
+        if self.outcome is not None:
+            return self.outcome
+        return "running" if self.cancel_requested_at is None else "cancelling"
 
     @property
     def completed(self) -> bool:
@@ -140,6 +154,7 @@ class Session:
 
 
 INPUT_KINDS = ("message", "steer", "approval", "cancel")
+OUTCOMES = ("completed", "failed", "cancelled", "timed_out")  # how a run ends; the agent names the first three
 DECISIONS = ("approve", "deny")
 INPUT_EVENT = "gateway.input"  # the mirror of an input in the output stream
 APPROVAL_REQUEST = "approval.request"  # an output event that opens an approval (data: {"approval_id": ...})

@@ -894,3 +894,131 @@ async def test_sqlite_adds_the_input_columns_to_an_older_file(tmp_path):
         assert (await log.append_input("old", inp())).input.id == 1
     finally:
         await log.close()
+
+
+# -- lifecycle: every run ends, with its outcome; leases, cancels, fencing ------------------------------------------
+
+
+async def test_a_run_ends_with_its_outcome_and_the_end_event_says_which(log):
+    await log.append("ok", [ev()])
+    row = await log.complete("ok", {"answer": 42})
+    assert (row.outcome, row.run_status, row.result) == ("completed", "completed", {"answer": 42})
+    assert load_json((await log.read("ok", 1, 10))[0].data) == {"answer": 42}  # v1: the result itself
+    await log.append("bad", [ev()])
+    row = await log.complete("bad", outcome="failed", error={"code": "tool", "message": "the tool broke"})
+    assert (row.status, row.outcome, row.error) == ("completed", "failed", {"code": "tool", "message": "the tool broke"})
+    end = (await log.read("bad", 1, 10))[0]
+    assert end.event == END_EVENT
+    assert load_json(end.data) == {"status": "failed", "error": {"code": "tool", "message": "the tool broke"}}
+    await log.append("stop", [ev()])
+    await log.complete("stop", {"partial": "draft"}, outcome="cancelled")
+    assert load_json((await log.read("stop", 1, 10))[0].data) == {"status": "cancelled", "error": None,
+                                                                  "result": {"partial": "draft"}}
+    assert (await log.complete("bad", outcome="failed")).last_id == 2  # the same end again: nothing new
+    with pytest.raises(Conflict) as err:
+        await log.complete("bad", {"answer": 1})  # another outcome
+    assert err.value.code == "session_completed" and err.value.extra == {"outcome": "failed"}
+    assert (await log.get_session("bad")).last_id == 2
+
+
+async def test_a_lease_ends_a_silent_run_as_timed_out(log):
+    row = await log.create_session("s", lease_seconds=5)
+    assert row.lease_seconds == 5 and row.deadline == row.created_at + 5000
+    await log.append("s", [ev()])
+    row = await log.get_session("s")
+    assert row.deadline >= row.created_at + 5000  # the append renewed it
+    assert await log.expire(row.deadline - 1) == 0
+    assert (await log.get_session("s")).run_status == "running"
+    assert await log.expire(row.deadline) == 1
+    row = await log.get_session("s")
+    assert (row.status, row.outcome, row.deadline) == ("completed", "timed_out", None)
+    assert row.error["code"] == "lease_expired"
+    end = (await log.read("s", 1, 10))[0]
+    assert end.event == END_EVENT and load_json(end.data)["status"] == "timed_out"
+    assert await log.expire(row.completed_at + 10**9) == 0  # ended once
+    with pytest.raises(Conflict):
+        await log.append("s", [ev()])
+    with pytest.raises(Conflict):
+        await log.lease("s")
+
+
+async def test_renewing_and_changing_a_lease(log):
+    await log.create_session("s")
+    assert (await log.get_session("s")).deadline is None  # no lease: nothing ends it but its producer
+    assert await log.expire(2**62) == 0
+    row = await log.lease("s", seconds=3)
+    assert row.lease_seconds == 3 and row.deadline is not None
+    row = await log.lease("s", seconds=0)
+    assert (row.lease_seconds, row.deadline) == (None, None)
+    with pytest.raises(NotFound):
+        await log.lease("nope")
+
+
+async def test_the_log_s_default_lease_covers_every_new_session(make_log):
+    log = make_log(lease_seconds=7)
+    await log.open()
+    try:
+        await log.append("auto", [ev()])  # created by its first append
+        await log.create_session("made")
+        await log.create_session("own", lease_seconds=0)
+        assert (await log.get_session("auto")).lease_seconds == 7
+        assert (await log.get_session("made")).lease_seconds == 7
+        assert (await log.get_session("own")).deadline is None
+    finally:
+        await log.close()
+
+
+async def test_a_cancel_is_asked_then_confirmed_or_ended_by_the_grace(make_log):
+    log = make_log(cancel_grace=3)
+    await log.open()
+    try:
+        await log.create_session("s", lease_seconds=60)
+        await log.append_input("s", inp("cancel", "null"))
+        row = await log.get_session("s")
+        assert row.run_status == "cancelling" and row.cancel_requested_at is not None
+        assert row.deadline == row.cancel_requested_at + 3000
+        await log.append("s", [ev()])  # the agent still writes: that does not put the grace off
+        await log.append_input("s", inp("cancel", "null"))  # a second cancel does not either
+        assert (await log.get_session("s")).deadline == row.deadline
+        await log.complete("s", outcome="cancelled")  # the agent confirms
+        assert (await log.get_session("s")).run_status == "cancelled"
+        await log.create_session("t")  # no lease: the grace alone ends it
+        await log.append_input("t", inp("cancel", "null"))
+        row = await log.get_session("t")
+        assert await log.expire(row.deadline - 1) == 0
+        assert await log.expire(row.deadline) == 1
+        row = await log.get_session("t")
+        assert (row.outcome, row.error["code"]) == ("cancelled", "cancel_unconfirmed")
+    finally:
+        await log.close()
+
+
+async def test_a_stale_producer_is_fenced_and_writes_nothing(log):
+    from sse_gateway.errors import Forbidden
+
+    await log.append("s", [ev()], producer=0)
+    row = await log.lease("s", claim=True)  # a restarted agent takes over
+    assert row.producer_epoch == 1
+    for write in (lambda: log.append("s", [ev()], producer=0),
+                  lambda: log.append("s", [ev(key="k")], producer=0),
+                  lambda: log.put_state("s", {"x": 1}, None, producer=0),
+                  lambda: log.lease("s", producer=0),
+                  lambda: log.complete("s", outcome="failed", producer=0)):
+        with pytest.raises(Forbidden) as err:
+            await write()
+        assert err.value.code == "producer_fenced" and err.value.extra == {"producer_epoch": 1}
+    row = await log.get_session("s")
+    assert (row.last_id, row.state_version, row.status) == (1, 0, "open")
+    assert [e.id for e in await log.read("s", 0, 10)] == [1]
+    assert (await log.append("s", [ev()], producer=1)).ids == [2]
+    assert (await log.append("s", [ev()])).ids == [3]  # a write that names no epoch is not fenced
+    assert (await log.append("s", [ev()], producer=4)).ids == [4]  # a newer epoch takes over
+    assert (await log.get_session("s")).producer_epoch == 4
+    assert (await log.lease("s", claim=True)).producer_epoch == 5
+
+
+async def test_two_instances_end_a_run_once(log, other):
+    row = await log.create_session("s", lease_seconds=1)
+    ended = await asyncio.gather(log.expire(row.deadline), other.expire(row.deadline))
+    assert sorted(ended) == [0, 1]
+    assert [e.event for e in await log.read("s", 0, 10)] == [END_EVENT]

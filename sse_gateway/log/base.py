@@ -23,7 +23,31 @@ ids 1, 2, 3, ... and no holes, plus a small row of facts about the run
   them gets the next retained events and is told of the gap by the caller.
 * **Completion.** ``complete`` appends a final ``gateway.end`` event, after
   which ``append`` raises ``session_completed`` (except for idempotent
-  replays of events already stored).
+  replays of events already stored). It names the run's ``outcome``:
+  ``completed`` (the end event's data is the result, as in v1), ``failed``
+  or ``cancelled`` (data ``{"status", "error", "result"?}``, ``end_data``);
+  the row keeps ``outcome``, ``result`` and ``error``. Completing again
+  with the same outcome (and result, if one is given) changes nothing;
+  another is ``409 session_completed``.
+* **Every run ends (lifecycle).** A session's ``lease_seconds`` (given at
+  creation, else the log's default; 0 or None: no lease) sets its
+  ``deadline``: creation, each append, state write and ``lease`` renewal
+  moves it to now + lease. A ``cancel`` input sets ``cancel_requested_at``
+  (the first one only; ``run_status`` is ``cancelling``) and pulls the
+  deadline to at most now + the log's ``cancel_grace``; renewals no longer
+  move it. ``expire(now)`` ends every open run whose deadline has passed,
+  atomically with the check, as ``cancelled`` (a cancel was asked for) or
+  ``timed_out``, with an ``error`` saying why, and returns how many. Ending
+  a run twice is impossible: a run another instance ended first is
+  skipped.
+* **Fencing.** A write may name its ``producer`` epoch (``append``,
+  ``complete``, ``put_state``, ``lease``). An epoch below the session's
+  ``producer_epoch`` is refused, atomically with the write and before
+  anything else is checked, with ``403 producer_fenced`` (its ``extra``
+  says the current epoch); a greater one becomes the session's. ``lease``
+  with ``claim`` raises the epoch by one and returns it: a restarted agent
+  claims, and its old process can no longer write. A write that names no
+  epoch is not fenced.
 * **A write fails alone.** A value the store cannot keep (event text with
   a lone surrogate: ``400 invalid_json``, or ``invalid_utf8`` for a text
   event; a metadata, state or result that is not JSON ``dump_json`` can
@@ -35,7 +59,7 @@ ids 1, 2, 3, ... and no holes, plus a small row of facts about the run
 * **Close drains.** ``close`` returns once every write accepted before it
   is committed and answered; a write after it is ``503 store_closed``.
 * **Errors.** ``404`` no such session (``append(create=False)``, ``ack``,
-  ``complete``, ``put_state``, ``trim``); ``409 session_exists``
+  ``complete``, ``put_state``, ``trim``, ``lease``); ``409 session_exists``
   (``create_session``) and ``409 session_completed``; ``412
   state_version_mismatch``; ``400 invalid_ack`` (beyond the last id or
   negative) and ``400 invalid_trim`` (negative).
@@ -116,7 +140,7 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-from ..errors import BadRequest, Conflict, NotFound, PreconditionFailed
+from ..errors import BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed
 from ..models import (
     APPROVAL_REQUEST,
     END_EVENT,
@@ -132,6 +156,7 @@ from ..models import (
     load_json,
     mirror_data,
     mirror_tail,
+    new_epoch,
 )
 from ..rules import APPROVAL_ID
 
@@ -234,8 +259,10 @@ class EventLog(abc.ABC):
         """This process's count of open streams of ``session`` (``self.streams``) changed."""
 
     @abc.abstractmethod
-    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
-        """Create an empty session with a fresh epoch; ``409 session_exists`` if it exists."""
+    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None,
+                             lease_seconds: int | None = None, webhook_url: str | None = None) -> Session:
+        """Create an empty session with a fresh epoch; ``409 session_exists`` if it exists. ``lease_seconds``
+        None takes the log's default."""
 
     @abc.abstractmethod
     async def get_session(self, session: str) -> Session | None:
@@ -254,7 +281,8 @@ class EventLog(abc.ABC):
         """Remove the session, its events and keys. False if there was none."""
 
     @abc.abstractmethod
-    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
+    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True,
+                     producer: int | None = None) -> AppendResult:
         """Append ``events`` atomically, with contiguous ids; see the contract above.
 
         Creates the session if it does not exist and ``create`` is true,
@@ -266,15 +294,27 @@ class EventLog(abc.ABC):
         """Up to ``limit`` retained events with id > ``after``, in order."""
 
     @abc.abstractmethod
-    async def complete(self, session: str, result: Any = NO_RESULT) -> Session:
-        """Append ``gateway.end`` (data: the result) and mark the session completed. Idempotent."""
+    async def complete(self, session: str, result: Any = NO_RESULT, *, outcome: str = "completed",
+                       error: Any = None, producer: int | None = None) -> Session:
+        """Append ``gateway.end`` (``end_data``) and end the run with ``outcome``. Idempotent."""
 
     @abc.abstractmethod
     async def ack(self, session: str, upto: int) -> Session:
         """Move ``acked_id`` forward to ``upto`` (never back)."""
 
     @abc.abstractmethod
-    async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
+    async def lease(self, session: str, *, producer: int | None = None, claim: bool = False,
+                    seconds: int | None = None) -> Session:
+        """Renew the producer's lease (``seconds``: set its length first, 0 for none); ``claim``: take over
+        as a new producer epoch. ``409 session_completed`` once the run ended."""
+
+    @abc.abstractmethod
+    async def expire(self, now: int) -> int:
+        """End every open run whose deadline is at or before ``now`` (ms); returns how many it ended."""
+
+    @abc.abstractmethod
+    async def put_state(self, session: str, state: Any, if_version: int | None, *,
+                        producer: int | None = None) -> Session:
         """Replace the state document; ``412`` if ``if_version`` is given and differs."""
 
     @abc.abstractmethod
@@ -334,13 +374,40 @@ def stored_text(events: Sequence[NewEvent]) -> None:
 # changes anything, so a raised error leaves the row as it was.
 
 
+def apply_producer(row: Session, producer: int | None) -> None:
+    """Fencing: ``403 producer_fenced`` for an epoch older than the session's; a newer one becomes its own."""
+    if producer is None:
+        return
+    if producer < row.producer_epoch:
+        raise Forbidden(f"producer epoch {producer} of session {row.id!r} was fenced: another producer took over "
+                        f"as epoch {row.producer_epoch}", "producer_fenced",
+                        extra={"producer_epoch": row.producer_epoch})
+    row.producer_epoch = producer
+
+
+def renew(row: Session, ts: int) -> None:
+    """The producer is alive at ``ts``: its lease runs from now (not once a cancel's grace runs)."""
+    if row.cancel_requested_at is None and row.outcome is None:
+        row.deadline = ts + row.lease_seconds * 1000 if row.lease_seconds else None
+
+
+def new_row(session: str, ts: int, metadata: Any = None, ttl_seconds: int | None = None,
+            lease_seconds: int | None = None, webhook_url: str | None = None) -> Session:
+    """A new session's row: a fresh epoch, and its lease (None: no lease) running from ``ts``."""
+    row = Session(id=session, epoch=new_epoch(), created_at=ts, metadata=metadata, ttl_seconds=ttl_seconds,
+                  lease_seconds=lease_seconds or None, webhook_url=webhook_url)
+    renew(row, ts)
+    return row
+
+
 def apply_append(row: Session, events: Sequence[NewEvent], keys: Mapping[str, int], ts: int,
-                 max_events: int | None) -> tuple[AppendResult, dict[str, int]]:
+                 max_events: int | None, producer: int | None = None) -> tuple[AppendResult, dict[str, int]]:
     """Assign ids to ``events`` on ``row``; ``keys`` are the idempotency keys already stored.
 
     Returns the result and the new keys to store. Moves ``row.trimmed_id``
-    when the session holds more than ``max_events``.
+    when the session holds more than ``max_events``, and renews the lease.
     """
+    apply_producer(row, producer)
     batch_keys: dict[str, int] = {}
     fresh = [ev for ev in events if ev.idempotency_key is None or ev.idempotency_key not in keys]
     if fresh and row.completed:
@@ -367,6 +434,7 @@ def apply_append(row: Session, events: Sequence[NewEvent], keys: Mapping[str, in
         new.append(True)
     if max_events and row.last_id - row.trimmed_id > max_events:
         row.trimmed_id = row.last_id - max_events
+    renew(row, ts)
     return AppendResult(ids, new, row.last_id, stored, row.epoch), batch_keys
 
 
@@ -400,9 +468,10 @@ def stored_input(item: NewInput) -> str:
 
 
 def apply_input(row: Session, item: NewInput, tail: str, repeat: StoredInput | None, approval: int | None,
-                ts: int, max_events: int | None) -> tuple[InputResult, StoredEvent | None]:
+                ts: int, max_events: int | None, grace: int | None = None) -> tuple[InputResult, StoredEvent | None]:
     """Store ``item`` on ``row``: ``repeat`` is the input its idempotency key named already (if any),
     ``approval`` the state of the approval it answers (None unknown, 0 open, else the input that answered).
+    A first cancel starts the ``grace`` (seconds; None: the agent alone ends the run).
     Returns the result and the mirror event to append (None for a repeat)."""
     if repeat is not None:
         return InputResult(repeat, False, row.input_last_id, row.last_id, row.epoch), None
@@ -414,6 +483,11 @@ def apply_input(row: Session, item: NewInput, tail: str, repeat: StoredInput | N
         if approval:
             raise Conflict(f"approval {item.approval_id!r} was answered by input {approval}", "approval_answered",
                            extra={"input_id": approval})
+    if item.kind == "cancel" and row.cancel_requested_at is None:
+        row.cancel_requested_at = ts
+        if grace is not None:
+            end = ts + grace * 1000
+            row.deadline = end if row.deadline is None else min(row.deadline, end)
     row.input_last_id += 1
     row.last_id += 1
     mirror = StoredEvent(row.last_id, INPUT_EVENT, mirror_data(row.input_last_id, tail), True, ts)
@@ -429,18 +503,58 @@ def apply_input_ack(row: Session, upto: int) -> None:
     row.input_acked_id = max(row.input_acked_id, upto)
 
 
-def apply_complete(row: Session, result: Any, ts: int, data: str | None = None) -> StoredEvent | None:
-    """Complete ``row``; returns the ``gateway.end`` event (``data``: the result as JSON text, if the caller
-    has it already), or None if it was already completed."""
+def end_data(result: Any = NO_RESULT, outcome: str = "completed", error: Any = None) -> str:
+    """The ``gateway.end`` event's data as stored JSON text (``400`` if it cannot be): the result of a
+    completed run (v1), else ``{"status", "error", "result"?}``."""
+    if outcome == "completed":
+        return stored_json(None if result is NO_RESULT else result, "result")
+    body = {"status": outcome, "error": error}
+    if result is not NO_RESULT:
+        body["result"] = result
+    return stored_json(body, "result or error")
+
+
+def apply_complete(row: Session, result: Any, ts: int, data: str, outcome: str = "completed", error: Any = None,
+                   producer: int | None = None) -> StoredEvent | None:
+    """End ``row``'s run with ``outcome``; returns the ``gateway.end`` event (``data``: ``end_data``'s text),
+    or None if the run had ended so already."""
+    apply_producer(row, producer)
     if row.completed:
-        if result is not NO_RESULT and result != row.result:
-            raise Conflict(f"session {row.id!r} was completed with another result", "session_completed")
+        if outcome != row.outcome or (result is not NO_RESULT and result != row.result):
+            raise Conflict(f"session {row.id!r} has ended already ({row.outcome})", "session_completed",
+                           extra={"outcome": row.outcome})
         return None
     row.status = "completed"
+    row.outcome = outcome
+    row.error = error
     row.completed_at = ts
+    row.deadline = None
     row.result = None if result is NO_RESULT else result
     row.last_id += 1
-    return StoredEvent(row.last_id, END_EVENT, dump_json(row.result) if data is None else data, True, ts)
+    return StoredEvent(row.last_id, END_EVENT, data, True, ts)
+
+
+def expiry(row: Session, now: int) -> tuple[str, dict] | None:
+    """How an open run whose deadline has passed at ``now`` ends (outcome, error), or None if it does not."""
+    if row.completed or row.deadline is None or row.deadline > now:
+        return None
+    if row.cancel_requested_at is not None:
+        return "cancelled", {"code": "cancel_unconfirmed",
+                             "message": "the agent did not confirm the cancel in time; the gateway ended the run"}
+    return "timed_out", {"code": "lease_expired",
+                         "message": f"the producer neither wrote nor renewed its lease for {row.lease_seconds} s"}
+
+
+def apply_lease(row: Session, ts: int, producer: int | None, claim: bool, seconds: int | None) -> None:
+    apply_producer(row, producer)
+    if row.completed:
+        raise Conflict(f"session {row.id!r} has ended already ({row.outcome})", "session_completed",
+                       extra={"outcome": row.outcome})
+    if claim:
+        row.producer_epoch += 1
+    if seconds is not None:
+        row.lease_seconds = seconds or None
+    renew(row, ts)
 
 
 def apply_ack(row: Session, upto: int) -> None:
@@ -449,7 +563,8 @@ def apply_ack(row: Session, upto: int) -> None:
     row.acked_id = max(row.acked_id, upto)
 
 
-def apply_state(row: Session, state: Any, if_version: int | None) -> None:
+def apply_state(row: Session, state: Any, if_version: int | None, ts: int, producer: int | None = None) -> None:
+    apply_producer(row, producer)
     if if_version is not None and if_version != row.state_version:
         raise PreconditionFailed(
             f"state is at version {row.state_version}, not {if_version}", "state_version_mismatch",
@@ -458,6 +573,7 @@ def apply_state(row: Session, state: Any, if_version: int | None) -> None:
     row.state = state
     row.state_version += 1
     row.state_as_of = row.last_id
+    renew(row, ts)
 
 
 def apply_trim(row: Session, through: int) -> None:

@@ -21,7 +21,6 @@ from ..models import (
     Session,
     StoredEvent,
     StoredInput,
-    new_epoch,
     now_ms,
 )
 from .base import (
@@ -32,10 +31,14 @@ from .base import (
     apply_complete,
     apply_input,
     apply_input_ack,
+    apply_lease,
     apply_state,
     apply_trim,
     approval_ids,
+    end_data,
+    expiry,
     is_expired,
+    new_row,
     stored_input,
     stored_json,
     stored_text,
@@ -57,10 +60,13 @@ class _Entry:
 class MemoryLog(EventLog):
     shared_store = False  # one process's memory: nothing else writes to it
 
-    def __init__(self, *, max_events: int | None = None, default_ttl: int | None = None) -> None:
+    def __init__(self, *, max_events: int | None = None, default_ttl: int | None = None,
+                 lease_seconds: int | None = None, cancel_grace: int | None = None) -> None:
         super().__init__()
         self.max_events = max_events
         self.default_ttl = default_ttl
+        self.lease_seconds = lease_seconds
+        self.cancel_grace = cancel_grace
         self._sessions: dict[str, _Entry] = {}
         self._closed = False
 
@@ -81,13 +87,15 @@ class MemoryLog(EventLog):
             raise NotFound(f"no session {session!r}")
         return entry
 
-    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
+    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None,
+                             lease_seconds: int | None = None, webhook_url: str | None = None) -> Session:
         self._writable()
         if metadata is not None:
             stored_json(metadata, "metadata")  # what the other backends could not store is refused here too
         if session in self._sessions:
             raise Conflict(f"session {session!r} exists", "session_exists")
-        row = Session(id=session, epoch=new_epoch(), created_at=now_ms(), metadata=metadata, ttl_seconds=ttl_seconds)
+        row = new_row(session, now_ms(), metadata, ttl_seconds,
+                      self.lease_seconds if lease_seconds is None else lease_seconds, webhook_url)
         self._sessions[session] = _Entry(row)
         return copy.copy(row)
 
@@ -110,7 +118,8 @@ class MemoryLog(EventLog):
         self._deleted(session)
         return True
 
-    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
+    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True,
+                     producer: int | None = None) -> AppendResult:
         if self._closed:
             self._writable()
         stored_text(events)
@@ -120,7 +129,7 @@ class MemoryLog(EventLog):
                 raise NotFound(f"no session {session!r}")
             await self.create_session(session)
             entry = self._sessions[session]
-        result, new_keys = apply_append(entry.row, events, entry.keys, now_ms(), self.max_events)
+        result, new_keys = apply_append(entry.row, events, entry.keys, now_ms(), self.max_events, producer)
         entry.keys.update(new_keys)
         for aid in approval_ids(result.events):
             entry.approvals.setdefault(aid, 0)
@@ -133,7 +142,8 @@ class MemoryLog(EventLog):
         key = item.idempotency_key
         repeat = entry.inputs[entry.input_keys[key] - 1] if key is not None and key in entry.input_keys else None
         approval = entry.approvals.get(item.approval_id) if item.kind == "approval" else None
-        result, mirror = apply_input(entry.row, item, tail, repeat, approval, now_ms(), self.max_events)
+        result, mirror = apply_input(entry.row, item, tail, repeat, approval, now_ms(), self.max_events,
+                                     self.cancel_grace)
         if mirror is not None:
             stored = result.input
             entry.inputs.append(stored)
@@ -173,23 +183,39 @@ class MemoryLog(EventLog):
         start = bisect.bisect_right(entry.events, after, key=lambda e: e.id)
         return entry.events[start:start + limit]
 
-    async def complete(self, session: str, result: Any = NO_RESULT) -> Session:
+    async def complete(self, session: str, result: Any = NO_RESULT, *, outcome: str = "completed",
+                       error: Any = None, producer: int | None = None) -> Session:
         entry = self._entry(session)
-        data = stored_json(None if result is NO_RESULT else result, "result")
-        end = apply_complete(entry.row, result, now_ms(), data)
+        data = end_data(result, outcome, error)
+        end = apply_complete(entry.row, result, now_ms(), data, outcome, error, producer)
         if end is not None:
             self._store(entry, [end])
         return copy.copy(entry.row)
+
+    async def lease(self, session: str, *, producer: int | None = None, claim: bool = False,
+                    seconds: int | None = None) -> Session:
+        entry = self._entry(session)
+        apply_lease(entry.row, now_ms(), producer, claim, seconds)
+        return copy.copy(entry.row)
+
+    async def expire(self, now: int) -> int:
+        ended = 0
+        for session, entry in list(self._sessions.items()):
+            if (how := expiry(entry.row, now)) is not None:
+                await self.complete(session, outcome=how[0], error=how[1])
+                ended += 1
+        return ended
 
     async def ack(self, session: str, upto: int) -> Session:
         entry = self._entry(session)
         apply_ack(entry.row, upto)
         return copy.copy(entry.row)
 
-    async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
+    async def put_state(self, session: str, state: Any, if_version: int | None, *,
+                        producer: int | None = None) -> Session:
         entry = self._entry(session)
         stored_json(state, "state")
-        apply_state(entry.row, state, if_version)
+        apply_state(entry.row, state, if_version, now_ms(), producer)
         return copy.copy(entry.row)
 
     async def trim(self, session: str, through: int) -> Session:

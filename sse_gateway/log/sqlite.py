@@ -60,7 +60,6 @@ from ..models import (
     StoredInput,
     dump_json,
     load_json,
-    new_epoch,
     now_ms,
 )
 from .base import (
@@ -71,10 +70,14 @@ from .base import (
     apply_complete,
     apply_input,
     apply_input_ack,
+    apply_lease,
     apply_state,
     apply_trim,
     approval_ids,
+    end_data,
+    expiry,
     is_expired,
+    new_row,
     stored_input,
     stored_json,
     stored_text,
@@ -148,9 +151,15 @@ CREATE TABLE IF NOT EXISTS doomed (      -- deleted sessions whose events are st
 """
 
 _ROW = ("sid, name, epoch, created_at, status, completed_at, last_id, trimmed_id, ttl_seconds, acked_id, "
-        "state_version, state_as_of, result, input_last_id, input_acked_id")
+        "state_version, state_as_of, result, input_last_id, input_acked_id, outcome, error, lease_seconds, "
+        "deadline, cancel_requested_at, producer_epoch, webhook_url")
 #: columns added after the first release: a file made before them gets them when it is opened
-_ADDED_COLUMNS = {"input_last_id": "INTEGER NOT NULL DEFAULT 0", "input_acked_id": "INTEGER NOT NULL DEFAULT 0"}
+_ADDED_COLUMNS = {"input_last_id": "INTEGER NOT NULL DEFAULT 0", "input_acked_id": "INTEGER NOT NULL DEFAULT 0",
+                  "outcome": "TEXT", "error": "TEXT", "lease_seconds": "INTEGER",
+                  "deadline": "INTEGER",  # when an open run ends unless its producer writes (ms)
+                  "cancel_requested_at": "INTEGER", "producer_epoch": "INTEGER NOT NULL DEFAULT 0",
+                  "webhook_url": "TEXT"}
+_N_ROW = _ROW.count(",") + 1
 _INPUT = "id, kind, data, ts, event_id, approval_id, decision"
 _FULL_ROW = _ROW + ", metadata, state"
 _PURGE_CHUNK = 5000
@@ -158,14 +167,17 @@ _MAX_BATCH = 1000
 
 
 def _row(t: tuple, full: bool = False) -> tuple[int, Session]:
-    sid, name, epoch, created_at, status, completed_at, last_id, trimmed_id, ttl, acked, sv, sa, result, il, ia = t[:15]
+    (sid, name, epoch, created_at, status, completed_at, last_id, trimmed_id, ttl, acked, sv, sa, result, il, ia,
+     outcome, error, lease, deadline, cancel_at, producer, webhook) = t[:_N_ROW]
     row = Session(id=name, epoch=epoch, created_at=created_at, status=status, completed_at=completed_at,
                   last_id=last_id, trimmed_id=trimmed_id, ttl_seconds=ttl, acked_id=acked, state_version=sv,
                   state_as_of=sa, result=None if result is None else load_json(result), input_last_id=il,
-                  input_acked_id=ia)
+                  input_acked_id=ia, outcome=outcome or ("completed" if status == "completed" else None),
+                  error=None if error is None else load_json(error), lease_seconds=lease, deadline=deadline,
+                  cancel_requested_at=cancel_at, producer_epoch=producer, webhook_url=webhook)
     if full:
-        row.metadata = None if t[15] is None else load_json(t[15])
-        row.state = None if t[16] is None else load_json(t[16])
+        row.metadata = None if t[_N_ROW] is None else load_json(t[_N_ROW])
+        row.state = None if t[_N_ROW + 1] is None else load_json(t[_N_ROW + 1])
     return sid, row
 
 
@@ -259,11 +271,14 @@ class SqliteLog(EventLog):
     shared_store = True  # other processes may open the same file: the poller hears their commits
 
     def __init__(self, path: str, *, max_events: int | None = None, default_ttl: int | None = None,
+                 lease_seconds: int | None = None, cancel_grace: int | None = None,
                  synchronous: str = "NORMAL", readers: int = 3, poll_interval: float = 0.05) -> None:
         super().__init__()
         self.path = path
         self.max_events = max_events
         self.default_ttl = default_ttl
+        self.lease_seconds = lease_seconds
+        self.cancel_grace = cancel_grace
         self.synchronous = synchronous
         self.poll_interval = poll_interval
         self._n_readers = readers
@@ -357,26 +372,40 @@ class SqliteLog(EventLog):
     async def _submit(self, kind: str, session: str, *args: Any) -> Any:
         return await self._writer.submit(_Op(kind, session, args))
 
-    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
+    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None,
+                             lease_seconds: int | None = None, webhook_url: str | None = None) -> Session:
         text = None if metadata is None else stored_json(metadata, "metadata")
-        return await self._submit("create", session, metadata, text, ttl_seconds)
+        lease = self.lease_seconds if lease_seconds is None else lease_seconds
+        return await self._submit("create", session, metadata, text, ttl_seconds, lease, webhook_url)
 
     async def delete_session(self, session: str) -> bool:
         return await self._submit("delete", session)
 
-    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
+    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True,
+                     producer: int | None = None) -> AppendResult:
         stored_text(events)
-        return await self._submit("append", session, events, create)
+        return await self._submit("append", session, events, create, producer)
 
-    async def complete(self, session: str, result: Any = NO_RESULT) -> Session:
-        text = stored_json(None if result is NO_RESULT else result, "result")
-        return await self._submit("complete", session, result, text)
+    async def complete(self, session: str, result: Any = NO_RESULT, *, outcome: str = "completed",
+                       error: Any = None, producer: int | None = None) -> Session:
+        text = end_data(result, outcome, error)
+        return await self._submit("complete", session, result, text, outcome, error, producer)
+
+    async def lease(self, session: str, *, producer: int | None = None, claim: bool = False,
+                    seconds: int | None = None) -> Session:
+        return await self._submit("lease", session, producer, claim, seconds)
+
+    async def expire(self, now: int) -> int:
+        due = await self._query("SELECT name FROM sessions WHERE deadline <= ? AND status = 'open'", (now,))
+        ended = await asyncio.gather(*(self._submit("expire", name, now) for name, in due), return_exceptions=True)
+        return sum(1 for e in ended if e is True)
 
     async def ack(self, session: str, upto: int) -> Session:
         return await self._submit("ack", session, upto)
 
-    async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
-        return await self._submit("state", session, state, stored_json(state, "state"), if_version)
+    async def put_state(self, session: str, state: Any, if_version: int | None, *,
+                        producer: int | None = None) -> Session:
+        return await self._submit("state", session, state, stored_json(state, "state"), if_version, producer)
 
     async def trim(self, session: str, through: int) -> Session:
         return await self._submit("trim", session, through)
@@ -429,6 +458,7 @@ class SqliteLog(EventLog):
             if name not in have:
                 with contextlib.suppress(sqlite3.OperationalError):  # another process added it meanwhile
                     db.execute(f"ALTER TABLE sessions ADD COLUMN {name} {spec}")
+        db.execute("CREATE INDEX IF NOT EXISTS sessions_deadline ON sessions (deadline) WHERE deadline IS NOT NULL")
         return db
 
     def _transaction(self, body) -> Any:
@@ -516,9 +546,11 @@ class SqliteLog(EventLog):
             db.executemany("INSERT INTO idem (sid, key, id) VALUES (?,?,?)", writes.keys)
         if writes.touched:
             db.executemany(
-                "UPDATE sessions SET status=?, completed_at=?, last_id=?, trimmed_id=?, acked_id=?, result=? "
+                "UPDATE sessions SET status=?, completed_at=?, last_id=?, trimmed_id=?, acked_id=?, result=?, "
+                "outcome=?, error=?, lease_seconds=?, deadline=?, cancel_requested_at=?, producer_epoch=? "
                 "WHERE sid=?",
-                [(r.status, r.completed_at, r.last_id, r.trimmed_id, r.acked_id, _dumps(r.result), sid)
+                [(r.status, r.completed_at, r.last_id, r.trimmed_id, r.acked_id, _dumps(r.result), r.outcome,
+                  _dumps(r.error), r.lease_seconds, r.deadline, r.cancel_requested_at, r.producer_epoch, sid)
                  for sid, r in writes.touched.values()])
         if writes.states:
             db.executemany("UPDATE sessions SET state=?, state_version=?, state_as_of=? WHERE sid=?", writes.states)
@@ -543,10 +575,12 @@ class SqliteLog(EventLog):
         if op.kind == "create" or (op.kind == "append" and entry is None and op.args[1]):
             if entry is not None:
                 raise Conflict(f"session {op.session!r} exists", "session_exists")
-            metadata, text, ttl = op.args if op.kind == "create" else (None, None, None)
-            row = Session(id=op.session, epoch=new_epoch(), created_at=now_ms(), metadata=metadata, ttl_seconds=ttl)
-            cur = db.execute("INSERT INTO sessions (name, epoch, created_at, metadata, ttl_seconds) VALUES (?,?,?,?,?)",
-                             (row.id, row.epoch, row.created_at, text, ttl))
+            metadata, text, ttl, lease, webhook = op.args if op.kind == "create" else \
+                (None, None, None, self.lease_seconds, None)
+            row = new_row(op.session, now_ms(), metadata, ttl, lease, webhook)
+            cur = db.execute("INSERT INTO sessions (name, epoch, created_at, metadata, ttl_seconds, lease_seconds, "
+                             "deadline, webhook_url) VALUES (?,?,?,?,?,?,?,?)",
+                             (row.id, row.epoch, row.created_at, text, ttl, row.lease_seconds, row.deadline, webhook))
             entry = rows[op.session] = (cur.lastrowid, row)
             if op.kind == "create":
                 return row
@@ -571,7 +605,8 @@ class SqliteLog(EventLog):
             return True
         new_events: list[StoredEvent] = []
         if op.kind == "append":
-            result, batch_keys = apply_append(row, op.args[0], _KeyView(keys, sid), now_ms(), self.max_events)
+            result, batch_keys = apply_append(row, op.args[0], _KeyView(keys, sid), now_ms(), self.max_events,
+                                              op.args[2])
             keys.update({(sid, k): v for k, v in batch_keys.items()})
             writes.keys.extend((sid, k, v) for k, v in batch_keys.items())
             new_events = result.events
@@ -580,8 +615,18 @@ class SqliteLog(EventLog):
                                [(sid, aid) for aid in opened])
             value: Any = result
         elif op.kind == "complete":
-            end = apply_complete(row, op.args[0], now_ms(), op.args[1])
+            end = apply_complete(row, op.args[0], now_ms(), *op.args[1:])
             new_events = [end] if end else []
+            value = row
+        elif op.kind == "expire":
+            how = expiry(row, op.args[0])
+            if how is None:
+                return False  # renewed, or ended, since it was found due
+            end = apply_complete(row, NO_RESULT, now_ms(), end_data(NO_RESULT, *how), *how)
+            new_events = [end]
+            value = True
+        elif op.kind == "lease":
+            apply_lease(row, now_ms(), *op.args)
             value = row
         elif op.kind == "ack":
             apply_ack(row, op.args[0])
@@ -598,8 +643,8 @@ class SqliteLog(EventLog):
             apply_trim(row, op.args[0])
             value = row
         elif op.kind == "state":
-            state, text, if_version = op.args
-            apply_state(row, state, if_version)
+            state, text, if_version, producer = op.args
+            apply_state(row, state, if_version, now_ms(), producer)
             writes.states.append((text, row.state_version, row.state_as_of, sid))
             value = row
         else:  # pragma: no cover - a programming error
@@ -624,7 +669,7 @@ class SqliteLog(EventLog):
             found = db.execute("SELECT input_id FROM approvals WHERE sid = ? AND approval_id = ?",
                                (sid, item.approval_id)).fetchone()
             approval = None if found is None else found[0]
-        result, mirror = apply_input(row, item, tail, repeat, approval, now_ms(), self.max_events)
+        result, mirror = apply_input(row, item, tail, repeat, approval, now_ms(), self.max_events, self.cancel_grace)
         if mirror is None:
             return result, []
         got = result.input
