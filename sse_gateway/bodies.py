@@ -236,6 +236,18 @@ def check_key(key: Any) -> str:
     return key
 
 
+def producer_epoch(request: Any) -> int | None:
+    """The ``Producer-Epoch`` header of a write (fencing), if it has one: ``400 invalid_producer_epoch`` unless
+    it is a whole number from 0 to 2^53 - 1."""
+    raw = request.headers.get("producer-epoch")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16 and rules.PRODUCER_EPOCH.holds(int(raw))):
+        raise BadRequest("Producer-Epoch must be a whole number from 0 to 2^53 - 1", "invalid_producer_epoch")
+    return int(raw)
+
+
 def check_size(data: str, max_bytes: int, what: str = "event") -> None:
     """``413 {what}_too_large`` if ``data`` encodes to more than ``max_bytes`` bytes (``--max-event-bytes``)."""
     if len(data) > max_bytes // 4 and len(data.encode()) > max_bytes:

@@ -63,6 +63,11 @@ class Settings:
                                       "(a blank line counts); then 408", metavar="SECONDS")
     max_events: int = _opt(0, "events kept per session; older ones are trimmed (0: keep all)", metavar="N")
     session_ttl: int = _opt(86400, "seconds a completed session is kept (0: forever)", metavar="SECONDS")
+    lease: int = _opt(3600, "seconds an open run may go without a write or a lease renewal from its agent; then the "
+                      "gateway ends it as timed_out (0: never; a session may set its own lease_seconds)",
+                      metavar="SECONDS")
+    cancel_grace: int = _opt(30, "seconds an agent has to confirm a cancel; then the gateway ends the run as "
+                             "cancelled itself (0: only the agent ends it)", metavar="SECONDS")
     auto_create: bool = _opt(True, "publishing to an unknown session creates it", flag=True)
     send_timeout: float = _opt(10.0, "a stream whose client accepts nothing for this long is cut", metavar="SECONDS")
     sqlite_synchronous: str = _opt("NORMAL", "SQLite synchronous mode: NORMAL (survives a crash) or FULL "
@@ -108,7 +113,7 @@ class Settings:
             raise ValueError("redis_wait_replicas is not supported with Redis Cluster")
         if not (0 < self.port < 65536):
             raise ValueError("port must be between 1 and 65535")
-        for name in ("max_sessions", "max_streams", "max_streams_per_session"):
+        for name in ("max_sessions", "max_streams", "max_streams_per_session", "lease", "cancel_grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (no limit) or positive")
         self.check_credentials()

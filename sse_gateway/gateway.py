@@ -1,7 +1,8 @@
 """The gateway process: what every request needs, built in the lifespan, and its life.
 
 ``Gateway`` owns the event log, the hub, the input waiters, auth, stream slots, metrics and the
-background tasks (retention sweep, slow-client watchdog, loop-lag probe).
+background tasks (the sweep that ends runs past their deadline and applies retention, slow-client watchdog,
+loop-lag probe).
 It is created when the app starts (never at import: every asyncio object
 belongs to the running loop), drains on SIGTERM, and closes the log last.
 """
@@ -54,7 +55,7 @@ class Gateway:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         await self.log.open()
-        self._tasks = [asyncio.create_task(self._sweep(), name="retention"),
+        self._tasks = [asyncio.create_task(self._sweep(), name="sweep"),
                        asyncio.create_task(self.hub.cut_slow_clients(self.settings.send_timeout),
                                            name="slow-clients"),
                        asyncio.create_task(measure_loop_lag(self.stats), name="loop-lag")]
@@ -84,11 +85,16 @@ class Gateway:
         await self.log.close()
 
     async def _sweep(self) -> None:
+        """Once a second: end the runs whose lease (or cancel grace) ran out, then apply retention."""
         while True:
             await asyncio.sleep(1.0)
             try:
+                ended = await self.log.expire(now_ms())
+                if ended:
+                    self.stats.runs_expired += ended
+                    log.info("ended %d run(s) whose agent went silent or did not confirm a cancel", ended)
                 removed = await self.log.sweep(now_ms())
                 if removed:
                     log.info("retention removed %d expired session(s)", removed)
             except GatewayError as exc:
-                log.warning("retention sweep failed: %s", exc.message)
+                log.warning("the sweep failed: %s", exc.message)

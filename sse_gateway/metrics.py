@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .log.base import LogObserver
+from .models import END_EVENT, OUTCOMES, Session, StoredEvent
 
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -69,6 +70,12 @@ class Stats(LogObserver):
     commit_seconds: Histogram = field(default_factory=Histogram)
     commit_batch: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZES))
     requests: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (route, status class)
+    runs_ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))  # by outcome
+    runs_expired: int = 0         # of which the gateway ended (lease or cancel grace ran out)
+
+    def appended(self, session: str, events: list[StoredEvent], row: Session) -> None:
+        if events[-1].event == END_EVENT:  # the end is always the last event of its write
+            self.runs_ended[row.outcome or "completed"] += 1
 
     def committed(self, operations: int, seconds: float) -> None:
         self.commit_batch.observe(operations)
@@ -95,9 +102,10 @@ _COUNTERS = {
     "auth_failures": "Requests refused for missing or bad credentials",
     "streams_opened": "SSE streams opened",
     "store_errors": "Writes the store failed",
+    "runs_expired": "Runs this gateway ended itself: the agent's lease or a cancel's grace ran out",
 }
 
-_ROUTE = re.compile(r"^/v1/sessions(?:/[^/]+(?:/(events|stream|complete|ack|state|trim|tokens))?)?$")
+_ROUTE = re.compile(r"^/v1/sessions(?:/[^/]+(?:/(events|stream|complete|lease|ack|state|trim|tokens|input))?)?$")
 
 
 def route_of(method: str, path: str) -> str:
@@ -123,6 +131,11 @@ class _Collector:
         pub.add_metric(["duplicate"], st.publish_duplicates)
         pub.add_metric(["rejected"], st.publish_rejected)
         yield pub
+        ended = CounterMetricFamily("sse_gateway_runs_ended", "Runs that ended on this gateway, by outcome",
+                                    labels=["outcome"])
+        for outcome, count in st.runs_ended.items():
+            ended.add_metric([outcome], count)
+        yield ended
         for name, doc in _COUNTERS.items():
             yield CounterMetricFamily(f"sse_gateway_{name}", doc, value=getattr(st, name))
         hub = self.gw.hub

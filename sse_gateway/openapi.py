@@ -20,6 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from . import rules
 from .auth import COOKIE
 from .config import Settings
+from .models import OUTCOMES
 from .rules import CURSOR, SESSION_ID
 
 _PRINTABLE = rules.IDEMPOTENCY_KEY
@@ -36,8 +37,14 @@ _EVENT = {
     "additionalProperties": False,
 }
 
+_PRODUCER_EPOCH = {"name": "Producer-Epoch", "in": "header", "required": False,
+                   "schema": {"type": "string", "pattern": r"^\s*[0-9]{1,16}\s*$"},
+                   "description": "the writer's producer epoch (fencing): a write naming an epoch older than the "
+                   "session's is refused with 403 producer_fenced; a newer one becomes the session's"}
+
 PUBLISH = {
     "parameters": [
+        _PRODUCER_EPOCH,
         {"name": "event", "in": "query", "required": False, "schema": _EVENT_TYPE,
          "description": "event type of a text/plain body (checked, and ignored, with other bodies)"},
         {"name": "Idempotency-Key", "in": "header", "required": False,
@@ -73,18 +80,25 @@ STREAM = {
 }
 
 _TTL = rules.SESSION_TTL.schema()
+_SESSION_SETTINGS = {
+    "metadata": {}, "ttl_seconds": {"anyOf": [_TTL, {"type": "null"}]},
+    "lease_seconds": {"anyOf": [rules.LEASE.schema(), {"type": "null"}],
+                      "description": "the agent's lease: the run ends as timed_out when its producer neither writes "
+                      "nor renews for this long (0: no lease; null or absent: --lease)"},
+    "webhook_url": {"anyOf": [{"type": "string", "pattern": rules.WEBHOOK_URL}, {"type": "null"}],
+                    "description": "where to notify when the run ends or asks for approval and nobody watches "
+                    "(null or absent: the gateway's --webhook-url)"},
+}
 
 CREATE = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
     "type": "object",
     "properties": {"id": {"anyOf": [{"type": "string", "pattern": SESSION_ID}, {"type": "null"}],
-                          "description": "null or absent: a generated id"},
-                   "metadata": {}, "ttl_seconds": {"anyOf": [_TTL, {"type": "null"}]}},
+                          "description": "null or absent: a generated id"}, **_SESSION_SETTINGS},
     "additionalProperties": False,
 }}}}}
 
 PUT_SESSION = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
-    "type": "object", "properties": {"metadata": {}, "ttl_seconds": {"anyOf": [_TTL, {"type": "null"}]}},
-    "additionalProperties": False,
+    "type": "object", "properties": _SESSION_SETTINGS, "additionalProperties": False,
 }}}}}
 
 TOKENS = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
@@ -138,8 +152,23 @@ INPUT_ACK = {"requestBody": {"required": True, "content": {"application/json": {
                           "description": "at most the session's input_last_id"}},
     "required": ["id"], "additionalProperties": False}}}}}
 
-COMPLETE = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
-    "type": "object", "properties": {"result": {}}, "additionalProperties": False}}}}}
+COMPLETE = {"parameters": [_PRODUCER_EPOCH], "requestBody": {"required": False, "content": {"application/json": {
+    "schema": {"type": "object",
+               "properties": {"result": {}, "status": {"type": "string", "enum": list(rules.END_STATUSES),
+                                                       "default": "completed"},
+                              "error": {"description": "why the run failed or was cancelled (any JSON; "
+                                        "{\"code\", \"message\"} is what the gateway itself writes)"}},
+               "additionalProperties": False,
+               "if": {"required": ["error"]},
+               "then": {"required": ["status"], "properties": {"status": {"enum": ["failed", "cancelled"]}}}}}}}}
+
+LEASE = {"parameters": [_PRODUCER_EPOCH], "requestBody": {"required": False, "content": {"application/json": {
+    "schema": {"type": "object", "additionalProperties": False,
+               "properties": {"seconds": {**rules.LEASE.schema(), "description": "the lease's new length "
+                                          "(0: none); absent: as it was"},
+                              "claim": {"type": "boolean", "default": False,
+                                        "description": "take the session over: its producer_epoch goes up by one, "
+                                        "and writes naming an older one are refused"}}}}}}}
 
 ACK = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object",
@@ -148,7 +177,8 @@ ACK = {"requestBody": {"required": True, "content": {"application/json": {"schem
     "required": ["id"], "additionalProperties": False}}}}}
 
 STATE = {
-    "parameters": [{"name": "If-Match", "in": "header", "required": False,
+    "parameters": [
+        _PRODUCER_EPOCH,{"name": "If-Match", "in": "header", "required": False,
                     "schema": {"type": "string", "pattern": r'^\s*(\*|(W/)?"?[0-9]{1,18}"?)\s*$'}}],
     "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
 }
@@ -209,6 +239,10 @@ SCHEMAS: dict[str, Any] = {
             "metadata": {}, "subscribers": _ID, "last_seen_at": _NULLABLE_TIME, "acked_id": _ID,
             "state_version": _ID, "ttl_seconds": {"anyOf": [_ID, {"type": "null"}]}, "result": {},
             "input_last_id": _ID, "input_acked_id": _ID,
+            "run_status": {"type": "string", "enum": ["running", "cancelling", *OUTCOMES]},
+            "outcome": {"anyOf": [{"type": "string", "enum": list(OUTCOMES)}, {"type": "null"}]},
+            "error": {}, "lease_seconds": {"anyOf": [_ID, {"type": "null"}]}, "lease_until": _NULLABLE_TIME,
+            "cancel_requested_at": _NULLABLE_TIME, "producer_epoch": _ID,
         },
     },
     "Input": {
@@ -254,11 +288,12 @@ _WHY = {
     400: "bad input (invalid_session_id, invalid_json, invalid_cursor, ...)",
     401: "no or bad credentials",
     403: "a subscribe token for another session, or without the scope needed (insufficient_scope); a write from "
-         "a site --cors-origin does not list",
+         "a site --cors-origin does not list; a write from a fenced producer (producer_fenced, with the current "
+         "Producer-Epoch)",
     404: "no such session (or, for an approval input, no such approval: approval_not_found)",
     408: "the body arrived too slowly; the connection is closed",
-    409: "conflict: the session exists, or is completed; an ack's cursor is of another life of the session; "
-         "the approval was answered already (approval_answered)",
+    409: "conflict: the session exists, or its run has ended (session_completed); an ack's cursor is of another "
+         "life of the session; the approval was answered already (approval_answered)",
     412: "the state version moved (If-Match)",
     413: "too large: event, batch, body or NDJSON line",
     415: "unsupported content type or charset (a JSON body must be sent as application/json)",
@@ -307,8 +342,10 @@ SSE_EVENT = {
 }
 #: the data of the gateway's own events (JSON in the ``data`` field of SSE_EVENT)
 GATEWAY_EVENTS = {
-    "GatewayEnd": {"description": "gateway.end: the session is completed; data is its result (any JSON, null if "
-                   "none). A reconnect after it is answered 204."},
+    "GatewayEnd": {"description": "gateway.end: the run has ended. A completed run's data is its result (any "
+                   "JSON, null if none); a run that failed, was cancelled or timed out has data "
+                   "{\"status\": \"failed\"|\"cancelled\"|\"timed_out\", \"error\", \"result\"?} (the session's "
+                   "outcome says which, too). A reconnect after it is answered 204."},
     "GatewayGap": {"type": "object", "required": ["from", "to"], "properties": {"from": _ID, "to": _ID},
                    "description": "gateway.gap: events from..to were removed by retention before they were read; "
                    "the stream goes on after them"},
@@ -360,7 +397,10 @@ OPERATIONS: dict[tuple[str, str], tuple[dict, tuple[int, ...], str | None]] = {
     ("delete", "/v1/sessions/{session}"): (
         {"204": {"description": "deleted; open streams end"}}, (400, 401, 404, 503), "publisher"),
     ("post", "/v1/sessions/{session}/complete"): (
-        {"200": {"description": "completed (or already was)", "content": _json("Session")}},
+        {"200": {"description": "ended (or already was, the same way)", "content": _json("Session")}},
+        (400, 401, 404, 408, 409, 413, 415, 503), "publisher"),
+    ("post", "/v1/sessions/{session}/lease"): (
+        {"200": {"description": "renewed (or claimed): the session", "content": _json("Session")}},
         (400, 401, 404, 408, 409, 413, 415, 503), "publisher"),
     ("post", "/v1/sessions/{session}/ack"): (
         {"200": {"description": "acked", "content": _json("Acked")}},

@@ -47,6 +47,12 @@ LIST_LIMIT = Bound(1, 1000, default=100)    # GET /v1/sessions?limit=
 READ_LIMIT = Bound(1, 1000, default=100)    # GET .../events?limit=
 READ_AFTER = Bound(0, 2**62, default=0)     # GET .../events?after=
 INPUT_WAIT = Bound(0, 30, default=0)        # GET .../input?wait= (seconds)
+LEASE = Bound(0, 10**9 - 1)                 # lease_seconds of a session (0: no lease)
+PRODUCER_EPOCH = Bound(0, 2**53 - 1)        # the Producer-Epoch header (fencing)
+#: How a publisher may end a run (the gateway itself ends runs as timed_out, or cancelled after a cancel's grace).
+END_STATUSES = ("completed", "failed", "cancelled")
+#: A webhook URL: http(s), a host, printable ASCII without blanks, at most 2,048 characters.
+WEBHOOK_URL = r"^https?://[\x21-\x2e\x30-\x7e][\x21-\x7e]{0,2039}$"
 #: An approval id (``approval.request`` data, an approval input): 1-128 printable ASCII characters.
 APPROVAL_ID = r"^[\x20-\x7e]{1,128}$"
 MAX_APPROVAL_ID = 128

@@ -31,44 +31,45 @@ class Writes:
         if limit and await self.log.count_sessions() >= limit:
             raise limits.too_many_sessions(limit)
 
-    async def _append(self, session: str, events: list[NewEvent], create: bool) -> AppendResult:
+    async def _append(self, session: str, events: list[NewEvent], create: bool, producer: int | None) -> AppendResult:
         try:
-            return await self.log.append(session, events, create=create)
+            return await self.log.append(session, events, create=create, producer=producer)
         except Unavailable:
             self.stats.store_errors += 1
             raise
 
-    async def append(self, session: str, events: list[NewEvent]) -> AppendResult:
-        """Append ``events``, creating the session if allowed (``--auto-create``) and admitted."""
+    async def append(self, session: str, events: list[NewEvent], producer: int | None = None) -> AppendResult:
+        """Append ``events``, creating the session if allowed (``--auto-create``) and admitted; ``producer``: the
+        writer's epoch (fencing)."""
         if len(events) > 1:
             _check_keys(events)
         loop = asyncio.get_running_loop()
         started = loop.time()
         if self.settings.auto_create and self.settings.max_sessions:
             try:  # only a publish that creates the session pays for counting sessions
-                result = await self._append(session, events, False)
+                result = await self._append(session, events, False, producer)
             except NotFound:
                 await self.admit_session()
-                result = await self._append(session, events, True)
+                result = await self._append(session, events, True, producer)
         else:
-            result = await self._append(session, events, self.settings.auto_create)
+            result = await self._append(session, events, self.settings.auto_create, producer)
         self.stats.append_seconds.observe(loop.time() - started)
         fresh = len(result.events)
         self.stats.published += fresh
         self.stats.publish_duplicates += len(events) - fresh
         return result
 
-    async def put_state(self, session: str, state: Any, version: int | None) -> Session:
+    async def put_state(self, session: str, state: Any, version: int | None, producer: int | None = None) -> Session:
         """Replace the state document, creating the session if allowed and admitted."""
         if not self.settings.auto_create:
-            return await self.log.put_state(session, state, version)
+            return await self.log.put_state(session, state, version, producer=producer)
         try:
-            return await self.log.put_state(session, state, version)
+            return await self.log.put_state(session, state, version, producer=producer)
         except NotFound:
             await self.admit_session()
             with contextlib.suppress(Conflict):
                 await self.log.create_session(session)
-            return await self.log.put_state(session, state, version)
+            return await self.log.put_state(session, state, version, producer=producer)
 
 
 def _check_keys(events: list[NewEvent]) -> None:

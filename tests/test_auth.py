@@ -93,6 +93,7 @@ ENDPOINTS = {
     "list": ("GET", "/v1/sessions", {}, "publisher", 200),
     "delete": ("DELETE", "/v1/sessions/{s}", {}, "publisher", 204),
     "complete": ("POST", "/v1/sessions/{s}/complete", {"json": {"result": "r"}}, "publisher", 200),
+    "lease": ("POST", "/v1/sessions/{s}/lease", {"json": {"seconds": 60}}, "publisher", 200),
     "put_state": ("PUT", "/v1/sessions/{s}/state", {"json": {"step": 1}}, "publisher", 200),
     "trim": ("POST", "/v1/sessions/{s}/trim", {"json": {"through": 1}}, "publisher", 200),
     "tokens": ("POST", "/v1/sessions/{s}/tokens", {"json": {"ttl_seconds": 60}}, "publisher", 201),

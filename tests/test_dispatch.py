@@ -22,7 +22,7 @@ class BrokenLog(MemoryLog):
     async def get_session(self, session):
         raise RuntimeError("a bug in the log")
 
-    async def append(self, session, events, *, create=True):
+    async def append(self, session, events, *, create=True, producer=None):
         raise RuntimeError("a bug in the log")
 
 

@@ -13,7 +13,8 @@ BACKENDS = ("sqlite", "memory", "redis")
 
 
 def make_log(settings: Settings) -> EventLog:
-    limits = {"max_events": settings.max_events or None, "default_ttl": settings.session_ttl or None}
+    limits = {"max_events": settings.max_events or None, "default_ttl": settings.session_ttl or None,
+              "lease_seconds": settings.lease or None, "cancel_grace": settings.cancel_grace or None}
     if settings.backend == "memory":
         from .memory import MemoryLog
 

@@ -374,14 +374,19 @@ def stored_text(events: Sequence[NewEvent]) -> None:
 # changes anything, so a raised error leaves the row as it was.
 
 
+def fenced(session: str, producer: int, current: int) -> Forbidden:
+    """The error of a write whose producer epoch is older than the session's (every backend raises this one)."""
+    return Forbidden(f"producer epoch {producer} of session {session!r} was fenced: another producer took over as "
+                     f"epoch {current}", "producer_fenced", extra={"producer_epoch": current},
+                     headers={"Producer-Epoch": str(current)})
+
+
 def apply_producer(row: Session, producer: int | None) -> None:
     """Fencing: ``403 producer_fenced`` for an epoch older than the session's; a newer one becomes its own."""
     if producer is None:
         return
     if producer < row.producer_epoch:
-        raise Forbidden(f"producer epoch {producer} of session {row.id!r} was fenced: another producer took over "
-                        f"as epoch {row.producer_epoch}", "producer_fenced",
-                        extra={"producer_epoch": row.producer_epoch})
+        raise fenced(row.id, producer, row.producer_epoch)
     row.producer_epoch = producer
 
 

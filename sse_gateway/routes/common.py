@@ -32,6 +32,9 @@ def session_json(row: Session, gw: Gateway, presence: tuple[int, int | None] | N
         "acked_id": row.acked_id, "state_version": row.state_version,
         "ttl_seconds": row.ttl_seconds, "result": row.result,
         "input_last_id": row.input_last_id, "input_acked_id": row.input_acked_id,
+        "run_status": row.run_status, "outcome": row.outcome, "error": row.error,
+        "lease_seconds": row.lease_seconds, "lease_until": rfc3339(row.deadline),
+        "cancel_requested_at": rfc3339(row.cancel_requested_at), "producer_epoch": row.producer_epoch,
     }
 
 

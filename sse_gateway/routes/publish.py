@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .. import limits, openapi
-from ..bodies import check_key, check_size, content_type, parse_event, parse_json, read_body
+from ..bodies import check_key, check_size, content_type, parse_event, parse_json, producer_epoch, read_body
 from ..errors import BadRequest, GatewayError, NotFound, RequestTimeout, TooLarge, UnsupportedMedia
 from ..gateway import Gateway
 from ..models import AppendResult, NewEvent, check_event_type
@@ -31,6 +31,7 @@ async def publish(session: str, request: Request) -> Response:
         header_key = check_key(header_key)
     settings = gw.settings
     try:
+        producer = producer_epoch(request)
         # ?event= is checked for every body (and ignored but for text); most publishes have no query at all
         text_type = check_event_type(request.query_params.get("event", "message")) if request.scope["query_string"] \
             else "message"
@@ -38,7 +39,7 @@ async def publish(session: str, request: Request) -> Response:
             if header_key is not None:
                 raise BadRequest("an NDJSON stream takes per-line idempotency_key, not the header",
                                  "invalid_idempotency_key")
-            return await _publish_ndjson(gw, session, request)
+            return await _publish_ndjson(gw, session, request, producer)
         body = await read_body(request, settings.max_body_bytes)
         if kind == "application/json":
             if charset not in ("", "utf-8", "utf8"):
@@ -53,7 +54,7 @@ async def publish(session: str, request: Request) -> Response:
                 if len(payload) > settings.max_batch:
                     raise TooLarge(f"a batch holds at most {settings.max_batch} events", "batch_too_large")
                 events = [parse_event(item, settings.max_event_bytes) for item in payload]
-                return _appended(session, await gw.writes.append(session, events), batch=True)
+                return _appended(session, await gw.writes.append(session, events, producer), batch=True)
             event = parse_event(payload, settings.max_event_bytes, header_key)
         elif kind == "text/plain":
             if charset not in ("", "utf-8", "utf8", "us-ascii"):
@@ -67,13 +68,13 @@ async def publish(session: str, request: Request) -> Response:
         else:
             raise UnsupportedMedia("publish takes application/json, text/plain or application/x-ndjson",
                                    "unsupported_media_type")
-        return _appended(session, await gw.writes.append(session, [event]), batch=False)
+        return _appended(session, await gw.writes.append(session, [event], producer), batch=False)
     except GatewayError:
         gw.stats.publish_rejected += 1
         raise
 
 
-async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Response:
+async def _publish_ndjson(gw: Gateway, session: str, request: Request, producer: int | None) -> Response:
     """Each complete line is appended as it arrives; lines that arrive together share a commit.
 
     Whatever ends the request early (a bad line, a line too long or too slow, a refused append), its error
@@ -81,13 +82,14 @@ async def _publish_ndjson(gw: Gateway, session: str, request: Request) -> Respon
     """
     ids: list[int] = []
     try:
-        return await _ndjson_lines(gw, session, request, ids)
+        return await _ndjson_lines(gw, session, request, ids, producer)
     except GatewayError as err:
         err.extra = {**err.extra, "ids": list(ids)}
         raise
 
 
-async def _ndjson_lines(gw: Gateway, session: str, request: Request, ids: list[int]) -> Response:
+async def _ndjson_lines(gw: Gateway, session: str, request: Request, ids: list[int],
+                        producer: int | None) -> Response:
     answer: dict = {"ids": ids, "session": session, "last_id": 0}
     any_new = False
     pending: list[bytes] = []  # the pieces of the line not complete yet (joined once its end arrives)
@@ -97,7 +99,7 @@ async def _ndjson_lines(gw: Gateway, session: str, request: Request, ids: list[i
     async def append_all(events: list[NewEvent]) -> None:
         nonlocal any_new
         for i in range(0, len(events), settings.max_batch):
-            result = await gw.writes.append(session, events[i:i + settings.max_batch])
+            result = await gw.writes.append(session, events[i:i + settings.max_batch], producer)
             ids.extend(result.ids)
             answer.update(last_id=ids[-1], epoch=result.epoch)
             any_new = any_new or any(result.new)

@@ -1,4 +1,5 @@
-"""A run's state within its session: completion with a result, delivery acks, the state document, trimming."""
+"""A run's state within its session: its end (with a result or an error), the producer's lease, delivery acks, the
+state document, trimming."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from .. import openapi, rules
-from ..bodies import check_size, json_int, json_object, read_json
+from ..bodies import bounded_int, check_size, json_int, json_object, producer_epoch, read_json
 from ..errors import BadRequest, Conflict
 from ..log.base import NO_RESULT
 from ..models import Session, dump_json
@@ -17,14 +18,37 @@ router = APIRouter(tags=["sessions"])
 
 
 @router.post("/v1/sessions/{session}/complete", openapi_extra=openapi.COMPLETE,
-             summary="Complete a session with its final result")
+             summary="End the run: completed with its result, failed or cancelled")
 async def complete(session: str, request: Request) -> Response:
     gw = publisher(request, session)
-    spec = await json_object(request, gw.settings.max_body_bytes, frozenset({"result"}),
-                             '{"result"?}', "invalid_body")
-    if "result" in spec:
-        check_size(dump_json(spec["result"]), gw.settings.max_event_bytes, "result")
-    row = await gw.log.complete(session, spec.get("result", NO_RESULT))
+    producer = producer_epoch(request)
+    spec = await json_object(request, gw.settings.max_body_bytes, frozenset({"result", "status", "error"}),
+                             '{"result"?, "status"?, "error"?}', "invalid_body")
+    status = spec.get("status", "completed")
+    if status not in rules.END_STATUSES:
+        raise BadRequest("status must be completed, failed or cancelled", "invalid_status")
+    if "error" in spec and status == "completed":
+        raise BadRequest("a completed run has a result, not an error: give status failed or cancelled",
+                         "invalid_body")
+    result = spec.get("result", NO_RESULT)
+    check_size(dump_json({"result": spec.get("result"), "error": spec.get("error")}), gw.settings.max_event_bytes,
+               "result")
+    row = await gw.log.complete(session, result, outcome=status, error=spec.get("error"), producer=producer)
+    return json_response(session_json(row, gw))
+
+
+@router.post("/v1/sessions/{session}/lease", openapi_extra=openapi.LEASE,
+             summary="Renew the agent's lease, change it, or take the session over as a new producer")
+async def lease(session: str, request: Request) -> Response:
+    gw = publisher(request, session)
+    producer = producer_epoch(request)
+    spec = await json_object(request, rules.SMALL_BODY, frozenset({"seconds", "claim"}),
+                             '{"seconds"?, "claim"?}', "invalid_body")
+    seconds = bounded_int(spec.get("seconds"), rules.LEASE, "seconds", "invalid_lease")
+    claim = spec.get("claim", False)
+    if not isinstance(claim, bool):
+        raise BadRequest("claim must be true or false", "invalid_body")
+    row = await gw.log.lease(session, producer=producer, claim=claim, seconds=seconds)
     return json_response(session_json(row, gw))
 
 
@@ -70,7 +94,7 @@ async def put_state(session: str, request: Request) -> Response:
     if not isinstance(state, dict):
         raise BadRequest("state must be a JSON object", "invalid_state")
     check_size(dump_json(state), gw.settings.max_event_bytes, "state")
-    return _state_response(await gw.writes.put_state(session, state, version))
+    return _state_response(await gw.writes.put_state(session, state, version, producer_epoch(request)))
 
 
 @router.post("/v1/sessions/{session}/trim", openapi_extra=openapi.TRIM,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 
 from fastapi import APIRouter, Request
@@ -16,8 +17,9 @@ from .common import json_response, publisher, readable_row, session_json
 
 router = APIRouter(tags=["sessions"])
 
-_CREATE_FIELDS = frozenset({"id", "metadata", "ttl_seconds"})
-_PUT_FIELDS = frozenset({"metadata", "ttl_seconds"})
+_PUT_FIELDS = frozenset({"metadata", "ttl_seconds", "lease_seconds", "webhook_url"})
+_CREATE_FIELDS = _PUT_FIELDS | {"id"}
+_SETTINGS = ("metadata", "ttl_seconds", "lease_seconds", "webhook_url")  # what a create gives its session
 _TOKEN_FIELDS = frozenset({"ttl_seconds", "scopes"})
 
 
@@ -29,7 +31,8 @@ def _stream_url(session: str, token: str | None) -> str:
 @router.post("/v1/sessions", status_code=201, openapi_extra=openapi.CREATE, summary="Create a session")
 async def create_session(request: Request) -> Response:
     gw = publisher(request)
-    spec = await _session_spec(request, gw, _CREATE_FIELDS, '{"id"?, "metadata"?, "ttl_seconds"?}')
+    spec = await _session_spec(request, gw, _CREATE_FIELDS,
+                               '{"id"?, "metadata"?, "ttl_seconds"?, "lease_seconds"?, "webhook_url"?}')
     session = spec.get("id")
     if session is None:
         session = "s_" + secrets.token_urlsafe(12)
@@ -37,38 +40,54 @@ async def create_session(request: Request) -> Response:
         raise BadRequest("id must be a string", "invalid_session_id")
     check_session_id(session)
     await gw.writes.admit_session()
-    row = await gw.log.create_session(session, metadata=spec.get("metadata"), ttl_seconds=spec["ttl_seconds"])
+    row = await gw.log.create_session(session, **{k: spec[k] for k in _SETTINGS})
     return _created(gw, row, 201)
 
 
 @router.put("/v1/sessions/{session}", status_code=201, openapi_extra=openapi.PUT_SESSION,
             summary="Create a session, or find it as created before (idempotent)")
 async def put_session(session: str, request: Request) -> Response:
-    """Created (201), or the same session when it exists with this metadata and ttl_seconds (200): a create
-    retried after its answer was lost succeeds. Other settings are 409 session_exists."""
+    """Created (201), or the same session when it exists with these settings (200): a create retried after its
+    answer was lost succeeds. Other settings are 409 session_exists."""
     gw = publisher(request, session)
-    spec = await _session_spec(request, gw, _PUT_FIELDS, '{"metadata"?, "ttl_seconds"?}')
-    metadata, ttl = spec.get("metadata"), spec["ttl_seconds"]
+    spec = await _session_spec(request, gw, _PUT_FIELDS,
+                               '{"metadata"?, "ttl_seconds"?, "lease_seconds"?, "webhook_url"?}')
     row = await gw.log.get_session(session)
     if row is None:
         await gw.writes.admit_session()
         try:
-            return _created(gw, await gw.log.create_session(session, metadata=metadata, ttl_seconds=ttl), 201)
+            return _created(gw, await gw.log.create_session(session, **{k: spec[k] for k in _SETTINGS}), 201)
         except Conflict as exc:
             if exc.code != "session_exists" or (row := await gw.log.get_session(session)) is None:
                 raise
-    if (row.metadata, row.ttl_seconds) != (metadata, ttl):
-        raise Conflict(f"session {session!r} exists with other metadata or ttl_seconds", "session_exists")
+    lease = gw.settings.lease if spec["lease_seconds"] is None else spec["lease_seconds"]
+    if (row.metadata, row.ttl_seconds, row.lease_seconds or 0, row.webhook_url) != \
+            (spec["metadata"], spec["ttl_seconds"], lease, spec["webhook_url"]):
+        raise Conflict(f"session {session!r} exists with other settings", "session_exists")
     return _created(gw, row, 200)
 
 
 async def _session_spec(request: Request, gw: Gateway, fields: frozenset[str], shape: str) -> dict:
-    """A create's body, its ``ttl_seconds`` checked (None when absent) and its metadata bounded."""
+    """A create's body: every setting present (None when absent), checked, its metadata bounded."""
     spec = await json_object(request, gw.settings.max_body_bytes, fields, shape, "invalid_body",
                              unknown_code="unknown_field")
     spec["ttl_seconds"] = bounded_int(spec.get("ttl_seconds"), rules.SESSION_TTL, "ttl_seconds", "invalid_ttl")
-    check_size(dump_json(spec.get("metadata")), gw.settings.max_event_bytes, "metadata")
+    spec["lease_seconds"] = bounded_int(spec.get("lease_seconds"), rules.LEASE, "lease_seconds", "invalid_lease")
+    spec["webhook_url"] = webhook_url(spec.get("webhook_url"))
+    spec.setdefault("metadata", None)
+    check_size(dump_json(spec["metadata"]), gw.settings.max_event_bytes, "metadata")
     return spec
+
+
+_WEBHOOK_URL = re.compile(rules.WEBHOOK_URL)
+
+
+def webhook_url(url: object) -> str | None:
+    """A session's webhook (``rules.WEBHOOK_URL``), or None."""
+    if url is not None and not (isinstance(url, str) and _WEBHOOK_URL.fullmatch(url)):
+        raise BadRequest("webhook_url must be an http:// or https:// URL of printable ASCII, at most 2,048 "
+                         "characters", "invalid_webhook_url")
+    return url
 
 
 def _created(gw: Gateway, row: Session, status: int) -> Response:
