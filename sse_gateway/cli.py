@@ -139,12 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--metadata", type=_json_arg, default=None, metavar="JSON", help="any JSON value")
     create.add_argument("--ttl", type=_positive_int, default=None, metavar="SECONDS",
                         help="how long the session is kept after completion")
+    create.add_argument("--lease", type=int, default=None, metavar="SECONDS",
+                        help="end the run as timed_out when its agent neither writes nor renews for this long "
+                        "(0: never; default: the gateway's --lease)")
 
-    complete = sub.add_parser("complete", parents=[client], help="complete a session with its result",
-                              description="Complete a session: its streams get gateway.end with the result. "
-                              "Prints the session as JSON.")
+    complete = sub.add_parser("complete", parents=[client], help="end a session's run: completed, failed or "
+                              "cancelled", description="End a session's run: its streams get gateway.end with the "
+                              "result (completed) or {status, error, result?} (failed, cancelled). Prints the "
+                              "session as JSON.")
     complete.add_argument("session", metavar="ID")
     complete.add_argument("--result", type=_json_arg, default=None, metavar="JSON", help="the result, any JSON")
+    complete.add_argument("--status", choices=("completed", "failed", "cancelled"), default="completed",
+                          help="how the run ended (default: completed)")
+    complete.add_argument("--error", type=_json_arg, default=None, metavar="JSON",
+                          help="why it failed or was cancelled, any JSON (with --status failed or cancelled)")
 
     token = sub.add_parser("token", parents=[client], help="mint a subscribe token and print its stream URL",
                            description="Mint a subscribe token for one session (the gateway needs "
@@ -557,7 +565,7 @@ async def create(args: argparse.Namespace, url: str, key: str | None, retry) -> 
     from .client import Publisher
 
     async with Publisher(url, key, retry=retry) as pub:
-        info = await pub.create(args.session, metadata=args.metadata, ttl_seconds=args.ttl)
+        info = await pub.create(args.session, metadata=args.metadata, ttl_seconds=args.ttl, lease_seconds=args.lease)
     answer = dataclasses.asdict(info)
     answer["stream_url"] = url + info.stream_url
     _print_json(answer)
@@ -568,7 +576,7 @@ async def complete(args: argparse.Namespace, url: str, key: str | None, retry) -
     from .client import Publisher
 
     async with Publisher(url, key, retry=retry) as pub:
-        _print_json(await pub.complete(args.session, args.result))
+        _print_json(await pub.complete(args.session, args.result, status=args.status, error=args.error))
     return 0
 
 

@@ -292,6 +292,13 @@ def test_create_token_and_complete(keyed):
     one_line_error(cli("complete", "nowhere", env=env), "404 session_not_found")
     one_line_error(cli("create", "bad id", env=env), "sse-gateway create: invalid session id 'bad id'")
 
+    made = json.loads(cli("create", "c2", "--lease", "600", env=env).stdout)
+    assert made["created"]
+    failed = json.loads(cli("complete", "c2", "--status", "failed", "--error", '{"code": "oom"}', env=env).stdout)
+    assert (failed["run_status"], failed["error"], failed["lease_seconds"]) == ("failed", {"code": "oom"}, 600)
+    end = json.loads(cli("tail", "c2", "--json", env=env).stdout.splitlines()[-1])
+    assert end["event"] == "gateway.end" and json.loads(end["data"]) == {"status": "failed", "error": {"code": "oom"}}
+
 
 def test_send_and_cancel_reach_the_agent_and_tail_shows_them(keyed):
     gw, env = keyed

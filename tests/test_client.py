@@ -34,7 +34,7 @@ from sse_gateway.client import (
     Subscriber,
     SyncPublisher,
     Watchers,
-    failure_result,
+    error_object,
 )
 from sse_gateway.client.http import _retry_after
 
@@ -309,8 +309,8 @@ async def test_the_run_block_fails_the_run_on_an_exception_and_reraises(app):
                 raise ValueError("the model said no")
         row = await pub.get("bad-run")
         events = await history(http, "bad-run")
-    assert row["status"] == "completed"
-    assert row["result"] == {"error": {"code": "ValueError", "message": "the model said no"}}
+    assert (row["status"], row["run_status"], row["result"]) == ("completed", "failed", None)
+    assert row["error"] == {"code": "ValueError", "message": "the model said no"}
     assert [e["event"] for e in events] == ["token", "gateway.end"]  # what was buffered is kept
 
 
@@ -352,16 +352,50 @@ async def test_complete_fail_state_and_watchers(app):
             await pub.put_state("w", {"step": "late"}, if_match=1)
         assert caught.value.status == 412 and caught.value.body["version"] == 2
         await pub.fail("w", "the tool timed out", code="tool_timeout")
-        assert (await pub.get("w"))["result"] == {"error": {"code": "tool_timeout", "message": "the tool timed out"}}
+        assert (await pub.get("w"))["error"] == {"code": "tool_timeout", "message": "the tool timed out"}
         await pub.fail("w", "the tool timed out", code="tool_timeout")  # a retry of the same is fine
         assert await pub.delete("w") and not await pub.delete("w")
 
 
-def test_failure_result_convention():
-    assert failure_result(KeyError("k")) == {"error": {"code": "KeyError", "message": "'k'"}}
-    assert failure_result("no") == {"error": {"code": "failed", "message": "no"}}
-    assert failure_result({"code": "x", "message": "y", "step": 3}) == {"error": {"code": "x", "message": "y",
-                                                                                  "step": 3}}
+async def test_a_restarted_agent_s_run_fences_the_old_one(app):
+    async with app.async_client() as http, Publisher(client=http) as old, Publisher(client=http) as new:
+        async with old.run("taken-over") as first:
+            await first.publish("token", {"text": "old"})
+            async with new.run("taken-over") as second:  # the restarted agent claims the session
+                assert (first.producer_epoch, second.producer_epoch) == (1, 2)
+                with pytest.raises(GatewayError) as fenced:
+                    await first.publish("token", {"text": "zombie"})
+                assert (fenced.value.status, fenced.value.code) == (403, "producer_fenced")
+                await second.publish("token", {"text": "new"})
+                second.result = "done"
+            first.finished = True  # (its own end would be refused too)
+        events = await history(http, "taken-over")
+    assert [e["data"] for e in events] == [{"text": "old"}, {"text": "new"}, "done"]
+
+
+async def test_a_run_renews_its_lease_while_it_thinks(app):
+    async with app.async_client() as http, Publisher(client=http) as pub:
+        async with pub.run("thinking", lease_seconds=3) as run:
+            first = (await pub.get("thinking"))["lease_until"]
+            renewed = []
+
+            async def moved_twice() -> bool:
+                row = await pub.get("thinking")
+                if row["lease_until"] not in renewed and row["lease_until"] != first:
+                    renewed.append(row["lease_until"])
+                return len(renewed) >= 2 and row["run_status"] == "running"
+
+            await await_until(moved_twice, what="two renewals of the lease while the agent writes nothing")
+            run.result = "thought"
+        row = await pub.get("thinking")
+    assert (row["run_status"], row["result"]) == ("completed", "thought")
+
+
+def test_the_error_of_a_failed_run():
+    assert error_object(KeyError("k")) == {"code": "KeyError", "message": "'k'"}
+    assert error_object("no") == {"code": "failed", "message": "no"}
+    assert error_object({"code": "x", "message": "y", "step": 3}) == {"code": "x", "message": "y", "step": 3}
+    assert error_object("late", code="tool_timeout") == {"code": "tool_timeout", "message": "late"}
 
 
 def test_the_sync_publisher_runs_a_block_too(app):
@@ -376,7 +410,8 @@ def test_the_sync_publisher_runs_a_block_too(app):
                 run.send("log", "x")
                 raise RuntimeError("stop")
         assert pub.get("sync-run")["result"] == "ab" and pub.get("sync-run")["last_id"] == 3
-        assert pub.get("sync-failed")["result"]["error"]["code"] == "RuntimeError"
+        assert pub.get("sync-failed")["run_status"] == "failed"
+        assert pub.get("sync-failed")["error"]["code"] == "RuntimeError"
 
 
 def test_configuration_from_the_environment(monkeypatch):

@@ -18,7 +18,6 @@ from sse_gateway.client import (
     Retry,
     Subscriber,
     SyncPublisher,
-    cancelled_result,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,12 +31,6 @@ def fresh(prefix: str = "s") -> str:
 
 async def row(http: httpx.AsyncClient, session: str) -> dict:
     return (await http.get(f"/v1/sessions/{session}")).json()
-
-
-def test_the_cancelled_result_convention():
-    assert cancelled_result() == {"cancelled": True}
-    assert cancelled_result({"text": "Hel"}, "enough") == {"cancelled": True, "reason": "enough",
-                                                           "partial": {"text": "Hel"}}
 
 
 async def test_input_is_checked_before_it_is_sent(gateway):
@@ -153,8 +146,9 @@ async def test_a_cancel_ends_the_run_as_cancelled(gateway):
         sent = await user.send_input(session, "cancel", {"reason": "enough"})
         await asyncio.wait_for(task, 30)
         state = await row(http, session)
-    assert state["status"] == "completed"
-    assert state["result"] == {"cancelled": True, "reason": "enough", "partial": {"text": "".join(typed)}}
+    assert (state["status"], state["run_status"]) == ("completed", "cancelled")
+    assert state["result"] == {"text": "".join(typed)}  # the partial result is kept
+    assert state["error"] == {"code": "cancelled", "message": "enough"}
     assert state["input_acked_id"] == sent.id  # the cancel is handled: a restart is not cancelled again
 
 
@@ -205,7 +199,8 @@ async def test_waiting_for_an_approval_ends_on_a_cancel_or_a_timeout(gateway):
             assert await run.wait_approval("a-1") is None
             assert run.cancelled.is_set() and run.cancel_input.reason == "the user left"
         state = await row(http, session)
-    assert state["result"] == {"cancelled": True, "reason": "the user left"}
+    assert (state["run_status"], state["result"]) == ("cancelled", None)
+    assert state["error"] == {"code": "cancelled", "message": "the user left"}
 
 
 async def test_an_answer_given_before_the_wait_counts(gateway):
@@ -247,7 +242,8 @@ def test_the_sync_publisher_speaks_input_too(gateway):
             pub.send_input(session, "cancel")
             wait_cancelled(run)
         assert pub.read_inputs(session, after=0).input_last_id == 2
-        assert pub.get(session)["result"] == {"cancelled": True}
+        assert pub.get(session)["run_status"] == "cancelled"
+        assert pub.get(session)["error"] == {"code": "cancelled", "message": "cancelled by the user"}
 
 
 def wait_cancelled(run) -> None:
@@ -288,9 +284,9 @@ def test_the_documented_stoppable_agent_asks_then_stops_on_cancel(gateway, tmp_p
         finally:
             proc.kill()
         assert proc.returncode == 0, err
-        result = pub.get("doc-stop")["result"]
-    assert result["cancelled"] is True and result["reason"] == "enough"
-    assert result["partial"]["tool"] == "approve" and result["partial"]["text"].startswith("word0 word1 ")
+        row = pub.get("doc-stop")
+    assert row["run_status"] == "cancelled" and row["error"]["message"] == "enough"
+    assert row["result"]["tool"] == "approve" and row["result"]["text"].startswith("word0 word1 ")
 
 
 def test_the_documented_backend_example_runs(gateway, tmp_path):

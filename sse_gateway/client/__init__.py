@@ -44,8 +44,7 @@ from .publisher import (
     State,
     Token,
     Watchers,
-    cancelled_result,
-    failure_result,
+    error_object,
 )
 from .subscriber import Event, Reconnect, Subscriber
 from .sync import SyncPublisher, SyncRun
@@ -53,5 +52,5 @@ from .sync import SyncPublisher, SyncRun
 __all__ = ["DEFAULT_URL", "ENV_KEY", "ENV_URL", "Event", "GatewayError", "GatewayUnreachable", "Input",
            "InputPage", "InputReader", "InputSent", "Published",
            "Publisher", "Reconnect", "Retry", "RetryNotice", "Run", "SessionInfo", "State", "Subscriber",
-           "SyncPublisher", "SyncRun", "Token", "Watchers", "cancelled_result", "failure_result", "resolve_key",
+           "SyncPublisher", "SyncRun", "Token", "Watchers", "error_object", "resolve_key",
            "resolve_url"]

@@ -86,8 +86,8 @@ class Token:
     stream_url: str
 
 
-def failure_result(error: BaseException | str | Mapping[str, Any], code: str | None = None) -> dict[str, Any]:
-    """The result a failed run completes with: ``{"error": {"code": ..., "message": ...}}``.
+def error_object(error: BaseException | str | Mapping[str, Any], code: str | None = None) -> dict[str, Any]:
+    """The ``error`` a run that failed ends with: ``{"code": ..., "message": ...}``.
 
     An exception gives its class name as ``code`` and its text as ``message``; a string is the
     message (code ``"failed"``); a mapping is taken as the error object itself.
@@ -100,20 +100,6 @@ def failure_result(error: BaseException | str | Mapping[str, Any], code: str | N
         body = {"code": "failed", "message": str(error)}
     if code is not None:
         body["code"] = code
-    return {"error": body}
-
-
-def cancelled_result(result: Any = None, reason: str | None = None) -> dict[str, Any]:
-    """The result a run stopped by a ``cancel`` input completes with: ``{"cancelled": true}``,
-    with ``"reason"`` when the cancel gave one and ``"partial"`` (what the run had set as its
-    ``result``) when there was one. The gateway has no ``cancelled`` status yet: this convention
-    is what readers look for (``result.cancelled``), and what a future status will map onto.
-    """
-    body: dict[str, Any] = {"cancelled": True}
-    if reason is not None:
-        body["reason"] = reason
-    if result is not None:
-        body["partial"] = result
     return body
 
 
@@ -188,6 +174,7 @@ class Publisher:
         self._own_client = client is None
         self._http = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
         self._buffers: dict[str, _Buffer] = {}
+        self._epochs: dict[str, int] = {}  # session -> the producer epoch this publisher claimed (``claim``)
 
     # -- plumbing
 
@@ -200,6 +187,13 @@ class Publisher:
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         headers.update(extra or {})
         return headers
+
+    def _as_producer(self, session: str, headers: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``headers`` and, once this publisher claimed ``session``, its ``Producer-Epoch`` (fencing)."""
+        out = dict(headers or {})
+        if session in self._epochs:
+            out["Producer-Epoch"] = str(self._epochs[session])
+        return out
 
     async def request(self, method: str, path: str, *, json_body: Any = None, content: bytes | None = None,
                       headers: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None,
@@ -246,8 +240,8 @@ class Publisher:
 
     # -- sessions
 
-    async def create(self, session: str | None = None, *, metadata: Any = None,
-                     ttl_seconds: int | None = None) -> SessionInfo:
+    async def create(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None,
+                     lease_seconds: int | None = None, webhook_url: str | None = None) -> SessionInfo:
         """Create ``session``, or take it up if it exists (``created`` False).
 
         Without an id, one is made here (``s_`` and 16 random characters), so that a retry after a
@@ -261,6 +255,10 @@ class Publisher:
             body["metadata"] = metadata
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
+        if lease_seconds is not None:
+            body["lease_seconds"] = lease_seconds
+        if webhook_url is not None:
+            body["webhook_url"] = webhook_url
         try:
             response = await self.request("PUT", session_path(session), json_body=body)
         except GatewayError as exc:
@@ -293,19 +291,41 @@ class Publisher:
             raise
         return True
 
-    async def complete(self, session: str, result: Any = None) -> dict[str, Any]:
-        """Flush, then complete the session with ``result`` (``gateway.end``); answers the session.
+    async def complete(self, session: str, result: Any = None, *, status: str = "completed",
+                       error: Any = None) -> dict[str, Any]:
+        """Flush, then end the run (``gateway.end``): ``status`` completed (with ``result``), failed or
+        cancelled (with ``error``, and ``result`` if there is one); answers the session.
 
-        Completing again with the same result is a no-op, so a retry is safe.
+        Ending again the same way is a no-op, so a retry is safe.
         """
         await self.flush(session)
-        body = {} if result is None else {"result": result}
-        return (await self.request("POST", session_path(session) + "/complete", json_body=body)).json()
+        body: dict[str, Any] = {} if result is None else {"result": result}
+        if status != "completed":
+            body["status"] = status
+            if error is not None:
+                body["error"] = error
+        return (await self.request("POST", session_path(session) + "/complete", json_body=body,
+                                   headers=self._as_producer(session))).json()
 
     async def fail(self, session: str, error: BaseException | str | Mapping[str, Any],
                    code: str | None = None) -> dict[str, Any]:
-        """Complete the session as failed: its result is ``failure_result(error, code)``."""
-        return await self.complete(session, failure_result(error, code))
+        """End the run as failed, with ``error_object(error, code)``."""
+        return await self.complete(session, status="failed", error=error_object(error, code))
+
+    async def lease(self, session: str, *, seconds: int | None = None, claim: bool = False) -> dict[str, Any]:
+        """Renew the producer's lease on ``session`` (``seconds``: its new length, 0 for none); answers the
+        session. ``claim``: take the session over as a new producer epoch, which this publisher's later
+        writes to it carry (``Producer-Epoch``): writes of an agent that claimed it before are refused."""
+        body: dict[str, Any] = {}
+        if seconds is not None:
+            body["seconds"] = seconds
+        if claim:
+            body["claim"] = True
+        row = (await self.request("POST", session_path(session) + "/lease", json_body=body,
+                                  headers=None if claim else self._as_producer(session))).json()
+        if claim:
+            self._epochs[session] = int(row["producer_epoch"])
+        return row
 
     async def watchers(self, session: str) -> Watchers:
         """Is someone watching? The session's ``subscribers`` and ``last_seen_at``."""
@@ -320,7 +340,7 @@ class Publisher:
         headers = {"If-Match": f'"{if_match}"'} if if_match is not None else None
         await self.flush(session)  # the state's as_of then covers every event sent before it
         response = await self.request("PUT", session_path(session) + "/state", json_body=dict(state),
-                                      headers=headers)
+                                      headers=self._as_producer(session, headers))
         return _state(response.json())
 
     async def mint_token(self, session: str, *, ttl_seconds: int | None = None,
@@ -398,7 +418,7 @@ class Publisher:
         body = dumps(item)
         await self.flush(session)
         response = await self.request("POST", session_path(session) + "/events", content=body,
-                                      headers={"Content-Type": "application/json"})
+                                      headers=self._as_producer(session, {"Content-Type": "application/json"}))
         return _published(response)
 
     async def publish_text(self, session: str, text: str, *, event: str = "message",
@@ -407,7 +427,8 @@ class Publisher:
         headers = {"Content-Type": "text/plain; charset=utf-8", "Idempotency-Key": idempotency_key or self.next_key()}
         body = text.encode()
         await self.flush(session)
-        response = await self.request("POST", session_path(session) + "/events", content=body, headers=headers,
+        response = await self.request("POST", session_path(session) + "/events", content=body,
+                                      headers=self._as_producer(session, headers),
                                       params={"event": check_event_type(event)})
         return _published(response)
 
@@ -492,7 +513,7 @@ class Publisher:
             body = b"[" + b",".join(buf.items[:count]) + b"]"
             try:
                 response = await self.request("POST", session_path(session) + "/events", content=body,
-                                              headers={"Content-Type": "application/json"})
+                                              headers=self._as_producer(session, {"Content-Type": "application/json"}))
             except GatewayError as exc:
                 if 400 <= exc.status < 500 and exc.status not in RETRY_STATUSES:  # refused for good: drop it
                     for future in buf.futures[:count]:
@@ -514,12 +535,14 @@ class Publisher:
     # -- runs
 
     def run(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None,
-            listen: bool = False) -> Run:
-        """``async with pub.run(id) as run:`` creates or takes up the session, completes or fails it at the end.
+            lease_seconds: int | None = None, listen: bool = False) -> Run:
+        """``async with pub.run(id) as run:`` creates or takes up the session, claims it as its producer,
+        keeps its lease, and ends the run at the end (completed, failed or cancelled).
 
         ``listen``: start reading the session's input at entry (else at the first use of
         ``run.inputs()``, ``run.cancelled`` or ``run.wait_approval``)."""
-        return Run(self, session, metadata=metadata, ttl_seconds=ttl_seconds, listen=listen)
+        return Run(self, session, metadata=metadata, ttl_seconds=ttl_seconds, lease_seconds=lease_seconds,
+                   listen=listen)
 
 
 
@@ -537,11 +560,18 @@ class Run:
     """One agent run in one session; made by ``Publisher.run``, used as ``async with``.
 
     On entry the session is created or taken up (``info``); a completed one raises
-    ``GatewayError(409, "session_completed")``. On a normal exit, buffered events are
-    flushed and the session is completed with ``result`` (unless ``complete`` or ``fail`` was called
-    already). On an exception, what is buffered is flushed, the session is completed with
-    ``failure_result(exc)``, and the exception goes on. A cancelled task or a ``KeyboardInterrupt``
-    only flushes (for at most 5 s) and leaves the session open, for a restarted agent to take up.
+    ``GatewayError(409, "session_completed")``. The run then **claims** the session: it becomes its
+    producer with a new epoch (``producer_epoch``), and every write of an earlier agent on it (a
+    process that was thought dead, still running somewhere) is refused from then on
+    (``403 producer_fenced``). While the block runs, the run renews the session's **lease** (when it
+    has one) every third of it, so a live agent that is thinking, not writing, is not timed out;
+    an agent process that dies stops renewing, and the gateway ends its run as ``timed_out``.
+
+    On a normal exit, buffered events are flushed and the run ends ``completed`` with ``result``
+    (unless ``complete`` or ``fail`` was called already). On an exception, what is buffered is
+    flushed, the run ends ``failed`` with ``error_object(exc)``, and the exception goes on. A
+    cancelled task or a ``KeyboardInterrupt`` only flushes (for at most 5 s) and leaves the session
+    open, for a restarted agent to take up.
 
     The run also reads its session's **input** (from its first use, or from entry with
     ``listen=True``), on a background stream that starts after ``input_acked_id`` and resumes
@@ -550,19 +580,23 @@ class Run:
     - ``async for item in run.inputs():`` every input, in order, each once;
       ``await item.ack()`` or ``await run.ack_input(id)`` confirms it.
     - ``run.cancelled``: an ``asyncio.Event``, set when a ``cancel`` input arrives
-      (``run.cancel_input`` is that input). When the block then ends normally, the run completes
-      with ``cancelled_result(run.result, reason)``, ``{"cancelled": true, ...}``, and the cancel is acked.
+      (``run.cancel_input`` is that input). When the block then ends normally, the run ends
+      ``cancelled`` (its ``result``, if set, is kept as the partial result; the error says the
+      cancel's reason), and the cancel is acked.
     - ``await run.request_approval("rm-1", command=...)`` publishes ``approval.request``;
       ``await run.wait_approval("rm-1")`` answers ``"approve"`` or ``"deny"`` (None if the run is
       cancelled first).
     """
 
     def __init__(self, publisher: Publisher, session: str | None, *, metadata: Any = None,
-                 ttl_seconds: int | None = None, listen: bool = False) -> None:
+                 ttl_seconds: int | None = None, lease_seconds: int | None = None, listen: bool = False) -> None:
         self.publisher = publisher
         self._requested = session
         self._metadata = metadata
         self._ttl = ttl_seconds
+        self._lease = lease_seconds
+        self.producer_epoch: int | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._listen = listen
         self.info: SessionInfo | None = None
         self.result: Any = None
@@ -581,9 +615,13 @@ class Run:
         return self.info.id
 
     async def __aenter__(self) -> Run:
-        self.info = await self.publisher.create(self._requested, metadata=self._metadata, ttl_seconds=self._ttl)
-        if not self.info.created and (await self.publisher.get(self.info.id)).get("status") == "completed":
-            raise GatewayError(409, "session_completed", f"session {self.info.id!r} is completed: its run is over")
+        self.info = await self.publisher.create(self._requested, metadata=self._metadata, ttl_seconds=self._ttl,
+                                                lease_seconds=self._lease)
+        row = await self.publisher.lease(self.info.id, claim=True)  # 409 session_completed if its run is over
+        self.producer_epoch = int(row["producer_epoch"])
+        if row.get("lease_seconds"):
+            self._renewer = asyncio.create_task(self._renew(int(row["lease_seconds"])),
+                                                name=f"sse-gateway-lease-{self.info.id}")
         if self._listen:
             self.listen()
         return self
@@ -595,6 +633,18 @@ class Run:
         finally:
             await self._stop_reader()
 
+    async def _renew(self, seconds: int) -> None:
+        """Renew the lease every third of it until the block ends (or the run has ended, or was taken over)."""
+        while True:
+            await asyncio.sleep(max(seconds / 3, 0.2))
+            try:
+                await self.publisher.lease(self.session)
+            except GatewayError as exc:
+                if exc.status in (403, 404, 409):  # taken over (producer_fenced), deleted, or the run has ended
+                    return
+            except Exception:  # the network: the next renewal tries again, within the lease
+                continue
+
     async def _end(self, exc: BaseException | None) -> bool:
         if exc is None:
             if not self.finished:
@@ -602,7 +652,9 @@ class Run:
                     cancel = self.cancel_input
                     if cancel is not None:
                         await self.publisher.ack_input(self.session, cancel.id)
-                    await self.complete(cancelled_result(self.result, cancel.reason if cancel else None))
+                    reason = (cancel.reason if cancel else None) or "cancelled by the user"
+                    await self.complete(self.result, status="cancelled",
+                                        error={"code": "cancelled", "message": reason})
                 else:
                     await self.complete(self.result)
             else:
@@ -659,9 +711,10 @@ class Run:
                     future.exception()
 
     async def _stop_reader(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        tasks = [t for t in (self._reader, self._renewer) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _approval(self, approval_id: str) -> asyncio.Future[str]:
         future = self._approvals.get(approval_id)
@@ -731,8 +784,8 @@ class Run:
     async def flush(self) -> list[int]:
         return await self.publisher.flush(self.session)
 
-    async def complete(self, result: Any = None) -> dict[str, Any]:
-        answer = await self.publisher.complete(self.session, result)
+    async def complete(self, result: Any = None, *, status: str = "completed", error: Any = None) -> dict[str, Any]:
+        answer = await self.publisher.complete(self.session, result, status=status, error=error)
         self.finished = True
         return answer
 

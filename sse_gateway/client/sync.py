@@ -66,9 +66,10 @@ class SyncPublisher:
         except Exception as close_error:
             exc.add_note(f"sse-gateway: buffered events were not stored: {close_error}")
 
-    def create(self, session: str | None = None, *, metadata: Any = None,
-               ttl_seconds: int | None = None) -> SessionInfo:
-        return self._call(self.publisher.create(session, metadata=metadata, ttl_seconds=ttl_seconds))
+    def create(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None,
+               lease_seconds: int | None = None, webhook_url: str | None = None) -> SessionInfo:
+        return self._call(self.publisher.create(session, metadata=metadata, ttl_seconds=ttl_seconds,
+                                                lease_seconds=lease_seconds, webhook_url=webhook_url))
 
     def get(self, session: str) -> dict[str, Any]:
         return self._call(self.publisher.get(session))
@@ -76,8 +77,12 @@ class SyncPublisher:
     def delete(self, session: str) -> bool:
         return self._call(self.publisher.delete(session))
 
-    def complete(self, session: str, result: Any = None) -> dict[str, Any]:
-        return self._call(self.publisher.complete(session, result))
+    def complete(self, session: str, result: Any = None, *, status: str = "completed",
+                 error: Any = None) -> dict[str, Any]:
+        return self._call(self.publisher.complete(session, result, status=status, error=error))
+
+    def lease(self, session: str, *, seconds: int | None = None, claim: bool = False) -> dict[str, Any]:
+        return self._call(self.publisher.lease(session, seconds=seconds, claim=claim))
 
     def fail(self, session: str, error: BaseException | str | Mapping[str, Any],
              code: str | None = None) -> dict[str, Any]:
@@ -125,8 +130,9 @@ class SyncPublisher:
         return self._call(self.publisher.read_inputs(session, after=after, limit=limit, wait=wait))
 
     def run(self, session: str | None = None, *, metadata: Any = None, ttl_seconds: int | None = None,
-            listen: bool = False) -> SyncRun:
-        return SyncRun(self, self.publisher.run(session, metadata=metadata, ttl_seconds=ttl_seconds, listen=listen))
+            lease_seconds: int | None = None, listen: bool = False) -> SyncRun:
+        return SyncRun(self, self.publisher.run(session, metadata=metadata, ttl_seconds=ttl_seconds,
+                                                lease_seconds=lease_seconds, listen=listen))
 
 
 class SyncRun:
@@ -172,8 +178,8 @@ class SyncRun:
     def flush(self) -> list[int]:
         return self._owner._call(self.run.flush())
 
-    def complete(self, result: Any = None) -> dict[str, Any]:
-        return self._owner._call(self.run.complete(result))
+    def complete(self, result: Any = None, *, status: str = "completed", error: Any = None) -> dict[str, Any]:
+        return self._owner._call(self.run.complete(result, status=status, error=error))
 
     def fail(self, error: BaseException | str | Mapping[str, Any], code: str | None = None) -> dict[str, Any]:
         return self._owner._call(self.run.fail(error, code))
