@@ -40,8 +40,8 @@ from .config import Settings
 from .errors import BadRequest, Forbidden, GatewayError, error_body
 
 METHODS = ["GET", "POST", "PUT", "DELETE"]
-HEADERS = ["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "If-Match"]
-EXPOSED = ["ETag", "Retry-After"]
+HEADERS = ["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "If-Match", "Producer-Epoch"]
+EXPOSED = ["ETag", "Retry-After", "Producer-Epoch"]
 
 
 class _CORS(CORSMiddleware):
