@@ -158,7 +158,7 @@ BAD_SEGMENTS = ["..", ".", "%2e%2e", "%2E", ".%2e", "a%2Fb", "%2F", "..%2F..%2Fe
 SESSION_ROUTES = [("POST", "/events"), ("GET", "/stream"), ("GET", "/events"), ("GET", ""), ("DELETE", ""),
                   ("POST", "/complete"), ("POST", "/ack"), ("GET", "/state"), ("PUT", "/state"), ("POST", "/trim"),
                   ("POST", "/tokens"), ("POST", "/input"), ("GET", "/input"), ("GET", "/input/stream"),
-                  ("POST", "/input/ack")]
+                  ("POST", "/input/ack"), ("POST", "/lease")]
 
 
 @pytest.mark.parametrize("segment", BAD_SEGMENTS)
@@ -286,6 +286,14 @@ WRONG_BODIES = (
     + [("POST", "", v, ("invalid_body",)) for v in [1, "x", True, [], [{}]]]
     + [("POST", "", {"idd": "x"}, ("unknown_field",))]
     + [("POST", "/complete", v, ("invalid_body",)) for v in [1, "x", True, None, [], {"result": 1, "x": 2}]]
+    + [("POST", "/complete", {"status": v}, ("invalid_status",)) for v in [*WRONG, "timed_out", "FAILED", ""]]
+    + [("POST", "/complete", {"error": v}, ("invalid_body",)) for v in WRONG]
+    + [("POST", "", {"lease_seconds": v}, ("invalid_lease",)) for v in ["1", 1.5, True, [], {}, -1, 10**9, BIG]]
+    + [("POST", "", {"webhook_url": v}, ("invalid_webhook_url",))
+       for v in [1, True, [], {}, "", "x", "ftp://a", "http://", "http:///a", "http://a b", "http://é", "http://a\n"]]
+    + [("POST", "/lease", {"seconds": v}, ("invalid_lease",)) for v in ["1", 1.5, True, [], {}, -1, 10**9, BIG]]
+    + [("POST", "/lease", {"claim": v}, ("invalid_body",)) for v in [1, 1.5, None, [], {}, "x", "true"]]
+    + [("POST", "/lease", v, ("invalid_body",)) for v in [1, "x", True, None, [], {"renew": True}]]
     + [("POST", "/ack", {"id": v}, ("invalid_ack", "invalid_cursor")) for v in
        ["abc", 1.5, True, [], {}, None, -1, BIG, "-1", 10**15, "1000000000000000"]]
     + [("POST", "/ack", v, ("invalid_ack",)) for v in [1, "x", True, None, [], {"idd": 1}]]
