@@ -2,23 +2,24 @@
 
 The notifier's rules run in process against the memory log, with httpx's ``MockTransport`` as the receiver
 (no socket). The system test runs a real gateway process against a real HTTP receiver and restarts it in the
-middle of a delivery.
+middle of a delivery. Every signature is checked with the receivers' own code, as docs/api.md gives it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import json
+import re
 import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import ROOT
 from util import await_until, metric, read_stream
 
 from sse_gateway.config import Settings, webhook_key
@@ -33,12 +34,41 @@ SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 pytestmark = pytest.mark.timeout(60)
 
 
-def verify(secret: str, headers, body: bytes) -> bool:
-    """A receiver's check, written from the Standard Webhooks spec with nothing of the gateway's."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    return any(hmac.compare_digest("v1," + expected, sig) for sig in headers["webhook-signature"].split())
+API_DOC = (ROOT / "docs" / "api.md").read_text()
+
+
+def receivers_check() -> Callable:
+    """``verify(secret, headers, body)`` as docs/api.md#webhooks gives it to receivers (it uses nothing of the
+    gateway's): the payload of a request signed with ``secret``, else ValueError."""
+    code = re.search(r"```python\n(.*?def verify.*?)```", API_DOC, re.S)
+    scope: dict = {}
+    exec(code.group(1), scope)
+    return scope["verify"]
+
+
+verify = receivers_check()
+
+
+def test_the_documented_request_is_signed_with_the_documented_secret():
+    request = re.search(r"```\n(POST /your/hook .*?)\n```", API_DOC, re.S).group(1)
+    head, _, body = request.partition("\n\n")
+    headers = dict(line.split(": ", 1) for line in head.splitlines()[1:])
+    secret = re.search(r"signed with the secret `(whsec_[^`]+)`", API_DOC).group(1)
+    assert verify(secret, headers, body.encode(), tolerance=10**10)["type"] == "run.ended"
+    assert sign(webhook_key(secret), headers["webhook-id"], int(headers["webhook-timestamp"]), body.encode()) == \
+        headers["webhook-signature"]
+
+
+def test_the_receivers_check_refuses_what_is_not_signed_now_with_the_secret():
+    body, stamp = b'{"type":"run.ended"}', int(time.time())
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(stamp),
+               "webhook-signature": "v1,bm9wZQ== " + sign(webhook_key(SECRET), "msg_1", stamp, body)}
+    assert verify(SECRET, headers, body) == {"type": "run.ended"}  # one good signature among several
+    for secret, changed in ((SECRET, body + b" "), ("whsec_" + base64.b64encode(b"x" * 32).decode(), body)):
+        with pytest.raises(ValueError, match="signature"):
+            verify(secret, headers, changed)
+    with pytest.raises(ValueError, match="replay"):
+        verify(SECRET, {**headers, "webhook-timestamp": str(stamp - 600)}, body)
 
 
 # -- signing and backoff ---------------------------------------------------------------------
@@ -328,7 +358,6 @@ async def test_a_webhook_outlives_a_restart_and_a_watched_run_calls_none(start_g
     assert len(receiver.requests) >= 3  # two refusals, then the one accepted
     assert len({headers["webhook-id"] for headers, _ in receiver.requests}) == 1
     for headers, body in receiver.requests:
-        assert verify(SECRET, headers, body)
-        doc = json.loads(body)
+        doc = verify(SECRET, headers, body)
         assert doc == {"type": "run.ended", "session": "run1", "event_id": 1, "cursor": f"1:{epoch}",
                        "data": {"text": "done"}, "ts": doc["ts"]}  # nothing ever came for 'watched'
