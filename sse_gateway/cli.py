@@ -254,6 +254,8 @@ def setup_logging(level: str) -> None:
                         datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr)
     logging.getLogger("uvicorn.access").addFilter(_RedactTokens())
     logging.getLogger("uvicorn.error").addFilter(_QuietSlowConsumerCut())
+    # httpx tells every webhook attempt with its whole URL; the notifier logs what goes wrong, without it
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 class _RedactTokens(logging.Filter):
@@ -352,11 +354,13 @@ def _serve(settings: Settings, sock: socket.socket) -> int:
         log.warning("publisher keys but no --token-secret: only publishers can read; browsers get no tokens")
     for problem in settings.weak_credentials():
         log.warning("%s", problem)
-    if settings.backend == "sqlite":
-        from .log.sqlite import preflight
+    from .log.sqlite import preflight
 
-        problem = preflight(settings.db)
-        if problem:
+    files = [settings.db] if settings.backend == "sqlite" else []
+    if settings.webhook_secret and settings.outbox_path != ":memory:":
+        files.append(settings.outbox_path)
+    for path in files:
+        if problem := preflight(path):
             log.error("cannot start: %s", problem)
             return 1
     app = create_app(settings)
@@ -372,6 +376,9 @@ def _serve(settings: Settings, sock: socket.socket) -> int:
              __version__, settings.host, settings.port, settings.backend, where, settings.heartbeat,
              len(settings.publish_keys) or "none", "on" if settings.token_secret else "off",
              ",".join(settings.cors_origin) or "none")
+    if settings.webhook_secret:  # only the URL's site is logged: its user, path or query may hold a credential
+        site = urllib.parse.urlsplit(settings.webhook_url or "").netloc.rpartition("@")[2]
+        log.info("webhooks on (to %s), outbox %s", site or "no --webhook-url", settings.outbox_path)
     return 0 if server.run(sockets=[sock]) else 1
 
 

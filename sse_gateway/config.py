@@ -8,9 +8,12 @@ wins over the environment, which wins over the default. The CLI builds its
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import ipaddress
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,10 +82,31 @@ class Settings:
     log_level: str = _opt("info", "debug, info, warning or error", metavar="LEVEL")
     access_log: bool = _opt(False, "log every request (query strings redacted)", flag=True)
     demo: bool = _opt(True, "serve the demo page's simulated agent runs (POST /v1/demo/runs)", flag=True)
+    webhook_url: str | None = _opt(None, "URL that gets a signed POST when a run ends or asks for approval while "
+                                   "nobody watches its session (needs --webhook-secret)", metavar="URL")
+    webhook_secret: str | None = _opt(None, "secret that signs webhooks: whsec_BASE64 (as Standard Webhooks "
+                                      "libraries take it) or any other string, used as its bytes", metavar="SECRET")
+    webhook_outbox: str | None = _opt(None, "SQLite file of the webhooks not yet delivered (default: beside --db, "
+                                      "NAME.webhooks.db; with --backend memory: in memory)", metavar="PATH")
+    webhook_attempts: int = _opt(12, "attempts of one webhook before it is given up", metavar="N")
+    webhook_max_age: float = _opt(86400.0, "seconds after which a webhook not yet delivered is given up",
+                                  metavar="SECONDS")
+    webhook_backoff: float = _opt(5.0, "wait before a webhook's second attempt; doubled after each failed "
+                                  "attempt up to an hour, plus up to 50%% jitter", metavar="SECONDS")
+    webhook_timeout: float = _opt(15.0, "seconds a webhook's receiver has to answer one attempt", metavar="SECONDS")
 
     @property
     def publish_keys(self) -> tuple[str, ...]:
         return self.publish_key
+
+    @property
+    def outbox_path(self) -> str:
+        """The webhook outbox's file: ``--webhook-outbox``, else beside the data file (memory: in memory)."""
+        if self.webhook_outbox:
+            return self.webhook_outbox
+        if self.backend == "memory":
+            return ":memory:"
+        return os.path.splitext(self.db)[0] + ".webhooks.db"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -119,10 +143,16 @@ class Settings:
         self.check_credentials()
         if self.token_ttl <= 0:
             raise ValueError("token_ttl must be positive")
-        for name in ("header_timeout", "body_timeout", "ndjson_line_timeout"):
+        for name in ("header_timeout", "body_timeout", "ndjson_line_timeout", "webhook_attempts", "webhook_max_age",
+                     "webhook_backoff", "webhook_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-
+        if self.webhook_url is not None:
+            if problem := url_problem(self.webhook_url):
+                raise ValueError(f"webhook_url is not a URL webhooks can be sent to: {problem}")
+            if self.webhook_secret is None:
+                raise ValueError("webhook_url needs webhook_secret: every webhook is signed "
+                                 f"(make one with {GENERATE_WHSEC})")
 
     @property
     def loopback(self) -> bool:
@@ -144,11 +174,16 @@ class Settings:
                 raise ValueError("a publisher key is empty or blank (an unset variable?): give a real key, or none")
         if self.token_secret is not None and not self.token_secret.strip():
             raise ValueError("the token secret is empty or blank (an unset variable?): give a real secret, or none")
+        if self.webhook_secret is not None:
+            if not self.webhook_secret.strip():
+                raise ValueError("the webhook secret is empty or blank (an unset variable?): give a real secret, "
+                                 "or none")
+            webhook_key(self.webhook_secret)  # a whsec_ secret that is not base64 is refused here
         if self.insecure:
             return
-        if any(_placeholder(v) for v in (*self.publish_key, self.token_secret or "")):
-            raise ValueError(f"a publisher key or the token secret is a placeholder of the example files: use a "
-                             f"random one ({GENERATE}), or pass --insecure")
+        if any(_placeholder(v) for v in (*self.publish_key, self.token_secret or "", self.webhook_secret or "")):
+            raise ValueError(f"a publisher key, the token secret or the webhook secret is a placeholder of the "
+                             f"example files: use a random one ({GENERATE}), or pass --insecure")
         if not self.loopback and (weak := self.weak_credentials()):
             raise ValueError(f"{weak[0]}; {self.host} is reachable from other machines (or pass --insecure)")
 
@@ -162,11 +197,43 @@ class Settings:
         if secret is not None and (_placeholder(secret) or len(secret.encode()) < MIN_SECRET_BYTES):
             problems.append(f"the token secret is shorter than {MIN_SECRET_BYTES} bytes: tokens can be forged by "
                             f"guessing it; use a random one ({GENERATE})")
+        secret = self.webhook_secret
+        if secret is not None and (_placeholder(secret) or len(webhook_key(secret)) < MIN_SECRET_BYTES):
+            problems.append(f"the webhook secret is shorter than {MIN_SECRET_BYTES} bytes: webhooks can be forged by "
+                            f"guessing it from any signature; use a random one ({GENERATE_WHSEC})")
         return problems
 
 
 def _placeholder(value: str) -> bool:
     return value.strip().lower() in PLACEHOLDERS
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a webhook secret: ``whsec_`` and base64 (the Standard Webhooks form), else its UTF-8 bytes."""
+    if not secret.startswith(WHSEC):
+        return secret.encode()
+    text = secret[len(WHSEC):].rstrip("=")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"the webhook secret starts with {WHSEC} but the rest is not base64: give the secret as "
+                         f"its receivers have it") from None
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot receive webhooks (one phrase), or None: an absolute http(s) URL with a host."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "it has spaces or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "use http:// or https://"
+    if not parts.hostname:
+        return "it names no host"
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -183,6 +250,9 @@ PLACEHOLDERS = frozenset({"change-me", "change-me-too", "changeme", "secret", "p
 MIN_KEY_CHARS = 16  # a publisher key guessed online: 16 random characters are ~95 bits
 MIN_SECRET_BYTES = 32  # the token secret can be attacked offline from any token: as strong as HS256's key
 GENERATE = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+WHSEC = "whsec_"
+GENERATE_WHSEC = ("python -c 'import base64, secrets; "
+                  "print(\"whsec_\" + base64.b64encode(secrets.token_bytes(32)).decode())'")
 
 
 def parse_value(f: dataclasses.Field, raw: str) -> Any:

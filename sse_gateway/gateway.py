@@ -5,6 +5,7 @@ background tasks (the sweep that ends runs past their deadline and applies reten
 loop-lag probe).
 It is created when the app starts (never at import: every asyncio object
 belongs to the running loop), drains on SIGTERM, and closes the log last.
+With a webhook secret it also runs the webhooks (``webhooks.py``), whose outbox closes after the log.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .inputs import InputWaiters, Watched
 from .log.base import EventLog
 from .metrics import Stats, make_registry, measure_loop_lag
 from .models import now_ms
+from .webhooks import Notifier
 from .writes import Writes
 
 log = logging.getLogger("sse_gateway")
@@ -40,6 +42,10 @@ class Gateway:
         log_.watched = Watched(self.hub.channels, self.inputs.waiting)
         self.auth = Auth(settings.publish_keys, settings.token_secret, settings.token_ttl)
         self.writes = Writes(settings, log_, self.stats)
+        #: webhooks (webhooks.py), with a secret to sign them; the outbox outlives the process
+        self.webhooks = Notifier(settings, log_, self.stats) if settings.webhook_secret else None
+        if self.webhooks:
+            log_.add_observer(self.webhooks)
         self.registry = make_registry(self)
         self.draining = False
         self._tasks: list[asyncio.Task] = []
@@ -59,6 +65,8 @@ class Gateway:
                        asyncio.create_task(self.hub.cut_slow_clients(self.settings.send_timeout),
                                            name="slow-clients"),
                        asyncio.create_task(measure_loop_lag(self.stats), name="loop-lag")]
+        if self.webhooks:
+            await self.webhooks.open()
 
     def begin_drain(self, then) -> None:
         """Refuse new streams, close open ones spread over the drain window, then call ``then``."""
@@ -83,6 +91,8 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         await self.log.close()
+        if self.webhooks:  # after the log: the writes it commits on closing may still call a webhook
+            await self.webhooks.close()
 
     async def _sweep(self) -> None:
         """Once a second: end the runs whose lease (or cancel grace) ran out, then apply retention."""

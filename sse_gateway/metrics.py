@@ -65,6 +65,9 @@ class Stats(LogObserver):
     auth_failures: int = 0
     streams_opened: int = 0
     store_errors: int = 0
+    webhooks_succeeded: int = 0   # webhooks a receiver accepted (2xx)
+    webhooks_retried: int = 0     # attempts that failed and are tried again
+    webhooks_failed: int = 0      # webhooks given up
     loop_lag: float = 0.0
     append_seconds: Histogram = field(default_factory=Histogram)
     commit_seconds: Histogram = field(default_factory=Histogram)
@@ -149,6 +152,14 @@ class _Collector:
                                 value=st.loop_lag)
         yield GaugeMetricFamily("sse_gateway_draining", "1 while the gateway drains before exiting",
                                 value=int(self.gw.draining))
+        hooks = CounterMetricFamily("sse_gateway_webhook_deliveries", "Webhooks accepted by their receiver "
+                                    "(succeeded), attempts that failed and are tried again (retried), webhooks "
+                                    "given up (failed)", labels=["outcome"])
+        for outcome in ("succeeded", "retried", "failed"):
+            hooks.add_metric([outcome], getattr(st, "webhooks_" + outcome))
+        yield hooks
+        yield GaugeMetricFamily("sse_gateway_webhook_outbox_pending", "Webhooks in the outbox, not yet delivered "
+                                "or given up", value=self.gw.webhooks.pending if self.gw.webhooks else 0)
         for name, hist, doc in (
                 ("sse_gateway_append_seconds", st.append_seconds, "Publish: from append call to committed"),
                 ("sse_gateway_store_commit_seconds", st.commit_seconds, "One group commit of the store"),

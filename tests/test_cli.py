@@ -150,8 +150,11 @@ def test_serve_does_not_load_the_bench_or_the_naive_baseline():
     ("127.0.0.1", ("--publish-key", "k" * 40, "--token-secret", "change-me-too"), "placeholder"),
     ("0.0.0.0", ("--publish-key", "short-key"), "shorter than 16 characters"),
     ("0.0.0.0", ("--publish-key", "k" * 40, "--token-secret", "s" * 31), "shorter than 32 bytes"),
+    ("127.0.0.1", ("--webhook-secret", " "), "webhook secret is empty or blank"),
+    ("0.0.0.0", ("--publish-key", "k" * 40, "--webhook-secret", "w" * 20), "webhook secret is shorter than 32"),
 ], ids=["empty key", "blank key", "empty secret", "empty key despite --insecure", "placeholder key",
-        "placeholder secret", "short key beyond loopback", "short secret beyond loopback"])
+        "placeholder secret", "short key beyond loopback", "short secret beyond loopback", "blank webhook secret",
+        "short webhook secret beyond loopback"])
 def test_keys_and_secrets_that_protect_nothing_are_refused_with_one_line(tmp_path, host, args, says):
     r = cli("serve", "--host", host, "--port", str(free_port()), "--db", str(tmp_path / "x.db"), *args)
     assert r.returncode == 2 and says in r.stderr, r.stderr
@@ -188,6 +191,8 @@ def one_line_error(r: subprocess.CompletedProcess, *says: str) -> str:
     (("serve", "--port", "abc"), "argument --port: 'abc' is not an integer"),
     (("serve", "--heartbeat", "soon"), "argument --heartbeat: 'soon' is not a number"),
     (("serve", "--port", "70000"), "port must be between 1 and 65535"),
+    (("serve", "--webhook-url", "hooks.example/in"), "webhook_url is not a URL webhooks can be sent to: use http"),
+    (("serve", "--webhook-url", "https://hooks.example/in"), "webhook_url needs webhook_secret"),
     (("publish", "x", "1", "--url", "localhost:8000"), "the gateway URL must be http://"),
     (("tail", "x", "--retry-for", "soon"), "argument --retry-for: 'soon' is not a number of seconds"),
     (("create", "--metadata", "{nope"), "argument --metadata: '{nope' is not JSON"),
