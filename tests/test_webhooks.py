@@ -219,6 +219,21 @@ async def test_a_session_someone_watches_calls_no_webhook(hooks):
     release()
 
 
+async def test_a_session_s_own_url_wins_and_the_payload_says_how_the_run_ended(hooks):
+    h = hooks()
+    await h.start()
+    await h.log.create_session("own", webhook_url="https://agent.example/hooks/own")
+    await h.log.complete("own", outcome="failed", error={"code": "oom"})
+    row = await h.log.create_session("silent", lease_seconds=5)
+    assert await h.log.expire(row.deadline) == 1  # the gateway ends it: timed_out
+    await await_until(lambda: h.stats.webhooks_succeeded == 2, what="both webhooks to be delivered")
+    by_session = {json.loads(r.content)["session"]: r for r in h.requests}
+    assert str(by_session["own"].url) == "https://agent.example/hooks/own"
+    assert str(by_session["silent"].url) == "http://hooks.test/in"  # the gateway's
+    assert json.loads(by_session["own"].content)["data"] == {"status": "failed", "error": {"code": "oom"}}
+    assert json.loads(by_session["silent"].content)["data"]["status"] == "timed_out"
+
+
 async def test_a_failed_attempt_is_retried_with_the_same_id_until_a_2xx(hooks):
     statuses = iter([500, 503, 302, 204])
     h = hooks(lambda request: next(statuses))
