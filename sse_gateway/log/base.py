@@ -374,14 +374,24 @@ def stored_text(events: Sequence[NewEvent]) -> None:
 # changes anything, so a raised error leaves the row as it was.
 
 
+def fenced(session: str, producer: int, current: int) -> Forbidden:
+    """The refusal of a write that names producer epoch ``producer`` when the session's is ``current``."""
+    return Forbidden(f"producer epoch {producer} of session {session!r} was fenced: another producer took over "
+                     f"as epoch {current}", "producer_fenced", extra={"producer_epoch": current})
+
+
+def ended(session: str, outcome: str | None) -> Conflict:
+    """The refusal of a write that needs the run open (or another end) once it ended with ``outcome``."""
+    return Conflict(f"session {session!r} has ended already ({outcome})", "session_completed",
+                    extra={"outcome": outcome})
+
+
 def apply_producer(row: Session, producer: int | None) -> None:
     """Fencing: ``403 producer_fenced`` for an epoch older than the session's; a newer one becomes its own."""
     if producer is None:
         return
     if producer < row.producer_epoch:
-        raise Forbidden(f"producer epoch {producer} of session {row.id!r} was fenced: another producer took over "
-                        f"as epoch {row.producer_epoch}", "producer_fenced",
-                        extra={"producer_epoch": row.producer_epoch})
+        raise fenced(row.id, producer, row.producer_epoch)
     row.producer_epoch = producer
 
 
@@ -521,8 +531,7 @@ def apply_complete(row: Session, result: Any, ts: int, data: str, outcome: str =
     apply_producer(row, producer)
     if row.completed:
         if outcome != row.outcome or (result is not NO_RESULT and result != row.result):
-            raise Conflict(f"session {row.id!r} has ended already ({row.outcome})", "session_completed",
-                           extra={"outcome": row.outcome})
+            raise ended(row.id, row.outcome)
         return None
     row.status = "completed"
     row.outcome = outcome
@@ -548,8 +557,7 @@ def expiry(row: Session, now: int) -> tuple[str, dict] | None:
 def apply_lease(row: Session, ts: int, producer: int | None, claim: bool, seconds: int | None) -> None:
     apply_producer(row, producer)
     if row.completed:
-        raise Conflict(f"session {row.id!r} has ended already ({row.outcome})", "session_completed",
-                       extra={"outcome": row.outcome})
+        raise ended(row.id, row.outcome)
     if claim:
         row.producer_epoch += 1
     if seconds is not None:
