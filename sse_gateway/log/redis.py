@@ -520,19 +520,19 @@ class RedisLog(EventLog):
         """End every open run due at ``now``: page by page through the index of deadlines (a lower bound of
         each; a session at most once a call), one ``overdue`` script per run found (see ``_overdue``)."""
         seen: set[str] = set()
-        ended = 0
+        count = 0
         while True:
             with _store():
                 due = [name for name in await self._redis.zrangebyscore(DEADLINES, "-inf", now, start=0,
                                                                         num=_SWEEP_PAGE) if name not in seen]
                 if not due:
-                    return ended
+                    return count
                 pipe = self._redis.pipeline(transaction=False)
                 for name in due:
                     pipe.hgetall(self._keys(name)[0])
                 rows = await pipe.execute()
             seen.update(due)
-            ended += sum(await asyncio.gather(*(self._overdue(name, _session(name, h) if h else None, now)
+            count += sum(await asyncio.gather(*(self._overdue(name, _session(name, h) if h else None, now)
                                                 for name, h in zip(due, rows))))
 
     async def _overdue(self, session: str, row: Session | None, now: int) -> int:
