@@ -323,6 +323,12 @@ async def test_redis_cluster_appends_reads_and_feed(start_redis):
         assert {r.id for r in await watcher.list_sessions()} == set(names)
         assert await writer.delete_session("c1") is True
         assert await watcher.get_session("c1") is None
+        # a lapsed lease ends the run there too; the index of deadlines is written right after the script
+        lapsed = await writer.create_session("lapsed", lease_seconds=1)
+        assert await watcher.expire(lapsed.deadline - 1) == 0
+        await await_until(lambda: watcher.expire(lapsed.deadline), what="the run ended by the other node")
+        assert (await writer.get_session("lapsed")).outcome == "timed_out"
+        assert await writer.expire(lapsed.deadline) == 0
     finally:
         await writer.close()
         await watcher.close()

@@ -375,10 +375,17 @@ def stored_text(events: Sequence[NewEvent]) -> None:
 
 
 def fenced(session: str, producer: int, current: int) -> Forbidden:
-    """The error of a write whose producer epoch is older than the session's (every backend raises this one)."""
+    """The refusal of a write that names producer epoch ``producer`` when the session's is ``current`` (every
+    backend raises this one)."""
     return Forbidden(f"producer epoch {producer} of session {session!r} was fenced: another producer took over as "
                      f"epoch {current}", "producer_fenced", extra={"producer_epoch": current},
                      headers={"Producer-Epoch": str(current)})
+
+
+def ended(session: str, outcome: str | None) -> Conflict:
+    """The refusal of a write that needs the run open (or another end) once it ended with ``outcome``."""
+    return Conflict(f"session {session!r} has ended already ({outcome})", "session_completed",
+                    extra={"outcome": outcome})
 
 
 def apply_producer(row: Session, producer: int | None) -> None:
@@ -526,8 +533,7 @@ def apply_complete(row: Session, result: Any, ts: int, data: str, outcome: str =
     apply_producer(row, producer)
     if row.completed:
         if outcome != row.outcome or (result is not NO_RESULT and result != row.result):
-            raise Conflict(f"session {row.id!r} has ended already ({row.outcome})", "session_completed",
-                           extra={"outcome": row.outcome})
+            raise ended(row.id, row.outcome)
         return None
     row.status = "completed"
     row.outcome = outcome
@@ -553,8 +559,7 @@ def expiry(row: Session, now: int) -> tuple[str, dict] | None:
 def apply_lease(row: Session, ts: int, producer: int | None, claim: bool, seconds: int | None) -> None:
     apply_producer(row, producer)
     if row.completed:
-        raise Conflict(f"session {row.id!r} has ended already ({row.outcome})", "session_completed",
-                       extra={"outcome": row.outcome})
+        raise ended(row.id, row.outcome)
     if claim:
         row.producer_epoch += 1
     if seconds is not None:

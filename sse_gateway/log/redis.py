@@ -3,15 +3,31 @@
 The contract of ``log.base`` holds across nodes:
 
 * **Atomic, contiguous, idempotent.** Every write of a session is one Lua
-  script (``redis_append.lua``: create, append, complete;
-  ``redis_session.lua``: ack, state, trim, delete, expire, presence) that
-  checks everything, then writes: create the session if needed (epoch = a
-  random token chosen by the caller), refuse a completed one, look up the
-  idempotency keys, ``XADD`` each event with the explicit stream id
+  script (``redis_append.lua``: create, append, complete, overdue;
+  ``redis_session.lua``: ack, state, lease, trim, delete, expire, presence)
+  that checks everything, then writes: create the session if needed (epoch
+  = a random token chosen by the caller), refuse a completed one, look up
+  the idempotency keys, ``XADD`` each event with the explicit stream id
   ``ID-0``, update the row, ``XTRIM MINID`` past ``max_events``, and
   ``PUBLISH`` one notification. Redis runs one script at a time, so ids are
   contiguous whichever node appends; ``XADD`` with a stream id below the
   stream's top is refused, so a bug could never reorder the log.
+* **Every run ends.** The rules of ``log.base`` (fencing, leases, cancels,
+  outcomes) run inside the scripts, as their Python twins (``apply_*``)
+  do in the other backends; ``redis_run.lua``, put before every script,
+  holds the ones they share (fencing, renewal, the index of deadlines).
+  What Lua cannot do well stays in Python: the end event's data
+  (``end_data``), how an overdue run ends (``expiry``, from the row read
+  just before; the script checks that it still ends so) and whether a
+  repeated ``complete`` names the same result.
+  The index of deadlines holds a *lower bound* of each open run's
+  deadline: a write that sets a deadline or may move it earlier (create,
+  a first cancel, ``lease``) indexes it, a renewing append does not, so
+  appends stay cheap. ``expire(now)`` reads the index up to ``now`` page
+  by page and runs ``overdue`` for each run found: that script checks the
+  deadline again and ends the run, atomically with the check (so two nodes
+  never both end it), or re-scores an entry found early, or drops one
+  whose run ended, has no deadline or is gone.
 * **Ordered.** The position of an event is its integer id; the stream id is
   ``ID-0``. ``read(after)`` is ``XRANGE (after-0 + COUNT limit``; trimming
   is exact (``MINID``), so nothing at or below ``trimmed_id`` is returned.
@@ -39,7 +55,9 @@ Keys: one session's keys share the hash tag ``{SESSION}`` (session ids are
 ``[A-Za-z0-9_.~-]``, never braces), so they live in one Redis Cluster slot
 and one script can change them all::
 
-    sse-gateway:{SESSION}:meta      hash: epoch, status, last_id, trimmed_id, acked_id, state, ...
+    sse-gateway:{SESSION}:meta      hash: epoch, status, last_id, trimmed_id, acked_id, state, ...,
+                                    outcome, error, lease_seconds, deadline, cancel_requested_at,
+                                    producer_epoch, webhook_url (a field that is absent is None, or 0)
     sse-gateway:{SESSION}:events    stream: entry ID-0 = {e: type, d: data, j: 1 if JSON, t: ts ms}
     sse-gateway:{SESSION}:keys      hash: idempotency key -> id
     sse-gateway:{SESSION}:presence  hash: node -> open streams; last_seen -> ms
@@ -49,19 +67,25 @@ and one script can change them all::
     sse-gateway:{SESSION}:approvals hash: approval id -> the input that answered it (0: open)
     sse-gateway:sessions            sorted set: session by created_at (listing)
     sse-gateway:expiring            sorted set: completed session by expiry time (retention)
+    sse-gateway:deadlines           sorted set: open run by a lower bound of its deadline (expire)
     sse-gateway:node:NODE           string with a 6 s expiry: the node is alive
     sse-gateway:appends             pub/sub channel: "SESSION\\tEPOCH\\tLAST_ID\\tSTATUS\\tNODE[\\tINPUT_LAST_ID]"
 
 An input and its mirror event are one script (``redis_input.lua``); an
 ``approval.request`` event opens its approval inside the append script.
 
-The two sorted sets are global keys. On a single Redis (or a primary with
-replicas) the scripts update them atomically with the session. On Redis
-Cluster (URL ``redis+cluster://host:port``) they cannot be in a
+The three sorted sets are global keys. On a single Redis (or a primary
+with replicas) the scripts update them atomically with the session. On
+Redis Cluster (URL ``redis+cluster://host:port``) they cannot be in a
 session's script, so the writer updates them right after it, best effort:
 a node that dies in between leaves a session unlisted and never expired
-(its keys stay until it is deleted). Listing is therefore complete on a
-single Redis and best effort on Cluster. Cluster also refuses EVALSHA in a
+(its keys stay until it is deleted), or a run whose lease lapses never
+ended by ``expire``; and updates of one run's deadline from two nodes may
+land out of order (a writer's ``ZADD LT`` never raises an entry, but the
+sweeper's re-score may land after a cancel pulled the deadline in, which
+then ends the run only once the later score passes). Listing and the end
+of lapsed runs are therefore exact on a single Redis and best effort on
+Cluster. Cluster also refuses EVALSHA in a
 pipeline, so there the writer runs each session's scripts one after the
 other (sessions concurrently), and the feed subscribes through the node
 named in the URL (a classic PUBLISH reaches every node of a cluster).
@@ -128,7 +152,18 @@ from ..models import (
     new_epoch,
     now_ms,
 )
-from .base import NO_RESULT, EventLog, stored_input, stored_json, stored_text
+from .base import (
+    NO_RESULT,
+    EventLog,
+    apply_complete,
+    end_data,
+    ended,
+    expiry,
+    fenced,
+    stored_input,
+    stored_json,
+    stored_text,
+)
 from .group_commit import GroupCommit, Write
 
 log = logging.getLogger("sse_gateway.redis")
@@ -137,10 +172,12 @@ PREFIX = "sse-gateway:"
 CHANNEL = PREFIX + "appends"
 INDEX = PREFIX + "sessions"
 EXPIRING = PREFIX + "expiring"
+DEADLINES = PREFIX + "deadlines"
 PRESENCE_PERIOD = 2.0  # seconds between a node's liveness refreshes; it is dead after three missed
 FEED_PING = 5.0  # seconds of silence on the feed before it is pinged; twice that without an answer is a loss
 WAIT_TIMEOUT_MS = 1000
 _MAX_BATCH = 500
+_SWEEP_PAGE = 100
 _CLIENT_OPTIONS = {"decode_responses": True, "socket_timeout": 2.0, "socket_connect_timeout": 1.0,
                    "socket_keepalive": True}
 #: connections to one Redis per node; more concurrent commands wait (up to the socket timeout) for a free one,
@@ -149,8 +186,10 @@ POOL_SIZE = 64
 
 
 class _Script:
+    _RUN = (Path(__file__).parent / "redis_run.lua").read_text()  # the lifecycle rules every script shares
+
     def __init__(self, filename: str) -> None:
-        self.text = (Path(__file__).parent / filename).read_text()
+        self.text = self._RUN + (Path(__file__).parent / filename).read_text()
         self.sha = sha1(self.text.encode()).hexdigest()
 
 
@@ -187,6 +226,10 @@ def _dumps(value: Any, what: str) -> str:
     return "" if value is None else stored_json(value, what)
 
 
+def _arg(value: int | str | None) -> int | str:
+    return "" if value is None else value
+
+
 def _session(name: str, h: dict[str, str]) -> Session:
     return Session(id=name, epoch=h["epoch"], created_at=int(h["created_at"]), status=h["status"],
                    completed_at=_int(h.get("completed_at")), last_id=int(h["last_id"]),
@@ -194,7 +237,11 @@ def _session(name: str, h: dict[str, str]) -> Session:
                    ttl_seconds=_int(h.get("ttl_seconds")), acked_id=int(h["acked_id"]),
                    state=_json(h.get("state")), state_version=int(h["state_version"]),
                    state_as_of=int(h["state_as_of"]), result=_json(h.get("result")),
-                   input_last_id=int(h.get("input_last_id", 0)), input_acked_id=int(h.get("input_acked_id", 0)))
+                   input_last_id=int(h.get("input_last_id", 0)), input_acked_id=int(h.get("input_acked_id", 0)),
+                   outcome=h.get("outcome") or ("completed" if h["status"] == "completed" else None),
+                   error=_json(h.get("error")), lease_seconds=_int(h.get("lease_seconds")),
+                   deadline=_int(h.get("deadline")), cancel_requested_at=_int(h.get("cancel_requested_at")),
+                   producer_epoch=int(h.get("producer_epoch", 0)), webhook_url=h.get("webhook_url"))
 
 
 def _unavailable(exc: RedisError, write: bool = False) -> Unavailable:
@@ -215,8 +262,12 @@ def _gateway_error(session: str, exc: Exception) -> GatewayError:
         return NotFound(f"no session {session!r}")
     if code == "session_exists":
         return Conflict(f"session {session!r} exists", "session_exists")
-    if code == "session_completed":
-        return Conflict(f"session {session!r} is completed", "session_completed")
+    if code == "session_completed":  # detail: the run's outcome, when the write was one that ends it or renews it
+        return ended(session, detail) if detail else Conflict(f"session {session!r} is completed",
+                                                              "session_completed")
+    if code == "producer_fenced":
+        current, _, producer = detail.partition(" ")
+        return fenced(session, int(producer), int(current))
     if code == "invalid_ack":
         return BadRequest(f"ack id must be between 0 and the last id ({detail})", "invalid_ack")
     if code == "invalid_input_ack":
@@ -245,7 +296,7 @@ class RedisLog(EventLog):
     shared_presence = True  # every node writes its count of streams per session; presence() sums the live ones
 
     def __init__(self, url: str, *, max_events: int | None = None, default_ttl: int | None = None,
-                 wait_replicas: int = 0) -> None:
+                 lease_seconds: int | None = None, cancel_grace: int | None = None, wait_replicas: int = 0) -> None:
         super().__init__()
         scheme, sep, rest = url.partition("://")
         self.cluster = scheme.endswith("+cluster")
@@ -254,9 +305,11 @@ class RedisLog(EventLog):
             raise ValueError("redis_wait_replicas is not supported with Redis Cluster")
         self.max_events = max_events
         self.default_ttl = default_ttl
+        self.lease_seconds = lease_seconds
+        self.cancel_grace = cancel_grace
         self.wait_replicas = wait_replicas
         self.node = secrets.token_hex(4)
-        self._global_keys = [] if self.cluster else [INDEX, EXPIRING]
+        self._global_keys = [] if self.cluster else [INDEX, EXPIRING, DEADLINES]
         self._redis: Redis | RedisCluster | None = None
         self._writer = GroupCommit(self._commit, self._answer, committed=self._committed, max_batch=_MAX_BATCH,
                                    name="redis-writer")
@@ -387,52 +440,125 @@ class RedisLog(EventLog):
     def _row_reply(self, session: str) -> Callable[[Any], tuple[Session, None]]:
         return lambda flat: (_session(session, _pairs(flat)), None)
 
-    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None) -> Session:
+    async def create_session(self, session: str, *, metadata: Any = None, ttl_seconds: int | None = None,
+                             lease_seconds: int | None = None, webhook_url: str | None = None) -> Session:
         def reply(flat: list) -> tuple[Session, None]:
             row = _session(session, _pairs(flat))
             self._index_later("zadd", INDEX, {session: row.created_at})
+            self._index_deadline_later(session, row.deadline)
             return row, None
 
-        args = self._args("create", session, new_epoch(), _dumps(metadata, "metadata"),
-                          "" if ttl_seconds is None else ttl_seconds)
+        lease = self.lease_seconds if lease_seconds is None else lease_seconds
+        args = self._args("create", session, new_epoch(), _dumps(metadata, "metadata"), _arg(ttl_seconds),
+                          lease or "", webhook_url or "")
         return await self._submit(_APPEND, session, args, reply)
 
-    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True) -> AppendResult:
+    async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True,
+                     producer: int | None = None) -> AppendResult:
         stored_text(events)
         ts = now_ms()
-        args = self._args("append", session, new_epoch(), int(create), self.max_events or 0, now=ts)
+        args = self._args("append", session, new_epoch(), int(create), self.max_events or 0, _arg(producer),
+                          self.lease_seconds or "", now=ts)
         for ev in events:
             args += [ev.event, ev.data, int(ev.is_json), ev.idempotency_key or ""]
 
         def reply(r: list) -> tuple[AppendResult, tuple | None]:
-            epoch, status, created_at, last_id, trimmed_id, created = r[:6]
-            ids, new = r[6::2], [bool(n) for n in r[7::2]]
+            epoch, status, created_at, last_id, trimmed_id, created, deadline = r[:7]
+            ids, new = r[7::2], [bool(n) for n in r[8::2]]
             stored = [StoredEvent(i, ev.event, ev.data, ev.is_json, ts)
                       for i, fresh, ev in zip(ids, new, events) if fresh]
             if created:
                 self._index_later("zadd", INDEX, {session: int(created_at)})
+                self._index_deadline_later(session, _int(deadline or None))
             row = Session(id=session, epoch=epoch, created_at=int(created_at), status=status, last_id=last_id,
                           trimmed_id=trimmed_id)
             return AppendResult(ids, new, last_id, stored, epoch), ((stored, row) if stored else None)
 
         return await self._submit(_APPEND, session, args, reply)
 
-    async def complete(self, session: str, result: Any = NO_RESULT) -> Session:
-        data = stored_json(None if result is NO_RESULT else result, "result")
+    def _end_args(self, data: str, outcome: str, error: Any, result: Any) -> list:
+        """The arguments of a script that may end a run (complete, overdue) up to the last one or two."""
+        return [data, _arg(self.default_ttl), outcome, _dumps(error, "error"),
+                stored_json(None if result is NO_RESULT else result, "result")]
+
+    def _end_reply(self, session: str, data: str, r: list) -> tuple[Session | None, tuple | None]:
+        """The reply of a script that may end a run: its code, then the row (None: no session). Code 1: the
+        run ended now with the end event ``data``, to announce."""
+        h = _pairs(r[1:])
+        row = _session(session, h) if h else None
+        if r[0] != 1:
+            return row, None
+        self._index_later("zrem", DEADLINES, session)
+        if "expires_at" in h:
+            self._index_later("zadd", EXPIRING, {session: int(h["expires_at"])})
+        return row, ([StoredEvent(row.last_id, END_EVENT, data, True, row.completed_at)], row)
+
+    async def complete(self, session: str, result: Any = NO_RESULT, *, outcome: str = "completed",
+                       error: Any = None, producer: int | None = None) -> Session:
+        data = end_data(result, outcome, error)
 
         def reply(r: list) -> tuple[Session, tuple | None]:
-            h = _pairs(r[1:])
-            row = _session(session, h)
-            if not r[0]:
-                if result is not NO_RESULT and result != row.result:
-                    raise Conflict(f"session {session!r} was completed with another result", "session_completed")
-                return row, None
-            if "expires_at" in h:
-                self._index_later("zadd", EXPIRING, {session: int(h["expires_at"])})
-            return row, ([StoredEvent(row.last_id, END_EVENT, data, True, row.completed_at)], row)
+            row, told = self._end_reply(session, data, r)
+            if not r[0]:  # it had ended, with this outcome (the script checked): base's rule for the result
+                apply_complete(row, result, row.completed_at, data, outcome, error)
+            return row, told
 
-        args = self._args("complete", session, data, "" if self.default_ttl is None else self.default_ttl)
+        args = self._args("complete", session, *self._end_args(data, outcome, error, result), _arg(producer))
         return await self._submit(_APPEND, session, args, reply)
+
+    async def lease(self, session: str, *, producer: int | None = None, claim: bool = False,
+                    seconds: int | None = None) -> Session:
+        def reply(flat: list) -> tuple[Session, None]:
+            row = _session(session, _pairs(flat))
+            self._index_deadline_later(session, row.deadline)
+            return row, None
+
+        args = self._args("lease", session, _arg(producer), int(claim), _arg(seconds))
+        return await self._submit(_SESSION, session, args, reply)
+
+    async def expire(self, now: int) -> int:
+        """End every open run due at ``now``: page by page through the index of deadlines (a lower bound of
+        each; a session at most once a call), one ``overdue`` script per run found (see ``_overdue``)."""
+        seen: set[str] = set()
+        count = 0
+        while True:
+            with _store():
+                due = [name for name in await self._redis.zrangebyscore(DEADLINES, "-inf", now, start=0,
+                                                                        num=_SWEEP_PAGE) if name not in seen]
+                if not due:
+                    return count
+                pipe = self._redis.pipeline(transaction=False)
+                for name in due:
+                    pipe.hgetall(self._keys(name)[0])
+                rows = await pipe.execute()
+            seen.update(due)
+            count += sum(await asyncio.gather(*(self._overdue(name, _session(name, h) if h else None, now)
+                                                for name, h in zip(due, rows))))
+
+    async def _overdue(self, session: str, row: Session | None, now: int) -> int:
+        """End ``session``'s run if it is due at ``now``, as ``row`` (read just before) says (base.expiry);
+        1 if it ended it. The script checks the row again, atomically with the end, so two nodes never both
+        end a run: a run renewed meanwhile is re-scored in the index, one that ended or has no deadline (or
+        no session) leaves it, and one that would now end otherwise (a cancel came, the lease changed)
+        comes back with its row, to go again."""
+        while True:
+            outcome, error = (row and expiry(row, now)) or ("", None)
+            data = end_data(NO_RESULT, outcome, error) if outcome else ""
+            args = self._args("overdue", session, *self._end_args(data, outcome, error, NO_RESULT), now,
+                              _arg(row and row.lease_seconds))
+
+            def reply(r: list) -> tuple[tuple[int, Session | None], tuple | None]:
+                got, told = self._end_reply(session, data, r)
+                if r[0] == 0:  # not due: what the script did to the index, done here on Cluster
+                    if got is not None and not got.completed and got.deadline is not None:
+                        self._index_later("zadd", DEADLINES, {session: got.deadline})
+                    else:
+                        self._index_later("zrem", DEADLINES, session)
+                return (r[0], got), told
+
+            code, row = await self._submit(_APPEND, session, args, reply)
+            if code >= 0:
+                return code
 
     async def ack(self, session: str, upto: int) -> Session:
         return await self._submit(_SESSION, session, self._args("ack", session, upto), self._row_reply(session))
@@ -440,17 +566,20 @@ class RedisLog(EventLog):
     async def append_input(self, session: str, item: NewInput) -> InputResult:
         tail = stored_input(item)
         args = self._args("input", session, item.kind, item.data, item.idempotency_key or "", item.approval_id or "",
-                          item.decision or "", tail, self.max_events or 0)
+                          item.decision or "", tail, self.max_events or 0, _arg(self.cancel_grace))
 
         def reply(r: list) -> tuple[InputResult, tuple | None]:
             new, (id_, kind, data, ts, event_id, aid, decision) = r[0], r[1:8]
-            epoch, status, last_id, trimmed_id, input_last_id, input_acked_id = r[8:14]
+            epoch, status, last_id, trimmed_id, input_last_id, input_acked_id, deadline = r[8:15]
             got = StoredInput(id_, kind, data, ts, event_id, aid or None, decision or None)
             row = Session(id=session, epoch=epoch, created_at=0, status=status, last_id=last_id,
-                          trimmed_id=trimmed_id, input_last_id=input_last_id, input_acked_id=input_acked_id)
+                          trimmed_id=trimmed_id, input_last_id=input_last_id, input_acked_id=input_acked_id,
+                          deadline=_int(deadline or None))
             result = InputResult(got, bool(new), input_last_id, last_id, epoch)
             if not new:
                 return result, None
+            if kind == "cancel":  # it may have pulled the deadline in
+                self._index_deadline_later(session, row.deadline)
             mirror = StoredEvent(event_id, INPUT_EVENT, mirror_data(id_, tail), True, ts)
             return result, ([mirror], row, [got])
 
@@ -459,8 +588,9 @@ class RedisLog(EventLog):
     async def ack_input(self, session: str, upto: int) -> Session:
         return await self._submit(_SESSION, session, self._args("input_ack", session, upto), self._row_reply(session))
 
-    async def put_state(self, session: str, state: Any, if_version: int | None) -> Session:
-        args = self._args("state", session, stored_json(state, "state"), "" if if_version is None else if_version)
+    async def put_state(self, session: str, state: Any, if_version: int | None, *,
+                        producer: int | None = None) -> Session:
+        args = self._args("state", session, stored_json(state, "state"), _arg(if_version), _arg(producer))
         return await self._submit(_SESSION, session, args, self._row_reply(session))
 
     async def trim(self, session: str, through: int) -> Session:
@@ -473,6 +603,7 @@ class RedisLog(EventLog):
             if done >= 0:
                 self._index_later("zrem", INDEX, session)
                 self._index_later("zrem", EXPIRING, session)
+                self._index_later("zrem", DEADLINES, session)
             return done, (([], None) if done == 1 else None)
         return reply
 
@@ -488,9 +619,15 @@ class RedisLog(EventLog):
             removed += await self._submit(_SESSION, session, args, self._removal_reply(session)) == 1
         return removed
 
-    def _index_later(self, command: str, key: str, *args: Any) -> None:
+    def _index_later(self, command: str, key: str, *args: Any, **options: Any) -> None:
         if self.cluster:
-            self._index_updates.append((command, key, *args))
+            self._index_updates.append((command, key, args, options))
+
+    def _index_deadline_later(self, session: str, deadline: int | None) -> None:
+        """Cluster: index a deadline a write set or may have moved earlier. ``LT``: an update that lands after
+        another node's earlier one never raises the entry above it (only the sweeper raises entries)."""
+        if deadline is not None:
+            self._index_later("zadd", DEADLINES, {session: deadline}, lt=True)
 
     # -- the writer ---------------------------------------------------------------------
 
@@ -624,8 +761,8 @@ class RedisLog(EventLog):
     async def _update_index(self) -> None:
         updates, self._index_updates = self._index_updates, []
         pipe = self._redis.pipeline(transaction=False)
-        for command, *args in updates:
-            getattr(pipe, command)(*args)
+        for command, key, args, options in updates:
+            getattr(pipe, command)(key, *args, **options)
         try:
             await pipe.execute()
         except RedisError as exc:

@@ -1,59 +1,80 @@
--- Create a session, append events to it, or complete it: one atomic step on one
+-- Create a session, append events to it, or end its run: one atomic step on one
 -- session's keys (the key layout is in redis.py). Every check runs before the
--- first write, so an error reply leaves the session as it was.
+-- first write, so an error reply leaves the session as it was. redis_run.lua
+-- comes first (meta, name, now, fencing, leases).
 --
 -- KEYS: meta, events, idempotency keys, presence, inputs, input keys, approvals,
---       [index of sessions, expiry schedule]
---       (the last two only outside Redis Cluster: they live in other slots)
+--       [index of sessions, expiry schedule, index of deadlines]
+--       (the last three only outside Redis Cluster: they live in other slots)
 -- ARGV: op, session, now (ms), channel, origin (the node writing), then by op:
---   create    epoch, metadata JSON ('' none), ttl seconds ('' none)
---   append    epoch (if created), create (1|0), max events (0: no limit),
---             then 4 per event: type, data, is JSON (1|0), idempotency key ('' none)
---   complete  result JSON, default ttl seconds ('' none)
--- Errors are replies 'GW <code>'.
+--   create    epoch, metadata JSON ('' none), ttl seconds ('' none), lease seconds ('' none),
+--             webhook URL ('' none)
+--   append    epoch (if created), create (1|0), max events (0: no limit), producer epoch ('' none),
+--             lease seconds if created ('' none), then 4 per event: type, data, is JSON (1|0),
+--             idempotency key ('' none)
+--   complete  end event data, default ttl seconds ('' none), outcome, error JSON ('' none),
+--             result JSON, producer epoch ('' none)
+--   overdue   as complete, but for the producer epoch: the time the run is due by (ms), and the
+--             lease seconds ('' none) the outcome and error were chosen for
+-- append replies epoch, status, created_at, last_id, trimmed_id, created (1|0), deadline ('' none),
+-- then 2 per event: its id, new (1|0).
+-- complete and overdue reply 1 (the run ended now) or 0 (it had already, or is not due;
+-- overdue: -1 if it would end otherwise than the caller chose), then the row.
+-- Errors are replies 'GW <code> [detail]'.
 
-local meta, events, idem, approvals, index, expiring = KEYS[1], KEYS[2], KEYS[3], KEYS[7], KEYS[8], KEYS[9]
-local op, name, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local events, idem, approvals, index, expiring = KEYS[2], KEYS[3], KEYS[7], KEYS[8], KEYS[9]
+local op, channel = ARGV[1], ARGV[4]
 local origin = table.remove(ARGV, 5)  -- what follows keeps the places the ops below use
 
 local function publish(epoch, last_id, status)
   redis.call('PUBLISH', channel, name .. '\t' .. epoch .. '\t' .. last_id .. '\t' .. status .. '\t' .. origin)
 end
 
-local function create(epoch)
+local function create(epoch, lease, webhook)
   redis.call('HSET', meta, 'epoch', epoch, 'created_at', now, 'status', 'open', 'last_id', 0, 'trimmed_id', 0,
              'acked_id', 0, 'state_version', 0, 'state_as_of', 0)
+  if lease ~= '' then redis.call('HSET', meta, 'lease_seconds', lease) end
+  if webhook ~= '' then redis.call('HSET', meta, 'webhook_url', webhook) end
+  index_deadline(renew())
   if index then redis.call('ZADD', index, now, name) end
+end
+
+local function with_row(code)
+  local reply = redis.call('HGETALL', meta)
+  table.insert(reply, 1, code)
+  return reply
 end
 
 local exists = redis.call('EXISTS', meta) == 1
 
 if op == 'create' then
   if exists then return redis.error_reply('GW session_exists') end
-  create(ARGV[5])
+  create(ARGV[5], ARGV[8], ARGV[9])
   if ARGV[6] ~= '' then redis.call('HSET', meta, 'metadata', ARGV[6]) end
   if ARGV[7] ~= '' then redis.call('HSET', meta, 'ttl_seconds', ARGV[7]) end
   return redis.call('HGETALL', meta)
 end
 
 if op == 'append' then
-  local created = 0
+  local producer, created = ARGV[8], 0
+  if not exists and ARGV[6] ~= '1' then return redis.error_reply('GW session_not_found') end
+  local refused = fenced(producer)
+  if refused then return refused end
   if not exists then
-    if ARGV[6] ~= '1' then return redis.error_reply('GW session_not_found') end
-    create(ARGV[5])
+    create(ARGV[5], ARGV[9], '')
     created = 1
   end
   local row = redis.call('HMGET', meta, 'epoch', 'status', 'created_at', 'last_id', 'trimmed_id')
   local last_id, trimmed = tonumber(row[4]), tonumber(row[5])
   local known, fresh = {}, 0
-  for i = 8, #ARGV, 4 do
+  for i = 10, #ARGV, 4 do
     if ARGV[i + 3] ~= '' then known[i] = redis.call('HGET', idem, ARGV[i + 3]) end
     if not known[i] then fresh = fresh + 1 end
   end
   -- A retry of an event already stored still learns its id; anything new is refused.
   if fresh > 0 and row[2] == 'completed' then return redis.error_reply('GW session_completed') end
-  local out, batch, added = {row[1], row[2], row[3], 0, 0, created}, {}, 0
-  for i = 8, #ARGV, 4 do
+  local out, batch, added = {row[1], row[2], row[3], 0, 0, created, ''}, {}, 0
+  for i = 10, #ARGV, 4 do
     local key = ARGV[i + 3]
     local id = known[i] or (key ~= '' and batch[key])
     if id then
@@ -90,30 +111,56 @@ if op == 'append' then
     redis.call('HSET', meta, 'last_id', last_id, 'trimmed_id', trimmed)
     publish(row[1], last_id, 'open')
   end
-  out[4], out[5] = last_id, trimmed
+  adopt(producer)
+  out[4], out[5], out[7] = last_id, trimmed, renew() or ''
   return out
 end
 
-if op == 'complete' then
-  if not exists then return redis.error_reply('GW session_not_found') end
-  local row = redis.call('HMGET', meta, 'epoch', 'status', 'ttl_seconds')
-  local added = 0
-  if row[2] ~= 'completed' then
-    local last_id = redis.call('HINCRBY', meta, 'last_id', 1)
-    redis.call('HSET', meta, 'status', 'completed', 'completed_at', now, 'result', ARGV[5])
-    redis.call('XADD', events, string.format('%d-0', last_id), 'e', 'gateway.end', 'd', ARGV[5], 'j', 1, 't', now)
-    local ttl = tonumber(row[3] or ARGV[6])
-    if ttl then
-      local due = string.format('%d', tonumber(now) + ttl * 1000)
-      redis.call('HSET', meta, 'expires_at', due)
-      if expiring then redis.call('ZADD', expiring, due, name) end
-    end
-    publish(row[1], last_id, 'completed')
-    added = 1
+if op == 'complete' or op == 'overdue' then
+  if not exists then
+    if op == 'complete' then return redis.error_reply('GW session_not_found') end
+    unindex_deadline()
+    return with_row(0)
   end
-  local reply = redis.call('HGETALL', meta)
-  table.insert(reply, 1, added)
-  return reply
+  local row = redis.call('HMGET', meta, 'epoch', 'status', 'ttl_seconds', 'outcome', 'deadline',
+                         'cancel_requested_at', 'lease_seconds')
+  local outcome = ARGV[7]
+  if op == 'complete' then
+    local refused = fenced(ARGV[10])
+    if refused then return refused end
+    if row[2] == 'completed' then  -- the same end again changes nothing (redis.py compares the result)
+      local ended = row[4] or 'completed'  -- a run ended before outcomes were kept completed
+      if outcome ~= ended then return redis.error_reply('GW session_completed ' .. ended) end
+      adopt(ARGV[10])
+      return with_row(0)
+    end
+    adopt(ARGV[10])
+  else  -- the sweeper's: end the run only if it is due, checked here, atomically with the end
+    if row[2] == 'completed' or not row[5] then
+      unindex_deadline()
+      return with_row(0)
+    end
+    if tonumber(row[5]) > tonumber(ARGV[10]) then  -- renewed since it was indexed
+      index_deadline(row[5])
+      return with_row(0)
+    end
+    local ends_as = row[6] and 'cancelled' or 'timed_out'  -- as base.expiry: a cancel was asked for, or not
+    if outcome ~= ends_as or (ends_as == 'timed_out' and (row[7] or '') ~= ARGV[11]) then return with_row(-1) end
+  end
+  local last_id = redis.call('HINCRBY', meta, 'last_id', 1)
+  redis.call('HSET', meta, 'status', 'completed', 'completed_at', now, 'outcome', outcome, 'result', ARGV[9])
+  if ARGV[8] ~= '' then redis.call('HSET', meta, 'error', ARGV[8]) end
+  redis.call('HDEL', meta, 'deadline')
+  unindex_deadline()
+  redis.call('XADD', events, string.format('%d-0', last_id), 'e', 'gateway.end', 'd', ARGV[5], 'j', 1, 't', now)
+  local ttl = tonumber(row[3] or ARGV[6])
+  if ttl then
+    local due = string.format('%d', tonumber(now) + ttl * 1000)
+    redis.call('HSET', meta, 'expires_at', due)
+    if expiring then redis.call('ZADD', expiring, due, name) end
+  end
+  publish(row[1], last_id, 'completed')
+  return with_row(1)
 end
 
 return redis.error_reply('GW unknown_op')

@@ -1,28 +1,31 @@
 -- Store one input of a session (user -> agent) and append its mirror event
 -- (gateway.input) to the session's output: one atomic step on one session's keys
 -- (the key layout is in redis.py). Every check runs before the first write, so
--- an error reply leaves the session as it was.
+-- an error reply leaves the session as it was. redis_run.lua comes first (meta,
+-- name, now, leases).
 --
 -- KEYS: meta, events, idempotency keys, presence, inputs, input keys, approvals,
---       [index of sessions, expiry schedule]
+--       [index of sessions, expiry schedule, index of deadlines]
 -- ARGV: op ('input'), session, now (ms), channel, origin (the node writing), then
 --       kind, data JSON, idempotency key ('' none), approval id ('' none), decision ('' none),
---       the mirror's JSON after its leading '{"input_id":N,' (models.mirror_tail), max events (0: no limit)
+--       the mirror's JSON after its leading '{"input_id":N,' (models.mirror_tail), max events (0: no limit),
+--       cancel grace seconds ('' none: a cancel does not move the deadline)
 -- Reply: new (1|0), then the input (id, kind, data, ts, event_id, approval_id, decision; '' for none),
---        then the row (epoch, status, last_id, trimmed_id, input_last_id, input_acked_id).
+--        then the row (epoch, status, last_id, trimmed_id, input_last_id, input_acked_id, deadline ('' none)).
 -- Errors are replies 'GW <code> [detail]'.
 
-local meta, events, inputs, ikeys, approvals = KEYS[1], KEYS[2], KEYS[5], KEYS[6], KEYS[7]
-local name, now, channel, origin = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local events, inputs, ikeys, approvals = KEYS[2], KEYS[5], KEYS[6], KEYS[7]
+local channel, origin = ARGV[4], ARGV[5]
 local kind, data, key, approval_id, decision, tail = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
-local max_events = tonumber(ARGV[12])
+local max_events, grace = tonumber(ARGV[12]), ARGV[13]
 
 if ARGV[1] ~= 'input' then return redis.error_reply('GW unknown_op') end
 if redis.call('EXISTS', meta) == 0 then return redis.error_reply('GW session_not_found') end
 
 local function row()
-  local r = redis.call('HMGET', meta, 'epoch', 'status', 'last_id', 'trimmed_id', 'input_last_id', 'input_acked_id')
-  return {r[1], r[2], tonumber(r[3]), tonumber(r[4]), tonumber(r[5] or 0), tonumber(r[6] or 0)}
+  local r = redis.call('HMGET', meta, 'epoch', 'status', 'last_id', 'trimmed_id', 'input_last_id', 'input_acked_id',
+                      'deadline')
+  return {r[1], r[2], tonumber(r[3]), tonumber(r[4]), tonumber(r[5] or 0), tonumber(r[6] or 0), r[7] or ''}
 end
 
 local function input_reply(new, id)
@@ -63,6 +66,18 @@ if approval_id ~= '' then
   redis.call('HSET', approvals, approval_id, input_id)
 end
 redis.call('XADD', inputs, string.format('%d-0', input_id), unpack(fields))
+if kind == 'cancel' and not redis.call('HGET', meta, 'cancel_requested_at') then
+  -- the first cancel: renewals stop, and the grace (if any) pulls the deadline in
+  redis.call('HSET', meta, 'cancel_requested_at', now)
+  if grace ~= '' then
+    local deadline, stop = redis.call('HGET', meta, 'deadline'), tonumber(now) + tonumber(grace) * 1000
+    if not deadline or stop < tonumber(deadline) then
+      deadline = string.format('%d', stop)
+      redis.call('HSET', meta, 'deadline', deadline)
+      index_deadline(deadline)
+    end
+  end
+end
 if key ~= '' then redis.call('HSET', ikeys, key, input_id) end
 redis.call('HSET', meta, 'last_id', last_id, 'trimmed_id', trimmed, 'input_last_id', input_id)
 redis.call('PUBLISH', channel, name .. '\t' .. r[1] .. '\t' .. last_id .. '\topen\t' .. origin .. '\t' .. input_id)
