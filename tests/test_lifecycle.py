@@ -269,10 +269,10 @@ def test_a_subscriber_sees_a_silent_agent_time_out(gateway):
 
 @pytest.mark.system
 def test_a_lease_ends_the_run_on_another_redis_node_when_the_agent_s_node_dies(start_gateway, redis_server):
-    a = start_gateway(backend="redis", redis_url=redis_server)
-    b = start_gateway(backend="redis", redis_url=redis_server)
+    a = start_gateway("--backend", "redis", "--redis-url", redis_server)
+    b = start_gateway("--backend", "redis", "--redis-url", redis_server)
     with httpx.Client(base_url=a.url, timeout=10) as c:
-        c.post("/v1/sessions", json={"id": "far", "lease_seconds": 2})
+        c.post("/v1/sessions", json={"id": "far", "lease_seconds": 5})
         for i in range(3):
             c.post("/v1/sessions/far/events", json={"data": i})
     with httpx.Client(base_url=b.url, timeout=30) as client, \
@@ -286,3 +286,4 @@ def test_a_lease_ends_the_run_on_another_redis_node_when_the_agent_s_node_dies(s
                 break
     assert [int(e.id.split(":")[0]) for e in seen] == [1, 2, 3, 4]
     assert json.loads(seen[-1].data)["status"] == "timed_out"
+    assert "sse_gateway_runs_expired_total 1.0" in httpx.get(b.url + "/metrics").text  # node b ended it
