@@ -398,6 +398,9 @@ class SqliteLog(EventLog):
     async def expire(self, now: int) -> int:
         due = await self._query("SELECT name FROM sessions WHERE deadline <= ? AND status = 'open'", (now,))
         ended = await asyncio.gather(*(self._submit("expire", name, now) for name, in due), return_exceptions=True)
+        failed = [e for e in ended if isinstance(e, BaseException) and not isinstance(e, NotFound)]
+        if failed:  # (a session deleted since it was found due is not a failure)
+            raise failed[0]
         return sum(1 for e in ended if e is True)
 
     async def ack(self, session: str, upto: int) -> Session:
