@@ -204,7 +204,8 @@ export interface ConnectOptions<V = any> {
   /** Backoff after a failed attempt, first and largest, in ms (1000, 30000). */
   retryMs?: number;
   maxRetryMs?: number;
-  /** Give up ("unreachable") after this long without a connection, in ms (default 60000). */
+  /** Give up ("unreachable") after this long without a connection, in ms (default 60000); an input's
+   * retries (send, cancel, approve) go on for as long. */
   giveUpMs?: number;
   /** ... or after this many failed attempts in a row (default Infinity). */
   maxAttempts?: number;

@@ -33,12 +33,14 @@
  * gateway answers 204 (the cursor is already at the end) it fetches the session for the result
  * and the outcome. Failures that retrying cannot fix are reported once through onError with a
  * code instead of reconnecting forever; a 401 first asks options.getToken() for a fresh
- * subscribe token.
+ * subscribe token; coming back online retries at once.
  * The return path: send/cancel/approve POST to the session's /input with the stream's token (one
  * minted with the "input" scope) or cookies, each with an idempotency key (one per call, sent
- * again on a retry), and reject with {code, status, message} where `code` is the gateway's
- * (approval_answered, insufficient_scope, session_completed, ...). Every tab sees each input once,
- * as a gateway.input event: onInput, and `reduce` too when "gateway.input" is in `events`.
+ * again on each retry: network failures, 429 and 5xx are retried for up to giveUpMs, and while
+ * the browser is offline the retry waits for it to be online), and reject with {code, status,
+ * message} where `code` is the gateway's (approval_answered, insufficient_scope,
+ * session_completed, ...). Every tab sees each input once, as a gateway.input event: onInput, and
+ * `reduce` too when "gateway.input" is in `events`.
  * approval.request events open `stream.approvals[approvalId]` until an input answers them.
  * Heartbeats (": ping" comments) keep proxies from closing a quiet stream; EventSource never
  * surfaces them, so `lastEventAt` only moves on events.
@@ -71,8 +73,23 @@
     return pageKeys.prefix + "-" + pageKeys.n;
   }
 
-  function sleep(ms) {
-    return new Promise((resolve) => setTimeout(resolve, ms));
+  /** Wait `ms`, or less: the browser coming back online ends the wait at once. */
+  function pause(ms) {
+    return new Promise((resolve) => {
+      const listens = typeof root.addEventListener === "function";
+      const done = () => {
+        clearTimeout(timer);
+        if (listens) root.removeEventListener("online", done);
+        resolve();
+      };
+      const timer = setTimeout(done, Math.min(ms, 2147483647));
+      if (listens) root.addEventListener("online", done);
+    });
+  }
+
+  /** true when the browser says it has no network (navigator.onLine); elsewhere never. */
+  function offline() {
+    return !!(root.navigator && root.navigator.onLine === false);
   }
 
   /**
@@ -191,6 +208,11 @@
       this._watchdog = null;
       this._saveTimer = null;
       this._flush = () => this._write();
+      this._listening = false;
+      this._online = () => {
+        // Back online: a stream waiting out its backoff tries again now.
+        if (this.state === "reconnecting" && this._timer) this._schedule(0);
+      };
 
       const record = this._load();
       if (record) {
@@ -276,6 +298,7 @@
     async _sendInput(body) {
       if (!this.sessionUrl) throw this._inputError("no_session_url", 0, "no session URL to send input to");
       let refreshed = false;
+      const started = Date.now();
       for (let attempt = 0; ; attempt++) {
         let res = null;
         try {
@@ -293,21 +316,20 @@
             // no new token: the 401 is the answer
           }
         }
+        // A lost answer is not a lost input: the gateway may have stored it. Retrying with the same
+        // key is the only way to know, so the retries go on (within giveUpMs) rather than give up
+        // and let the user press again, which would send a second input.
         const retryable = !res || res.status === 429 || res.status >= 500;
-        if (!retryable || attempt >= 3) {
+        const left = this.giveUpMs - (Date.now() - started);
+        if (!retryable || !(left > 0)) {
           if (!res) throw this._inputError("unreachable", 0, "the gateway could not be reached");
-          let answer = null;
-          try {
-            answer = await res.json();
-          } catch (_) {
-            answer = null;
-          }
-          const error = answer && answer.error;
-          throw this._inputError(error && error.code ? error.code : "http_" + res.status, res.status,
-            (error && error.message) || "the gateway refused the input", answer);
+          throw await this._refusal(res, "the gateway refused the input");
         }
         const retryAfter = res ? Number(res.headers.get("retry-after")) || 0 : 0;
-        await sleep(Math.max(retryAfter * 1000, this.retryMs * 2 ** attempt * (0.5 + Math.random() / 2)));
+        const backoff = Math.min(this.maxRetryMs, this.retryMs * 2 ** Math.min(attempt, 30))
+          * (0.5 + Math.random() / 2);
+        // Offline: nothing can get through before the browser is online again, which ends the pause.
+        await pause(offline() ? left : Math.min(left, Math.max(retryAfter * 1000, backoff)));
       }
     }
 
@@ -406,6 +428,7 @@
 
     _open() {
       this._timer = null;
+      this._listen(true);
       this._arm();
       const source = new EventSource(this._streamUrl(), { withCredentials: !!this.options.withCredentials });
       this._source = source;
@@ -669,12 +692,21 @@
     }
 
     _stop(state) {
+      this._listen(false);
       clearTimeout(this._timer);
       clearTimeout(this._watchdog);
       this._timer = null;
       this._watchdog = null;
       this._detach();
       this._setState(state);
+    }
+
+    /** Hear the browser coming back online while the stream runs. */
+    _listen(on) {
+      if (on === this._listening || typeof root.addEventListener !== "function") return;
+      this._listening = on;
+      if (on) root.addEventListener("online", this._online);
+      else root.removeEventListener("online", this._online);
     }
 
     _setState(state) {
