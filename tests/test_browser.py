@@ -6,7 +6,8 @@
   storage), gets the result (also after a ``204``) and acknowledges the end;
   failures are reported with a code (401, 404, a stopped gateway, a refused
   origin); an expired subscribe token is refreshed;
-* the demo page, with a screenshot in ``test-artifacts/demo.png``.
+* the demo page, with a screenshot in ``test-artifacts/demo.png``: its Stop
+  button ends a run as cancelled, and another tab sees the cancel once.
 
 Pages are served from the gateway's origin (or the proxy's), so every
 stream is same-origin and reconnects go where the page came from. The
@@ -552,7 +553,7 @@ WATCH_PAGE = """<!doctype html><meta charset="utf-8"><title>another tab</title>
   SSEGateway.connect(new URLSearchParams(location.search).get("stream"), {
     events: ["token"],
     onInput: (input) => window.inputs.push([input.inputId, input.kind, input.event.id]),
-    onEnd: (end) => { window.ended = end.result; },
+    onEnd: (end) => { window.ended = { data: end.result, outcome: end.outcome }; },
   });
 </script>"""
 
@@ -580,18 +581,24 @@ async def test_the_demo_pages_stop_button_stops_the_run_and_another_tab_sees_the
     await page.click("#stop")
     await page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
     verdict = await page.locator("#verdict").inner_text()
-    assert verdict.startswith("Stopped: the run was cancelled"), verdict
-    assert "without a hole or a repeat" in verdict and await page.locator("#stop").is_disabled()
-    assert "cancel; the agent stops" in await page.locator("#timeline").inner_text()
+    assert verdict.startswith("Cancelled after"), verdict
+    assert "without a hole or a repeat" in verdict and "matches the partial result" in verdict
+    assert await page.locator("#stop").is_disabled()
+    assert await page.locator("#outcome-label").inner_text() == "Cancelled"
+    assert "the user pressed Stop" in await page.locator("#outcome-detail").inner_text()
+    timeline = await page.locator("#timeline").inner_text()
+    assert "gateway.input #1: cancel" in timeline and "gateway.end: the run ended cancelled;" in timeline
 
     await other.wait_for_function("window.ended !== null", timeout=30_000)
     inputs = await other.evaluate("window.inputs")
-    result = await other.evaluate("window.ended")
+    ended = await other.evaluate("window.ended")
     await other.context.close()
     session = httpx.get(f"{gw.url}/v1/sessions/{run['session']}").json()
     assert [kind for _, kind, _ in inputs] == ["cancel"] and inputs[0][0] == 1, "the other tab saw it once"
-    assert session["result"]["cancelled"] is True and result == session["result"]
-    assert session["result"]["reason"] == "the user pressed Stop"
+    error = {"code": "cancelled", "message": "the user pressed Stop"}
+    assert (session["run_status"], session["error"]) == ("cancelled", error)
+    assert ended["outcome"] == {"status": "cancelled", "error": error, "result": session["result"]}
+    assert ended["data"] == {"status": "cancelled", "error": error, "result": session["result"]}
     assert session["result"]["tokens"] < 300, "the run stopped typing"
     assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()
 
@@ -609,9 +616,11 @@ async def test_the_demo_pages_approval_prompt_approves_the_tool_call(start_gatew
     await page.wait_for_function("document.getElementById('status').textContent === 'completed'", timeout=30_000)
     run = await demo_view(page)
     session = httpx.get(f"{gw.url}/v1/sessions/{run['session']}").json()
-    assert session["result"]["tool"] == "approve" and "cancelled" not in session["result"]
+    assert session["result"]["tool"] == "approve" and session["run_status"] == "completed"
+    assert await page.locator("#outcome-label").inner_text() == "Completed"
     assert session["input_last_id"] == session["input_acked_id"] == 1
     timeline = await page.locator("#timeline").inner_text()
     assert "you sent approve for search_docs" in timeline and "gateway.input #1: approve" in timeline
     assert (await page.locator("#verdict").inner_text()).startswith("Complete.")
     assert (run["view"]["missing"], run["view"]["duplicates"]) == (0, 0)
+
