@@ -28,7 +28,8 @@ async def test_a_demo_run_types_pauses_past_the_heartbeat_and_completes(start_ga
     result = json.loads(got.data[-1])
     assert result["text"] == text and result["tokens"] == got.events.count("token")
     assert result["seconds"] >= 2.0, "the tool pause must outlast the heartbeat"
-    row = httpx.get(f"{gw.url}/v1/sessions/{run['session']}").json()
+    async with httpx.AsyncClient() as api:
+        row = (await api.get(f"{gw.url}/v1/sessions/{run['session']}")).json()
     assert (row["run_status"], row["error"], row["result"]) == ("completed", None, result)
 
 
