@@ -74,8 +74,9 @@
     const asked = query.get("session"); // a run to show, from a link (another tab's "watch" link)
     if (!asked || (stored && stored.session === asked)) return stored;
     const token = query.get("token");
-    const shown = { session: asked, heartbeat: null,
-      streamUrl: `/v1/sessions/${encodeURIComponent(asked)}/stream` + (token ? `?token=${encodeURIComponent(token)}` : "") };
+    const streamUrl = `/v1/sessions/${encodeURIComponent(asked)}/stream`
+      + (token ? `?token=${encodeURIComponent(token)}` : "");
+    const shown = { session: asked, streamUrl, heartbeat: null };
     sessionStorage.setItem(CURRENT, JSON.stringify(shown));
     return shown;
   }
@@ -171,9 +172,9 @@
     const result = outcome.result || {};
     const label = LABELS[outcome.status] || outcome.status;
     const ids = view.missing === 0 && view.duplicates === 0;
+    const after = result.tokens !== undefined ? ` after ${result.tokens} tokens` : "";
     const what = outcome.status === "completed" ? "Complete."
-      : outcome.status === "cancelled" ? `Cancelled${result.tokens !== undefined ? ` after ${result.tokens} tokens` : ""}.`
-      : `The run ${label}.`;
+      : outcome.status === "cancelled" ? `Cancelled${after}.` : `The run ${label}.`;
     const checks = `${view.events} events, ids 1–${view.lastId} without a hole or a repeat`;
     if (!ids) {
       verdict = { ok: false, text: `${what} But the stream had ${view.missing} missing and ${view.duplicates} ` +
