@@ -7,8 +7,9 @@ plus one second (so a visitor sees a quiet stream stay open; no answer: it
 goes ahead by itself, so the demo never hangs), calls the tool (or skips it
 when denied), types some more, and completes the session with the whole
 text as its result. It reads its session's input as an agent does: a
-``cancel`` stops it at once, and it completes with ``{"cancelled": true,
-...}`` and the text typed so far. The run publishes through the same path as
+``cancel`` stops it at once, and it ends the run as ``cancelled``, with the
+error ``{"code": "cancelled", "message": <the cancel's reason>}`` and the
+text typed so far as its result. The run publishes through the same path as
 an HTTP publisher, so the demo shows exactly what a real agent gets.
 
 The task is kept by ``Gateway.spawn`` and cancelled at shutdown; a run cut
@@ -46,6 +47,7 @@ TOOL_SECONDS = 1.0  # the tool call itself, once it may run
 APPROVAL_ID = "search_docs-1"
 MAX_RUNS = 16  # simulated runs at once per process; one more is 429 (each is a task of up to MAX_DURATION)
 RUNS_RETRY_AFTER = 10
+STOPPED = "the user pressed Stop"  # a cancelled run's error message when its cancel gave no reason
 
 PART_ONE = (
     "You asked why an agent's answer sometimes vanishes when the connection drops. The short version: the "
@@ -190,7 +192,8 @@ class RunInput:
 
 async def simulate(gw, session: str, duration: float, done=lambda: None) -> None:
     """Type PART_ONE, ask to run a slow tool and wait for the answer for longer than the heartbeat, run it
-    (or skip it), type PART_TWO, complete. A cancel input stops it wherever it is."""
+    (or skip it), type PART_TWO, complete. A cancel input stops it wherever it is, and the run ends as
+    cancelled."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     pause = gw.settings.heartbeat + 1.0
@@ -233,9 +236,11 @@ async def simulate(gw, session: str, duration: float, done=lambda: None) -> None
             await type_out(second)
         result: dict[str, Any] = {"text": "".join(typed), "tokens": len(typed),
                                   "seconds": round(loop.time() - started, 1), "tool": decision}
-        if inputs.cancelled:
-            result = {"cancelled": True, **({"reason": inputs.reason} if inputs.reason else {}), **result}
-        await gw.log.complete(session, result)
+        if inputs.cancelled:  # the partial result goes with the outcome
+            await gw.log.complete(session, result, outcome="cancelled",
+                                  error={"code": "cancelled", "message": inputs.reason or STOPPED})
+        else:
+            await gw.log.complete(session, result)
     except GatewayError as exc:  # the session was deleted or completed by someone else, or the store failed
         log.info("demo run %s stopped: %s", session, exc.message)
     finally:

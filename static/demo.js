@@ -3,7 +3,10 @@
 // together with the cursor (`persist: true`), so a reload restores the text and resumes right after
 // it. The page itself only remembers which run it is showing. The page also talks back: Stop sends the
 // run a cancel, and the approval prompt answers the run's approval.request (stream.cancel/approve); every
-// tab sees those inputs once, as gateway.input events in the stream.
+// tab sees those inputs once, as gateway.input events in the stream. The run's status is shown plainly:
+// running, cancelling… (a Stop is on its way or the agent has not ended the run yet), then how it ended,
+// as the helper reports it (stream.outcome: completed, failed, cancelled or timed out).
+// /?session=ID (&token=T) shows a run that is already going, e.g. in a second tab.
 (function () {
   "use strict";
 
@@ -21,6 +24,10 @@
   let toolOpens = 0;
   let answered = null; // the approval this tab answered (its buttons stay off)
   let stopSent = false; // this tab pressed Stop
+  let stopKey = null; // the idempotency key of this tab's Stop: pressing again repeats it, never a second cancel
+  let stopAnswered = false; // the gateway has this tab's cancel
+
+  const LABELS = { completed: "completed", failed: "failed", cancelled: "cancelled", timed_out: "timed out" };
 
   // -- the run's view: built from its events, one at a time ------------------------------------
 
@@ -51,18 +58,36 @@
         next.stopping = true;
         next.cancels += 1;
         next.approval = null;
-        next.step = "stopping…";
+        next.step = "cancelling…";
       }
     }
     return next;
   }
 
   function load() {
+    let stored = null;
     try {
-      return JSON.parse(sessionStorage.getItem(CURRENT));
+      stored = JSON.parse(sessionStorage.getItem(CURRENT));
     } catch (_) {
-      return null;
+      stored = null;
     }
+    const asked = query.get("session"); // a run to show, from a link (another tab's "watch" link)
+    if (!asked || (stored && stored.session === asked)) return stored;
+    const token = query.get("token");
+    const streamUrl = `/v1/sessions/${encodeURIComponent(asked)}/stream`
+      + (token ? `?token=${encodeURIComponent(token)}` : "");
+    const shown = { session: asked, streamUrl, heartbeat: null };
+    sessionStorage.setItem(CURRENT, JSON.stringify(shown));
+    return shown;
+  }
+
+  /** A link that shows this run in another tab or browser (with the run's token, if it has one). */
+  function watchLink() {
+    const u = new URL("/", origin);
+    u.searchParams.set("session", run.session);
+    const token = new URL(run.streamUrl, origin).searchParams.get("token");
+    if (token) u.searchParams.set("token", token);
+    return u.href;
   }
 
   function note(text, kind) {
@@ -134,25 +159,41 @@
   }
 
   function onInput(input) {
-    if (input.kind === "cancel") note(`gateway.input #${input.inputId}: cancel; the agent stops`, "warn");
+    if (input.kind === "cancel") {
+      note(`gateway.input #${input.inputId}: cancel; the run is cancelling until the agent ends it`, "warn");
+    }
     else if (input.kind === "approval") note(`gateway.input #${input.inputId}: ${input.decision} ${input.approvalId}`, "good");
     else note(`gateway.input #${input.inputId}: ${input.kind}`);
   }
 
   function onEnd(end) {
     const view = stream.view;
-    const result = end.result || {};
-    const exact = result.text === view.text && view.missing === 0 && view.duplicates === 0;
-    const what = result.cancelled ? `Stopped: the run was cancelled after ${result.tokens} tokens, and its result ` +
-      "says so (cancelled: true)." : "Complete.";
-    verdict = exact
-      ? { ok: true, text: `${what} ${view.events} events, ids 1–${view.lastId} without a hole or a repeat; ` +
-          "the streamed text matches the final result character for character." }
-      : { ok: false, text: `${what} But the streamed text differs from the final result ` +
-          `(${view.missing} missing, ${view.duplicates} repeated).` };
-    note(end.fromSession ? "the run had already ended (204): the helper fetched its result from the session"
-      : stream.lastEventAt === null ? "page reloaded after the end: the helper restored the text and the result"
-      : `gateway.end: ${result.tokens} tokens in ${result.seconds} s; the stream is closed`, "good");
+    const outcome = end.outcome;
+    const result = outcome.result || {};
+    const label = LABELS[outcome.status] || outcome.status;
+    const ids = view.missing === 0 && view.duplicates === 0;
+    const after = result.tokens !== undefined ? ` after ${result.tokens} tokens` : "";
+    const what = outcome.status === "completed" ? "Complete."
+      : outcome.status === "cancelled" ? `Cancelled${after}.` : `The run ${label}.`;
+    const checks = `${view.events} events, ids 1–${view.lastId} without a hole or a repeat`;
+    if (!ids) {
+      verdict = { ok: false, text: `${what} But the stream had ${view.missing} missing and ${view.duplicates} ` +
+        "repeated events." };
+    } else if (typeof result.text !== "string") {
+      verdict = { ok: outcome.status === "completed", text: `${what} ${checks}.` };
+    } else if (result.text === view.text) {
+      const which = outcome.status === "completed" ? "final" : "partial";
+      verdict = { ok: true, text: `${what} ${checks}; the streamed text matches the ${which} result character ` +
+        "for character." };
+    } else {
+      verdict = { ok: false, text: `${what} But the streamed text differs from the result.` };
+    }
+    const code = outcome.error && outcome.error.code;
+    const how = code && code !== outcome.status ? ` (${code})` : "";
+    note(end.fromSession ? `the run had already ended (204): the helper fetched how it ended from the session: ${label}`
+      : stream.lastEventAt === null ? "page reloaded after the end: the helper restored the text and the outcome"
+      : `gateway.end: the run ended ${label}${how}; the stream is closed`, outcome.status === "completed" ? "good"
+      : "warn");
     render();
   }
 
@@ -179,6 +220,13 @@
       timeline = [];
       answered = null;
       stopSent = false;
+      stopKey = null;
+      stopAnswered = false;
+      if (query.has("session")) { // this tab now shows its own run, also after a reload
+        query.delete("session");
+        query.delete("token");
+        history.replaceState(null, "", "/" + (query.toString() ? `?${query}` : ""));
+      }
       note(`run ${run.session} started`);
       connect();
     } catch (err) {
@@ -214,9 +262,12 @@
   function stop() {
     if (!stream || stream.state === "ended") return;
     stopSent = true;
+    stopKey = stopKey || `stop-${run.session}-${Math.random().toString(36).slice(2, 10)}`;
     $("stop").disabled = true;
-    sendInput("a cancel", () => stream.cancel("the user pressed Stop")).then((ok) => {
-      stopSent = ok; // refused: Stop may be pressed again
+    note("you pressed Stop: sending a cancel (retried with the same key until the gateway has it)", "warn");
+    sendInput("a cancel", () => stream.cancel("the user pressed Stop", { idempotencyKey: stopKey })).then((ok) => {
+      stopSent = ok; // not taken: Stop may be pressed again, and sends the same cancel
+      stopAnswered = ok;
       render();
     });
   }
@@ -246,6 +297,7 @@
     const over = !stream || state === "ended" || state === "closed" || state === "failed";
     $("drop").disabled = over;
     $("stop").disabled = over || stopSent || stream.view.stopping;
+    renderOutcome(state);
     const box = $("verdict");
     box.hidden = !verdict;
     if (verdict) {
@@ -264,13 +316,12 @@
       text.append(caret);
     }
     text.scrollTop = text.scrollHeight;
-    const result = stream.result || {};
-    const status = ended ? (result.cancelled ? "cancelled" : result.error ? "failed" : "completed")
-      : view.stopping ? "stopping" : view.approval ? "waiting for approval" : "running";
+    const status = runStatus(state);
     $("status").textContent = status;
     $("status").dataset.status = status;
     $("step").textContent = ended ? status : view.step;
-    $("step").dataset.step = ended ? "done" : view.step.startsWith("calling") ? "tool" : "busy";
+    $("step").dataset.step = ended ? (stream.outcome ? stream.outcome.status : "done")
+      : view.step.startsWith("calling") ? "tool" : "busy";
     const approval = ended ? null : view.approval;
     $("approval").hidden = !approval;
     if (approval) {
@@ -287,7 +338,10 @@
     ids.textContent = view.lastId === 0 ? "–" : view.missing || view.duplicates
       ? `${view.missing} missing, ${view.duplicates} repeated` : `1–${view.lastId}, contiguous`;
     ids.className = view.missing || view.duplicates ? "bad" : view.lastId ? "good" : "";
-    $("heartbeat").textContent = run.heartbeat;
+    if (run.heartbeat) $("heartbeat").textContent = run.heartbeat;
+    const link = $("watch");
+    link.hidden = false;
+    link.href = watchLink();
     renderActivity();
 
     $("timeline").replaceChildren(...timeline.slice().reverse().map((item) => {
@@ -305,6 +359,46 @@
     $("curl").textContent = `${replay}\n\n# the run's status, presence and final result:\ncurl ${session}`;
   }
 
+  /** The run's status in a word or two: running, waiting for approval, cancelling…, or how it ended. */
+  function runStatus(state) {
+    if (state === "ended" && stream.outcome) return LABELS[stream.outcome.status] || stream.outcome.status;
+    if (stream.view.stopping || stopSent) return "cancelling…";
+    return stream.view.approval ? "waiting for approval" : "running";
+  }
+
+  /** The banner over the text: what is happening to the run, for someone who just arrived. */
+  function renderOutcome(state) {
+    const box = $("outcome");
+    if (!run || !stream) {
+      box.hidden = true;
+      return;
+    }
+    const status = runStatus(state);
+    const outcome = state === "ended" ? stream.outcome : null;
+    const error = outcome && outcome.error ? outcome.error : null;
+    const why = error && error.message ? error.message : null;
+    let detail;
+    if (outcome && outcome.status === "completed") detail = "The agent finished: the text below is its result.";
+    else if (outcome && outcome.status === "cancelled") {
+      detail = error && error.code === "cancel_unconfirmed"
+        ? "Stop was pressed and the agent never confirmed, so the gateway ended the run."
+        : `The agent stopped at the user's request${why ? ` (“${why}”)` : ""}. The text below is what it had written.`;
+    } else if (outcome && outcome.status === "timed_out") {
+      detail = "The agent went silent, so the gateway ended the run.";
+    } else if (outcome) detail = `The agent reported an error${why ? `: ${why}` : ""}.`;
+    else if (status === "cancelling…") {
+      detail = stopSent && !stopAnswered && !stream.view.stopping
+        ? "Sending Stop to the agent… it is retried until the gateway has it."
+        : "Stop was sent. The run ends as soon as the agent confirms.";
+    } else if (status === "waiting for approval") detail = "The agent asks before calling a tool: answer below.";
+    else detail = state === "failed" ? "The page lost the stream." : "The agent is writing. Stop cancels the run.";
+    box.hidden = false;
+    box.dataset.status = outcome ? outcome.status : status === "cancelling…" ? "cancelling"
+      : status === "waiting for approval" ? "waiting" : "running";
+    $("outcome-label").textContent = status[0].toUpperCase() + status.slice(1);
+    $("outcome-detail").textContent = detail;
+  }
+
   function renderActivity() {
     const activity = $("activity");
     if (!stream || !stream.lastEventAt) {
@@ -319,8 +413,9 @@
     const quiet = (Date.now() - stream.lastEventAt) / 1000;
     const open = stream.state === "open";
     activity.textContent = quiet < 1 ? "just now" : `${quiet.toFixed(1)} s ago`;
-    activity.className = open && quiet > run.heartbeat ? "quiet" : "";
-    activity.title = open && quiet > run.heartbeat ? "quiet, but the heartbeats keep the connection open" : "";
+    const quietSpell = open && run.heartbeat && quiet > run.heartbeat;
+    activity.className = quietSpell ? "quiet" : "";
+    activity.title = quietSpell ? "quiet, but the heartbeats keep the connection open" : "";
   }
 
   // -- start-up -------------------------------------------------------------------------

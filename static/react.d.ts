@@ -8,6 +8,7 @@ import type {
   GatewayStream,
   InputKind,
   InputSent,
+  Outcome,
   SendOptions,
   StreamState,
 } from "./sse-gateway.js";
@@ -30,8 +31,10 @@ export interface SessionSnapshot<V> {
   /** The reduced view, or the list of events without `reduce`. */
   view: V;
   status: StreamState | "idle";
-  /** The run's result once it ended (undefined before). */
+  /** gateway.end's data, the run's result, once it ended (undefined before). */
   result: any;
+  /** How the run ended, {status, result, error}, once it did (undefined before). */
+  outcome: Outcome | undefined;
   ended: boolean;
   error: GatewayError | null;
   cursor: string | null;

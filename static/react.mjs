@@ -1,7 +1,7 @@
 // useGatewaySession: a React hook over the sse-gateway helper. React is a peer dependency.
 //
 //   import { useGatewaySession } from "sse-gateway-client/react";
-//   const { view, status, result, error } = useGatewaySession({
+//   const { view, status, outcome, error } = useGatewaySession({
 //     url: `/v1/sessions/${id}/stream`,
 //     events: ["token"],
 //     initial: { text: "" },
@@ -10,7 +10,8 @@
 //   });
 //
 // Without `reduce`, `view` is the list of events received: [{id, type, cursor, data}] (data parsed as JSON
-// when it is JSON). The stream opens when the component mounts (or `url` changes) and closes when it unmounts.
+// when it is JSON). `outcome` is how the run ended, {status, result, error}, once it did (`result` stays
+// gateway.end's data). The stream opens when the component mounts (or `url` changes) and closes when it unmounts.
 // `send(kind, data)`, `cancel(reason)` and `approve(approvalId, decision)` post input for the agent (a token
 // with the "input" scope); `approvals` holds the approvals the agent asked for (decision null while open).
 import { useCallback, useEffect, useRef, useState } from "react";
@@ -35,8 +36,8 @@ export function useGatewaySession(options) {
   latest.current = opts;
   const persistKey = opts.persist ? (opts.persist === true ? "default" : opts.persist.key || "default") : "";
   const [snap, setSnap] = useState(() => ({
-    view: firstView(opts), status: url ? "connecting" : "idle", result: undefined, ended: false, error: null,
-    cursor: null, stream: null, approvals: {},
+    view: firstView(opts), status: url ? "connecting" : "idle", result: undefined, outcome: undefined, ended: false,
+    error: null, cursor: null, stream: null, approvals: {},
   }));
   const streamRef = useRef(null);
   const noStream = () => {
@@ -87,7 +88,7 @@ export function useGatewaySession(options) {
         forward("onState")(status, s);
       },
       onEnd: (end, s) => {
-        setSnap((p) => ({ ...p, result: end.result, ended: true, cursor: s.cursor }));
+        setSnap((p) => ({ ...p, result: end.result, outcome: end.outcome, ended: true, cursor: s.cursor }));
         forward("onEnd")(end, s);
       },
       onError: (error, s) => {
@@ -96,8 +97,9 @@ export function useGatewaySession(options) {
       },
     });
     streamRef.current = stream;
-    setSnap({ view: stream.view, status: stream.state, result: stream.result, ended: stream.state === "ended",
-      error: null, cursor: stream.cursor, stream, approvals: { ...stream.approvals } });
+    setSnap({ view: stream.view, status: stream.state, result: stream.result, outcome: stream.outcome,
+      ended: stream.state === "ended", error: null, cursor: stream.cursor, stream,
+      approvals: { ...stream.approvals } });
     return () => {
       if (streamRef.current === stream) streamRef.current = null;
       stream.close();

@@ -33,6 +33,21 @@ export interface ResetNotice {
   last_id: number;
 }
 
+/** How a run ended. The gateway ends a silent agent's run as timed_out; the agent ends it otherwise. */
+export type EndStatus = "completed" | "failed" | "cancelled" | "timed_out";
+/** A session's run_status: an ended run's EndStatus, or running, or cancelling (a cancel was sent,
+ * the run has not ended yet). */
+export type RunStatus = "running" | "cancelling" | EndStatus;
+
+/** How a run ended, from its gateway.end: a completed run's `result` (v1 data), or a run that did
+ * not complete with its `error` (and the `result` it had, or null). */
+export interface Outcome {
+  status: EndStatus;
+  result: any;
+  /** null for a completed run; otherwise what the agent or the gateway gave, e.g. {code, message}. */
+  error: any;
+}
+
 /** One entry of the session's log. */
 export declare class GatewayEvent {
   /** The event type: "message", "token", ..., or "gateway.end". */
@@ -45,8 +60,13 @@ export declare class GatewayEvent {
   readonly data: string;
   /** The data parsed as JSON, or undefined for text that is not JSON. */
   readonly json: any;
-  /** For gateway.end: the run's result (null when completed without one); undefined otherwise. */
+  /** For gateway.end: its data, the run's result (null when completed without one; for a run that did
+   * not complete, {status, error, result?}); undefined otherwise. */
   readonly result: any;
+  /** For gateway.end: how the run ended; undefined otherwise. */
+  readonly outcome: Outcome | undefined;
+  /** For a gateway.end made from the session: its run_status, which `outcome` follows. */
+  runStatus?: EndStatus;
   /** true on a gateway.end made from the session after a 204 (the stream had nothing left to send). */
   fromSession?: boolean;
 }
@@ -75,6 +95,25 @@ export interface InputError extends Error {
   status: number;
   /** The gateway's whole error body, when it sent one (approval_answered carries `input_id`). */
   body?: any;
+}
+
+/** The session, as GET /v1/sessions/{id} answers (the fields a page needs; there are more). */
+export interface SessionInfo {
+  id: string;
+  epoch: string;
+  /** "completed" once the run ended, whatever its outcome. */
+  status: "open" | "completed";
+  /** How the run is going, or how it ended (exact, unlike guessing from gateway.end's data). */
+  run_status: RunStatus;
+  outcome: EndStatus | null;
+  result: any;
+  error: any;
+  last_id: number;
+  acked_id: number;
+  input_last_id: number;
+  input_acked_id: number;
+  cancel_requested_at: string | null;
+  [field: string]: any;
 }
 
 export interface SendOptions {
@@ -138,7 +177,8 @@ export interface ConnectOptions<V = any> {
   onEvent?: (event: GatewayEvent, stream: GatewayStream<V>) => void;
   /** After the view is restored or built, and after each event that changed it. */
   onView?: (view: V, stream: GatewayStream<V>) => void;
-  /** Once: gateway.end, or the session's result when the cursor was already at the end (204). */
+  /** Once: gateway.end, or the session's result when the cursor was already at the end (204);
+   * `end.outcome` says how the run ended. */
   onEnd?: (end: GatewayEvent, stream: GatewayStream<V>) => void;
   /** Once: the stream stopped for good. */
   onError?: (error: GatewayError, stream: GatewayStream<V>) => void;
@@ -164,7 +204,8 @@ export interface ConnectOptions<V = any> {
   /** Backoff after a failed attempt, first and largest, in ms (1000, 30000). */
   retryMs?: number;
   maxRetryMs?: number;
-  /** Give up ("unreachable") after this long without a connection, in ms (default 60000). */
+  /** Give up ("unreachable") after this long without a connection, in ms (default 60000); an input's
+   * retries (send, cancel, approve) go on for as long. */
   giveUpMs?: number;
   /** ... or after this many failed attempts in a row (default Infinity). */
   maxAttempts?: number;
@@ -179,8 +220,10 @@ export declare class GatewayStream<V = any> {
   readonly cursor: string | null;
   /** The view `reduce` built (null without reduce). */
   readonly view: V;
-  /** The run's result once it ended; undefined before. */
+  /** gateway.end's data, the run's result, once it ended; undefined before. */
   readonly result: any;
+  /** How the run ended, once it did; undefined before. */
+  readonly outcome: Outcome | undefined;
   readonly error: GatewayError | null;
   /** The last cursor the gateway confirmed as acknowledged. */
   readonly acked: string | null;
@@ -200,6 +243,8 @@ export declare class GatewayStream<V = any> {
   cancel(reason?: string, options?: SendOptions): Promise<InputSent>;
   /** An "approval" input answering `approvalId` (decision default "approve"). */
   approve(approvalId: string, decision?: Decision, data?: any, options?: SendOptions): Promise<InputSent>;
+  /** The session now (its run_status is the exact outcome of an ended run); rejects with an InputError. */
+  fetchSession(): Promise<SessionInfo>;
   /** Stop for good; a persisted view is kept. */
   close(): void;
   /** Drop the connection and resume from the cursor after delayMs; also restarts a failed stream. */
@@ -210,8 +255,14 @@ export declare class GatewayStream<V = any> {
 
 export declare function connect<V = any>(url: string | URL, options?: ConnectOptions<V>): GatewayStream<V>;
 
+/** The outcome a gateway.end's data (parsed) describes: an object whose `status` is failed, cancelled or
+ * timed_out is such an end, anything else a completed run's result. `runStatus` (the session's) decides
+ * instead when given. */
+export declare function outcomeOf(data: any, runStatus?: EndStatus): Outcome;
+
 declare const SSEGateway: {
   connect: typeof connect;
+  outcomeOf: typeof outcomeOf;
   GatewayStream: typeof GatewayStream;
   GatewayEvent: typeof GatewayEvent;
 };
@@ -221,6 +272,7 @@ declare global {
   /** Defined by <script src="sse-gateway.js">. */
   var SSEGateway: {
     connect: typeof connect;
+    outcomeOf: typeof outcomeOf;
     GatewayStream: typeof GatewayStream;
     GatewayEvent: typeof GatewayEvent;
   };

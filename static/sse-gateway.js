@@ -10,7 +10,7 @@
  *     initial: { text: "" },
  *     reduce: (view, e) => ({ text: view.text + e.json.text }),   // the page's view of the run
  *     onView: (view) => render(view.text),                // after a (re)load and after each event
- *     onEnd: (end) => done(end.result),                   // the run's final result
+ *     onEnd: (end) => done(end.outcome),                  // how the run ended: {status, result, error}
  *     onError: (err) => fail(err.code),                   // unauthorized, forbidden, not_found, cors, unreachable
  *     onApprovalRequest: (req) => ask(req.approvalId, req.data),   // the agent asks (approval.request)
  *     onInput: (input) => note(input.kind, input.decision),       // a user's input, mirrored (gateway.input)
@@ -27,15 +27,20 @@
  *    default), so a reload restores the view and resumes right after the stored cursor; a run that
  *    had ended is restored with its result and not streamed again.
  * Either way each event is applied once, and gateway.reset (a new life of the session) starts the
- * view over. At the end the helper acknowledges the end event (POST .../ack), and when the gateway
- * answers 204 (the cursor is already at the end) it fetches the session for its result. Failures
- * that retrying cannot fix are reported once through onError with a code instead of reconnecting
- * forever; a 401 first asks options.getToken() for a fresh subscribe token.
+ * view over. At the end the helper reports how the run ended, {status, result, error} with status
+ * completed, failed, cancelled or timed_out (end.outcome, stream.outcome; stream.fetchSession()
+ * has the session's exact run_status), and acknowledges the end event (POST .../ack); when the
+ * gateway answers 204 (the cursor is already at the end) it fetches the session for the result
+ * and the outcome. Failures that retrying cannot fix are reported once through onError with a
+ * code instead of reconnecting forever; a 401 first asks options.getToken() for a fresh
+ * subscribe token; coming back online retries at once.
  * The return path: send/cancel/approve POST to the session's /input with the stream's token (one
  * minted with the "input" scope) or cookies, each with an idempotency key (one per call, sent
- * again on a retry), and reject with {code, status, message} where `code` is the gateway's
- * (approval_answered, insufficient_scope, session_completed, ...). Every tab sees each input once,
- * as a gateway.input event: onInput, and `reduce` too when "gateway.input" is in `events`.
+ * again on each retry: network failures, 429 and 5xx are retried for up to giveUpMs, and while
+ * the browser is offline the retry waits for it to be online), and reject with {code, status,
+ * message} where `code` is the gateway's (approval_answered, insufficient_scope,
+ * session_completed, ...). Every tab sees each input once, as a gateway.input event: onInput, and
+ * `reduce` too when "gateway.input" is in `events`.
  * approval.request events open `stream.approvals[approvalId]` until an input answers them.
  * Heartbeats (": ping" comments) keep proxies from closing a quiet stream; EventSource never
  * surfaces them, so `lastEventAt` only moves on events.
@@ -57,6 +62,8 @@
   };
   const RECORD_VERSION = 1;
   const INPUT_KINDS = ["message", "steer", "approval", "cancel"];
+  const END_STATUSES = ["failed", "cancelled", "timed_out"]; // a gateway.end whose data says one of these
+  const RUN_ENDS = ["completed", ...END_STATUSES];
   const SURFACED = ["gateway.input", "approval.request"]; // always received; given to reduce only if in `events`
   const pageKeys = { prefix: "js-" + Math.random().toString(36).slice(2, 10) + Date.now().toString(36), n: 0 };
 
@@ -66,8 +73,40 @@
     return pageKeys.prefix + "-" + pageKeys.n;
   }
 
-  function sleep(ms) {
-    return new Promise((resolve) => setTimeout(resolve, ms));
+  /** Wait `ms`, or less: the browser coming back online ends the wait at once. */
+  function pause(ms) {
+    return new Promise((resolve) => {
+      const listens = typeof root.addEventListener === "function";
+      const done = () => {
+        clearTimeout(timer);
+        if (listens) root.removeEventListener("online", done);
+        resolve();
+      };
+      const timer = setTimeout(done, Math.min(ms, 2147483647));
+      if (listens) root.addEventListener("online", done);
+    });
+  }
+
+  /** true when the browser says it has no network (navigator.onLine); elsewhere never. */
+  function offline() {
+    return !!(root.navigator && root.navigator.onLine === false);
+  }
+
+  /**
+   * How a run ended, from its gateway.end data: {status, result, error}.
+   * Data that is an object whose `status` is failed, cancelled or timed_out is such an end
+   * ({status, error, result?}); anything else is the result of a completed run (v1). Given the
+   * session's `run_status` (`status`), that decides instead: it is exact, the data is not when a
+   * completed run's result is itself an object with such a status.
+   */
+  function outcomeOf(data, status) {
+    const ended = data !== null && typeof data === "object" && !Array.isArray(data);
+    const kind = RUN_ENDS.includes(status) ? status
+      : ended && END_STATUSES.includes(data.status) ? data.status : "completed";
+    if (kind === "completed") return { status: kind, result: data === undefined ? null : data, error: null };
+    const body = ended ? data : {};
+    return { status: kind, result: body.result === undefined ? null : body.result,
+      error: body.error === undefined ? null : body.error };
   }
 
   function defaultStorage() {
@@ -101,9 +140,15 @@
       }
     }
 
-    /** For gateway.end: the run's final result (null if it was completed without one). */
+    /** For gateway.end: its data, the run's final result (null if it was completed without one;
+     * for a run that did not complete, {status, error, result?}: see `outcome`). */
     get result() {
       return this.type === "gateway.end" ? this.json : undefined;
+    }
+
+    /** For gateway.end: how the run ended, {status, result, error} (`outcomeOf`). */
+    get outcome() {
+      return this.type === "gateway.end" ? outcomeOf(this.json, this.runStatus) : undefined;
     }
   }
 
@@ -135,6 +180,8 @@
       this.cursor = given || null;
       /** gateway.end's data: the run's result, once it ended (undefined before). */
       this.result = undefined;
+      /** How the run ended, {status, result, error}, once it ended (undefined before). */
+      this.outcome = undefined;
       /** {code, status, message} of the failure that stopped the stream, or null. */
       this.error = null;
       /** The cursor the gateway confirmed as acknowledged, or null. */
@@ -161,14 +208,22 @@
       this._watchdog = null;
       this._saveTimer = null;
       this._flush = () => this._write();
+      this._listening = false;
+      this._online = () => {
+        // Back online: a stream waiting out its backoff tries again now.
+        if (this.state === "reconnecting" && this._timer) this._schedule(0);
+      };
 
       const record = this._load();
       if (record) {
         this.restored = true;
         this.view = record.view;
         this.cursor = record.cursor;
-        if (record.end) this._end = new GatewayEvent({ type: "gateway.end", lastEventId: record.end.cursor,
-          data: record.end.data });
+        if (record.end) {
+          this._end = new GatewayEvent({ type: "gateway.end", lastEventId: record.end.cursor,
+            data: record.end.data });
+          if (record.end.status) this._end.runStatus = record.end.status;
+        }
         if (record.acked) this.acked = record.acked;
         if (record.approvals) this.approvals = record.approvals;
       }
@@ -178,6 +233,7 @@
       if (this._end) {
         // The run had ended before the reload: its view and result are all there is; nothing to stream.
         this.result = this._end.json;
+        this.outcome = this._end.outcome;
         this.state = "ended";
         this._later(() => {
           this._showView();
@@ -242,6 +298,7 @@
     async _sendInput(body) {
       if (!this.sessionUrl) throw this._inputError("no_session_url", 0, "no session URL to send input to");
       let refreshed = false;
+      const started = Date.now();
       for (let attempt = 0; ; attempt++) {
         let res = null;
         try {
@@ -259,22 +316,61 @@
             // no new token: the 401 is the answer
           }
         }
+        // A lost answer is not a lost input: the gateway may have stored it. Retrying with the same
+        // key is the only way to know, so the retries go on (within giveUpMs) rather than give up
+        // and let the user press again, which would send a second input.
         const retryable = !res || res.status === 429 || res.status >= 500;
-        if (!retryable || attempt >= 3) {
+        const left = this.giveUpMs - (Date.now() - started);
+        if (!retryable || !(left > 0)) {
           if (!res) throw this._inputError("unreachable", 0, "the gateway could not be reached");
-          let answer = null;
-          try {
-            answer = await res.json();
-          } catch (_) {
-            answer = null;
-          }
-          const error = answer && answer.error;
-          throw this._inputError(error && error.code ? error.code : "http_" + res.status, res.status,
-            (error && error.message) || "the gateway refused the input", answer);
+          throw await this._refusal(res, "the gateway refused the input");
         }
         const retryAfter = res ? Number(res.headers.get("retry-after")) || 0 : 0;
-        await sleep(Math.max(retryAfter * 1000, this.retryMs * 2 ** attempt * (0.5 + Math.random() / 2)));
+        const backoff = Math.min(this.maxRetryMs, this.retryMs * 2 ** Math.min(attempt, 30))
+          * (0.5 + Math.random() / 2);
+        // Offline: nothing can get through before the browser is online again, which ends the pause.
+        await pause(offline() ? left : Math.min(left, Math.max(retryAfter * 1000, backoff)));
       }
+    }
+
+    /** The session as the gateway has it now (GET /v1/sessions/{id}, with the stream's token or
+     * cookies): {status, run_status, outcome, result, error, last_id, ...}. Its run_status is the
+     * exact outcome of an ended run. Rejects like send(). */
+    async fetchSession() {
+      if (!this.sessionUrl) throw this._inputError("no_session_url", 0, "no session URL to ask");
+      let refreshed = false;
+      for (;;) {
+        let res;
+        try {
+          res = await this._request("GET");
+        } catch (_) {
+          throw this._inputError("unreachable", 0, "the gateway could not be reached");
+        }
+        if (res.ok) return res.json();
+        if (res.status === 401 && this.options.getToken && !refreshed) {
+          refreshed = true;
+          try {
+            this.url.searchParams.set(this.options.tokenParam || "token", await this.options.getToken(this));
+            continue;
+          } catch (_) {
+            // no new token: the 401 is the answer
+          }
+        }
+        throw await this._refusal(res, "the gateway refused to show the session");
+      }
+    }
+
+    /** An error for a refused request, with the gateway's code and body when it sent them. */
+    async _refusal(res, message) {
+      let answer = null;
+      try {
+        answer = await res.json();
+      } catch (_) {
+        answer = null;
+      }
+      const error = answer && answer.error;
+      return this._inputError(error && error.code ? error.code : "http_" + res.status, res.status,
+        (error && error.message) || message, answer);
     }
 
     _inputError(code, status, message, body) {
@@ -332,6 +428,7 @@
 
     _open() {
       this._timer = null;
+      this._listen(true);
       this._arm();
       const source = new EventSource(this._streamUrl(), { withCredentials: !!this.options.withCredentials });
       this._source = source;
@@ -405,6 +502,7 @@
     _ended(event) {
       this._end = event;
       this.result = event.json;
+      this.outcome = event.outcome;
       this.cursor = event.cursor;
       this._save(true);
       this._stop("ended");
@@ -507,9 +605,17 @@
       if (res && res.status === 200) {
         const session = await res.json();
         if (session.status === "completed") {
+          // The end event as the gateway wrote it: the result of a completed run, else {status, error,
+          // result?}; and the session's run_status, which says exactly how the run ended.
+          const status = RUN_ENDS.includes(session.run_status) ? session.run_status : undefined;
+          const result = session.result === undefined ? null : session.result;
+          const data = !status || status === "completed" ? result
+            : { status, error: session.error === undefined ? null : session.error,
+              ...(result === null ? {} : { result }) };
           const end = new GatewayEvent({ type: "gateway.end", lastEventId: `${session.last_id}:${session.epoch}`,
-            data: JSON.stringify(session.result === undefined ? null : session.result) });
+            data: JSON.stringify(data) });
           end.fromSession = true;
+          if (status) end.runStatus = status;
           this._lastId = end.id;
           return this._ended(end);
         }
@@ -586,12 +692,21 @@
     }
 
     _stop(state) {
+      this._listen(false);
       clearTimeout(this._timer);
       clearTimeout(this._watchdog);
       this._timer = null;
       this._watchdog = null;
       this._detach();
       this._setState(state);
+    }
+
+    /** Hear the browser coming back online while the stream runs. */
+    _listen(on) {
+      if (on === this._listening || typeof root.addEventListener !== "function") return;
+      this._listening = on;
+      if (on) root.addEventListener("online", this._online);
+      else root.removeEventListener("online", this._online);
     }
 
     _setState(state) {
@@ -646,7 +761,7 @@
       clearTimeout(this._saveTimer);
       this._saveTimer = null;
       if (!this.storage) return;
-      const end = this._end ? { cursor: this._end.cursor, data: this._end.data } : null;
+      const end = this._end ? { cursor: this._end.cursor, data: this._end.data, status: this._end.runStatus } : null;
       const record = { v: RECORD_VERSION, cursor: this.cursor, view: this.view, end, acked: this.acked,
         approvals: this.approvals };
       try {
@@ -670,7 +785,7 @@
     return new GatewayStream(url, options);
   }
 
-  const api = { connect, GatewayStream, GatewayEvent };
+  const api = { connect, outcomeOf, GatewayStream, GatewayEvent };
   root.SSEGateway = api;
   if (typeof module === "object" && module && module.exports) module.exports = api; // require() in Node
 })(globalThis);

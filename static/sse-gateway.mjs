@@ -3,5 +3,5 @@
 // runs as module code) and this file re-exports what it defines.
 import "./sse-gateway.js";
 
-export const { connect, GatewayStream, GatewayEvent } = globalThis.SSEGateway;
+export const { connect, outcomeOf, GatewayStream, GatewayEvent } = globalThis.SSEGateway;
 export default globalThis.SSEGateway;

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 __all__ = ["ROOT", "IN_CI", "free_port", "require_binary", "wait_for_port", "Gateway", "InProcessGateway",
-           "RedisServer"]
+           "RedisServer", "Nginx"]
 
 
 def require_binary(name: str, *candidates: str) -> str:
@@ -334,6 +334,51 @@ def redis_server(start_redis) -> str:
     return start_redis().url
 
 
+class Nginx:
+    """Real nginx processes running deploy/nginx.conf (``tests/nginx_conf.py``) in the foreground.
+
+    ``start(*upstream_ports, read_timeout=None, port=None)`` renders the shipped file into ``tmp``
+    (``read_timeout`` replaces the stream's ``proxy_read_timeout``) and answers the port it listens
+    on; ``stop(port)`` ends that nginx at once (fast shutdown: every connection through it is cut,
+    as a proxy that dies would), and ``start(..., port=port)`` brings one back on the same port.
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.binary = require_binary("nginx", "/usr/sbin/nginx")
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def start(self, *upstream_ports: int, read_timeout: str | None = None, port: int | None = None) -> int:
+        import nginx_conf
+
+        port = port or free_port()
+        conf = nginx_conf.render(self.tmp, upstreams=[f"127.0.0.1:{p}" for p in upstream_ports], port=port,
+                                 read_timeout=read_timeout)
+        with open(self.tmp / "nginx.out", "ab") as out:
+            proc = subprocess.Popen([self.binary, "-p", str(self.tmp), "-e", str(self.tmp / "error.log"), "-c",
+                                     str(conf), "-g", "daemon off;"], stdout=out, stderr=subprocess.STDOUT)
+        self.procs[port] = proc
+        wait_for_port(port, proc=proc)
+        return port
+
+    def stop(self, port: int) -> None:
+        proc = self.procs.pop(port)
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    def close(self) -> None:
+        for port in list(self.procs):
+            self.stop(port)
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Nginx]:
+    """Starts and stops real nginx processes (see ``Nginx``); every one is stopped after the test."""
+    servers = Nginx(tmp_path)
+    yield servers
+    servers.close()
+
+
 def _gateways(tmp: Path) -> Iterator:
     """A starter of gateways in ``tmp``; each is stopped afterwards and must not have logged a traceback."""
     started: list[Gateway] = []
@@ -377,7 +422,7 @@ def start_module_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 # -- tiers ----------------------------------------------------------------------------------
 
 #: Fixtures that start real servers: a test that uses one is a system test.
-SYSTEM_FIXTURES = {"start_gateway", "start_module_gateway", "gateway", "start_redis", "redis_server"}
+SYSTEM_FIXTURES = {"start_gateway", "start_module_gateway", "gateway", "start_redis", "redis_server", "nginx"}
 
 
 def pytest_configure(config: pytest.Config) -> None:

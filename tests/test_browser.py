@@ -6,7 +6,11 @@
   storage), gets the result (also after a ``204``) and acknowledges the end;
   failures are reported with a code (401, 404, a stopped gateway, a refused
   origin); an expired subscribe token is refreshed;
-* the demo page, with a screenshot in ``test-artifacts/demo.png``.
+* the demo page, with a screenshot in ``test-artifacts/demo.png``: its Stop
+  button ends a run as cancelled, and another tab sees the cancel once;
+* Stop pressed as the network is cut, through the shipped nginx config: the
+  page retries the cancel with its idempotency key, the agent gets it once,
+  and both tabs show the run cancelled (``test-artifacts/demo-stop-cut.png``).
 
 Pages are served from the gateway's origin (or the proxy's), so every
 stream is same-origin and reconnects go where the page came from. The
@@ -28,7 +32,7 @@ import pytest
 import pytest_asyncio
 
 from conftest import ROOT, require_binary
-from util import ChaosProxy, await_until
+from util import WAIT_TIMEOUT, ChaosProxy, await_until
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic",
@@ -552,7 +556,7 @@ WATCH_PAGE = """<!doctype html><meta charset="utf-8"><title>another tab</title>
   SSEGateway.connect(new URLSearchParams(location.search).get("stream"), {
     events: ["token"],
     onInput: (input) => window.inputs.push([input.inputId, input.kind, input.event.id]),
-    onEnd: (end) => { window.ended = end.result; },
+    onEnd: (end) => { window.ended = { data: end.result, outcome: end.outcome }; },
   });
 </script>"""
 
@@ -580,18 +584,24 @@ async def test_the_demo_pages_stop_button_stops_the_run_and_another_tab_sees_the
     await page.click("#stop")
     await page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
     verdict = await page.locator("#verdict").inner_text()
-    assert verdict.startswith("Stopped: the run was cancelled"), verdict
-    assert "without a hole or a repeat" in verdict and await page.locator("#stop").is_disabled()
-    assert "cancel; the agent stops" in await page.locator("#timeline").inner_text()
+    assert verdict.startswith("Cancelled after"), verdict
+    assert "without a hole or a repeat" in verdict and "matches the partial result" in verdict
+    assert await page.locator("#stop").is_disabled()
+    assert await page.locator("#outcome-label").inner_text() == "Cancelled"
+    assert "the user pressed Stop" in await page.locator("#outcome-detail").inner_text()
+    timeline = await page.locator("#timeline").inner_text()
+    assert "gateway.input #1: cancel" in timeline and "gateway.end: the run ended cancelled;" in timeline
 
     await other.wait_for_function("window.ended !== null", timeout=30_000)
     inputs = await other.evaluate("window.inputs")
-    result = await other.evaluate("window.ended")
+    ended = await other.evaluate("window.ended")
     await other.context.close()
     session = httpx.get(f"{gw.url}/v1/sessions/{run['session']}").json()
     assert [kind for _, kind, _ in inputs] == ["cancel"] and inputs[0][0] == 1, "the other tab saw it once"
-    assert session["result"]["cancelled"] is True and result == session["result"]
-    assert session["result"]["reason"] == "the user pressed Stop"
+    error = {"code": "cancelled", "message": "the user pressed Stop"}
+    assert (session["run_status"], session["error"]) == ("cancelled", error)
+    assert ended["outcome"] == {"status": "cancelled", "error": error, "result": session["result"]}
+    assert ended["data"] == {"status": "cancelled", "error": error, "result": session["result"]}
     assert session["result"]["tokens"] < 300, "the run stopped typing"
     assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()
 
@@ -609,9 +619,202 @@ async def test_the_demo_pages_approval_prompt_approves_the_tool_call(start_gatew
     await page.wait_for_function("document.getElementById('status').textContent === 'completed'", timeout=30_000)
     run = await demo_view(page)
     session = httpx.get(f"{gw.url}/v1/sessions/{run['session']}").json()
-    assert session["result"]["tool"] == "approve" and "cancelled" not in session["result"]
+    assert session["result"]["tool"] == "approve" and session["run_status"] == "completed"
+    assert await page.locator("#outcome-label").inner_text() == "Completed"
     assert session["input_last_id"] == session["input_acked_id"] == 1
     timeline = await page.locator("#timeline").inner_text()
     assert "you sent approve for search_docs" in timeline and "gateway.input #1: approve" in timeline
     assert (await page.locator("#verdict").inner_text()).startswith("Complete.")
     assert (run["view"]["missing"], run["view"]["duplicates"]) == (0, 0)
+
+
+async def shows(tab, condition: str, timeout: float = 30_000) -> None:
+    """Wait until ``condition`` holds on a demo tab (``text(id)``: an element's text); polled, not on
+    animation frames, which a tab in the background may not get."""
+    await tab.wait_for_function(f"(() => {{ const text = (id) => document.getElementById(id).textContent; "
+                                f"return {condition}; }})()", polling=100, timeout=timeout)
+
+
+async def demo_tab_state(tab) -> dict:
+    """What a demo tab shows and what its helper stored: status, outcome banner, timeline, view, end."""
+    return await tab.evaluate("""(() => {
+        const run = JSON.parse(sessionStorage.getItem('sse-gateway-demo:run') || 'null');
+        const key = run && 'sse-gateway:view:/v1/sessions/' + run.session + '/stream';
+        const record = key ? JSON.parse(sessionStorage.getItem(key) || '{}') : {};
+        const end = record.end ? JSON.parse(record.end.data) : null;
+        const text = (id) => document.getElementById(id).textContent;
+        return { status: text('status'), label: text('outcome-label'), detail: text('outcome-detail'),
+                 state: text('state'), reconnects: Number(text('reconnects')), timeline: text('timeline'),
+                 view: record.view, end, outcome: end === null ? null : SSEGateway.outcomeOf(end) };
+    })()""")
+
+
+@pytest.mark.timeout(180)
+async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_nginx(start_gateway, nginx, chromium):
+    """Chromium, through the shipped nginx config, on a real gateway (SQLite), with an agent in this process.
+
+    Two tabs of one browser show the same run on the demo page (the second opened by the page's own
+    "another tab" link). The user presses Stop. The cancel's POST goes through nginx and the gateway
+    stores it (both tabs get its gateway.input mirror), but before the answer is back the network
+    goes: the browser goes offline and nginx is stopped (fast shutdown: every connection through it
+    is cut), so the page never gets the answer and both tabs' streams drop. The agent hears the
+    cancel and, while the tabs are cut off, writes once more. Then nginx comes back on the same port
+    and the browser goes online: the page retries the POST with the same idempotency key (the
+    gateway answers 200 with the input it already has), both tabs resume after their cursors, and
+    the agent ends the run as cancelled. Proved: the gateway holds one input and the agent read one
+    cancel (input ids counted); the run ended cancelled (the session's run_status and the gateway.end
+    data); both tabs show cancelled and saw the cancel's mirror once, with no event missing or
+    repeated across the cut. Conditions only: each step waits for what the previous one caused.
+    """
+    from sse_gateway.client import Publisher
+
+    session, words, reason = "stop-cut", [f"w{n} " for n in range(1, 41)], "the user pressed Stop"
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "200", "--cancel-grace", "0",  # only the agent ends it
+                       "--token-secret", "stop-cut-secret-" + "s" * 32)
+    site = f"http://127.0.0.1:{nginx.start(gw.port)}"
+    proxy_port = int(site.rpartition(":")[2])
+
+    started = asyncio.Event()  # the agent's session exists
+    cut = asyncio.Event()  # the network is down: the agent writes once more while the tabs cannot see it
+    may_end = asyncio.Event()  # the page has its answer: the agent may end the run
+    received: list[tuple[int, str]] = []  # every input the agent read: (input id, kind)
+
+    async def agent(pub: Publisher) -> dict:
+        async with pub.run(session, listen=True) as run:
+            started.set()
+
+            async def read() -> None:
+                async for item in run.inputs():
+                    received.append((item.id, item.kind))
+
+            reader = asyncio.create_task(read())
+            for word in words:
+                await run.token(word)
+            await run.flush()
+            await run.cancelled.wait()
+            await cut.wait()
+            await run.publish("status", {"step": "stopping: keeping the draft"})
+            await may_end.wait()
+            last = (await run.publisher.get(session))["input_last_id"]
+            await await_until(lambda: received and received[-1][0] >= last, what="the agent to read every input")
+            reader.cancel()
+            await run.ack_input(run.cancel_input.id)
+            error = {"code": "cancelled", "message": run.cancel_input.reason}
+            ended = (await pub.request("POST", f"/v1/sessions/{session}/complete", json_body={
+                "status": "cancelled", "error": error, "result": {"text": "".join(words)}})).json()
+            run.finished = True
+            return ended
+
+    async with Publisher(gw.url) as pub:
+        agent_run = asyncio.create_task(agent(pub))
+        context = await chromium.new_context(viewport={"width": 1280, "height": 900})
+        api = httpx.AsyncClient(base_url=gw.url)
+        try:
+            await await_until(started.is_set, what="the agent's session")
+            token = (await pub.mint_token(session, scopes=["subscribe", "input"])).token
+
+            async def typed() -> bool:
+                return (await api.get(f"/v1/sessions/{session}")).json()["last_id"] >= len(words)
+
+            await await_until(typed, what="the agent to type its words")
+
+            errors: list = []
+            tab = await context.new_page()
+            tab.on("pageerror", lambda exc: errors.append(exc))
+            await tab.goto(f"{site}/?session={session}&token={quote(token)}")
+            await shows(tab, f"Number(text('events')) === {len(words)}")
+            link = await tab.get_attribute("#watch", "href")
+            assert link.startswith(f"{site}/?session={session}&token="), link
+            second = await context.new_page()
+            second.on("pageerror", lambda exc: errors.append(exc))
+            await second.goto(link)
+            await shows(second, f"Number(text('events')) === {len(words)}")
+            for t in (tab, second):
+                state = await demo_tab_state(t)
+                assert (state["status"], state["label"], state["state"]) == ("running", "Running", "open"), state
+
+            posts: list[str] = []  # the idempotency key of each POST of the cancel the page made
+            answers: list[int] = []
+            tab.on("request", lambda r: posts.append(r.post_data_json["idempotency_key"])
+                   if r.method == "POST" and r.url.endswith("/input") else None)
+            tab.on("response", lambda r: answers.append(r.status)
+                   if r.request.method == "POST" and r.url.endswith("/input") else None)
+
+            async def lose_the_answer(route) -> None:
+                """Deliver the first POST through nginx, then cut the network before its answer is back."""
+                delivered = await route.fetch()
+                assert delivered.status == 201, await delivered.text()
+                for t in (tab, second):  # the gateway stored it: its mirror reaches both tabs first
+                    await shows(t, "text('timeline').includes('gateway.input #1: cancel')")
+                await context.set_offline(True)
+                await asyncio.to_thread(nginx.stop, proxy_port)
+                await route.abort("internetdisconnected")
+                cut.set()
+
+            await tab.route("**/v1/sessions/*/input", lose_the_answer, times=1)
+            await tab.click("#stop")
+            await await_until(cut.is_set, what="the network to be cut after the cancel was delivered")
+
+            # Cut off: both tabs lost their stream; the page has no answer yet and shows the run cancelling.
+            for t in (tab, second):
+                await shows(t, "text('state') === 'reconnecting' && text('status') === 'cancelling…'")
+            assert "you sent a cancel" not in (await demo_tab_state(tab))["timeline"]
+            ARTIFACTS.mkdir(exist_ok=True)
+            await second.screenshot(path=str(ARTIFACTS / "demo-cancelling.png"))
+            assert await tab.locator("#stop").is_disabled(), "Stop stays pressed while its cancel is retried"
+
+            async def agent_wrote_while_cut() -> bool:
+                return (await api.get(f"/v1/sessions/{session}")).json()["last_id"] == len(words) + 2
+
+            await await_until(agent_wrote_while_cut, what="the agent to write while the tabs are cut off")
+
+            # The network comes back: nginx on the same port, then the browser online.
+            await asyncio.to_thread(nginx.start, gw.port, port=proxy_port)
+            await context.set_offline(False)
+            await shows(tab, "text('timeline').includes('you sent a cancel: input #1')")
+            for t in (tab, second):  # resumed after the cut: what the agent wrote meanwhile arrived
+                await shows(t, f"text('state') === 'open' && Number(text('events')) === {len(words) + 2}")
+            may_end.set()
+            ended = await asyncio.wait_for(agent_run, WAIT_TIMEOUT)
+            for t in (tab, second):
+                await shows(t, "text('status') === 'cancelled'")
+            tabs = [await demo_tab_state(t) for t in (tab, second)]
+            await tab.screenshot(path=str(ARTIFACTS / "demo-stop-cut.png"), full_page=True)
+            inputs = (await pub.read_inputs(session, after=0)).inputs
+            row = (await api.get(f"/v1/sessions/{session}")).json()
+            events = (await api.get(f"/v1/sessions/{session}/events", params={"limit": 1000})).json()["events"]
+        finally:
+            agent_run.cancel()
+            await asyncio.gather(agent_run, return_exceptions=True)
+            await api.aclose()
+            await context.close()
+
+    print(f"stop through a cut: {len(posts)} POSTs of the cancel (one key), answers {answers}; "
+          f"reconnects {[t['reconnects'] for t in tabs]}; screenshot in {ARTIFACTS / 'demo-stop-cut.png'}")
+    # The agent received the cancel exactly once: one input in the gateway, one read by the agent.
+    assert [(i.id, i.kind, i.data) for i in inputs] == [(1, "cancel", {"reason": reason})]
+    assert received == [(1, "cancel")]
+    assert len(posts) >= 2 and set(posts) == {posts[0]}, f"the page must retry with one key: {posts}"
+    assert answers == [200], "the retry is answered with the input the gateway already had"
+    # The run ended cancelled, by the agent.
+    error = {"code": "cancelled", "message": reason}
+    end = {"status": "cancelled", "error": error, "result": {"text": "".join(words)}}
+    assert (row["status"], row["run_status"], row["outcome"], row["error"]) == ("completed", "cancelled",
+                                                                                "cancelled", error)
+    assert ended["run_status"] == "cancelled"
+    assert (row["input_last_id"], row["input_acked_id"]) == (1, 1)
+    assert events[-1]["event"] == "gateway.end" and events[-1]["data"] == end
+    assert [e["event"] for e in events].count("gateway.input") == 1
+    # Both tabs show it, each saw the cancel's mirror once and every event once, across the cut.
+    for state in tabs:
+        assert (state["status"], state["label"]) == ("cancelled", "Cancelled"), state
+        assert reason in state["detail"]
+        assert state["end"] == end and state["outcome"] == {"status": "cancelled", "error": error,
+                                                            "result": end["result"]}
+        assert state["timeline"].count("gateway.input #1: cancel") == 1, state["timeline"]
+        assert state["reconnects"] >= 1, "the cut must have dropped the tab's stream"
+        view = state["view"]
+        assert (view["cancels"], view["missing"], view["duplicates"]) == (1, 0, 0), view
+        assert view["events"] == view["lastId"] == row["last_id"] - 1
+        assert view["text"] == "".join(words)
+    assert not errors, f"a page threw: {errors}"

@@ -28,6 +28,9 @@ async def test_a_demo_run_types_pauses_past_the_heartbeat_and_completes(start_ga
     result = json.loads(got.data[-1])
     assert result["text"] == text and result["tokens"] == got.events.count("token")
     assert result["seconds"] >= 2.0, "the tool pause must outlast the heartbeat"
+    async with httpx.AsyncClient() as api:
+        row = (await api.get(f"{gw.url}/v1/sessions/{run['session']}")).json()
+    assert (row["run_status"], row["error"], row["result"]) == ("completed", None, result)
 
 
 @pytest.mark.timeout(60)
@@ -118,7 +121,7 @@ async def test_a_demo_run_asks_before_its_tool_call_and_goes_on_by_itself_withou
             request = next(d for e, d in seen if e == "approval.request")
             assert request["tool"] == "search_docs" and request["approval_id"] == "search_docs-1"
             assert types.index("approval.request") < types.index("tool")
-            assert result["tool"] == (decision or "timeout") and "cancelled" not in result
+            assert result["tool"] == (decision or "timeout") and "status" not in result
             if decision == "deny":
                 assert [t["status"] for t in tools] == ["skipped"]
                 assert "Without the lookup" in result["text"]
@@ -131,25 +134,35 @@ async def test_a_demo_run_asks_before_its_tool_call_and_goes_on_by_itself_withou
 
 
 @pytest.mark.timeout(60)
-async def test_a_cancel_stops_a_demo_run_and_its_result_says_so(start_gateway):
-    gw = start_gateway("--heartbeat", "1")
+@pytest.mark.parametrize(("data", "message"), [({"reason": "enough, thanks"}, "enough, thanks"),
+                                               (None, "the user pressed Stop")], ids=["reason", "no-reason"])
+async def test_a_cancel_stops_a_demo_run_and_ends_it_as_cancelled(start_gateway, data, message):
+    gw = start_gateway("--heartbeat", "1", "--cancel-grace", "0")  # only the run itself ends it
     async with httpx.AsyncClient(base_url=gw.url) as api:
         session = (await api.post("/v1/demo/runs", json={"duration": 60})).json()["session"]
         tokens = 0
 
-        async def stop_after_ten(event, data):
+        async def stop_after_ten(event, _):
             nonlocal tokens
             if event == "token":
                 tokens += 1
                 if tokens == 10:
-                    r = await api.post(f"/v1/sessions/{session}/input",
-                                       json={"kind": "cancel", "data": {"reason": "the user pressed Stop"}})
+                    body = {"kind": "cancel", **({"data": data} if data is not None else {})}
+                    r = await api.post(f"/v1/sessions/{session}/input", json=body)
                     assert r.status_code == 201, r.text
 
         seen = await _follow(gw, session, stop_after_ten)
+        row = (await api.get(f"/v1/sessions/{session}")).json()
     typed = "".join(d["text"] for e, d in seen if e == "token")
-    result = seen[-1][1]
-    assert seen[-1][0] == "gateway.end" and result["cancelled"] is True
-    assert result["reason"] == "the user pressed Stop" and result["text"] == typed
+    end = seen[-1][1]
+    assert seen[-1][0] == "gateway.end"
+    assert set(end) == {"status", "error", "result"} and end["status"] == "cancelled"
+    assert end["error"] == {"code": "cancelled", "message": message}
+    result = end["result"]
+    assert "cancelled" not in result, "the outcome says it, not a convention inside the result"
+    assert result["text"] == typed
     assert result["tokens"] == len([e for e, _ in seen if e == "token"]) < 100, "it stopped typing"
     assert [d["kind"] for e, d in seen if e == "gateway.input"] == ["cancel"]
+    assert (row["status"], row["run_status"], row["outcome"]) == ("completed", "cancelled", "cancelled")
+    assert row["error"] == end["error"] and row["result"] == result
+    assert row["input_acked_id"] == row["input_last_id"] == 1, "the run acks the cancel it handled"

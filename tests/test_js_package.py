@@ -78,7 +78,8 @@ def test_the_packed_package_installs_and_reads_a_run_from_node(installed, start_
 
     text = "".join(f"w{n} " for n in range(1, 51))
     assert found["helper"] == {"text": text, "result": {"text": text}, "acked": found["helper"]["cursor"],
-                               "cursor": found["helper"]["cursor"], "state": "ended"}
+                               "cursor": found["helper"]["cursor"], "state": "ended",
+                               "outcome": {"status": "completed", "result": {"text": text}, "error": None}}
     assert found["helper"]["cursor"].startswith("51:")
     session = httpx.get(f"{gw.url}/v1/sessions/pkg").json()
     assert session["acked_id"] == session["last_id"] == 51
@@ -90,10 +91,36 @@ def test_the_packed_package_installs_and_reads_a_run_from_node(installed, start_
     assert sent["inputs"] == [[1, "approval", "approve"], [2, "steer", None], [3, "cancel", None]]
     assert sent["view"] == ["gateway.input:approval", "gateway.input:steer", "gateway.input:cancel"]
     assert sent["approvals"]["rm-1"]["decision"] == "approve" and sent["approvals"]["rm-1"]["inputId"] == 1
-    assert sent["late"] == "session_completed" and sent["result"] == {"cancelled": True}
+    assert sent["late"] == "session_completed" and sent["cancelling"] == "cancelling"
+    error = {"code": "cancelled", "message": "enough"}
+    assert sent["result"] == {"status": "cancelled", "error": error, "result": {"text": "partial"}}  # the data
+    assert sent["outcome"] == sent["streamOutcome"] == {"status": "cancelled", "error": error,
+                                                        "result": {"text": "partial"}}
+    assert sent["runStatus"] == "cancelled"
+
+    ends = found["ends"]
+    completed = {"status": "completed", "result": {"text": "hi"}, "error": None}
+    failed = {"status": "failed", "result": None, "error": {"code": "tool_failed", "message": "boom"}}
+    for name, outcome in (("end-ok", completed), ("end-none", {**completed, "result": None}), ("end-failed", failed)):
+        for how, from_session in (("replay", False), ("after204", True)):
+            assert ends[name][how] == {"outcome": outcome, "fromSession": from_session, "stream": outcome,
+                                       "runStatus": outcome["status"]}, (name, how, ends[name][how])
+    # A completed run whose result looks like a failure: the data alone says failed, the session says
+    # completed (an end made from the session after a 204 follows it).
+    lookalike = {"status": "failed", "error": "not really"}
+    assert ends["end-lookalike"]["replay"]["outcome"] == {"status": "failed", "result": None, "error": "not really"}
+    assert ends["end-lookalike"]["replay"]["runStatus"] == "completed"
+    assert ends["end-lookalike"]["after204"]["outcome"] == {"status": "completed", "result": lookalike, "error": None}
+    assert found["outcomeOf"] == [
+        {"status": "timed_out", "result": None, "error": {"code": "lease_expired"}},
+        {"status": "completed", "result": [1], "error": None},
+        {"status": "completed", "result": {"status": "failed"}, "error": None},
+        {"status": "completed", "result": None, "error": None},
+    ]
+    assert found["missing"] == {"code": "session_not_found", "status": 404}
 
     hook = found["hook"]
-    assert hook["last"] == {"status": "ended", "count": 20, "ended": True}
+    assert hook["last"] == {"status": "ended", "count": 20, "ended": True, "outcome": "completed"}
     assert hook["rendered"] == json.dumps({"text": "".join(f"w{n} " for n in range(1, 21))}, separators=(",", ":"))
     assert "connecting" in hook["statuses"]
 

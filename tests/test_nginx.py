@@ -11,15 +11,12 @@ import asyncio
 import json
 import select
 import socket
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
 
-import nginx_conf
-from conftest import free_port, require_binary, wait_for_port
 from util import WAIT_TIMEOUT, await_until, metric, read_stream
 
 pytestmark = pytest.mark.system  # nginx in front of real gateways
@@ -29,26 +26,13 @@ READ_TIMEOUT = 3  # nginx's proxy_read_timeout in these tests, in seconds
 
 
 @pytest.fixture
-def start_nginx(tmp_path) -> Iterator[Callable[..., int]]:
+def start_nginx(nginx) -> Callable[..., int]:
     """``start_nginx(*upstream_ports, read_timeout="3s")`` runs nginx in the foreground; returns its port."""
-    binary = require_binary("nginx", "/usr/sbin/nginx")
-    procs: list[subprocess.Popen] = []
 
     def start(*upstream_ports: int, read_timeout: str = f"{READ_TIMEOUT}s") -> int:
-        port = free_port()
-        conf = nginx_conf.render(tmp_path, upstreams=[f"127.0.0.1:{p}" for p in upstream_ports], port=port,
-                                 read_timeout=read_timeout)
-        with open(tmp_path / "nginx.out", "ab") as out:
-            proc = subprocess.Popen([binary, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c",
-                                     str(conf), "-g", "daemon off;"], stdout=out, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        wait_for_port(port, proc=proc)
-        return port
+        return nginx.start(*upstream_ports, read_timeout=read_timeout)
 
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
+    return start
 
 
 class RawStream:

@@ -1,7 +1,12 @@
 // Type-checked with tsc against the installed package's .d.ts files: what an app would write.
 import {
   connect,
+  outcomeOf,
   type ApprovalRequest,
+  type EndStatus,
+  type Outcome,
+  type RunStatus,
+  type SessionInfo,
   type GatewayError,
   type GatewayEvent,
   type GatewayStream,
@@ -19,7 +24,11 @@ const stream: GatewayStream<View> = connect<View>("/v1/sessions/run1/stream", {
   reduce: (view, e) => ({ text: view.text + (e.json as { t: string }).t, ids: [...view.ids, e.id] }),
   persist: { key: "run1", storage: sessionStorage },
   onView: (view) => console.log(view.text.length),
-  onEnd: (end: GatewayEvent) => console.log(end.result, end.cursor),
+  onEnd: (end: GatewayEvent) => {
+    const outcome: Outcome | undefined = end.outcome;
+    if (outcome && outcome.status === "cancelled") console.log(outcome.error, outcome.result);
+    console.log(end.result, end.cursor, end.fromSession === true, end.runStatus ?? "");
+  },
   onError: (err: GatewayError) => {
     if (err.code === "unreachable" || err.code === "not_found") console.log(err.status, err.message);
   },
@@ -46,6 +55,14 @@ withInput.send("shout", "hi");
 // @ts-expect-error: a decision is approve or deny
 withInput.approve("rm-1", "maybe");
 
+const ended: EndStatus | undefined = stream.outcome?.status;
+void stream.fetchSession().then((session: SessionInfo) => {
+  const status: RunStatus = session.run_status;
+  return status === "cancelling" || session.outcome === "timed_out";
+});
+const guessed: Outcome = outcomeOf({ status: "failed", error: "x" }, "completed");
+// @ts-expect-error: not an outcome
+const notAStatus: EndStatus = "stopped";
 const text: string = stream.view.text;
 const cursor: string | null = stream.cursor;
 stream.close();
@@ -58,7 +75,7 @@ connect("/s", { persist: { key: 42 }, reduce: (v: number) => v });
 const wrong: number = connect("/s", { initial: "", reduce: (v: string) => v }).view;
 
 export function Answer(): string {
-  const { view, status, result, error } = useGatewaySession({
+  const { view, status, result, error, outcome } = useGatewaySession({
     url: "/v1/sessions/run1/stream",
     initial: "",
     reduce: (text: string, e) => text + String(e.data),
@@ -68,6 +85,7 @@ export function Answer(): string {
   void send("message", "hi").then((a: InputSent) => a.id);
   void cancel().catch((err: InputError) => err.code);
   void approve(Object.keys(approvals)[0], "approve");
-  return `${status} ${view.length} ${String(result)} ${error?.code ?? ""} ${events.map((e) => e.id).join()}`;
+  const done: EndStatus | "" = outcome?.status ?? "";
+  return `${status} ${view.length} ${String(result)} ${error?.code ?? ""} ${events.map((e) => e.id).join()} ${done}`;
 }
-export { text, cursor, wrong, open };
+export { text, cursor, wrong, open, ended, guessed, notAStatus };

@@ -5,7 +5,7 @@
 // Usage: node use-package.mjs GATEWAY_URL   → prints one JSON line of findings.
 import { createRequire } from "node:module";
 import { EventSource } from "eventsource";
-import SSEGateway, { connect, GatewayStream, GatewayEvent } from "sse-gateway-client";
+import SSEGateway, { connect, outcomeOf, GatewayStream, GatewayEvent } from "sse-gateway-client";
 import { useGatewaySession, appendEvent } from "sse-gateway-client/react";
 import React from "react";
 import TestRenderer from "react-test-renderer";
@@ -38,8 +38,9 @@ async function publishRun(id, words) {
 // What the package exports, by each way of loading it.
 const cjs = require("sse-gateway-client");
 out.esm = typeof connect === "function" && SSEGateway.connect === connect && typeof GatewayStream === "function"
-  && typeof GatewayEvent === "function";
-out.cjs = typeof cjs.connect === "function" && typeof cjs.GatewayStream === "function";
+  && typeof GatewayEvent === "function" && SSEGateway.outcomeOf === outcomeOf;
+out.cjs = typeof cjs.connect === "function" && typeof cjs.GatewayStream === "function"
+  && typeof cjs.outcomeOf === "function";
 await import("sse-gateway-client/script");
 out.script = typeof globalThis.SSEGateway.connect === "function";
 out.react = typeof useGatewaySession === "function" && typeof appendEvent === "function";
@@ -54,7 +55,7 @@ const helper = await new Promise((resolve) => {
     initial: { text: "" },
     reduce: (view, e) => ({ text: view.text + e.json.t }),
     onAck: (cursor, stream) => resolve({ text: stream.view.text, result: stream.result, acked: cursor,
-      cursor: stream.cursor, state: stream.state }),
+      cursor: stream.cursor, state: stream.state, outcome: stream.outcome }),
     onError: (err) => resolve({ error: err }),
   });
 });
@@ -79,7 +80,9 @@ out.input = await new Promise((resolve) => {
       }
       found.answers.push((await s.send("steer", { text: "shorter" })).id);
       found.answers.push((await s.cancel("enough")).id);
-      await call("POST", "/v1/sessions/inp/complete", { result: { cancelled: true } });
+      found.cancelling = (await s.fetchSession()).run_status;
+      await call("POST", "/v1/sessions/inp/complete", { status: "cancelled",
+        error: { code: "cancelled", message: "enough" }, result: { text: "partial" } });
     },
     onInput: (input) => found.inputs.push([input.inputId, input.kind, input.decision || null]),
     onEnd: async (end, s) => {
@@ -88,7 +91,8 @@ out.input = await new Promise((resolve) => {
       } catch (err) {
         found.late = err.code;
       }
-      resolve({ ...found, view: s.view, approvals: s.approvals, result: end.result });
+      resolve({ ...found, view: s.view, approvals: s.approvals, result: end.result, outcome: end.outcome,
+        streamOutcome: s.outcome, runStatus: (await s.fetchSession()).run_status });
     },
     onError: (err) => resolve({ error: err }),
   });
@@ -96,12 +100,45 @@ out.input = await new Promise((resolve) => {
   call("POST", "/v1/sessions/inp/events", { event: "approval.request", data: { approval_id: "rm-1", cmd: "rm" } });
 });
 
+// How runs end: the outcome from gateway.end's data, and from the session (exact) after a 204. A
+// completed run whose result looks like another outcome is the documented ambiguity of the data.
+async function endOf(id, cursor) {
+  return new Promise((resolve) => {
+    const url = `${base}/v1/sessions/${id}/stream` + (cursor ? `?last_event_id=${cursor}` : "");
+    const stream = connect(url, {
+      onEnd: async (end, s) => resolve({ outcome: end.outcome, fromSession: !!end.fromSession,
+        stream: s.outcome, runStatus: (await s.fetchSession()).run_status }),
+      onError: (err) => resolve({ error: err.code }),
+    });
+    void stream;
+  });
+}
+const ends = {};
+for (const [id, body] of [
+  ["end-ok", { result: { text: "hi" } }],
+  ["end-none", {}],
+  ["end-failed", { status: "failed", error: { code: "tool_failed", message: "boom" } }],
+  ["end-lookalike", { result: { status: "failed", error: "not really" } }],
+]) {
+  await call("POST", `/v1/sessions/${id}/events`, { data: 1 });
+  await call("POST", `/v1/sessions/${id}/complete`, body);
+  const session = await call("GET", `/v1/sessions/${id}`);
+  ends[id] = { replay: await endOf(id), after204: await endOf(id, `${session.last_id}:${session.epoch}`) };
+}
+out.ends = ends;
+out.outcomeOf = [outcomeOf({ status: "timed_out", error: { code: "lease_expired" } }), outcomeOf([1]),
+  outcomeOf({ status: "failed" }, "completed"), outcomeOf(null)];
+const missing = connect(`${base}/v1/sessions/nobody/stream`, { onError: () => {} });
+out.missing = await missing.fetchSession().then(() => null, (err) => ({ code: err.code, status: err.status }));
+missing.close();
+
 // The React hook, rendered with react-test-renderer until the run has ended.
 await publishRun("hook", words.slice(0, 20));
 const seen = [];
 function Run() {
   const session = useGatewaySession({ url: `${base}/v1/sessions/hook/stream`, events: ["token"] });
-  seen.push({ status: session.status, count: session.view.length, ended: session.ended });
+  seen.push({ status: session.status, count: session.view.length, ended: session.ended,
+    outcome: session.outcome ? session.outcome.status : null });
   return React.createElement("p", null, session.ended ? JSON.stringify(session.result) : session.status);
 }
 const renderer = TestRenderer.create(React.createElement(Run));
