@@ -700,10 +700,7 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
             reader.cancel()
             await run.ack_input(run.cancel_input.id)
             error = {"code": "cancelled", "message": run.cancel_input.reason}
-            ended = (await pub.request("POST", f"/v1/sessions/{session}/complete", json_body={
-                "status": "cancelled", "error": error, "result": {"text": "".join(words)}})).json()
-            run.finished = True
-            return ended
+            return await run.complete({"text": "".join(words)}, status="cancelled", error=error)
 
     async with Publisher(gw.url) as pub:
         agent_run = asyncio.create_task(agent(pub))
