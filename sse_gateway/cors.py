@@ -99,6 +99,7 @@ class SiteGuard:
         # A gateway without keys that listens beyond this machine is open to the network by choice (--insecure).
         self.check_host = not settings.publish_keys and settings.loopback and "*" not in settings.allowed_host
         self.hosts = frozenset(h.lower() for h in settings.allowed_host)
+        self._host_names: dict[str, str | None] = {}  # Host header -> the name refused, or None (a few per gateway)
 
     def check(self, scope: Scope) -> GatewayError | None:
         """The refusal for this request, or None. A read from a page of another site is marked ``CROSS_SITE``
@@ -114,12 +115,10 @@ class SiteGuard:
                     origin = value.decode("latin-1")
             elif name == b"sec-fetch-site":
                 fetch_site = value
-        if self.check_host and host is not None:
-            name = _split_host(host)[0]
-            if not _is_local_name(name) and name not in self.hosts:
-                return Forbidden(f"this gateway has no publisher keys and answers only to localhost and IP "
-                                 f"addresses, not {name[:100]!r}; start it with --allowed-host {name[:100]} "
-                                 "or with --publish-key", "host_not_allowed")
+        if self.check_host and host is not None and (name := self._refused_name(host)) is not None:
+            return Forbidden(f"this gateway has no publisher keys and answers only to localhost and IP "
+                             f"addresses, not {name[:100]!r}; start it with --allowed-host {name[:100]} "
+                             "or with --publish-key", "host_not_allowed")
         if origin is not None:
             scope[FROM_PAGE] = True  # read by the fast paths and the JSON body rule: no second scan of the headers
         if origin is not None and not self._allowed(origin, host):
@@ -130,6 +129,20 @@ class SiteGuard:
         elif origin is None and fetch_site == b"cross-site" and not self.any_origin:
             scope[CROSS_SITE] = True  # an <img> or a link of another site: no Origin, but the browser says so
         return None
+
+    def _refused_name(self, host: str) -> str | None:
+        """The name of ``host`` if this gateway must not answer to it, else None; remembered per Host value
+        (every request carries one, and parsing an IP address costs more than the rest of the check)."""
+        try:
+            return self._host_names[host]
+        except KeyError:
+            pass
+        name = _split_host(host)[0]
+        refused = None if _is_local_name(name) or name in self.hosts else name
+        if len(self._host_names) >= 256:  # a client cycling through Host values cannot grow this
+            self._host_names.clear()
+        self._host_names[host] = refused
+        return refused
 
     def _allowed(self, origin: str, host: str | None) -> bool:
         origin = origin.lower()
