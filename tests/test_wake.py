@@ -94,6 +94,25 @@ async def test_news_of_an_older_life_is_dropped(two):
     assert facts.facts == [("moved", "s", "new", 1, "open", 0)]
 
 
+async def test_the_poller_drops_a_row_of_a_life_older_than_one_told_of(tmp_path: Path):
+    """A re-read may cross a wake-up of the session's next life: the older row it read changes nothing."""
+    here = await opened(tmp_path / "cross.db", poll_interval=0.01, wake=False)
+    there = await opened(tmp_path / "cross.db")
+    await there.create_session("s")
+    facts = Facts()
+    here.add_observer(facts)
+    here._sids["s"] = 1000  # as if a wake-up had told of a later life
+    here.watched = {"s"}
+    try:
+        await await_until(lambda: here.watched_rereads, what="the poller's first read")
+        await there.append("s", [ev()])
+        await await_until(lambda: here.watched_rereads > 1, what="the poller to read the row again")
+        assert facts.facts == []
+    finally:
+        await here.close()
+        await there.close()
+
+
 async def test_without_wake_ups_the_poller_tells(tmp_path: Path):
     here = await opened(tmp_path / "poll.db", poll_interval=0.01, wake=False)
     there = await opened(tmp_path / "poll.db")

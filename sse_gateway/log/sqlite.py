@@ -844,8 +844,8 @@ class SqliteLog(EventLog):
                 entry = found.get(name)
                 if entry is None:
                     self._deleted(name)
-                else:
-                    self._sids[name] = max(self._sids.get(name, 0), entry[0])
+                elif entry[0] >= self._sids.get(name, 0):  # not a life older than a wake-up told of meanwhile
+                    self._sids[name] = entry[0]
                     self._moved(name, entry[1])
 
     def _others_version(self) -> int:
