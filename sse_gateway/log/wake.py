@@ -47,7 +47,6 @@ import contextlib
 import os
 import secrets
 import socket
-import stat
 import time
 from collections.abc import Callable, Iterator
 
@@ -95,9 +94,7 @@ class Wake:
         sock = None
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            self._dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-            if not stat.S_ISDIR(os.fstat(self._dirfd).st_mode):  # pragma: no cover - O_DIRECTORY refuses it
-                raise NotADirectoryError(self.dir)
+            self._dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)  # a file there: ENOTDIR
             full = os.path.join(os.path.abspath(self.dir), "")
             self._prefix = full if len(os.fsencode(full + self.name)) <= _ADDRESS_MAX \
                 else f"/proc/self/fd/{self._dirfd}/"
