@@ -59,6 +59,11 @@ def pids_of(gw) -> dict[int, int]:
     return {int(n): int(pid) for n, pid in re.findall(r"worker (\d+) of \d+ starting \(pid (\d+)\)", gw.log())}
 
 
+def started(gw, index: int) -> int:
+    """How many times worker ``index`` has come to serve (its application started: it drains on a signal)."""
+    return gw.log().count(f"[worker {index}] uvicorn.error: Application startup complete.")
+
+
 def gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -186,16 +191,18 @@ async def test_workers_on_one_redis(start_gateway, redis_server):
 async def test_a_killed_worker_is_started_again_and_sigterm_drains_every_worker(start_gateway):
     gw = start_gateway("--workers", "2", "--drain-seconds", "3", "--heartbeat", "1")
     before = wait_until(lambda: len(pids_of(gw)) == 2 and pids_of(gw), what="both workers' pids in the log")
-    started = await await_until(lambda: every_worker(gw.url, 2), what="both workers' metrics")
+    first = await await_until(lambda: every_worker(gw.url, 2), what="both workers' metrics")
+    wait_until(lambda: "2 workers serving" in gw.log(), what="both workers serving")  # not a failed start
     os.kill(before[1], signal.SIGKILL)
-    wait_until(lambda: pids_of(gw).get(1, before[1]) != before[1], what="worker 1 started again")
+    wait_until(lambda: started(gw, 1) == 2, what="worker 1 started again, serving")
+    assert pids_of(gw)[1] != before[1]
     assert re.search(rf"worker 1 \(pid {before[1]}\) exited \(signal SIGKILL\).*starting it again", gw.log())
 
     async def restarted() -> bool:
         now = await per_worker(gw.url, "process_start_time_seconds")
-        return now.get(1) not in (None, started[1]) and now.get(2) == started[2]
+        return now.get(1) not in (None, first[1]) and now.get(2) == first[2]
 
-    await await_until(restarted, interval=0.2, what="the new worker 1 serving (its metrics)")
+    await await_until(restarted, interval=0.2, what="the new worker 1's metrics, worker 2's unchanged")
     assert [await publish(gw.url, "after", i) for i in range(2)] == [1, 2]
     streams = [RawStream(gw.port, "after") for _ in range(10)]
     tasks = [asyncio.create_task(s.run()) for s in streams]
@@ -223,6 +230,7 @@ async def test_ctrl_c_twice_stops_every_worker_at_once(start_gateway):
     stream = RawStream(gw.port, "c")
     task = asyncio.create_task(stream.run())
     await await_until(lambda: _one_stream(gw.url), what="the stream to open")
+    wait_until(lambda: "2 workers serving" in gw.log(), what="both workers serving")
     gw.proc.send_signal(signal.SIGINT)
     wait_until(lambda: gw.log().count("draining: new streams get 503") == 2, what="both workers draining")
     gw.proc.send_signal(signal.SIGINT)  # 60 s of drain are not waited for
