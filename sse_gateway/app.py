@@ -23,12 +23,13 @@ from .routes import dispatch, errors
 from .routes.operations import static_dir
 
 
-def create_app(settings: Settings | None = None, event_log: EventLog | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, event_log: EventLog | None = None, worker=None) -> FastAPI:
+    """The app; ``worker`` (``workers.WorkerInfo``) when it serves as one of several processes."""
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        gw = Gateway(settings, event_log or make_log(settings))
+        gw = Gateway(settings, event_log or make_log(settings), worker=worker)
         await gw.start()
         app.state.gw = gw
         try:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -249,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
 # -- serve ---------------------------------------------------------------------
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+def setup_logging(level: str, who: str | None = None) -> None:
+    """Log lines to standard error; ``who`` (``worker 2``, ``supervisor``) says which process of several wrote."""
+    where = f"[{who}] " if who else ""
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s %(levelname)-7s {where}%(name)s: %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr)
     logging.getLogger("uvicorn.access").addFilter(_RedactTokens())
     logging.getLogger("uvicorn.error").addFilter(_QuietSlowConsumerCut())
@@ -339,12 +342,8 @@ def bind_socket(host: str, port: int) -> tuple[socket.socket | None, str]:
 
 
 def _serve(settings: Settings, sock: socket.socket) -> int:
-    import uvicorn
-
-    from .app import create_app
-    from .protocol import header_deadline
-
-    setup_logging(settings.log_level)
+    """Check, say what is served, and serve: in this process, or in ``--workers`` processes (``workers.py``)."""
+    setup_logging(settings.log_level, "supervisor" if settings.workers > 1 else None)
     if not settings.publish_keys:
         log.warning("no publisher keys: the gateway is open to anyone who can reach %s", settings.host)
         if settings.loopback and "*" not in settings.allowed_host:
@@ -363,29 +362,48 @@ def _serve(settings: Settings, sock: socket.socket) -> int:
         if problem := preflight(path):
             log.error("cannot start: %s", problem)
             return 1
-    app = create_app(settings)
+    where = "memory (nothing is kept)" if settings.backend == "memory" else (
+        settings.db if settings.backend == "sqlite" else re.sub(r"//[^@/]*@", "//***@", settings.redis_url))
+    log.info("sse-gateway %s on http://%s:%d  backend=%s (%s)  heartbeat=%gs  keys=%s  tokens=%s  cors=%s%s",
+             __version__, settings.host, settings.port, settings.backend, where, settings.heartbeat,
+             len(settings.publish_keys) or "none", "on" if settings.token_secret else "off",
+             ",".join(settings.cors_origin) or "none", f"  workers={settings.workers}" if settings.workers > 1 else "")
+    if settings.webhook_secret:  # only the URL's site is logged: its user, path or query may hold a credential
+        site = urllib.parse.urlsplit(settings.webhook_url or "").netloc.rpartition("@")[2]
+        log.info("webhooks on (to %s), outbox %s", site or "no --webhook-url", settings.outbox_path)
+    if settings.workers > 1:
+        from .workers import Supervisor
+
+        return Supervisor(settings, sock).run()
+    return run_gateway(settings, sock)
+
+
+def run_gateway(settings: Settings, sock: socket.socket, *, worker=None, on_started=None) -> int:
+    """The gateway on the listening ``sock`` until it is stopped: 0, or 1 if it never started. ``worker``
+    (``workers.WorkerInfo``) when it is one of several processes; ``on_started()`` once it serves."""
+    import uvicorn
+
+    from .app import create_app
+    from .protocol import header_deadline
+
+    app = create_app(settings, worker=worker)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=settings.access_log, log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
                             timeout_keep_alive=settings.keep_alive, server_header=False,
                             http=header_deadline(settings.header_timeout))
-    server = GatewayServer(config, app)
-    where = "memory (nothing is kept)" if settings.backend == "memory" else (
-        settings.db if settings.backend == "sqlite" else re.sub(r"//[^@/]*@", "//***@", settings.redis_url))
-    log.info("sse-gateway %s on http://%s:%d  backend=%s (%s)  heartbeat=%gs  keys=%s  tokens=%s  cors=%s",
-             __version__, settings.host, settings.port, settings.backend, where, settings.heartbeat,
-             len(settings.publish_keys) or "none", "on" if settings.token_secret else "off",
-             ",".join(settings.cors_origin) or "none")
-    if settings.webhook_secret:  # only the URL's site is logged: its user, path or query may hold a credential
-        site = urllib.parse.urlsplit(settings.webhook_url or "").netloc.rpartition("@")[2]
-        log.info("webhooks on (to %s), outbox %s", site or "no --webhook-url", settings.outbox_path)
+    server = GatewayServer(config, app, worker=worker is not None, on_started=on_started)
     return 0 if server.run(sockets=[sock]) else 1
 
 
 class GatewayServer:
-    """uvicorn's server: the first SIGTERM/SIGINT drains, the second ends all streams and exits now."""
+    """uvicorn's server: the first SIGTERM/SIGINT drains, the second ends all streams and exits now.
 
-    def __init__(self, config, app) -> None:
+    A worker of several (``worker``) takes its orders from the supervisor (``workers.py``), which
+    may be sent to every process at once: it ignores SIGINT, drains once however many SIGTERMs come,
+    and ends all streams and exits on SIGQUIT."""
+
+    def __init__(self, config, app, *, worker: bool = False, on_started=None) -> None:
         import uvicorn
 
         outer = self
@@ -394,16 +412,24 @@ class GatewayServer:
             def handle_exit(self, sig, frame):
                 outer.on_signal(self, sig, frame)
 
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if self.started and on_started is not None:
+                    on_started()
+
         self.server = _Server(config)
         self.app = app
+        self.worker = worker
         self._signals = 0
 
     def on_signal(self, server, sig, frame) -> None:
-        self._signals += 1
+        if self.worker and (sig == signal.SIGINT or sig == signal.SIGTERM and self._signals):
+            return
+        self._signals = max(self._signals + 1, 2 if sig == signal.SIGQUIT else 1)
         gw = getattr(self.app.state, "gw", None)
         if self._signals == 1 and gw is not None and gw.settings.drain_seconds > 0:
-            log.info("draining: new streams get 503, open streams close over %gs; signal again to exit now",
-                     gw.settings.drain_seconds)
+            log.info("draining: new streams get 503, open streams close over %gs%s", gw.settings.drain_seconds,
+                     "" if self.worker else "; signal again to exit now")
             gw.loop.call_soon_threadsafe(gw.begin_drain, lambda: setattr(server, "should_exit", True))
             return
         if gw is not None:  # end every stream now, then shut down cleanly (the store is closed)
@@ -413,6 +439,8 @@ class GatewayServer:
             server.force_exit = True
 
     def run(self, sockets: list[socket.socket] | None = None) -> bool:
+        if self.worker:  # uvicorn handles SIGINT and SIGTERM; SIGQUIT is the supervisor's "stop now"
+            signal.signal(signal.SIGQUIT, lambda sig, frame: self.on_signal(self.server, sig, frame))
         self.server.run(sockets=sockets)
         return self.server.started
 

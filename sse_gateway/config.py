@@ -75,6 +75,8 @@ class Settings:
     send_timeout: float = _opt(10.0, "a stream whose client accepts nothing for this long is cut", metavar="SECONDS")
     sqlite_synchronous: str = _opt("NORMAL", "SQLite synchronous mode: NORMAL (survives a crash) or FULL "
                                    "(also survives a power cut)", metavar="MODE")
+    workers: int = _opt(1, "gateway processes serving the port, each on its own core, over one SQLite file or one "
+                        "Redis (not --backend memory); a supervisor restarts any that dies", metavar="N")
     drain_seconds: float = _opt(10.0, "on SIGTERM, spread the closing of streams over this window",
                                 metavar="SECONDS")
     keep_alive: int = _opt(75, "seconds an idle keep-alive connection stays open (keep it above a load "
@@ -135,6 +137,11 @@ class Settings:
             raise ValueError("redis_wait_replicas must be 0 or more")
         if self.redis_wait_replicas and "+cluster://" in self.redis_url:
             raise ValueError("redis_wait_replicas is not supported with Redis Cluster")
+        if self.workers < 1:
+            raise ValueError("workers must be 1 or more")
+        if self.workers > 1 and self.backend == "memory":
+            raise ValueError("the memory backend lives in one process, so workers cannot share it: use --backend "
+                             "sqlite or redis with --workers")
         if not (0 < self.port < 65536):
             raise ValueError("port must be between 1 and 65535")
         for name in ("max_sessions", "max_streams", "max_streams_per_session", "lease", "cancel_grace"):

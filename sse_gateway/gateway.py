@@ -6,6 +6,8 @@ loop-lag probe).
 It is created when the app starts (never at import: every asyncio object
 belongs to the running loop), drains on SIGTERM, and closes the log last.
 With a webhook secret it also runs the webhooks (``webhooks.py``), whose outbox closes after the log.
+As one worker of ``serve --workers`` (``workers.py``) it also writes a snapshot of its metrics every
+second, for the ``/metrics`` of the others.
 """
 
 from __future__ import annotations
@@ -20,19 +22,23 @@ from .errors import GatewayError
 from .hub import Hub
 from .inputs import InputWaiters, Watched
 from .log.base import EventLog
-from .metrics import Stats, make_registry, measure_loop_lag
+from .metrics import Stats, make_registry, measure_loop_lag, render
 from .models import now_ms
 from .webhooks import Notifier
 from .writes import Writes
 
 log = logging.getLogger("sse_gateway")
 
+SNAPSHOT_EVERY = 1.0  # seconds between a worker's snapshots of its metrics (``serve --workers``)
+
 
 class Gateway:
     """Everything a request needs (``request.app.state.gw``)."""
 
-    def __init__(self, settings: Settings, log_: EventLog) -> None:
+    def __init__(self, settings: Settings, log_: EventLog, worker=None) -> None:
         self.settings = settings
+        #: this process's place among ``serve --workers`` (``workers.WorkerInfo``), None when it serves alone
+        self.worker = worker
         self.log = log_
         self.stats = Stats()
         self.streams = limits.StreamSlots(settings.max_streams, settings.max_streams_per_session)
@@ -65,6 +71,8 @@ class Gateway:
                        asyncio.create_task(self.hub.cut_slow_clients(self.settings.send_timeout),
                                            name="slow-clients"),
                        asyncio.create_task(measure_loop_lag(self.stats), name="loop-lag")]
+        if self.worker is not None:
+            self._tasks.append(asyncio.create_task(self._snapshot_metrics(), name="metrics-snapshot"))
         if self.webhooks:
             await self.webhooks.open()
 
@@ -93,6 +101,20 @@ class Gateway:
         await self.log.close()
         if self.webhooks:  # after the log: the writes it commits on closing may still call a webhook
             await self.webhooks.close()
+
+    def metrics(self) -> bytes:
+        """``/metrics``: this process's, or with ``--workers`` every worker's, each sample labelled with its own."""
+        text = render(self.registry)
+        return self.worker.metrics(text) if self.worker is not None else text
+
+    async def _snapshot_metrics(self) -> None:
+        """A worker's metrics, every second, where the other workers' ``/metrics`` read them."""
+        while True:
+            try:
+                self.worker.write_snapshot(render(self.registry))
+            except OSError as exc:
+                log.warning("cannot write this worker's metrics for the others: %s", exc)
+            await asyncio.sleep(SNAPSHOT_EVERY)
 
     async def _sweep(self) -> None:
         """Once a second: end the runs whose lease (or cancel grace) ran out, then apply retention."""

@@ -141,6 +141,12 @@ class _Collector:
         yield ended
         for name, doc in _COUNTERS.items():
             yield CounterMetricFamily(f"sse_gateway_{name}", doc, value=getattr(st, name))
+        yield CounterMetricFamily("sse_gateway_store_wakeups", "Wake-ups heard from other processes on the same "
+                                  "SQLite file, each telling what one of their commits changed",
+                                  value=self.gw.log.wakeups_heard)
+        yield CounterMetricFamily("sse_gateway_store_rereads", "Re-reads of every watched session's row because "
+                                  "another process committed something no wake-up told of",
+                                  value=self.gw.log.watched_rereads)
         hub = self.gw.hub
         yield GaugeMetricFamily("sse_gateway_open_streams", "SSE streams open now",
                                 value=hub.slots.total)

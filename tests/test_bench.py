@@ -89,6 +89,18 @@ def test_quick_bench_against_one_and_two_nodes_on_redis():
 
 
 @pytest.mark.system  # runs the benchmark or its baseline server
+def test_quick_bench_against_one_and_two_workers():
+    """``gateway-2`` is ``serve --workers 2`` on one port: its subscribers and publishers land on both workers
+    and everything stays exact; its CPU is every process's (the supervisor's and both workers')."""
+    doc = bench("--target", "gateway,gateway-2", "--scenarios", "ingest-32,fanout-100,replay")
+    for target in ("gateway", "gateway-2"):
+        results = doc["results"][target]
+        assert all("errors" not in (r or {}) for r in results.values()), results
+        check_exact(doc, target)
+        assert results["ingest-32"]["median"]["events_per_s"] > 0
+
+
+@pytest.mark.system  # runs the benchmark or its baseline server
 def test_quick_bench_drives_a_gateway_already_running(tmp_path):
     # Started here rather than by the ``gateway`` fixture: stopped the way the bench stops its own
     # servers (one SIGTERM, no drain), which is what this test is about.
@@ -116,7 +128,7 @@ def test_quick_bench_drives_a_gateway_already_running(tmp_path):
 @pytest.mark.system  # runs the benchmark or its baseline server
 def test_bench_refuses_unknown_names():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for args in (["--target", "nginx"], ["--scenarios", "fanout-7"], ["--pid", "1"]):
+    for args in (["--target", "nginx"], ["--target", "gateway-1"], ["--scenarios", "fanout-7"], ["--pid", "1"]):
         proc = subprocess.run([sys.executable, "-m", "sse_gateway", "bench", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and "sse-gateway bench:" in proc.stderr, (args, proc.stderr)

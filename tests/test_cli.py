@@ -193,6 +193,9 @@ def one_line_error(r: subprocess.CompletedProcess, *says: str) -> str:
     (("serve", "--port", "70000"), "port must be between 1 and 65535"),
     (("serve", "--webhook-url", "hooks.example/in"), "webhook_url is not a URL webhooks can be sent to: use http"),
     (("serve", "--webhook-url", "https://hooks.example/in"), "webhook_url needs webhook_secret"),
+    (("serve", "--workers", "0"), "workers must be 1 or more"),
+    (("serve", "--workers", "2", "--backend", "memory"), "the memory backend lives in one process, so workers "
+                                                         "cannot share it"),
     (("publish", "x", "1", "--url", "localhost:8000"), "the gateway URL must be http://"),
     (("tail", "x", "--retry-for", "soon"), "argument --retry-for: 'soon' is not a number of seconds"),
     (("create", "--metadata", "{nope"), "argument --metadata: '{nope' is not JSON"),

@@ -14,6 +14,11 @@ Targets, all run in the same invocation so their ratios are fair:
 * ``nchan``: nginx with ``deploy/nchan.conf`` (C, in memory);
 * ``floor``: ``sse_gateway.bench.floor``, a raw asyncio server writing
   pre-encoded bytes: the load generator's own ceiling;
+* ``gateway-N`` (``gateway-2``, ``gateway-4``, ...): ``sse-gateway serve
+  --workers N`` on a fresh SQLite file, on one port; pinned to the server
+  CPU and N-1 more besides the load generator's, where the machine has
+  them, so its figures beside ``gateway``'s show how ingest and fan-out
+  scale with workers. Not part of ``all``;
 * ``redis-1``, ``redis-2``: one or two gateways (``--backend redis``) on
   a private ``redis-server``. Publisher k posts to node k mod N and
   subscriber k streams from node (k + 1) mod N, so on two nodes events
@@ -42,6 +47,7 @@ while it runs on CPU 1, and reports the median of --runs runs.
 
   sse-gateway bench                               the gateway, every scenario, 3 runs
   sse-gateway bench --target all                  gateway, baseline, nchan and floor in one run
+  sse-gateway bench --target gateway,gateway-2    one vs two worker processes on one SQLite file
   sse-gateway bench --target redis-1,redis-2      one vs two gateway nodes on one Redis
   sse-gateway bench --quick --scenarios ingest    a smoke run of the ingest scenarios
   sse-gateway bench --url http://127.0.0.1:8000 --pid 1234    a gateway already running
@@ -55,8 +61,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure throughput, fan-out, latency, replay and memory",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="gateway",
-                   help="gateway, baseline, nchan, floor, all (those four), redis-1 or redis-2 (one or two "
-                        "gateway nodes on a private redis-server); comma-separated (default: gateway)")
+                   help="gateway, baseline, nchan, floor, all (those four), gateway-N (the gateway with --workers "
+                        "N), redis-1 or redis-2 (one or two gateway nodes on a private redis-server); "
+                        "comma-separated (default: gateway)")
     p.add_argument("--scenarios", default="", metavar="LIST",
                    help="comma-separated scenario names or prefixes (default: all)")
     p.add_argument("--runs", type=int, default=3, help="runs per target; the table shows medians (default: 3)")

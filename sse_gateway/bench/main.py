@@ -22,7 +22,7 @@ from .. import __version__
 from . import ALL_TARGETS, profile
 from .report import headline, machine, summarize, table
 from .scenarios import FULL, QUICK, SCENARIOS, Context, Scenario, Sizes
-from .servers import NCHAN_CONF, PRESETS, Server, make_server, raise_nofile
+from .servers import NCHAN_CONF, PRESETS, Server, make_server, preset, raise_nofile, server_cpus, workers_of
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Plan:
     nchan_conf: Path
     remote: Server | None = None
     profile: Path | None = None
+    spare_cpus: tuple[int, ...] = ()  # CPUs neither pinned one has: the other workers of a gateway-N target
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -54,16 +55,18 @@ class Plan:
             if overrides or args.pid:
                 raise ValueError("--publish-url, --stream-url, --last-event-id-style and --pid go with --url")
             targets = list(ALL_TARGETS) if args.target == "all" else [t.strip() for t in args.target.split(",")]
-            unknown = [t for t in targets if t not in PRESETS]
+            unknown = [t for t in targets if preset(t) is None]
             if unknown or not targets:
-                raise ValueError(f"unknown target(s) {', '.join(unknown)}: use {', '.join(PRESETS)} or all")
+                raise ValueError(f"unknown target(s) {', '.join(unknown)}: use {', '.join(PRESETS)}, gateway-N "
+                                 "or all")
         if args.profile is not None:
             if not profile.available():
                 raise ValueError("--profile needs py-spy (pip install py-spy)")
             args.profile.mkdir(parents=True, exist_ok=True)
         server_cpu, client_cpu = pick_cpus(args.no_pin or remote is not None and args.pid is None)
+        spare = tuple(sorted(set(os.sched_getaffinity(0)) - {server_cpu, client_cpu})) if client_cpu is not None else ()
         return cls(targets, scenarios, args.runs, QUICK if args.quick else FULL, server_cpu, client_cpu,
-                   args.nchan_conf or NCHAN_CONF, remote, args.profile)
+                   args.nchan_conf or NCHAN_CONF, remote, args.profile, spare)
 
 
 def pick_scenarios(spec: str) -> list[Scenario]:
@@ -116,11 +119,12 @@ async def measure(plan: Plan) -> dict:
 
 async def run_one(plan: Plan, scenario: Scenario, name: str, workdir: Path, timeout: float,
                   run_no: int) -> dict | None:
-    if scenario.needs_batch and not (plan.remote.target if plan.remote else PRESETS[name]).batch:
+    if scenario.needs_batch and not (plan.remote.target if plan.remote else preset(name)).batch:
         return None
     server = None
     try:
-        server = plan.remote or make_server(name, workdir, cpu=plan.server_cpu, nchan_conf=plan.nchan_conf)
+        server = plan.remote or make_server(name, workdir, cpu=plan.server_cpu, spare=plan.spare_cpus,
+                                            nchan_conf=plan.nchan_conf)
         await server.start()
     except (OSError, RuntimeError) as exc:
         if server is not None:
@@ -159,6 +163,15 @@ def run(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, {plan.client_cpu})
     say(f"targets {', '.join(plan.targets)}; scenarios {', '.join(s.name for s in plan.scenarios)}; "
         f"{plan.runs} run(s); server on CPU {plan.server_cpu}, load generator on CPU {plan.client_cpu}")
+    for name in plan.targets:
+        workers = workers_of(name)
+        if workers > 1 and plan.client_cpu is not None:
+            cpus = server_cpus(name, plan.server_cpu, list(plan.spare_cpus))
+            if str(cpus).count(",") + 1 < workers:
+                say(f"{name}: its {workers} workers share CPU(s) {cpus}: the machine has no more beside the load "
+                    "generator's, so the figures cannot show them scaling")
+            else:
+                say(f"{name}: {workers} workers on CPUs {cpus}")
     try:
         raw = run_async(measure(plan))
     except (KeyboardInterrupt, asyncio.CancelledError):

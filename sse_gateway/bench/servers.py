@@ -67,6 +67,22 @@ PRESETS = {
 }
 #: targets that are gateways on a private redis-server: name -> number of gateway nodes
 REDIS_NODES = {"redis-1": 1, "redis-2": 2}
+_WORKERS = re.compile(r"gateway-([1-9][0-9]*)")
+
+
+def workers_of(name: str) -> int:
+    """How many worker processes the target ``gateway-N`` (``serve --workers N``, N from 2) has; 1 for others."""
+    m = _WORKERS.fullmatch(name)
+    return int(m.group(1)) if m and int(m.group(1)) > 1 else 1
+
+
+def preset(name: str) -> Target | None:
+    """The target called ``name``: a preset, or ``gateway-N``; None if there is none."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if workers_of(name) > 1:
+        return replace(PRESETS["gateway"], name=name)
+    return None
 
 
 def free_port() -> int:
@@ -159,9 +175,10 @@ class ProcessTrees:
         return sum(t.rss_kb() for t in self.trees)
 
 
-def spawn(cmd: list[str], *, cpu: int | None, log_path: Path, cwd: Path | None = None,
+def spawn(cmd: list[str], *, cpu: int | str | None, log_path: Path, cwd: Path | None = None,
           env: dict | None = None) -> subprocess.Popen:
-    """Start ``cmd`` in a session of its own, pinned to ``cpu`` if given, its output appended to ``log_path``."""
+    """Start ``cmd`` in a session of its own, pinned to ``cpu`` if given (a CPU, or a list ``0,2`` for
+    ``taskset -c``), its output appended to ``log_path``."""
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     with open(log_path, "ab") as log:
@@ -190,7 +207,7 @@ class Server:
     """
 
     def __init__(self, target: Target, url: str, *, command: list[str] | None = None, pid: int | None = None,
-                 workdir: Path | None = None, cpu: int | None = None, env: dict | None = None) -> None:
+                 workdir: Path | None = None, cpu: int | str | None = None, env: dict | None = None) -> None:
         self.target = target.resolve(url)
         self.url = url
         self.command = command
@@ -307,7 +324,7 @@ class RedisNodes(Server):
         return "\n".join(filter(None, [super().log_tail(lines), *(g.log_tail(lines) for g in self.gateways)]))
 
 
-def gateway_server(target: Target, home: Path, *, cpu: int | None, extra: list[str] = ()) -> Server:
+def gateway_server(target: Target, home: Path, *, cpu: int | str | None, extra: list[str] = ()) -> Server:
     """``sse-gateway serve`` on a free port with its files in ``home``, as the bench runs it."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -333,13 +350,26 @@ def nchan_config(template: str, port: int) -> str:
     return conf
 
 
-def make_server(name: str, workdir: Path, *, cpu: int | None, nchan_conf: Path = NCHAN_CONF) -> Server:
+def server_cpus(name: str, cpu: int | None, spare: list[int]) -> int | str | None:
+    """The CPUs target ``name`` is pinned to: ``cpu``, and for ``gateway-N`` up to N-1 of the ``spare`` ones
+    (those neither the server nor the load generator was given) so that each worker may have a core."""
+    workers = workers_of(name)
+    if cpu is None or workers == 1:
+        return cpu
+    return ",".join(map(str, [cpu, *spare[:workers - 1]]))
+
+
+def make_server(name: str, workdir: Path, *, cpu: int | None, spare: list[int] = (),
+                nchan_conf: Path = NCHAN_CONF) -> Server:
     """A server of kind ``name``, not started yet, in its own part of ``workdir``."""
     home = workdir / name
     home.mkdir(parents=True, exist_ok=True)
-    target = PRESETS[name]
+    target = preset(name)
     if name == "gateway":
         return gateway_server(target, home, cpu=cpu)
+    if workers_of(name) > 1:
+        return gateway_server(target, home, cpu=server_cpus(name, cpu, list(spare)),
+                              extra=["--workers", str(workers_of(name))])
     if name in REDIS_NODES:
         return RedisNodes(target, home, cpu=cpu, count=REDIS_NODES[name])
     port = free_port()

@@ -119,7 +119,9 @@ so callers never probe for it:
   store. Such a backend watches ``watched`` (set by the hub to the sessions
   it has channels for; a live view, read when the backend polls or tails)
   and reports their writes as ``moved``/``deleted``. ``memory`` cannot be
-  shared.
+  shared. ``wakeups_heard`` and ``watched_rereads`` count, for the
+  metrics, the news of other instances heard and the re-reads of every
+  watched row that news did not spare (SQLite: ``wake.py``).
 * ``streams`` / ``streams_changed``: the hub hands the log its one count of
   this process's open streams (``limits.StreamSlots``) and says when a
   session's count changed. ``presence(session)`` is the number of open
@@ -204,6 +206,11 @@ class EventLog(abc.ABC):
     shared_store = False
     #: ``presence`` counts the streams of every instance on the store, not only this process's
     shared_presence = False
+    #: (metrics) wake-ups heard from other instances, each telling what one of their commits changed
+    wakeups_heard = 0
+    #: (metrics) times the rows of every watched session were read again because another instance committed
+    #: something this one was not told of (a lost wake-up, an instance that sends none)
+    watched_rereads = 0
 
     def __init__(self) -> None:
         #: the sessions whose changes by other writers this log reports (``shared_store`` only); set by the hub

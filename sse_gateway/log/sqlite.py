@@ -14,15 +14,21 @@ savepoint and answered with its error, the others commit together. The
 rules of each write run in Python (``log.base.apply_*``) against rows read
 inside the transaction, so
 several processes on one file still allocate contiguous ids: the write lock
-is SQLite's, not ours.
+is SQLite's, not ours. The processes that know of each other also queue for
+it in the kernel (``writer.lock``, ``wake.py``), so the next writer starts
+as soon as the last one commits.
 
 Reads use a few read-only connections of their own (WAL lets them run
-beside the writer). A poller watches ``PRAGMA data_version`` of the
+beside the writer). Other processes on the same file (``serve --workers``,
+a rolling restart) tell this one what their commits changed, one datagram
+per commit (``wake.py``), and it tells its observers (``moved``,
+``deleted``) for the sessions it watches, without reading the store. A
+poller stays as the safety net: it watches ``PRAGMA data_version`` of the
 writer's connection, which moves only when *another* connection commits,
-to learn of commits made by other processes on the same file; it then
-reads the rows of the watched sessions and tells the observers
-(``moved``, ``deleted``), so a stream served by this process sees events
-appended by another. This process's own commits never cost a re-read.
+and re-reads the rows of the watched sessions when a commit was not told
+of (a datagram lost, or a process that sends none), and in any case at
+least once a second while other processes commit. This process's own
+commits never cost a re-read.
 
 Deleting a session or trimming its history only moves a row's fields;
 the events themselves are removed afterwards in small chunks by ``sweep``,
@@ -39,6 +45,7 @@ import asyncio
 import contextlib
 import copy
 import errno
+import fcntl
 import logging
 import os
 import sqlite3
@@ -83,6 +90,7 @@ from .base import (
     stored_text,
 )
 from .group_commit import GroupCommit, Write
+from .wake import Wake
 
 log = logging.getLogger("sse_gateway.sqlite")
 
@@ -164,6 +172,9 @@ _INPUT = "id, kind, data, ts, event_id, approval_id, decision"
 _FULL_ROW = _ROW + ", metadata, state"
 _PURGE_CHUNK = 5000
 _MAX_BATCH = 1000
+#: while other processes commit, the poller re-reads the watched rows at least this often (seconds), even
+#: when every commit was told of: a process that sends no wake-ups may have committed beside them
+REREAD_EVERY = 1.0
 
 
 def _row(t: tuple, full: bool = False) -> tuple[int, Session]:
@@ -265,6 +276,9 @@ class _Writes:
     appended: dict[str, tuple[list[StoredEvent], Session]] = field(default_factory=dict)
     inputs: dict[str, tuple[list[StoredInput], Session]] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
+    #: what the other processes are told (``wake.py``): session -> (sid, epoch or None if deleted, last_id,
+    #: status, input_last_id), for the sessions created, deleted or given events
+    news: dict[str, tuple] = field(default_factory=dict)
 
 
 class SqliteLog(EventLog):
@@ -272,7 +286,8 @@ class SqliteLog(EventLog):
 
     def __init__(self, path: str, *, max_events: int | None = None, default_ttl: int | None = None,
                  lease_seconds: int | None = None, cancel_grace: int | None = None,
-                 synchronous: str = "NORMAL", readers: int = 3, poll_interval: float = 0.05) -> None:
+                 synchronous: str = "NORMAL", readers: int = 3, poll_interval: float = 0.05,
+                 wake: bool = True) -> None:
         super().__init__()
         self.path = path
         self.max_events = max_events
@@ -289,6 +304,12 @@ class SqliteLog(EventLog):
         self._writer = GroupCommit(self._commit, self._answer, committed=self._committed, max_batch=_MAX_BATCH,
                                    name="sqlite-writer")
         self._poller: asyncio.Task | None = None
+        #: wake-ups to and from the other processes on the file (None: the poller alone hears them)
+        self._wake: Wake | None = Wake(path, self._heard) if wake and path != ":memory:" else None
+        self._told = False  # a wake-up was heard since the poller last looked
+        self._missed = False  # a wake-up was lost (a gap in a sender's sequence)
+        self._senders: dict[str, int] = {}  # the last sequence number heard from each sender
+        self._sids: dict[str, int] = {}  # the life (sid) each session was last told of, so older news is ignored
 
     # -- life ------------------------------------------------------------
 
@@ -301,6 +322,10 @@ class SqliteLog(EventLog):
             await conn.execute("PRAGMA mmap_size = 268435456")
             self._readers.append(conn)
         self._poll_conn = self._readers.pop()
+        if self._wake is not None and (problem := self._wake.open(asyncio.get_running_loop())):
+            log.warning("no wake-ups between the processes on %s (%s): commits of others are noticed by polling",
+                        self.path, problem)
+            self._wake = None
         self._writer.start()
         self._poller = asyncio.create_task(self._poll_loop(), name="sqlite-poller")
 
@@ -310,6 +335,8 @@ class SqliteLog(EventLog):
         await self._writer.close()
         self._poller.cancel()
         await asyncio.gather(self._poller, return_exceptions=True)
+        if self._wake is not None:
+            self._wake.close()
         for conn in [*self._readers, self._poll_conn]:
             await conn.close()
         await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
@@ -466,7 +493,10 @@ class SqliteLog(EventLog):
 
     def _transaction(self, body) -> Any:
         db = self._db
+        lock = self._wake.lock if self._wake is not None else None
         try:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
             db.execute("BEGIN IMMEDIATE")
             result = body(db)
             db.execute("COMMIT")
@@ -478,16 +508,26 @@ class SqliteLog(EventLog):
             if isinstance(exc, sqlite3.Error):
                 raise store_error(exc, self.path) from None
             raise
+        finally:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _commit_sync(self, batch: list[_Op]) -> tuple[list[tuple[Any, GatewayError | None]], _Writes]:
         try:
-            return self._transaction(lambda db: self._commit_in(db, batch))
+            done = self._transaction(lambda db: self._commit_in(db, batch))
         except Exception as exc:
             if len(batch) == 1 or _store_failed(exc):
                 raise  # the store's own failure (or a batch of one): every write of the batch fails with it
             log.warning("a group commit of %d writes failed (%s); committing them one savepoint each",
                         len(batch), getattr(exc, "message", None) or repr(exc))
-        return self._transaction(lambda db: self._commit_each(db, batch))
+            done = self._transaction(lambda db: self._commit_each(db, batch))
+        self._tell_others(done[1].news)
+        return done
+
+    def _tell_others(self, news: dict[str, tuple]) -> None:
+        """On the writer's thread, right after a commit: the other processes' wake-up (``wake.py``)."""
+        if self._wake is not None:
+            self._wake.send([[name, *fields] for name, fields in news.items()])
 
     def _commit_each(self, db: sqlite3.Connection, batch: list[_Op]) -> tuple[list, _Writes]:
         """The batch in the open transaction, each write within its own savepoint: one that fails is rolled
@@ -514,6 +554,7 @@ class SqliteLog(EventLog):
                 _add_appended(writes, session, new_events, row)
             for session, (inputs, row) in done.inputs.items():
                 _add_inputs(writes, session, inputs, row)
+            writes.news.update(done.news)
         return outcomes, writes
 
     def _write_error(self, exc: Exception) -> GatewayError:
@@ -585,6 +626,7 @@ class SqliteLog(EventLog):
                              "deadline, webhook_url) VALUES (?,?,?,?,?,?,?,?)",
                              (row.id, row.epoch, row.created_at, text, ttl, row.lease_seconds, row.deadline, webhook))
             entry = rows[op.session] = (cur.lastrowid, row)
+            writes.news[op.session] = (cur.lastrowid, row.epoch, 0, row.status, 0)
             if op.kind == "create":
                 return row
         if entry is None:
@@ -605,6 +647,7 @@ class SqliteLog(EventLog):
             writes.appended.pop(op.session, None)  # nobody is told of events of a life that ended
             writes.inputs.pop(op.session, None)
             writes.deleted.append(op.session)
+            writes.news[op.session] = (sid, None, 0, "", 0)
             return True
         new_events: list[StoredEvent] = []
         if op.kind == "append":
@@ -656,6 +699,7 @@ class SqliteLog(EventLog):
         if new_events:
             writes.events.extend((sid, e.id, e.event, e.data, int(e.is_json), e.ts) for e in new_events)
             _add_appended(writes, op.session, new_events, copy.copy(row))
+            writes.news[op.session] = (sid, row.epoch, row.last_id, row.status, row.input_last_id)
         return value
 
     def _apply_input(self, db: sqlite3.Connection, sid: int, row: Session, item: NewInput,
@@ -694,6 +738,7 @@ class SqliteLog(EventLog):
             db.execute("UPDATE sessions SET purged_id = ? WHERE sid = ? AND purged_id < ?", (stop, sid, stop))
 
         self._transaction(body)
+        self._tell_others({})  # nothing a reader needs, but the others' data_version moved: say why
 
     # -- retention and other processes' commits -----------------------------
 
@@ -720,39 +765,88 @@ class SqliteLog(EventLog):
             await self._on_writer(self._purge_sync, sid, start, stop, doomed and stop >= upto)
             start = stop
 
+    def _heard(self, sender: str, seq: int, entries: list) -> None:
+        """A wake-up from another process on the file (``wake.py``): tell the observers of the watched
+        sessions it names, from its entries alone. News of an older life of a session than one already
+        told of (datagrams of two senders may cross) is dropped."""
+        self.wakeups_heard += 1
+        self._told = True
+        last = self._senders.get(sender)
+        if last is not None and seq != last + 1:
+            self._missed = True
+        if len(self._senders) > 256:  # senders that left
+            self._senders.clear()
+        self._senders[sender] = seq
+        watched = self.watched
+        sids = self._sids
+        for name, sid, epoch, last_id, status, input_last_id in entries:
+            if sid < sids.get(name, 0):
+                continue
+            sids[name] = sid
+            if name not in watched:
+                continue
+            if epoch is None:
+                self._deleted(name)
+            else:
+                self._moved(name, Session(id=name, epoch=epoch, created_at=0, status=status, last_id=last_id,
+                                          input_last_id=input_last_id))
+
     async def _poll_loop(self) -> None:
-        """Tell the observers of watched sessions that other processes wrote to (``moved``, ``deleted``).
+        """The safety net under the wake-ups: re-read the rows of the watched sessions when another process
+        committed something this one was not told of, and tell the observers (``moved``, ``deleted``).
 
         ``PRAGMA data_version`` on the *writer's* connection moves only when another connection commits
         (this process's readers never write), so this process's own commits, however many, never make
-        the poller read a row: only another process's commit does."""
+        the poller read a row. When it moved, the rows are re-read if no wake-up came by the next look (a
+        commit's datagram follows its commit by microseconds), at once if a sender's sequence shows a
+        gap, and at least every ``REREAD_EVERY`` seconds while others commit (a process that sends no
+        wake-ups may commit beside those that do). Without wake-ups, every move is re-read."""
         loop = asyncio.get_running_loop()
         last_version = None
+        pending = False  # another process committed since the watched rows were last read
+        untold = False  # ... and at the last look, no wake-up had come since the look before
+        last_read = loop.time()
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 version = await loop.run_in_executor(self._thread, self._others_version)
-                if version == last_version:
-                    continue
-                last_version = version
-                watched = list(self.watched)
-                if not watched:
-                    continue
-                found: dict[str, Session] = {}
+            except sqlite3.Error as exc:
+                log.warning("polling for other writers failed: %s", exc)
+                continue
+            told, self._told = self._told, False
+            changed = version != last_version
+            first, last_version = last_version is None, version
+            pending = pending or changed
+            reread = first or pending and (self._wake is None or self._missed or (untold and not told)
+                                           or loop.time() - last_read >= REREAD_EVERY)
+            untold = changed and not told or untold and not told
+            if not reread:
+                continue
+            pending = untold = self._missed = False
+            last_read = loop.time()
+            watched = list(self.watched)
+            self._sids = {name: sid for name, sid in self._sids.items() if name in self.watched}
+            if not watched:
+                continue
+            self.watched_rereads += 1
+            found: dict[str, tuple[int, Session]] = {}
+            try:
                 for i in range(0, len(watched), 500):
                     chunk = watched[i:i + 500]
                     for t in await self._poll_conn.execute_fetchall(
                             f"SELECT {_ROW} FROM sessions WHERE name IN ({','.join('?' * len(chunk))})", chunk):
-                        found[t[1]] = _row(t)[1]
+                        found[t[1]] = _row(t)
             except sqlite3.Error as exc:
                 log.warning("polling for other writers failed: %s", exc)
+                pending = True
                 continue
             for name in watched:
-                row = found.get(name)
-                if row is None:
+                entry = found.get(name)
+                if entry is None:
                     self._deleted(name)
-                else:
-                    self._moved(name, row)
+                elif entry[0] >= self._sids.get(name, 0):  # not a life older than a wake-up told of meanwhile
+                    self._sids[name] = entry[0]
+                    self._moved(name, entry[1])
 
     def _others_version(self) -> int:
         """On the writer's thread: a number that changes when another connection commits to the file."""

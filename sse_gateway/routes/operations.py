@@ -10,7 +10,6 @@ from starlette.responses import FileResponse, Response
 
 from .. import __version__
 from ..errors import error_body
-from ..metrics import render
 from .common import gateway, json_response
 
 router = APIRouter(tags=["operations"])
@@ -45,7 +44,7 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(render(gateway(request).registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(gateway(request).metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/", include_in_schema=False)
