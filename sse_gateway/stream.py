@@ -7,8 +7,11 @@ Races and who wins them:
   reads or wakes it afterwards. Replay and live are the same loop (copy
   the frames after the cursor from the hub's window, or read them from the
   log), so nothing is sent twice or skipped at the seam.
-* **Client gone.** A watcher waits for ``http.disconnect`` and wakes the
-  loop, which ends; presence is released in ``finally``, whatever happened.
+* **Client gone.** The gateway's HTTP protocol calls the stream back when
+  its connection is lost (``on_lost``, see below), which wakes the loop,
+  which ends; presence is released in ``finally``, whatever happened.
+  Under a server without that extension a watcher task waits for
+  ``http.disconnect`` instead.
 * **Slow client.** A stream notes when its current send began; the hub's
   watchdog cancels a stream whose send has waited longer than
   ``send_timeout`` (the client accepted nothing for that long). It is cut,
@@ -24,7 +27,8 @@ Races and who wins them:
   unsent bytes and the socket until the client reads them, i.e. for as long
   as the stuck client stays connected. So the gateway's HTTP protocol
   (``protocol.HeaderDeadline``) puts its transport in the scope, under
-  ``scope["extensions"]["sse_gateway.transport"]["transport"]``, and a cut
+  ``scope["extensions"]["sse_gateway.transport"]["transport"]`` (and
+  itself under ``["protocol"]``, whose ``on_lost`` a stream sets), and a cut
   stream sets ``SO_LINGER`` to 0 and calls ``transport.abort()``: the
   buffer is dropped and the file descriptor closed at once, and the kernel
   answers the client with a reset (its own unsent bytes are dropped too).
@@ -140,11 +144,18 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ch = self.hub.attach(self.session)  # before reading the head: see the module docstring
         self.task = asyncio.current_task()
-        self._transport = ((scope.get("extensions") or {}).get(TRANSPORT_EXTENSION) or {}).get("transport")
+        connection = (scope.get("extensions") or {}).get(TRANSPORT_EXTENSION) or {}
+        self._transport = connection.get("transport")
         self._direct = self._transport is not None and scope["method"] == "GET"
         self._clock = self.task.get_loop().time
         self.hub.streams.add(self)
-        watcher = asyncio.create_task(self._watch(receive))
+        protocol = connection.get("protocol")
+        if protocol is not None:  # the connection says when it is lost: no task of its own waits for that
+            protocol.on_lost = self._lost
+            self.gone = self._transport.is_closing()
+            watcher = None
+        else:
+            watcher = asyncio.create_task(self._watch(receive))
         started = False
         try:
             row = await self.hub.log.get_session(self.session)
@@ -177,7 +188,10 @@ class EventStream(Response):
                 self.stats.slow_consumer_disconnects += 1
             self._abort()  # returning without finishing the response alone would close it gracefully
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            else:
+                protocol.on_lost = None
             self.hub.streams.discard(self)
             if self.on_close is not None:
                 self.on_close()  # first: the hub drops the channel once the session has no stream left
@@ -186,6 +200,9 @@ class EventStream(Response):
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        self._lost()
+
+    def _lost(self) -> None:
         self.gone = True
         self._wake()
 

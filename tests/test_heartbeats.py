@@ -131,6 +131,31 @@ async def test_many_quiet_streams_each_get_their_heartbeats(start_gateway):
     assert await metric(gw.url, "sse_gateway_heartbeats_total") >= 2 * streams
 
 
+async def test_a_quiet_stream_is_one_task_and_ends_as_soon_as_its_client_leaves(start_gateway):
+    gw = start_gateway("--heartbeat", "1")
+    async with httpx.AsyncClient(base_url=gw.url) as c:
+        assert (await c.post("/v1/sessions/leaving/events", json={"data": 1})).status_code == 201
+    before = await metric(gw.url, "sse_gateway_asyncio_tasks")
+    clients = []
+    for _ in range(50):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /v1/sessions/leaving/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await reader.readuntil(b"id: 1:")
+        clients.append(writer)
+    await await_until(lambda: metric(gw.url, "sse_gateway_open_streams"), what="the streams to be counted")
+    assert await metric(gw.url, "sse_gateway_open_streams") == 50
+    tasks = await metric(gw.url, "sse_gateway_asyncio_tasks") - before
+    assert 50 <= tasks < 100, f"{tasks:g} tasks for 50 quiet streams: one each, no watcher beside it"
+    for i, writer in enumerate(clients):  # half reset, half closed
+        writer.transport.abort() if i % 2 else writer.close()
+
+    async def all_gone() -> bool:
+        return (await metric(gw.url, "sse_gateway_open_streams") == 0
+                and await metric(gw.url, "sse_gateway_asyncio_tasks") <= before)
+
+    await await_until(all_gone, what="every stream and its task to end once its client left")
+
+
 # -- in process: what the tick writes, and where ------------------------------------------------
 
 
