@@ -165,6 +165,7 @@ class EventStream(Response):
                 return
             ch = self.hub.settle(ch, row)
             cursor, notice = start_position(row, self.cursor, self.epoch)
+            del row  # not kept for as long as the stream lives
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             started = True
             await self._pump(send, ch, cursor, self.prelude + notice)
