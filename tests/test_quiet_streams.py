@@ -1,12 +1,13 @@
-"""Heartbeats: one tick of the hub gives every quiet stream its ``: ping``, framed as uvicorn frames a chunk.
+"""Quiet streams: heartbeats from one tick of the hub, one task each, and little memory.
 
 Through real sockets, the chunked body decoded strictly: a heartbeat reaches a
 quiet stream as a chunk of its own and the events around it keep their
-framing; many quiet streams each get theirs. In process, with a transport that
-records what is written to it: the tick writes to a stream's transport only
-while the stream waits and nothing of its connection is unsent; otherwise the
-stream sends the ping itself through the server, where the watchdog sees a
-send that does not finish. Without the transport a stream keeps its own timer.
+framing; many quiet streams each get theirs; a quiet stream is one task, and
+ends as soon as its client leaves. In process, with a transport that records
+what is written to it: the tick writes to a stream's transport only while the
+stream waits and nothing of its connection is unsent; otherwise the stream
+sends the ping itself through the server, where the watchdog sees a send that
+does not finish. Without the transport a stream keeps its own timer.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import socket
 
 import httpx
 import pytest
+import uvicorn
 from util import WAIT_TIMEOUT, await_until, metric
 
+from sse_gateway.app import create_app
+from sse_gateway.config import Settings
 from sse_gateway.hub import Hub
 from sse_gateway.log.memory import MemoryLog
 from sse_gateway.metrics import Stats
 from sse_gateway.models import NewEvent
-from sse_gateway.protocol import TRANSPORT_EXTENSION
+from sse_gateway.protocol import TRANSPORT_EXTENSION, HeaderDeadline, header_deadline
 from sse_gateway.sse import PING
 from sse_gateway.stream import EventStream
 
@@ -154,6 +158,30 @@ async def test_a_quiet_stream_is_one_task_and_ends_as_soon_as_its_client_leaves(
                 and await metric(gw.url, "sse_gateway_asyncio_tasks") <= before)
 
     await await_until(all_gone, what="every stream and its task to end once its client left")
+
+
+async def test_a_connection_keeps_the_instance_dict_uvicorn_shares_between_connections():
+    """A dict shares its keys with the other instances' only while it has fewer than 30 (CPython 3.11):
+    the gateway's attributes of the protocol live in slots, or every connection pays ~1.2 KB more."""
+    app = create_app(Settings(backend="memory", heartbeat=1))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, http=header_deadline(10),
+                                           log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    writer = None
+    try:
+        await await_until(lambda: server.started, what="uvicorn to start")
+        await app.state.gw.log.append("s", [NewEvent("message", "1")])
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.servers[0].sockets[0].getsockname()[1])
+        writer.write(b"GET /v1/sessions/s/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await reader.readuntil(b"id: 1:")
+        (protocol,) = server.server_state.connections
+        assert isinstance(protocol, HeaderDeadline) and protocol.on_lost is not None
+        assert len(vars(protocol)) < 30, sorted(vars(protocol))
+    finally:
+        if writer is not None:
+            writer.transport.abort()  # uvicorn's shutdown waits for the stream to end
+        server.should_exit = True
+        await serving
 
 
 # -- in process: what the tick writes, and where ------------------------------------------------
