@@ -240,7 +240,7 @@ class Hub(LogObserver):
         self.stats = stats
         self.slots = slots if slots is not None else StreamSlots()
         self.channels: dict[str, Channel] = {}
-        self.streams: set = set()  # every EventStream being served, for the slow-client watchdog
+        self.streams: set = set()  # every EventStream being served, for the slow-client watchdog and heartbeats
         self.drain_start: float | None = None  # loop time the drain began
         self.drain_window = 0.0
         self.heartbeat_tick = False  # ``send_heartbeats`` is running: streams it can write to have no timer
