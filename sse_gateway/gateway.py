@@ -2,7 +2,7 @@
 
 ``Gateway`` owns the event log, the hub, the input waiters, auth, stream slots, metrics and the
 background tasks (the sweep that ends runs past their deadline and applies retention, slow-client watchdog,
-loop-lag probe).
+heartbeat tick, loop-lag probe).
 It is created when the app starts (never at import: every asyncio object
 belongs to the running loop), drains on SIGTERM, and closes the log last.
 With a webhook secret it also runs the webhooks (``webhooks.py``), whose outbox closes after the log.
@@ -70,6 +70,7 @@ class Gateway:
         self._tasks = [asyncio.create_task(self._sweep(), name="sweep"),
                        asyncio.create_task(self.hub.cut_slow_clients(self.settings.send_timeout),
                                            name="slow-clients"),
+                       asyncio.create_task(self.hub.send_heartbeats(self.settings.heartbeat), name="heartbeats"),
                        asyncio.create_task(measure_loop_lag(self.stats), name="loop-lag")]
         if self.worker is not None:
             self._tasks.append(asyncio.create_task(self._snapshot_metrics(), name="metrics-snapshot"))

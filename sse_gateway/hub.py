@@ -48,6 +48,7 @@ gateway adds the sessions whose input an agent reads: ``inputs.Watched``).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from .limits import StreamSlots
@@ -63,6 +64,10 @@ WINDOW = 1024  # frames a window keeps (trimmed to this when it holds twice as m
 WINDOW_BYTES = 4 << 20  # and bytes of frames it keeps (trimmed to this when it holds twice as many; one frame at least)
 CHUNK_BYTES = 1 << 20  # one write of a stream carries at most this many bytes of frames (or one larger frame)
 FILL_FIRST = 16  # events a shared read asks for when the window is empty (their size is not known yet)
+BEATS_PER_HEARTBEAT = 4  # the heartbeat tick runs this often per heartbeat interval
+_CLOCK_SLACK = 0.001  # a stream silent for its heartbeat within this is due (the loop's clock is coarse)
+
+log = logging.getLogger("sse_gateway.hub")
 
 
 def _loop_time() -> float:
@@ -235,9 +240,10 @@ class Hub(LogObserver):
         self.stats = stats
         self.slots = slots if slots is not None else StreamSlots()
         self.channels: dict[str, Channel] = {}
-        self.streams: set = set()  # every EventStream being served, for the slow-client watchdog
+        self.streams: set = set()  # every EventStream being served, for the slow-client watchdog and heartbeats
         self.drain_start: float | None = None  # loop time the drain began
         self.drain_window = 0.0
+        self.heartbeat_tick = False  # ``send_heartbeats`` is running: streams it can write to have no timer
         self.slots.changed = log.streams_changed
         log.streams = self.slots
         log.watched = self.channels.keys()
@@ -327,6 +333,31 @@ class Hub(LogObserver):
             for stream in [s for s in self.streams if 0.0 < s.send_since < limit]:
                 stream.cut_slow = True
                 stream.task.cancel()
+
+    async def send_heartbeats(self, heartbeat: float) -> None:
+        """Forever: a tick every ``heartbeat / BEATS_PER_HEARTBEAT`` seconds gives a heartbeat to each
+        stream that has written nothing for its ``heartbeat`` (``EventStream.beat``). One timer for every
+        stream, and a quiet stream's task is not woken for it.
+
+        The ticks keep to a fixed grid, and a ping counts as written at its tick, so a stream that only
+        gets heartbeats gets one every ``heartbeat`` however long a tick takes to write them; after a
+        write of its own, a stream gets its first ping within a tick of ``heartbeat``."""
+        loop = asyncio.get_running_loop()
+        every = heartbeat / BEATS_PER_HEARTBEAT
+        self.heartbeat_tick = True
+        try:
+            tick = loop.time()
+            while True:
+                tick = max(tick + every, loop.time())  # the next point of the grid, unless this tick ran late
+                await asyncio.sleep(tick - loop.time())
+                due = tick + _CLOCK_SLACK
+                for stream in [s for s in self.streams if s.last_write + s.heartbeat <= due]:
+                    try:
+                        stream.beat(tick)
+                    except Exception:  # one broken connection must not stop everyone's heartbeats
+                        log.exception("heartbeat to a stream of session %s failed", stream.session)
+        finally:
+            self.heartbeat_tick = False
 
     def begin_drain(self, window: float) -> None:
         """Each stream closes at a random moment of the next ``window`` seconds (see stream.py)."""

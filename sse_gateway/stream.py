@@ -7,8 +7,11 @@ Races and who wins them:
   reads or wakes it afterwards. Replay and live are the same loop (copy
   the frames after the cursor from the hub's window, or read them from the
   log), so nothing is sent twice or skipped at the seam.
-* **Client gone.** A watcher waits for ``http.disconnect`` and wakes the
-  loop, which ends; presence is released in ``finally``, whatever happened.
+* **Client gone.** The gateway's HTTP protocol calls the stream back when
+  its connection is lost (``on_lost``, see below), which wakes the loop,
+  which ends; presence is released in ``finally``, whatever happened.
+  Under a server without that extension a watcher task waits for
+  ``http.disconnect`` instead.
 * **Slow client.** A stream notes when its current send began; the hub's
   watchdog cancels a stream whose send has waited longer than
   ``send_timeout`` (the client accepted nothing for that long). It is cut,
@@ -24,7 +27,8 @@ Races and who wins them:
   unsent bytes and the socket until the client reads them, i.e. for as long
   as the stuck client stays connected. So the gateway's HTTP protocol
   (``protocol.HeaderDeadline``) puts its transport in the scope, under
-  ``scope["extensions"]["sse_gateway.transport"]["transport"]``, and a cut
+  ``scope["extensions"]["sse_gateway.transport"]["transport"]`` (and
+  itself under ``["protocol"]``, whose ``on_lost`` a stream sets), and a cut
   stream sets ``SO_LINGER`` to 0 and calls ``transport.abort()``: the
   buffer is dropped and the file descriptor closed at once, and the kernel
   answers the client with a reset (its own unsent bytes are dropped too).
@@ -40,6 +44,20 @@ Races and who wins them:
   ``CHUNK_BYTES`` judging by the largest frame of the previous read (the
   first read takes ``READ_FIRST`` events, no read more than ``READ_CHUNK``);
   frames beyond the budget are dropped and read again next time.
+* **Heartbeats.** A stream that has written nothing for ``heartbeat``
+  seconds gets a ``: ping`` comment. The hub's one heartbeat tick sends
+  them (``Hub.send_heartbeats``): a stream waiting for events is not woken
+  for it, and has no timer of its own. The tick writes the ping straight
+  to the stream's transport (``beat``), as the chunk uvicorn would have
+  made of it: uvicorn sends a body without a Content-Length with chunked
+  transfer encoding, one ``transport.write`` per ``send``, so a whole
+  chunk written between two of the stream's own writes is never inside
+  another. It only does so while the stream waits (its writes are
+  complete) and its transport has nothing unsent; otherwise it wakes the
+  stream, which sends the ping through uvicorn as before, so a client that
+  reads nothing still meets the watchdog below. Without the transport
+  (another server, tests in one process) a stream keeps a timer for its
+  heartbeat.
 * **Shutdown or delete.** The hub closes the channel; the loop ends the
   response cleanly so the client reconnects (to this node or another).
 * **Completion.** The loop stops right after it has sent ``gateway.end``.
@@ -71,6 +89,7 @@ READ_CHUNK = 256  # most events one replay read asks for (small events)
 READ_FIRST = 16  # what a stream's first replay read asks for, before it has seen any frame
 _FRAME_FLOOR = CHUNK_BYTES // READ_CHUNK  # frames smaller than this count as this big when sizing a read
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection, drops unsent bytes
+_PING_CHUNK = b"%x\r\n%s\r\n" % (len(PING), PING)  # PING as uvicorn frames a body chunk (see ``beat``)
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -109,6 +128,7 @@ class EventStream(Response):
         self.live = live
         self.heartbeat = heartbeat
         self.send_since = 0.0  # loop time the pending send began; 0 when none is pending
+        self.last_write = 0.0  # loop time of the last write (heartbeats included)
         self.cut_slow = False  # set by the hub's watchdog just before it cancels this stream
         self.task: asyncio.Task | None = None
         self.stats = stats
@@ -119,14 +139,23 @@ class EventStream(Response):
         self._wakeup: asyncio.Future | None = None
         self._read_limit = READ_FIRST  # events the next replay read asks for
         self._transport: asyncio.Transport | None = None  # the connection, when the server tells (see above)
+        self._direct = False  # the hub's tick may write heartbeats to the transport (``beat``)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ch = self.hub.attach(self.session)  # before reading the head: see the module docstring
         self.task = asyncio.current_task()
-        self._transport = ((scope.get("extensions") or {}).get(TRANSPORT_EXTENSION) or {}).get("transport")
+        connection = (scope.get("extensions") or {}).get(TRANSPORT_EXTENSION) or {}
+        self._transport = connection.get("transport")
+        self._direct = self._transport is not None and scope["method"] == "GET"
         self._clock = self.task.get_loop().time
         self.hub.streams.add(self)
-        watcher = asyncio.create_task(self._watch(receive))
+        protocol = connection.get("protocol")
+        if protocol is not None:  # the connection says when it is lost: no task of its own waits for that
+            protocol.on_lost = self._lost
+            self.gone = self._transport.is_closing()
+            watcher = None
+        else:
+            watcher = asyncio.create_task(self._watch(receive))
         started = False
         try:
             row = await self.hub.log.get_session(self.session)
@@ -136,6 +165,7 @@ class EventStream(Response):
                 return
             ch = self.hub.settle(ch, row)
             cursor, notice = start_position(row, self.cursor, self.epoch)
+            del row  # not kept for as long as the stream lives
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             started = True
             await self._pump(send, ch, cursor, self.prelude + notice)
@@ -159,7 +189,10 @@ class EventStream(Response):
                 self.stats.slow_consumer_disconnects += 1
             self._abort()  # returning without finishing the response alone would close it gracefully
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            else:
+                protocol.on_lost = None
             self.hub.streams.discard(self)
             if self.on_close is not None:
                 self.on_close()  # first: the hub drops the channel once the session has no stream left
@@ -168,12 +201,37 @@ class EventStream(Response):
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        self._lost()
+
+    def _lost(self) -> None:
         self.gone = True
         self._wake()
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+
+    def beat(self, tick: float) -> None:
+        """The hub's heartbeat tick (at loop time ``tick``) found this stream silent for ``heartbeat``:
+        send it a ping.
+
+        Written straight to the transport, as one chunk, if the stream is waiting (between two whole
+        writes) and nothing of its connection is unsent; a stream that is running sends its own. One
+        whose transport still holds bytes (its client is slow, or reads nothing) is woken to send the
+        ping through uvicorn, which waits for the transport to drain, so the watchdog sees that send."""
+        fut = self._wakeup
+        if fut is None or fut.done() or not self._direct:
+            return
+        transport = self._transport
+        if transport.is_closing():
+            return  # the connection is going: the stream hears of it
+        if transport.get_write_buffer_size():
+            fut.set_result(None)
+            return
+        transport.write(_PING_CHUNK)
+        self.last_write = tick
+        if self.stats:
+            self.stats.heartbeats += 1
 
     def _abort(self) -> None:
         """Drop the connection now: its unsent bytes, its socket, its file descriptor (see the docstring)."""
@@ -198,7 +256,7 @@ class EventStream(Response):
     async def _pump(self, send: Send, ch: Channel, cursor: int, prelude: bytes) -> None:
         loop = asyncio.get_running_loop()
         await self._send(send, prelude)
-        last_write = loop.time()
+        self.last_write = loop.time()
         stop_at = None if self.live else ch.head
         close_at: float | None = None  # when draining, the moment this stream closes
         while not self.gone and not ch.closed:
@@ -212,7 +270,7 @@ class EventStream(Response):
                     if self.stats:
                         self.stats.stream_writes += 1
                     await self._send(send, chunk)
-                    last_write = loop.time()
+                    self.last_write = loop.time()
                 continue
             now = loop.time()
             if self.hub.drain_start is not None:
@@ -220,21 +278,25 @@ class EventStream(Response):
                     close_at = self.hub.drain_start + random.random() * self.hub.drain_window
                 if now >= close_at:
                     return
-            idle = now - last_write
+            idle = now - self.last_write
             if idle >= self.heartbeat:
                 await self._send(send, PING)
-                last_write = loop.time()
+                self.last_write = loop.time()
                 if self.stats:
                     self.stats.heartbeats += 1
                 continue
             fut = self._wakeup = loop.create_future()
             ch.waiting.add(fut)
-            delay = self.heartbeat - idle if close_at is None else min(self.heartbeat - idle, close_at - now)
-            timer = loop.call_later(delay, _resolve, fut)
+            # A timer only while draining, or for a heartbeat the hub's tick does not send (see ``beat``)
+            delay = None if self._direct and self.hub.heartbeat_tick else self.heartbeat - idle
+            if close_at is not None:
+                delay = close_at - now if delay is None else min(delay, close_at - now)
+            timer = None if delay is None else loop.call_later(delay, _resolve, fut)
             try:
                 await fut
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
                 ch.waiting.discard(fut)
                 self._wakeup = None
 

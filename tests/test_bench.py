@@ -126,6 +126,14 @@ def test_quick_bench_drives_a_gateway_already_running(tmp_path):
 
 
 @pytest.mark.system  # runs the benchmark or its baseline server
+def test_quick_bench_heartbeat_reports_cpu_and_heartbeats_per_stream():
+    doc = bench("--target", "gateway", "--scenarios", "heartbeat")
+    figures = doc["results"]["gateway"]["heartbeat"]["median"]
+    assert figures["all_open"] is True and figures["streams"] == doc["sizes"]["idle_streams"]
+    assert figures["heartbeats_per_stream_second"] > 0 and figures["cpu_us_per_stream_second"] > 0
+
+
+@pytest.mark.system  # runs the benchmark or its baseline server
 def test_bench_refuses_unknown_names():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for args in (["--target", "nginx"], ["--target", "gateway-1"], ["--scenarios", "fanout-7"], ["--pid", "1"]):
@@ -147,8 +155,8 @@ def chunked(body: bytes, size: int) -> bytes:
     return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n" + out
 
 
-def feed(raw: bytes, piece: int):
-    group = Group([Endpoint("http://127.0.0.1:9/s/{session}")])
+def feed(raw: bytes, piece: int, **kw):
+    group = Group([Endpoint("http://127.0.0.1:9/s/{session}")], **kw)
     sub = group.subscribe("s")
     for i in range(0, len(raw), piece):
         sub.data_received(raw[i:i + piece])
@@ -165,6 +173,14 @@ def test_parser_reads_chunked_sse_split_anywhere(piece, sep):
     assert sub.first_id == b"0:ep" and sub.last_id == b"49:ep"
     sub.finish_at(49)
     assert group.exact and group.settled == 1
+
+
+@pytest.mark.parametrize("piece", [1, 2, 7, 100_000])
+def test_parser_counts_comment_lines_split_anywhere(piece):
+    body = b"retry: 1000\n\n: ping\n" + frames([0, 1]) + b": ping\n: ping\n" + frames([2]) + b": ping\n"
+    group, sub = feed(chunked(body, 5), piece, comments=True)
+    assert group.comments == 4
+    assert sub.received == 3 and sub.exact
 
 
 def test_parser_reads_a_raw_body_and_notices_a_missing_event():

@@ -45,6 +45,9 @@ ROWS = [
     ("idle", "streams", "idle: streams open (within 60 s)", "count"),
     ("idle", "seconds", "idle: seconds to open them", "s"),
     ("idle", "idle_cpu_us_per_stream_second", "idle: server CPU µs per stream per second (1 s heartbeat)", "us"),
+    ("heartbeat", "cpu_us_per_stream_second",
+     "heartbeat, {idle_streams:,} quiet streams: server CPU µs per stream per second", "us"),
+    ("heartbeat", "heartbeats_per_stream_second", "heartbeat: heartbeats received per stream per second", "us"),
 ]
 BUSY = 0.9  # load generator CPU share from which a figure is marked client-bound
 

@@ -41,14 +41,15 @@ class Sizes:
     latency_seconds: float
     replay_events: int
     idle_streams: int
+    heartbeat_seconds: float
     drain_timeout: float  # for subscribers to get the last event once publishing stops
     replay_timeout: float
 
 
 FULL = Sizes(ingest_seconds=5, fanout_seconds=10, fleet_sessions=1000, fleet_seconds=10, latency_seconds=10,
-             replay_events=100_000, idle_streams=10_000, drain_timeout=30, replay_timeout=60)
+             replay_events=100_000, idle_streams=10_000, heartbeat_seconds=10, drain_timeout=30, replay_timeout=60)
 QUICK = Sizes(ingest_seconds=1, fanout_seconds=1, fleet_sessions=100, fleet_seconds=1.5, latency_seconds=1.5,
-              replay_events=10_000, idle_streams=500, drain_timeout=10, replay_timeout=15)
+              replay_events=10_000, idle_streams=500, heartbeat_seconds=2, drain_timeout=10, replay_timeout=15)
 
 
 @dataclass
@@ -464,6 +465,36 @@ async def idle(ctx: Context) -> dict:
         group.close()
 
 
+async def heartbeat(ctx: Context) -> dict:
+    """Quiet streams kept open by heartbeats alone (the gateway the bench starts sends one every second):
+    server CPU per stream per second, and the heartbeats (SSE comments) each stream received per second."""
+    session = f"{ctx.prefix}-heartbeat"
+    pub = await ctx.publisher().connect()
+    try:
+        await pub.publish(session, 0)
+    finally:
+        pub.close()
+    group = ctx.group(comments=True)
+    try:
+        for _ in range(ctx.sizes.idle_streams):
+            group.subscribe(session)
+        await group.open_all()
+        all_open = await group.wait_opened(60)
+        await asyncio.sleep(1.5)  # let the server finish opening them; the clock starts between two heartbeats
+        comments0 = group.comments
+        meter = ctx.meter()
+        await asyncio.sleep(ctx.sizes.heartbeat_seconds)
+        m = meter.stop()
+        out = {"streams": group.opened, "all_open": all_open and not group.failures, **m}
+        if group.opened:
+            out["heartbeats_per_stream_second"] = (group.comments - comments0) / m["seconds"] / group.opened
+            if "server_cpu_s" in m:
+                out["cpu_us_per_stream_second"] = m["server_cpu_s"] / m["seconds"] / group.opened * 1e6
+        return out
+    finally:
+        group.close()
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -482,4 +513,5 @@ SCENARIOS = {s.name: s for s in [
     Scenario("latency", latency),
     Scenario("replay", replay),
     Scenario("idle", idle),
+    Scenario("heartbeat", heartbeat),
 ]}

@@ -232,10 +232,11 @@ class Group:
     """
 
     def __init__(self, endpoints: list[Endpoint], *, last_event_id_style: str = "header", latencies: bool = False,
-                 max_reconnects: int = 5) -> None:
+                 comments: bool = False, max_reconnects: int = 5) -> None:
         self.endpoints = endpoints  # members take them in turn, from the second (see ``subscribe``)
         self.style = last_event_id_style
         self.latencies: array | None = array("q") if latencies else None  # ns; an array is not traversed by gc
+        self.comments: int | None = 0 if comments else None  # SSE comment lines received (heartbeats), if counted
         self.max_reconnects = max_reconnects
         self.members: list[Subscriber] = []
         self.opened = 0
@@ -345,6 +346,7 @@ class Subscriber(asyncio.Protocol):
         self._chunk_left = 0  # bytes of the current chunk still to come; negative: its CRLF
         self._raw = b""  # undecoded chunked bytes
         self._sse = b""  # decoded bytes after the last complete frame
+        self._line_start = True  # the next decoded byte begins a line
 
     def finish_at(self, final_n: int) -> None:
         self.final_n = final_n
@@ -432,6 +434,9 @@ class Subscriber(asyncio.Protocol):
         if self._chunked:
             data = self._dechunk(data)
         if data:
+            if self.group.comments is not None:  # lines that begin with ':', wherever the reads split them
+                self.group.comments += (self._line_start and data[:1] == b":") + data.count(b"\n:")
+                self._line_start = data[-1:] == b"\n"
             self._frames(data)
 
     def _dechunk(self, data: bytes) -> bytes:

@@ -4,12 +4,14 @@ Publishing runs for every event and a stream's task resumes through every
 ASGI layer it was called through, once per wake-up: the router, FastAPI's
 dependency solving, exit stack and telemetry, and Starlette's exception
 layers were a fifth to a third of the CPU of publishing and of a
-1,000-subscriber fan-out, and ~5 KB per idle stream. ``GatewayApp`` hands
-``POST /v1/sessions/{id}/events`` and ``GET /v1/sessions/{id}/stream`` to
-``HotPaths``, which calls the same endpoint functions the documented
-routes use (so checks, errors and the OpenAPI description are the same)
-and renders every error the way the rest of the app does: a
+1,000-subscriber fan-out, and ~5 KB per idle stream. ``GatewayApp`` looks
+``POST /v1/sessions/{id}/events`` and ``GET /v1/sessions/{id}/stream`` up
+in ``HotPaths`` and calls the same endpoint functions the documented
+routes use (so checks, errors and the OpenAPI description are the same),
+rendering every error the way the rest of the app does: a
 ``GatewayError`` as its JSON, anything else as ``500 internal_error``.
+What a stream's task keeps while it lives is only what it needs: not the
+request object, not the split path, no frame of a lookup.
 
 A request with an ``Origin`` header takes the ordinary path, so CORS
 applies to it. Publishing keeps the two pure-ASGI layers every body-taking
@@ -48,7 +50,8 @@ class GatewayApp(FastAPI):
                 response.headers["connection"] = "close"  # its body, if any, is never read
                 await response(scope, receive, send)
                 return
-            if self.hot is not None and await self.hot.serve(scope, receive, send):
+            if self.hot is not None and (hot := self.hot.route(scope)) is not None:
+                await hot(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -57,24 +60,30 @@ def endpoint_app(endpoint: Endpoint) -> ASGIApp:
     """An ASGI app calling ``endpoint(session_id, request)`` and rendering every error as JSON."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        try:
-            response = await endpoint(scope["path"].split("/")[3], request)
-        except GatewayError as exc:
-            response = render(request, exc)
-        except ClientDisconnect:
-            response = client_gone(request)
-        except Exception as exc:  # a bug: still the gateway's JSON, never a plain-text 500
-            response = internal_error(request, exc)
+        response = await _answer(endpoint, scope, receive)
         try:
             await response(scope, receive, send)
         except Exception as exc:
             # A bug once the response has begun. A 500 can still be sent if nothing was; otherwise the
             # server refuses the second start and closes the connection, and the client resumes.
             with contextlib.suppress(Exception):
-                await internal_error(request, exc)(scope, receive, send)
+                await internal_error(Request(scope, receive), exc)(scope, receive, send)
 
     return app
+
+
+async def _answer(endpoint: Endpoint, scope: Scope, receive: Receive) -> Response:
+    """``endpoint``'s response, or its error as JSON. The request is not kept while the response runs
+    (a stream's lasts as long as its connection)."""
+    request = Request(scope, receive)
+    try:
+        return await endpoint(scope["path"].split("/")[3], request)
+    except GatewayError as exc:
+        return render(request, exc)
+    except ClientDisconnect:
+        return client_gone(request)
+    except Exception as exc:  # a bug: still the gateway's JSON, never a plain-text 500
+        return internal_error(request, exc)
 
 
 class HotPaths:
@@ -86,13 +95,12 @@ class HotPaths:
     def add(self, method: str, action: str, app: ASGIApp) -> None:
         self.routes[(method, action)] = app
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        """Answer the request if it is one of the hot routes; whether it was."""
+    def route(self, scope: Scope) -> ASGIApp | None:
+        """The app of the request if it is one of the hot routes. (Returned, not called here: a stream's
+        task keeps every frame it was called through for as long as it lives.)"""
         parts = scope["path"].split("/")  # "", "v1", "sessions", id, action
         if len(parts) != 5 or parts[1] != "v1" or parts[2] != "sessions" or not parts[3]:
-            return False
-        app = self.routes.get((scope["method"], parts[4]))
-        if app is None or FROM_PAGE in scope:  # the site guard has looked at the headers already
-            return False
-        await app(scope, receive, send)
-        return True
+            return None
+        if FROM_PAGE in scope:  # the site guard has looked at the headers already
+            return None
+        return self.routes.get((scope["method"], parts[4]))
