@@ -70,7 +70,8 @@ class Settings:
                       "gateway ends it as timed_out (0: never; a session may set its own lease_seconds)",
                       metavar="SECONDS")
     cancel_grace: int = _opt(30, "seconds an agent has to confirm a cancel; then the gateway ends the run as "
-                             "cancelled itself (0: only the agent ends it)", metavar="SECONDS")
+                             "cancelled itself (0: no grace of its own: the lease, which writes no longer "
+                             "renew after a cancel, ends it)", metavar="SECONDS")
     auto_create: bool = _opt(True, "publishing to an unknown session creates it", flag=True)
     send_timeout: float = _opt(10.0, "a stream whose client accepts nothing for this long is cut", metavar="SECONDS")
     sqlite_synchronous: str = _opt("NORMAL", "SQLite synchronous mode: NORMAL (survives a crash) or FULL "

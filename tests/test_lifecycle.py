@@ -162,7 +162,8 @@ def test_put_session_is_idempotent_with_its_lease(c):
     body = {"lease_seconds": 120, "webhook_url": "https://hooks.example/agent"}
     assert c.put("/v1/sessions/lc-put", json=body).status_code == 201
     assert c.put("/v1/sessions/lc-put", json=body).status_code == 200
-    r = c.put("/v1/sessions/lc-put", json={**body, "lease_seconds": 60})
+    assert c.put("/v1/sessions/lc-put", json={**body, "lease_seconds": 60}).status_code == 200  # a live value
+    r = c.put("/v1/sessions/lc-put", json={**body, "webhook_url": "https://hooks.example/other"})
     assert (r.status_code, error_code(r)) == (409, "session_exists")
     assert "webhook_url" not in c.get("/v1/sessions/lc-put").json()  # readers never see where it notifies
 

@@ -1022,3 +1022,23 @@ async def test_two_instances_end_a_run_once(log, other):
     ended = await asyncio.gather(log.expire(row.deadline), other.expire(row.deadline))
     assert sorted(ended) == [0, 1]
     assert [e.event for e in await log.read("s", 0, 10)] == [END_EVENT]
+
+
+async def test_a_refused_write_never_moves_the_producer_epoch(log):
+    """A write refused for another reason (412, 409) must not take the session over: the live producer
+    would be fenced by a write that never happened. Concurrent, so a batching backend commits them together."""
+    from sse_gateway.errors import Forbidden
+
+    await log.append("s", [ev()])
+    assert (await log.lease("s", claim=True)).producer_epoch == 1
+    for first_state in (True, False):
+        calls = [log.put_state("s", {"x": 1}, 99, producer=5), log.append("s", [ev()], producer=1)]
+        done = await asyncio.gather(*(calls if first_state else calls[::-1]), return_exceptions=True)
+        refused = [d for d in done if isinstance(d, BaseException)]
+        assert [type(d) for d in refused] == [PreconditionFailed], done
+        assert not any(isinstance(d, Forbidden) for d in done)
+        assert (await log.get_session("s")).producer_epoch == 1
+    await log.complete("s", {"a": 1}, producer=1)
+    with pytest.raises(Conflict):
+        await log.complete("s", {"a": 2}, producer=7)  # another result: refused, and no takeover either
+    assert (await log.get_session("s")).producer_epoch == 1

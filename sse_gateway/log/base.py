@@ -396,16 +396,22 @@ def ended(session: str, outcome: str | None) -> Conflict:
 
 
 def apply_producer(row: Session, producer: int | None) -> None:
-    """Fencing: ``403 producer_fenced`` for an epoch older than the session's; a newer one becomes its own."""
-    if producer is None:
-        return
-    if producer < row.producer_epoch:
+    """Fencing, checked before anything else: ``403 producer_fenced`` for an epoch older than the session's.
+    A newer one becomes the session's only once the write has passed every check (``renew``, ``adopt``)."""
+    if producer is not None and producer < row.producer_epoch:
         raise fenced(row.id, producer, row.producer_epoch)
-    row.producer_epoch = producer
 
 
-def renew(row: Session, ts: int) -> None:
-    """The producer is alive at ``ts``: its lease runs from now (not once a cancel's grace runs)."""
+def adopt(row: Session, producer: int | None) -> None:
+    """A write that passed every check: its producer epoch (not below the session's) becomes the session's."""
+    if producer is not None:
+        row.producer_epoch = producer
+
+
+def renew(row: Session, ts: int, producer: int | None = None) -> None:
+    """The producer wrote at ``ts``: it adopts its epoch, and its lease runs from now (not once a cancel
+    was asked for: then the cancel's grace, or else the lease as it stood, ends the run)."""
+    adopt(row, producer)
     if row.cancel_requested_at is None and row.outcome is None:
         row.deadline = ts + row.lease_seconds * 1000 if row.lease_seconds else None
 
@@ -453,7 +459,7 @@ def apply_append(row: Session, events: Sequence[NewEvent], keys: Mapping[str, in
         new.append(True)
     if max_events and row.last_id - row.trimmed_id > max_events:
         row.trimmed_id = row.last_id - max_events
-    renew(row, ts)
+    renew(row, ts, producer)
     return AppendResult(ids, new, row.last_id, stored, row.epoch), batch_keys
 
 
@@ -542,6 +548,7 @@ def apply_complete(row: Session, result: Any, ts: int, data: str, outcome: str =
         if outcome != row.outcome or (result is not NO_RESULT and result != row.result):
             raise ended(row.id, row.outcome)
         return None
+    adopt(row, producer)
     row.status = "completed"
     row.outcome = outcome
     row.error = error
@@ -567,6 +574,7 @@ def apply_lease(row: Session, ts: int, producer: int | None, claim: bool, second
     apply_producer(row, producer)
     if row.completed:
         raise ended(row.id, row.outcome)
+    adopt(row, producer)
     if claim:
         row.producer_epoch += 1
     if seconds is not None:
@@ -590,7 +598,7 @@ def apply_state(row: Session, state: Any, if_version: int | None, ts: int, produ
     row.state = state
     row.state_version += 1
     row.state_as_of = row.last_id
-    renew(row, ts)
+    renew(row, ts, producer)
 
 
 def apply_trim(row: Session, through: int) -> None:

@@ -131,7 +131,6 @@ if op == 'complete' or op == 'overdue' then
     if row[2] == 'completed' then  -- the same end again changes nothing (redis.py compares the result)
       local ended = row[4] or 'completed'  -- a run ended before outcomes were kept completed
       if outcome ~= ended then return redis.error_reply('GW session_completed ' .. ended) end
-      adopt(ARGV[10])
       return with_row(0)
     end
     adopt(ARGV[10])

@@ -48,7 +48,8 @@ async def create_session(request: Request) -> Response:
             summary="Create a session, or find it as created before (idempotent)")
 async def put_session(session: str, request: Request) -> Response:
     """Created (201), or the same session when it exists with these settings (200): a create retried after its
-    answer was lost succeeds. Other settings are 409 session_exists."""
+    answer was lost succeeds. Other settings are 409 session_exists. The lease is not compared: it is a live
+    value (``POST .../lease`` changes it), and a restarted agent must find its session whatever it became."""
     gw = publisher(request, session)
     spec = await _session_spec(request, gw, _PUT_FIELDS,
                                '{"metadata"?, "ttl_seconds"?, "lease_seconds"?, "webhook_url"?}')
@@ -60,9 +61,7 @@ async def put_session(session: str, request: Request) -> Response:
         except Conflict as exc:
             if exc.code != "session_exists" or (row := await gw.log.get_session(session)) is None:
                 raise
-    lease = gw.settings.lease if spec["lease_seconds"] is None else spec["lease_seconds"]
-    if (row.metadata, row.ttl_seconds, row.lease_seconds or 0, row.webhook_url) != \
-            (spec["metadata"], spec["ttl_seconds"], lease, spec["webhook_url"]):
+    if (row.metadata, row.ttl_seconds, row.webhook_url) != (spec["metadata"], spec["ttl_seconds"], spec["webhook_url"]):
         raise Conflict(f"session {session!r} exists with other settings", "session_exists")
     return _created(gw, row, 200)
 
