@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = sub.add_parser("cancel", parents=[client], help="ask a session's agent to stop",
                             description="Send a cancel input (data {\"reason\": ...} with --reason). The agent "
-                            "decides what it does; an agent of the Python client ends its run with "
-                            "{\"cancelled\": true}. Prints the gateway's answer as JSON.")
+                            "decides what it does (an agent of the Python client ends its run as cancelled); the session "
+                            "shows run_status cancelling until then. Prints the gateway's answer as JSON.")
     cancel.add_argument("session", metavar="ID")
     cancel.add_argument("--reason", default=None, help="why, for the agent and the other viewers")
     cancel.add_argument("--idempotency-key", help="the input's idempotency key (default: a fresh one)")
