@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = sub.add_parser("cancel", parents=[client], help="ask a session's agent to stop",
                             description="Send a cancel input (data {\"reason\": ...} with --reason). The agent "
-                            "decides what it does (an agent of the Python client ends its run as cancelled); the session "
-                            "shows run_status cancelling until then. Prints the gateway's answer as JSON.")
+                            "decides what it does (an agent of the Python client ends its run as cancelled); the "
+                            "session shows run_status cancelling until then. Prints the gateway's answer as JSON.")
     cancel.add_argument("session", metavar="ID")
     cancel.add_argument("--reason", default=None, help="why, for the agent and the other viewers")
     cancel.add_argument("--idempotency-key", help="the input's idempotency key (default: a fresh one)")
@@ -391,7 +391,7 @@ def run_gateway(settings: Settings, sock: socket.socket, *, worker=None, on_star
                             access_log=settings.access_log, log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
                             timeout_keep_alive=settings.keep_alive, server_header=False,
-                            http=header_deadline(settings.header_timeout))
+                            http=header_deadline(settings.header_timeout, app))
     server = GatewayServer(config, app, worker=worker is not None, on_started=on_started)
     return 0 if server.run(sockets=[sock]) else 1
 

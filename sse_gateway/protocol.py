@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import error_body
+
+if TYPE_CHECKING:
+    from .fast_publish import FastPublish, FastPublisher
 
 MAX_HEADER_BYTES = 64 * 1024
 TRANSPORT_EXTENSION = "sse_gateway.transport"  # scope["extensions"][...]: {"transport": ..., "protocol": ...}
@@ -38,10 +42,11 @@ class HeaderDeadline(HttpToolsProtocol):
     """
 
     header_timeout = 10.0
+    fast: FastPublisher | None = None  # takes the plain publishes (fast_publish.py)
     # Slots, not the instance dict: an instance dict shares its keys with the other connections' only
     # while it has fewer than 30 (CPython 3.11). uvicorn's take 28; with these in it too, every
     # connection's dict held keys of its own (~1.2 KB more per connection).
-    __slots__ = ("_begun", "_buffered", "_deadline", "_header_bytes", "on_lost")
+    __slots__ = ("_begun", "_buffered", "_deadline", "_fast_cycle", "_header_bytes", "on_lost")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -50,6 +55,7 @@ class HeaderDeadline(HttpToolsProtocol):
         self._header_bytes = 0  # bytes of the current request's request line and headers
         self._begun = False  # a request has started to arrive and its headers are not complete
         self.on_lost: Callable[[], None] | None = None  # called once when the connection is lost (stream.py)
+        self._fast_cycle: FastPublish | None = None  # the request being read, if ``fast`` took it
 
     def _arm(self) -> None:
         self._buffered = 0
@@ -82,6 +88,8 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._fast_cycle is not None:
+            self.fast.lost(self._fast_cycle)
         super().connection_lost(exc)
         on_lost, self.on_lost = self.on_lost, None
         if on_lost is not None:
@@ -94,6 +102,8 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self._fast_cycle is not None and self._fast_cycle.reading:
+            self.fast.body_pending(self, self._fast_cycle)
         if self._deadline is None or self.transport.is_closing():
             return
         # Still waiting for the end of the headers: what is buffered so far is at most one read beyond the limit.
@@ -135,9 +145,31 @@ class HeaderDeadline(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._begun = False
         self._disarm()
-        super().on_headers_complete()
+        fast = self._fast_cycle = self.fast.take(self) if self.fast is not None else None
+        if fast is None:
+            super().on_headers_complete()
+        else:
+            self.cycle = fast  # what uvicorn's connection_lost and shutdown look at
+
+    def on_body(self, body: bytes) -> None:
+        fast = self._fast_cycle
+        if fast is None:
+            super().on_body(body)
+        elif fast.reading:
+            fast.chunks.append(body)  # at most --max-body-bytes: its Content-Length said so
+
+    def on_message_complete(self) -> None:
+        fast = self._fast_cycle
+        if fast is None:
+            super().on_message_complete()
+        elif fast.reading:
+            self.fast.body_arrived(self, fast)
 
 
-def header_deadline(timeout: float) -> type[HeaderDeadline]:
-    """The protocol class to give uvicorn (``http=``) for a ``--header-timeout`` of ``timeout`` seconds."""
-    return type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": timeout})
+def header_deadline(timeout: float, app: Any = None) -> type[HeaderDeadline]:
+    """The protocol class to give uvicorn (``http=``) for a ``--header-timeout`` of ``timeout`` seconds; with
+    ``app`` (``dispatch.GatewayApp``), plain publishes are answered by the protocol (``fast_publish.py``)."""
+    from .fast_publish import FastPublisher  # it needs the routes, which need this module
+
+    return type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": timeout,
+                                                      "fast": FastPublisher(app) if app is not None else None})

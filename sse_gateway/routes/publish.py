@@ -7,8 +7,11 @@ event was an idempotent retry of one already stored.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.datastructures import QueryParams
 from starlette.responses import Response
 
 from .. import limits, openapi
@@ -21,57 +24,83 @@ from .common import json_response, publisher
 router = APIRouter(tags=["publish"])
 
 
-@router.post("/v1/sessions/{session}/events", status_code=201, openapi_extra=openapi.PUBLISH,
-             summary="Append events to a session")
-async def publish(session: str, request: Request) -> Response:
-    gw = publisher(request, session)
+@dataclass(slots=True)
+class PublishHeaders:
+    """What a publish request's headers (and query) say, checked before its body is read."""
+
+    kind: str  # the media type
+    charset: str
+    key: str | None  # Idempotency-Key
+    producer: int | None  # Producer-Epoch
+    text_type: str  # ?event=, the type of a text/plain event
+
+
+def publish_headers(request: Any, query_string: bytes) -> PublishHeaders:
+    """The checked headers of a publish (``request.headers``: lower-case names); the ``GatewayError`` of the
+    first that is wrong."""
     kind, charset = content_type(request)
     header_key = request.headers.get("idempotency-key")
     if header_key is not None:
         header_key = check_key(header_key)
-    settings = gw.settings
+    producer = producer_epoch(request)
+    # ?event= is checked for every body (and ignored but for text); most publishes have no query at all
+    text_type = "message"
+    if query_string:
+        text_type = check_event_type(QueryParams(query_string).get("event", "message"))
+    if kind == "application/x-ndjson" and header_key is not None:
+        raise BadRequest("an NDJSON stream takes per-line idempotency_key, not the header", "invalid_idempotency_key")
+    if kind not in PUBLISHED_MEDIA:
+        raise UnsupportedMedia("publish takes application/json, text/plain or application/x-ndjson",
+                               "unsupported_media_type")
+    return PublishHeaders(kind, charset, header_key, producer, text_type)
+
+
+PUBLISHED_MEDIA = frozenset(("application/json", "text/plain", "application/x-ndjson"))
+
+
+@router.post("/v1/sessions/{session}/events", status_code=201, openapi_extra=openapi.PUBLISH,
+             summary="Append events to a session")
+async def publish(session: str, request: Request) -> Response:
+    gw = publisher(request, session)
     try:
-        producer = producer_epoch(request)
-        # ?event= is checked for every body (and ignored but for text); most publishes have no query at all
-        text_type = check_event_type(request.query_params.get("event", "message")) if request.scope["query_string"] \
-            else "message"
-        if kind == "application/x-ndjson":
-            if header_key is not None:
-                raise BadRequest("an NDJSON stream takes per-line idempotency_key, not the header",
-                                 "invalid_idempotency_key")
-            return await _publish_ndjson(gw, session, request, producer)
-        body = await read_body(request, settings.max_body_bytes)
-        if kind == "application/json":
-            if charset not in ("", "utf-8", "utf8"):
-                raise UnsupportedMedia("application/json must be UTF-8", "unsupported_charset")
-            payload = parse_json(body)
-            if isinstance(payload, list):
-                if header_key is not None:
-                    raise BadRequest("a batch takes per-item idempotency_key, not the header",
-                                     "invalid_idempotency_key")
-                if not payload:
-                    raise BadRequest("a batch needs at least one event", "empty_batch")
-                if len(payload) > settings.max_batch:
-                    raise TooLarge(f"a batch holds at most {settings.max_batch} events", "batch_too_large")
-                events = [parse_event(item, settings.max_event_bytes) for item in payload]
-                return _appended(session, await gw.writes.append(session, events, producer), batch=True)
-            event = parse_event(payload, settings.max_event_bytes, header_key)
-        elif kind == "text/plain":
-            if charset not in ("", "utf-8", "utf8", "us-ascii"):
-                raise UnsupportedMedia("text/plain must be UTF-8", "unsupported_charset")
-            try:
-                text = body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadRequest("text/plain body is not valid UTF-8", "invalid_utf8") from None
-            check_size(text, settings.max_event_bytes)
-            event = NewEvent(text_type, text, False, header_key)
-        else:
-            raise UnsupportedMedia("publish takes application/json, text/plain or application/x-ndjson",
-                                   "unsupported_media_type")
-        return _appended(session, await gw.writes.append(session, [event], producer), batch=False)
+        checked = publish_headers(request, request.scope["query_string"])
+        if checked.kind == "application/x-ndjson":
+            return await _publish_ndjson(gw, session, request, checked.producer)
+        body = await read_body(request, gw.settings.max_body_bytes)
+        return json_response(*await append_body(gw, session, checked, body))
     except GatewayError:
         gw.stats.publish_rejected += 1
         raise
+
+
+async def append_body(gw: Gateway, session: str, checked: PublishHeaders, body: bytes) -> tuple[dict, int]:
+    """Append the event or batch of a JSON or text body; the answer and its status (201, or 200 for a repeat).
+    The caller counts a ``GatewayError`` as a rejected publish."""
+    settings = gw.settings
+    if checked.kind == "application/json":
+        if checked.charset not in ("", "utf-8", "utf8"):
+            raise UnsupportedMedia("application/json must be UTF-8", "unsupported_charset")
+        payload = parse_json(body)
+        if isinstance(payload, list):
+            if checked.key is not None:
+                raise BadRequest("a batch takes per-item idempotency_key, not the header", "invalid_idempotency_key")
+            if not payload:
+                raise BadRequest("a batch needs at least one event", "empty_batch")
+            if len(payload) > settings.max_batch:
+                raise TooLarge(f"a batch holds at most {settings.max_batch} events", "batch_too_large")
+            events = [parse_event(item, settings.max_event_bytes) for item in payload]
+            return _appended(session, await gw.writes.append(session, events, checked.producer), batch=True)
+        event = parse_event(payload, settings.max_event_bytes, checked.key)
+    else:  # text/plain
+        if checked.charset not in ("", "utf-8", "utf8", "us-ascii"):
+            raise UnsupportedMedia("text/plain must be UTF-8", "unsupported_charset")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("text/plain body is not valid UTF-8", "invalid_utf8") from None
+        check_size(text, settings.max_event_bytes)
+        event = NewEvent(checked.text_type, text, False, checked.key)
+    return _appended(session, await gw.writes.append(session, [event], checked.producer), batch=False)
 
 
 async def _publish_ndjson(gw: Gateway, session: str, request: Request, producer: int | None) -> Response:
@@ -145,9 +174,9 @@ async def _ndjson_lines(gw: Gateway, session: str, request: Request, ids: list[i
     return json_response(answer, 201 if any_new else 200)
 
 
-def _appended(session: str, result: AppendResult, *, batch: bool) -> Response:
+def _appended(session: str, result: AppendResult, *, batch: bool) -> tuple[dict, int]:
     body = {"ids": result.ids} if batch else {"id": result.ids[0]}
     body["session"] = session
     body["last_id"] = result.last_id
     body["epoch"] = result.epoch
-    return json_response(body, 201 if any(result.new) else 200)
+    return body, 201 if any(result.new) else 200
