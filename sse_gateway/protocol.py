@@ -36,8 +36,10 @@ TRANSPORT_EXTENSION = "sse_gateway.transport"  # scope["extensions"][...]: {"tra
 class HeaderDeadline(HttpToolsProtocol):
     """uvicorn's HTTP protocol, with a deadline and a size limit for request headers (slow loris).
 
-    The clock starts when the connection opens or a request begins, and
-    stops when its headers are complete. A client that has sent part of a
+    The clock starts when the connection opens or a request begins (at
+    the end of the read that began it, if its headers are not complete by
+    then: most requests arrive whole and never need a timer), and stops
+    when its headers are complete. A client that has sent part of a
     request by then gets ``408``; one that sent nothing is closed quietly.
     """
 
@@ -46,7 +48,7 @@ class HeaderDeadline(HttpToolsProtocol):
     # Slots, not the instance dict: an instance dict shares its keys with the other connections' only
     # while it has fewer than 30 (CPython 3.11). uvicorn's take 28; with these in it too, every
     # connection's dict held keys of its own (~1.2 KB more per connection).
-    __slots__ = ("_begun", "_buffered", "_deadline", "_fast_cycle", "_header_bytes", "on_lost")
+    __slots__ = ("_begun", "_buffered", "_deadline", "_fast_cycle", "_header_bytes", "_idle_since", "on_lost")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -56,6 +58,7 @@ class HeaderDeadline(HttpToolsProtocol):
         self._begun = False  # a request has started to arrive and its headers are not complete
         self.on_lost: Callable[[], None] | None = None  # called once when the connection is lost (stream.py)
         self._fast_cycle: FastPublish | None = None  # the request being read, if ``fast`` took it
+        self._idle_since: float | None = None  # loop time of the last answer while no request is in progress
 
     def _arm(self) -> None:
         self._buffered = 0
@@ -88,12 +91,44 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         if self._fast_cycle is not None:
             self.fast.lost(self._fast_cycle)
         super().connection_lost(exc)
         on_lost, self.on_lost = self.on_lost, None
         if on_lost is not None:
             on_lost()
+
+    # Keep-alive: uvicorn arms a timer after every answer and cancels it when the next request arrives. Here one
+    # timer per idle connection looks at when the connection last went idle, and waits again if it has been busy.
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None  # data arrived: not idle
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._idle_since is None or self.transport.is_closing():
+            return  # busy: its answer looks again
+        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._idle_check)
+        else:
+            self.timeout_keep_alive_handler()
 
     def _refuse_large(self) -> None:
         self._disarm()
@@ -104,6 +139,8 @@ class HeaderDeadline(HttpToolsProtocol):
         super().data_received(data)
         if self._fast_cycle is not None and self._fast_cycle.reading:
             self.fast.body_pending(self, self._fast_cycle)
+        if self._begun and self._deadline is None and not self.transport.is_closing():
+            self._arm()  # a request began in this read and its headers are not complete: the clock starts
         if self._deadline is None or self.transport.is_closing():
             return
         # Still waiting for the end of the headers: what is buffered so far is at most one read beyond the limit.
@@ -137,10 +174,8 @@ class HeaderDeadline(HttpToolsProtocol):
         # the connection: a stream's heartbeats and a cut write to it or abort it, on_lost tells of its end
         self.scope.setdefault("extensions", {})[TRANSPORT_EXTENSION] = {"transport": self.transport,
                                                                        "protocol": self}
-        self._begun = True
+        self._begun = True  # (the clock starts after this read if the headers are not complete by then)
         self._header_bytes = 0
-        if self._deadline is None:
-            self._arm()
 
     def on_headers_complete(self) -> None:
         self._begun = False

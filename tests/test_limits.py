@@ -190,6 +190,27 @@ def test_trickling_bodies_are_cut_and_nothing_is_appended(slow_gw):
     assert httpx.get(f"{slow_gw.url}/v1/sessions/slow").status_code == 404
 
 
+def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not(start_gateway):
+    """--keep-alive counts from a connection's last answer: one that keeps asking, a request a second for
+    longer than the keep-alive, stays open; one that asked once is closed."""
+    gw = start_gateway("--keep-alive", "3")
+    request = (b"POST /v1/sessions/ka/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 11\r\n\r\n{\"data\": 1}")
+
+    def ask(s: socket.socket) -> None:
+        s.sendall(request)
+        assert s.recv(65536).startswith(b"HTTP/1.1 201")
+
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT_TIMEOUT) as idle, \
+            socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT_TIMEOUT) as busy:
+        ask(idle)
+        for _ in range(5):  # 5 s of requests, one a second: pacing, the behaviour under test
+            ask(busy)
+            threading.Event().wait(1)
+        ask(busy)
+        assert idle.recv(65536) == b""  # closed by the gateway (waits for it, up to WAIT_TIMEOUT)
+
+
 def test_an_ndjson_stream_must_complete_a_line_in_time(slow_gw):
     head = (b"POST /v1/sessions/nd/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-ndjson\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
