@@ -44,6 +44,10 @@ log = logging.getLogger("sse_gateway")
 _PREFIX = b"/v1/sessions/"
 _SUFFIX = b"/events"
 _JSON = b"content-type: application/json\r\ncontent-length: %d\r\n"
+#: publishes one connection may have read ahead (pipelined), appended one after another; a request beyond goes
+#: the usual way, for which uvicorn stops reading the connection until the answers before it are sent
+MAX_PIPELINED = 32
+_BODIES = ("application/json", "text/plain")
 
 
 class _Nothing:
@@ -66,8 +70,8 @@ class _Headers:
 class FastPublish:
     """One publish in progress on a connection, in the place of uvicorn's request cycle (``protocol.cycle``)."""
 
-    __slots__ = ("checked", "chunks", "disconnected", "keep_alive", "reading", "response_complete", "session",
-                 "started", "timer")
+    __slots__ = ("answer", "appending", "checked", "chunks", "disconnected", "keep_alive", "reading",
+                 "response_complete", "session", "since", "timer")
     message_event = _Nothing()
 
     def __init__(self, session: str, checked: PublishHeaders, keep_alive: bool) -> None:
@@ -78,8 +82,10 @@ class FastPublish:
         self.reading = True  # until the body is complete, or will never be
         self.response_complete = False
         self.disconnected = False  # uvicorn's connection_lost sets it
-        self.started = time.perf_counter()
+        self.since = time.perf_counter()
+        self.appending = False  # its append has begun (it is the first of its connection's not yet answered)
         self.timer: asyncio.TimerHandle | None = None
+        self.answer: bytes | None = None  # the response, once ready; written when those before it are
 
 
 class FastPublisher:
@@ -93,9 +99,12 @@ class FastPublisher:
         parser = proto.parser
         url = proto.url
         if (parser.get_method() != b"POST" or not url.startswith(_PREFIX) or not url.endswith(_SUFFIX)
-                or proto.expect_100_continue or proto.access_log or parser.get_http_version() != "1.1"
-                or (proto.cycle is not None and not proto.cycle.response_complete)):
+                or proto.expect_100_continue or proto.access_log or parser.get_http_version() != "1.1"):
             return None
+        queue = proto.fast_queue
+        if proto.cycle is not None and not proto.cycle.response_complete and (
+                not queue or proto.cycle is not queue[-1] or len(queue) >= MAX_PIPELINED):
+            return None  # behind a request of the usual way, or too many: uvicorn queues it and stops reading
         session = url[len(_PREFIX):-len(_SUFFIX)]
         if not session or b"/" in session or b"?" in session or b"%" in session or b"#" in session:
             return None
@@ -121,16 +130,27 @@ class FastPublisher:
             checked = publish_headers(request, b"")
         except GatewayError:
             return None
-        if checked.kind == "application/x-ndjson":
-            return None
-        return FastPublish(session_id, checked, parser.should_keep_alive())
+        if checked.kind not in _BODIES:
+            return None  # NDJSON (streamed), or not a body publish takes
+        fast = FastPublish(session_id, checked, parser.should_keep_alive())
+        if queue is None:
+            queue = proto.fast_queue = []  # (a connection that never publishes, a stream's, has none)
+        queue.append(fast)
+        return fast
 
     def body_arrived(self, proto: GatewayProtocol, fast: FastPublish) -> None:
-        """The whole body is in: append it and answer."""
+        """The whole body is in: append it and answer, once the requests before it on the connection are."""
         fast.reading = False
         if fast.timer is not None:
             fast.timer.cancel()
             fast.timer = None
+        if proto.fast_queue[0] is fast:
+            self._append(proto, fast)
+
+    def _append(self, proto: GatewayProtocol, fast: FastPublish) -> None:
+        # One at a time per connection, as uvicorn serves pipelined requests: a publisher that pipelines
+        # gets its events appended in the order it sent them, whatever happens to any of them.
+        fast.appending = True
         task = proto.loop.create_task(self._answer(proto, fast))
         proto.tasks.add(task)  # a draining server waits for it
         task.add_done_callback(proto.tasks.discard)
@@ -176,11 +196,7 @@ class FastPublisher:
 
     def _respond(self, proto: GatewayProtocol, fast: FastPublish, status: int, body: bytes,
                  headers: dict[str, str]) -> None:
-        self.app.state.gw.stats.observe_request("publish", status, time.perf_counter() - fast.started)
-        fast.response_complete = True
-        transport = proto.transport
-        if transport.is_closing():
-            return
+        self.app.state.gw.stats.observe_request("publish", status, time.perf_counter() - fast.since)
         head = [STATUS_LINE[status]]
         for name, value in proto.server_state.default_headers:
             head += (name, b": ", value, b"\r\n")
@@ -190,7 +206,25 @@ class FastPublisher:
         if not fast.keep_alive:
             head.append(b"connection: close\r\n")
         head += (b"\r\n", body)
-        transport.write(b"".join(head))
-        if not fast.keep_alive:
-            transport.close()
-        proto.on_response_complete()
+        fast.answer = b"".join(head)
+        self._flush(proto)
+
+    def _flush(self, proto: GatewayProtocol) -> None:
+        """Write the answers that are ready, in the order their requests came (HTTP/1.1 pipelining), and begin
+        the next append."""
+        queue = proto.fast_queue
+        transport = proto.transport
+        while queue and queue[0].answer is not None:
+            fast = queue.pop(0)
+            fast.response_complete = True
+            proto.server_state.total_requests += 1
+            if not transport.is_closing():
+                transport.write(fast.answer)
+                if not fast.keep_alive:
+                    transport.close()
+            fast.answer = b""
+        if not queue:
+            proto.next_request()
+        elif not (head := queue[0]).reading and not head.appending and head.answer is None \
+                and not transport.is_closing():
+            self._append(proto, head)

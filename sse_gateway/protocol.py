@@ -48,7 +48,8 @@ class HeaderDeadline(HttpToolsProtocol):
     # Slots, not the instance dict: an instance dict shares its keys with the other connections' only
     # while it has fewer than 30 (CPython 3.11). uvicorn's take 28; with these in it too, every
     # connection's dict held keys of its own (~1.2 KB more per connection).
-    __slots__ = ("_begun", "_buffered", "_deadline", "_fast_cycle", "_header_bytes", "_idle_since", "on_lost")
+    __slots__ = ("_answers_unsent", "_begun", "_buffered", "_deadline", "_fast_cycle", "_header_bytes", "_idle_since",
+                 "_serving", "fast_queue", "on_lost")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -59,6 +60,9 @@ class HeaderDeadline(HttpToolsProtocol):
         self.on_lost: Callable[[], None] | None = None  # called once when the connection is lost (stream.py)
         self._fast_cycle: FastPublish | None = None  # the request being read, if ``fast`` took it
         self._idle_since: float | None = None  # loop time of the last answer while no request is in progress
+        self.fast_queue: list[FastPublish] | None = None  # ``fast``'s publishes in flight, in request order
+        self._answers_unsent = False  # the next request waits until the client has read what was answered
+        self._serving = None  # the request of the usual way (uvicorn's cycle) last started
 
     def _arm(self) -> None:
         self._buffered = 0
@@ -96,29 +100,57 @@ class HeaderDeadline(HttpToolsProtocol):
             self.timeout_keep_alive_task = None
         if self._fast_cycle is not None:
             self.fast.lost(self._fast_cycle)
+        # uvicorn tells only its latest request that the client left; one started before it (pipelined) would
+        # write its answer to a closed transport (an error), so every one is told
+        for cycle in (self._serving, *(cycle for cycle, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
         super().connection_lost(exc)
         on_lost, self.on_lost = self.on_lost, None
         if on_lost is not None:
             on_lost()
 
-    # Keep-alive: uvicorn arms a timer after every answer and cancels it when the next request arrives. Here one
-    # timer per idle connection looks at when the connection last went idle, and waits again if it has been busy.
+    # After an answer. uvicorn reads on after every answer, so a client that pipelines faster than it is answered
+    # has the server queue one more read of requests per answer, without end; here reading resumes once the
+    # requests read ahead are all started. Keep-alive: uvicorn arms a timer after every answer and cancels it
+    # when the next request arrives; here one timer per idle connection looks at when the connection last
+    # went idle, and waits again if it has been busy.
 
     def _unset_keepalive_if_required(self) -> None:
         self._idle_since = None  # data arrived: not idle
 
     def on_response_complete(self) -> None:
         self.server_state.total_requests += 1
+        self.next_request()
+
+    def next_request(self) -> None:
+        """Every answer so far is written: start the next request uvicorn queued, or wait for one."""
         if self.transport.is_closing():
             return
-        self.flow.resume_reading()
-        if self.pipeline:
+        if self.flow.write_paused:
+            self.flow.pause_reading()  # a client that does not read its answers: resume_writing goes on
+            self._answers_unsent = True
+            return
+        if self.pipeline:  # requests read ahead (pipelined): the next one, and reading on only when it is the last
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
+            if not self.pipeline:
+                self.flow.resume_reading()
             return
+        self.flow.resume_reading()
         self._idle_since = self.loop.time()
         if self.timeout_keep_alive_task is None:
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        self._serving = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._answers_unsent:
+            self._answers_unsent = False
+            self.next_request()
 
     def _idle_check(self) -> None:
         self.timeout_keep_alive_task = None
@@ -139,12 +171,17 @@ class HeaderDeadline(HttpToolsProtocol):
         super().data_received(data)
         if self._fast_cycle is not None and self._fast_cycle.reading:
             self.fast.body_pending(self, self._fast_cycle)
-        if self._begun and self._deadline is None and not self.transport.is_closing():
-            self._arm()  # a request began in this read and its headers are not complete: the clock starts
-        if self._deadline is None or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        # Still waiting for the end of the headers: what is buffered so far is at most one read beyond the limit.
-        self._buffered += len(data)
+        if self._deadline is None:
+            if not self._begun:
+                return
+            # A request began in this read and its headers are not complete: the clock starts, and of this read
+            # only that request's part counts (the read may hold many pipelined requests before it).
+            self._arm()
+            self._buffered = self._header_bytes
+        else:  # still waiting for the end of the headers: what is buffered is at most one read beyond the limit
+            self._buffered += len(data)
         if self._buffered > MAX_HEADER_BYTES:
             self._refuse_large()
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 
+import httpx
 import pytest
 import uvicorn
-from util import await_until
+from util import WAIT_TIMEOUT, await_until
 
 from sse_gateway.app import create_app
 from sse_gateway.config import Settings
@@ -89,8 +91,11 @@ EXCHANGES = [
     ([publish("s", '{"data": 1}\n', "Content-Type: application/x-ndjson\r\n")], 1, False),
     ([publish("s", '{"data": 1}', "Content-Type: application/json\r\nOrigin: http://127.0.0.1\r\n")], 1, False),
     ([publish("s", '{"data": 1}').replace(b"events HTTP", b"events?event=x HTTP")], 1, False),
-    # two requests in one write: the second waits for the first, and goes the usual way
-    ([publish("s", '{"data": "p1"}') + publish("s", '{"data": "p2"}')], 2, True),
+    # pipelined: answered in order, the first 32 in flight at once, the rest the usual way as answers go out
+    ([b"".join(publish("p", '{"data": %d}' % i) for i in range(40))], 40, True),
+    ([publish("p", "<x/>", "Content-Type: text/xml\r\n") + publish("p", '{"data": 2}')], 2, False),
+    ([publish("p", '{"data": 1}', "Content-Type: application/json\r\nOrigin: http://127.0.0.1\r\n")
+      + publish("p", '{"data": 2}')], 2, False),
 ]
 
 
@@ -136,3 +141,39 @@ async def test_a_body_in_pieces_is_appended_whole_and_a_body_too_slow_is_408():
         assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer and b"connection: close" in answer
         assert await reader.read() == b""  # and the connection is closed
         writer.close()
+
+
+def test_a_client_that_pipelines_without_reading_is_not_read_either(start_gateway):
+    """A publisher that sends request after request and reads no answer: the gateway stops reading it once
+    answers wait to be sent, so what it holds for the client does not grow with what the client sends; the
+    requests it took are answered in order."""
+    gw = start_gateway()
+    request = publish("flood", '{"data": "x"}', auth="")
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT_TIMEOUT)
+    try:
+        sock.setblocking(False)
+        # 260 MB of requests: far beyond what the kernel's buffers (here up to 32 + 4 MB) and the gateway hold
+        sent, limit = 0, 2_000_000
+        while sent < limit:
+            try:
+                n = sock.send(request)
+            except BlockingIOError:
+                break
+            sent += 1
+            if n < len(request):  # the rest of a request the buffers took only in part
+                sock.setblocking(True)
+                sock.sendall(request[n:])
+                sock.setblocking(False)
+        assert sent < limit, "the gateway kept reading requests whose answers nobody read"
+        sock.setblocking(True)
+        answers, buffered = 0, b""
+        while answers < 2000:  # (not all: they are appended one after another, a commit each)
+            buffered += sock.recv(1 << 16)
+            *whole, buffered = buffered.split(b"HTTP/1.1 ")
+            for answer in whole:
+                if answer:
+                    answers += 1
+                    assert answer.startswith(b"201") and b'"id":%d,' % answers in answer, answer
+    finally:
+        sock.close()
+    assert httpx.get(f"{gw.url}/healthz").status_code == 200

@@ -49,13 +49,7 @@ def publish_headers(request: Any, query_string: bytes) -> PublishHeaders:
         text_type = check_event_type(QueryParams(query_string).get("event", "message"))
     if kind == "application/x-ndjson" and header_key is not None:
         raise BadRequest("an NDJSON stream takes per-line idempotency_key, not the header", "invalid_idempotency_key")
-    if kind not in PUBLISHED_MEDIA:
-        raise UnsupportedMedia("publish takes application/json, text/plain or application/x-ndjson",
-                               "unsupported_media_type")
     return PublishHeaders(kind, charset, header_key, producer, text_type)
-
-
-PUBLISHED_MEDIA = frozenset(("application/json", "text/plain", "application/x-ndjson"))
 
 
 @router.post("/v1/sessions/{session}/events", status_code=201, openapi_extra=openapi.PUBLISH,
@@ -91,7 +85,7 @@ async def append_body(gw: Gateway, session: str, checked: PublishHeaders, body: 
             events = [parse_event(item, settings.max_event_bytes) for item in payload]
             return _appended(session, await gw.writes.append(session, events, checked.producer), batch=True)
         event = parse_event(payload, settings.max_event_bytes, checked.key)
-    else:  # text/plain
+    elif checked.kind == "text/plain":
         if checked.charset not in ("", "utf-8", "utf8", "us-ascii"):
             raise UnsupportedMedia("text/plain must be UTF-8", "unsupported_charset")
         try:
@@ -100,6 +94,9 @@ async def append_body(gw: Gateway, session: str, checked: PublishHeaders, body: 
             raise BadRequest("text/plain body is not valid UTF-8", "invalid_utf8") from None
         check_size(text, settings.max_event_bytes)
         event = NewEvent(checked.text_type, text, False, checked.key)
+    else:  # (read first, so the connection stays open)
+        raise UnsupportedMedia("publish takes application/json, text/plain or application/x-ndjson",
+                               "unsupported_media_type")
     return _appended(session, await gw.writes.append(session, [event], checked.producer), batch=False)
 
 
