@@ -98,12 +98,19 @@ HEADERS = [
 _CURSOR = re.compile(rules.CURSOR)
 
 
-def parse_cursor(text: str) -> tuple[int, str | None]:
-    """``ID`` or ``ID:EPOCH``; anything else is ``400 invalid_cursor``."""
-    m = _CURSOR.fullmatch(text.strip())
-    if not m:
+def parse_position(text: str) -> tuple[int, int, str | None]:
+    """``ID``, ``ID/HOLD``, either with ``:EPOCH``: (id, hold or 0, epoch); else ``400 invalid_cursor``.
+    A hold is never above its id (``messages``)."""
+    m = _CURSOR.fullmatch(text)
+    if not m or (m.group(2) is not None and not 0 < int(m.group(2)) <= int(m.group(1))):
         raise BadRequest(f"cursor {text[:40]!r} is neither ID nor ID:EPOCH", "invalid_cursor")
-    return int(m.group(1)), m.group(2)
+    return int(m.group(1)), int(m.group(2) or 0), m.group(3)
+
+
+def parse_cursor(text: str) -> tuple[int, str | None]:
+    """A cursor as the last id its reader has every event up to (``ID/HOLD``: HOLD - 1), and its epoch."""
+    id_, hold, epoch = parse_position(text)
+    return (hold - 1 if hold else id_), epoch
 
 
 def start_position(row: Session, cursor: int, epoch: str | None) -> tuple[int, bytes]:
