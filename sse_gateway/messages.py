@@ -136,26 +136,38 @@ class DictBook(Book):
         self.known.update(self.changes)
 
 
+def exists(mid: str, start: int) -> Conflict:
+    return Conflict(f"message {mid!r} exists (started at {start})", "message_exists", extra={"message": mid})
+
+
+def not_found(mid: str) -> Conflict:
+    return Conflict(f"no message {mid!r} was started", "message_not_found", extra={"message": mid})
+
+
+def closed_already(mid: str, closed: int) -> Conflict:
+    return Conflict(f"message {mid!r} was closed at {closed}", "message_closed",
+                    extra={"message": mid, "closed_at": closed})
+
+
 def check(book: Book, ops: Iterable[tuple[int, str, str]]) -> dict[str, tuple[int, int]]:
     """Apply ``ops`` ((event id, operation, message id), in id order) to ``book``: the messages they change,
-    or ``409`` (nothing changed) for an operation its message's state does not allow."""
+    or ``409`` (nothing changed) for an operation its message's state does not allow. Redis runs the same
+    rules in Lua (``redis_append.lua``)."""
     changed: dict[str, tuple[int, int]] = {}
     for id_, op, mid in ops:
         state = changed.get(mid) or book.get(mid)
         if op == START:
             if state is not None:
-                raise Conflict(f"message {mid!r} exists (started at {state[0]})", "message_exists",
-                               extra={"message": mid})
+                raise exists(mid, state[0])
             changed[mid] = (id_, 0)
             continue
         if state is None:
-            raise Conflict(f"no message {mid!r} was started", "message_not_found", extra={"message": mid})
+            raise not_found(mid)
         start, closed = state
         if op == REPLACE:
             changed[mid] = (start, closed or id_)
         elif closed:
-            raise Conflict(f"message {mid!r} was closed at {closed}", "message_closed",
-                           extra={"message": mid, "closed_at": closed})
+            raise closed_already(mid, closed)
         elif op == END:
             changed[mid] = (start, id_)
     return changed

@@ -512,7 +512,8 @@ def stored_input(item: NewInput) -> str:
 
 
 def apply_input(row: Session, item: NewInput, tail: str, repeat: StoredInput | None, approval: int | None,
-                ts: int, max_events: int | None, grace: int | None = None) -> tuple[InputResult, StoredEvent | None]:
+                ts: int, max_events: int | None, grace: int | None = None,
+                book: Book | None = None) -> tuple[InputResult, StoredEvent | None]:
     """Store ``item`` on ``row``: ``repeat`` is the input its idempotency key named already (if any),
     ``approval`` the state of the approval it answers (None unknown, 0 open, else the input that answered).
     A first cancel starts the ``grace`` (seconds; None: the agent alone ends the run).
@@ -536,7 +537,7 @@ def apply_input(row: Session, item: NewInput, tail: str, repeat: StoredInput | N
     row.last_id += 1
     mirror = StoredEvent(row.last_id, INPUT_EVENT, mirror_data(row.input_last_id, tail), True, ts)
     if max_events and row.last_id - row.trimmed_id > max_events:
-        row.trimmed_id = row.last_id - max_events
+        row.trimmed_id = trim_point(row, row.last_id - max_events, book)
     stored = StoredInput(row.input_last_id, item.kind, item.data, ts, row.last_id, item.approval_id, item.decision)
     return InputResult(stored, True, row.input_last_id, row.last_id, row.epoch), mirror
 

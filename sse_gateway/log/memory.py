@@ -152,7 +152,7 @@ class MemoryLog(EventLog):
         repeat = entry.inputs[entry.input_keys[key] - 1] if key is not None and key in entry.input_keys else None
         approval = entry.approvals.get(item.approval_id) if item.kind == "approval" else None
         result, mirror = apply_input(entry.row, item, tail, repeat, approval, now_ms(), self.max_events,
-                                     self.cancel_grace)
+                                     self.cancel_grace, entry.book())
         if mirror is not None:
             stored = result.input
             entry.inputs.append(stored)
