@@ -13,7 +13,7 @@ from ..cors import CROSS_SITE
 from ..errors import BadRequest, GatewayError, Unavailable
 from ..log.base import EventLog
 from ..sse import encode_retry
-from ..stream import EventStream, parse_cursor, start_position
+from ..stream import EventStream, parse_position, start_position
 from .common import json_response, reader, row_for_reader
 
 router = APIRouter(tags=["read"])
@@ -32,22 +32,23 @@ async def stream(session: str, request: Request) -> Response:
     header, query, start = request.headers.get("last-event-id"), q.get("last_event_id"), q.get("from")
     # Every cursor given is checked (400 invalid_cursor), also one that another takes precedence over;
     # an empty Last-Event-ID means no cursor, as EventSource sends it.
-    given = {c: parse_cursor(c) for c in (header, query) if c is not None and c.strip()}
-    start_at = parse_cursor(start) if start not in (None, "earliest", "latest") else None
+    given = {c: parse_position(c) for c in (header, query) if c is not None and c.strip()}
+    start_at = parse_position(start) if start not in (None, "earliest", "latest") else None
     chosen = header if header is not None else query
     resuming = given.get(chosen)
-    cursor, epoch = resuming or start_at or (0, None)
+    cursor, hold, epoch = resuming or start_at or (0, 0, None)
     from_latest = resuming is None and start == "latest"
     live = q.get("live", "true").lower()
     if live not in ("true", "false", "1", "0"):
         raise BadRequest("live must be true or false", "invalid_live")
     row = await row_for_reader(gw, session, bound)
     if from_latest:
-        cursor, epoch = row.last_id, row.epoch
+        cursor, hold, epoch = row.last_id, 0, row.epoch
     start, notice = start_position(row, cursor, epoch)
-    if resuming is not None and not notice and start > row.acked_id and CROSS_SITE not in request.scope:
-        gw.spawn(_ack_quietly(gw.log, session, start))  # a reconnect's cursor is also an ack, the last one too
-    if row.completed and start >= row.last_id and not notice:
+    has = hold - 1 if hold and not notice else start  # the reader has every event up to this one
+    if resuming is not None and not notice and has > row.acked_id and CROSS_SITE not in request.scope:
+        gw.spawn(_ack_quietly(gw.log, session, has))  # a reconnect's cursor is also an ack, the last one too
+    if row.completed and has >= row.last_id and not notice:
         return Response(status_code=204)
     release = gw.streams.take(session)
     if notice:
@@ -55,7 +56,7 @@ async def stream(session: str, request: Request) -> Response:
     gw.stats.streams_opened += 1
     return EventStream(gw.hub, session, cursor, epoch, prelude=encode_retry(gw.settings.retry_ms),
                        live=live in ("true", "1"), heartbeat=gw.settings.heartbeat,
-                       stats=gw.stats, on_close=release)
+                       stats=gw.stats, on_close=release, hold=hold)
 
 
 async def _ack_quietly(event_log: EventLog, session: str, upto: int) -> None:
