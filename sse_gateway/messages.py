@@ -238,11 +238,12 @@ class Compactor:
     0). ``flush`` ends the replay: a snapshot of each message still held, each stepping the hold forward,
     the last one leaving a plain cursor. After it, the reader takes every event as it is."""
 
-    __slots__ = ("after", "pos", "skipping", "held", "resumed")
+    __slots__ = ("after", "pos", "ts", "skipping", "held", "resumed")
 
     def __init__(self, after: int, hold: int = 0) -> None:
         self.after = after
         self.pos = after  # the last id walked (or the cursor's)
+        self.ts = 0  # and when it was appended
         #: while walking (hold, after]: the messages begun in it, folded to learn which the reader has
         self.skipping: dict[str, Message] | None = {} if hold else None
         self.held: dict[str, Message] = {}  # in the order they began
@@ -270,7 +271,7 @@ class Compactor:
             return []  # already walked
         if self.skipping is not None and ev.id > self.after:
             self._leave_skip()
-        self.pos = max(self.pos, ev.id)
+        self.pos, self.ts = max(self.pos, ev.id), ev.ts
         op = ev.event
         if op not in TYPES:
             return [] if self.skipping is not None else [(ev, self.hold())]
@@ -301,7 +302,7 @@ class Compactor:
         while self.held:
             mid, m = next(iter(self.held.items()))
             del self.held[mid]
-            out.append((StoredEvent(self.pos, SNAPSHOT, m.snapshot(), True, 0), self.hold()))
+            out.append((StoredEvent(self.pos, SNAPSHOT, m.snapshot(), True, self.ts), self.hold()))
         return out
 
 

@@ -180,3 +180,37 @@ def test_trimming_never_cuts_a_message():
 def test_a_hold_is_never_above_its_id(cursor):
     with pytest.raises(BadRequest):
         parse_position(cursor)
+
+
+def test_history_compacted_pages_through_every_cursor(app_client):
+    """GET .../events?compact=true: the replay rule, page by page; any page size assembles the same."""
+    c = app_client
+    body = [{"event": messages.START, "data": {"message": "a", "type": "answer"}},
+            {"event": messages.START, "data": {"message": "b"}}]
+    for i in range(5):
+        body += [{"event": messages.APPEND, "data": {"message": "a", "text": f"{i}"}},
+                 {"event": "tool", "data": i},
+                 {"event": messages.APPEND, "data": {"message": "b", "text": "b"}}]
+    body += [{"event": messages.END, "data": {"message": "a"}}]
+    assert c.post("/v1/sessions/h/events", json=body).status_code == 201
+    plain = c.get("/v1/sessions/h/events", params={"limit": 1000}).json()["events"]
+    whole = view(None, [(str(e["id"]), e["event"], e["data"]) for e in plain]).state()
+    for limit in (1, 2, 3, 100):
+        got, after = View(), "0"
+        for _ in range(50):
+            page = c.get("/v1/sessions/h/events", params={"compact": "true", "after": after, "limit": limit}).json()
+            for e in page["events"]:
+                got.take(e["event"], e["data"], e["cursor"])
+            if after == page["next_after"]:
+                break
+            after = page["next_after"]
+        assert got.state() == whole, limit
+    page = c.get("/v1/sessions/h/events", params={"compact": "true"}).json()
+    assert [(e["cursor"], e["event"]) for e in page["events"]] == [
+        ("4/1", "tool"), ("7/1", "tool"), ("10/1", "tool"), ("13/1", "tool"), ("16/1", "tool"),
+        ("18/2", messages.SNAPSHOT), ("18", messages.SNAPSHOT)]
+    assert page["next_after"] == "18"
+    r = c.get("/v1/sessions/h/events", params={"compact": "true", "after": "3/4"})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_after")
+    r = c.get("/v1/sessions/h/events", params={"compact": "maybe"})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_compact")

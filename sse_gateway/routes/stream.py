@@ -13,7 +13,8 @@ from ..cors import CROSS_SITE
 from ..errors import BadRequest, GatewayError, Unavailable
 from ..log.base import EventLog
 from ..sse import encode_retry
-from ..stream import EventStream, parse_position, start_position
+from ..messages import Compactor, cursor_text
+from ..stream import READ_CHUNK, EventStream, parse_position, start_position
 from .common import json_response, reader, row_for_reader
 
 router = APIRouter(tags=["read"])
@@ -68,6 +69,11 @@ async def _ack_quietly(event_log: EventLog, session: str, upto: int) -> None:
             summary="Read a session's events as JSON")
 async def history(session: str, request: Request) -> Response:
     gw, bound = reader(request, session)
+    compact = request.query_params.get("compact", "false").lower()
+    if compact not in ("true", "false", "1", "0"):
+        raise BadRequest("compact must be true or false", "invalid_compact")
+    if compact in ("true", "1"):
+        return await _compacted(request, gw, session, bound)
     after = query_int(request, "after", rules.READ_AFTER)
     limit = query_int(request, "limit", rules.READ_LIMIT)
     row = await row_for_reader(gw, session, bound)
@@ -104,3 +110,45 @@ async def read_bounded(event_log: EventLog, session: str, after: int, limit: int
             return events
         cursor = events[-1].id
         page = min(limit - len(events), max(1, (budget - size) // max(largest, budget // 64)))
+
+
+async def _compacted(request: Request, gw, session: str, bound) -> Response:
+    """The history as a replay sends it (``messages.Compactor``): ``after`` is a cursor (``ID`` or
+    ``ID/HOLD``); each event says its cursor; at the end of the log, a snapshot of each open message."""
+    raw = request.query_params.get("after", "0")
+    try:
+        after, hold, _ = parse_position(raw)
+    except BadRequest:
+        raise BadRequest("after must be a cursor: ID or ID/HOLD", "invalid_after") from None
+    limit = query_int(request, "limit", rules.READ_LIMIT)
+    row = await row_for_reader(gw, session, bound)
+    walk = Compactor(after, hold)
+    start = cursor = walk.walk_from
+    out: list = []
+    size, first = 0, None
+    while len(out) < limit and size < HISTORY_BYTES:
+        got = await gw.log.read(session, cursor, READ_CHUNK)
+        for ev in got:
+            first = first or ev.id
+            sent = walk.feed(ev)
+            out += sent
+            size += sum(len(e.data) for e, _ in sent)
+            cursor = ev.id
+            if len(out) >= limit or size >= HISTORY_BYTES:
+                break
+        if len(got) < READ_CHUNK:
+            if len(out) < limit and size < HISTORY_BYTES:
+                out += walk.flush()  # the end of the log: what is still open, as it stands
+            break
+    if walk.skipping is not None:  # stopped before passing the cursor: the reader keeps it
+        next_after = raw.strip()
+    else:
+        next_after = cursor_text(walk.pos, walk.hold())
+    body: dict = {
+        "events": [{**e.to_json(), "cursor": cursor_text(e.id, h)} for e, h in out], "epoch": row.epoch,
+        "earliest_id": row.earliest_id, "last_id": row.last_id, "next_after": next_after,
+    }
+    first = first or row.trimmed_id + 1
+    if start + 1 < first and start < row.trimmed_id:
+        body["gap"] = {"from": start + 1, "to": min(first - 1, row.trimmed_id)}
+    return json_response(body)
