@@ -193,8 +193,13 @@ LIST = {"parameters": [
 ]}
 
 HISTORY = {"parameters": [
-    {"name": "after", "in": "query", "required": False, "schema": rules.READ_AFTER.schema()},
+    {"name": "after", "in": "query", "required": False,
+     "description": "an id; with compact=true, a cursor ID or ID/HOLD",
+     "schema": {"anyOf": [rules.READ_AFTER.schema(), {"type": "string", "pattern": r"^[0-9]{1,18}(/[0-9]{1,18})?$"}]}},
     {"name": "limit", "in": "query", "required": False, "schema": rules.READ_LIMIT.schema()},
+    {"name": "compact", "in": "query", "required": False,
+     "description": "true: messages as a replay sends them (docs/api.md, Messages)",
+     "schema": {"type": "string", "enum": ["true", "false", "1", "0"]}},
 ]}
 
 # -- responses ------------------------------------------------------------------
@@ -218,13 +223,14 @@ SCHEMAS: dict[str, Any] = {
     "Event": {
         "type": "object", "required": ["id", "event", "data", "ts"],
         "properties": {"id": {"type": "integer", "minimum": 1}, "event": {"type": "string"}, "data": {},
-                       "ts": _TIME},
+                       "ts": _TIME, "cursor": {"type": "string"}},
     },
     "History": {
         "type": "object", "required": ["events", "epoch", "earliest_id", "last_id", "next_after"],
         "properties": {
             "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
-            "epoch": {"type": "string"}, "earliest_id": _ID, "last_id": _ID, "next_after": _ID,
+            "epoch": {"type": "string"}, "earliest_id": _ID, "last_id": _ID,
+            "next_after": {"anyOf": [_ID, {"type": "string"}]},  # compact=true: a cursor
             "gap": {"type": "object", "required": ["from", "to"], "properties": {"from": _ID, "to": _ID}},
         },
     },

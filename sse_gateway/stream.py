@@ -101,11 +101,12 @@ _CURSOR = re.compile(rules.CURSOR)
 
 def parse_position(text: str) -> tuple[int, int, str | None]:
     """``ID``, ``ID/HOLD``, either with ``:EPOCH``: (id, hold or 0, epoch); else ``400 invalid_cursor``.
-    A hold is never above its id (``messages``)."""
+    A hold above its id holds nothing back (no message had begun there): it is the plain ``ID``."""
     m = _CURSOR.fullmatch(text)
-    if not m or (m.group(2) is not None and not 0 < int(m.group(2)) <= int(m.group(1))):
+    if not m:
         raise BadRequest(f"cursor {text[:40]!r} is neither ID nor ID:EPOCH", "invalid_cursor")
-    return int(m.group(1)), int(m.group(2) or 0), m.group(3)
+    id_, hold = int(m.group(1)), int(m.group(2) or 0)
+    return id_, (hold if hold <= id_ else 0), m.group(3)
 
 
 def parse_cursor(text: str) -> tuple[int, str | None]:

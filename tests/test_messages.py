@@ -176,10 +176,12 @@ def test_trimming_never_cuts_a_message():
     assert keep_whole(8, 4, between) == 4
 
 
-@pytest.mark.parametrize("cursor", ["5/6", "5/0", "x/1", "5/"])
-def test_a_hold_is_never_above_its_id(cursor):
-    with pytest.raises(BadRequest):
-        parse_position(cursor)
+def test_cursors():
+    assert parse_position(" 7/3:abc ") == (7, 3, "abc")
+    assert parse_position("5/6") == parse_position("5/0") == parse_position("5") == (5, 0, None)  # holds nothing
+    for bad in ("x/1", "5/", "/5", "5/1/1"):
+        with pytest.raises(BadRequest):
+            parse_position(bad)
 
 
 def test_history_compacted_pages_through_every_cursor(app_client):
@@ -210,7 +212,7 @@ def test_history_compacted_pages_through_every_cursor(app_client):
         ("4/1", "tool"), ("7/1", "tool"), ("10/1", "tool"), ("13/1", "tool"), ("16/1", "tool"),
         ("18/2", messages.SNAPSHOT), ("18", messages.SNAPSHOT)]
     assert page["next_after"] == "18"
-    r = c.get("/v1/sessions/h/events", params={"compact": "true", "after": "3/4"})
+    r = c.get("/v1/sessions/h/events", params={"after": "3/x"})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_after")
     r = c.get("/v1/sessions/h/events", params={"compact": "maybe"})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_compact")

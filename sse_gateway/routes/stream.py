@@ -72,7 +72,7 @@ async def history(session: str, request: Request) -> Response:
     compact = request.query_params.get("compact", "false").lower()
     if compact not in ("true", "false", "1", "0"):
         raise BadRequest("compact must be true or false", "invalid_compact")
-    if compact in ("true", "1"):
+    if compact in ("true", "1") or "/" in request.query_params.get("after", ""):  # ID/HOLD: a replay's cursor
         return await _compacted(request, gw, session, bound)
     after = query_int(request, "after", rules.READ_AFTER)
     limit = query_int(request, "limit", rules.READ_LIMIT)
@@ -116,10 +116,13 @@ async def _compacted(request: Request, gw, session: str, bound) -> Response:
     """The history as a replay sends it (``messages.Compactor``): ``after`` is a cursor (``ID`` or
     ``ID/HOLD``); each event says its cursor; at the end of the log, a snapshot of each open message."""
     raw = request.query_params.get("after", "0")
-    try:
-        after, hold, _ = parse_position(raw)
-    except BadRequest:
-        raise BadRequest("after must be a cursor: ID or ID/HOLD", "invalid_after") from None
+    if "/" not in raw:
+        after, hold = query_int(request, "after", rules.READ_AFTER), 0
+    else:
+        try:
+            after, hold, _ = parse_position(raw)
+        except BadRequest:
+            raise BadRequest("after must be a cursor: ID or ID/HOLD", "invalid_after") from None
     limit = query_int(request, "limit", rules.READ_LIMIT)
     row = await row_for_reader(gw, session, bound)
     walk = Compactor(after, hold)
