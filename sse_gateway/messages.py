@@ -306,5 +306,37 @@ class Compactor:
         return out
 
 
+def merge_appends(pairs: list[tuple[StoredEvent, int]]) -> list[tuple[StoredEvent, int]]:
+    """Runs of ``message.append`` of one message with consecutive ids (nothing between them, not even an
+    event held back) as one ``message.append`` at the run's last id, its texts joined, ``count`` saying how
+    many it stands for: its cursor is exact, as each of theirs was. For a replay that is behind."""
+    out: list[tuple[StoredEvent, int]] = []
+    run: list[tuple[StoredEvent, dict]] = []
+
+    def close() -> None:
+        if len(run) == 1:
+            out.append((run[0][0], hold))
+        elif run:
+            last = run[-1][0]
+            data = {"message": run[0][1]["message"], "text": "".join(doc["text"] for _, doc in run),
+                    "count": len(run)}
+            out.append((StoredEvent(last.id, APPEND, dump_json(data), True, last.ts), hold))
+        run.clear()
+
+    hold = 0
+    for ev, h in pairs:
+        if ev.event != APPEND:
+            close()
+            out.append((ev, h))
+            continue
+        doc = load_json(ev.data)
+        if run and (ev.id != run[-1][0].id + 1 or h != hold or doc["message"] != run[0][1]["message"]):
+            close()
+        hold = h
+        run.append((ev, doc))
+    close()
+    return out
+
+
 def cursor_text(id_: int, hold: int) -> str:
     return f"{id_}/{hold}" if hold else str(id_)
