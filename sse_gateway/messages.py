@@ -218,12 +218,15 @@ class Message:
             self.status = doc.get("status", "finished")
             self.error = doc.get("error")
 
-    def snapshot(self) -> str:
+    def whole(self) -> dict:
         body: dict = {"message": self.id, "type": self.type, "metadata": self.metadata, "text": "".join(self.parts),
                       "status": self.status}
         if self.error is not None:
             body["error"] = self.error
-        return dump_json(body)
+        return body
+
+    def snapshot(self) -> str:
+        return dump_json(self.whole())
 
 
 def new_message(mid: str, start: int, doc: Mapping) -> Message:

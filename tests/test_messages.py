@@ -221,3 +221,22 @@ def test_history_compacted_pages_through_every_cursor(app_client):
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_after")
     r = c.get("/v1/sessions/h/events", params={"compact": "maybe"})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_compact")
+
+
+def test_the_state_with_the_messages_as_of_its_cursor(app_client):
+    c = app_client
+    body = [{"event": messages.START, "data": {"message": "a", "type": "answer"}},
+            {"event": messages.APPEND, "data": {"message": "a", "text": "Hel"}},
+            {"event": messages.START, "data": {"message": "b"}},
+            {"event": messages.END, "data": {"message": "b", "status": "failed"}}]
+    assert c.post("/v1/sessions/st/events", json=body).status_code == 201
+    assert c.put("/v1/sessions/st/state", json={"step": 2}).status_code == 200
+    c.post("/v1/sessions/st/events", json={"event": messages.APPEND, "data": {"message": "a", "text": "lo"}})
+    got = c.get("/v1/sessions/st/state", params={"messages": "true"}).json()
+    assert got["as_of"].startswith("4:") and got["state"] == {"step": 2}
+    assert got["messages"] == [
+        {"message": "a", "type": "answer", "metadata": None, "text": "Hel", "status": "open"},
+        {"message": "b", "type": None, "metadata": None, "text": "", "status": "failed"}]
+    assert "messages" not in c.get("/v1/sessions/st/state").json()
+    r = c.get("/v1/sessions/st/state", params={"messages": "yes"})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_messages")
