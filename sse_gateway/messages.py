@@ -92,6 +92,7 @@ class Book:
 
     def __init__(self) -> None:
         self.changes: dict[str, tuple[int, int]] = {}
+        self._read: dict[str, tuple[int, int] | None] = {}  # what ``stored`` answered (a batch asks again)
 
     def stored(self, mid: str) -> tuple[int, int] | None:
         raise NotImplementedError
@@ -105,7 +106,11 @@ class Book:
         raise NotImplementedError
 
     def get(self, mid: str) -> tuple[int, int] | None:
-        return self.changes.get(mid) or self.stored(mid)
+        if mid in self.changes:
+            return self.changes[mid]
+        if mid not in self._read:
+            self._read[mid] = self.stored(mid)
+        return self._read[mid]
 
     def spans(self, after: int, through: int) -> Iterable[tuple[int, int]]:
         found = self.stored_spans(after, through)
