@@ -234,6 +234,21 @@ class Message:
         return dump_json(self.whole())
 
 
+def stored_op(ev: StoredEvent) -> dict | None:
+    """The data of a message operation the log holds, or None for any other event. Operations are checked
+    when published; one stored before messages existed (any data under these types) reads as a plain event."""
+    if ev.event not in TYPES or not ev.is_json:
+        return None
+    try:
+        doc = load_json(ev.data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("message"), str) or \
+            (ev.event in (APPEND, REPLACE) and not isinstance(doc.get("text"), str)):
+        return None
+    return doc
+
+
 def new_message(mid: str, start: int, doc: Mapping) -> Message:
     return Message(mid, start, doc.get("type"), doc.get("metadata"))
 
@@ -280,11 +295,10 @@ class Compactor:
         if self.skipping is not None and ev.id > self.after:
             self._leave_skip()
         self.pos, self.ts = max(self.pos, ev.id), ev.ts
-        op = ev.event
-        if op not in TYPES:
+        doc = stored_op(ev)
+        if doc is None:
             return [] if self.skipping is not None else [(ev, self.hold())]
-        doc = load_json(ev.data)
-        mid = doc["message"]
+        op, mid = ev.event, doc["message"]
         if self.skipping is not None:
             if op == START:
                 self.skipping[mid] = new_message(mid, ev.id, doc)
@@ -333,11 +347,11 @@ def merge_appends(pairs: list[tuple[StoredEvent, int]]) -> list[tuple[StoredEven
 
     hold = 0
     for ev, h in pairs:
-        if ev.event != APPEND:
+        doc = stored_op(ev) if ev.event == APPEND else None
+        if doc is None:
             close()
             out.append((ev, h))
             continue
-        doc = load_json(ev.data)
         if run and (ev.id != run[-1][0].id + 1 or h != hold or doc["message"] != run[0][1]["message"]):
             close()
         hold = h

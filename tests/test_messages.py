@@ -240,3 +240,11 @@ def test_the_state_with_the_messages_as_of_its_cursor(app_client):
     assert "messages" not in c.get("/v1/sessions/st/state").json()
     r = c.get("/v1/sessions/st/state", params={"messages": "yes"})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_messages")
+
+
+def test_operations_stored_before_messages_existed_read_as_plain_events():
+    legacy = [StoredEvent(1, messages.START, '"m"', True, 0), StoredEvent(2, messages.APPEND, "text", False, 0),
+              StoredEvent(3, messages.APPEND, '{"message": "m", "text": 1}', True, 0)]
+    walk = Compactor(0)
+    assert [e for ev in legacy for e, _ in walk.feed(ev)] == legacy and walk.flush() == []
+    assert merge_appends([(ev, 0) for ev in legacy]) == [(ev, 0) for ev in legacy]

@@ -10,9 +10,8 @@ from .. import openapi, rules
 from ..bodies import bounded_int, check_size, json_int, json_object, producer_epoch, read_json
 from ..errors import BadRequest, Conflict
 from ..log.base import NO_RESULT
-from ..messages import START, Message, new_message
-from ..messages import TYPES as MESSAGE_OPS
-from ..models import Session, dump_json, load_json
+from ..messages import START, Message, new_message, stored_op
+from ..models import Session, dump_json
 from ..stream import READ_CHUNK, parse_cursor
 from .common import json_response, publisher, readable_row, reader, row_for_reader, session_json
 
@@ -99,8 +98,7 @@ async def _messages_as_of(event_log, session: str, upto: int) -> list:
         for ev in events:
             if ev.id > upto:
                 break
-            if ev.event in MESSAGE_OPS:
-                doc = load_json(ev.data)
+            if (doc := stored_op(ev)) is not None:
                 if ev.event == START:
                     found[doc["message"]] = new_message(doc["message"], ev.id, doc)
                 elif (m := found.get(doc["message"])) is not None:  # (one begun before retention: gone)
