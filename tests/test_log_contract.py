@@ -1089,7 +1089,8 @@ async def test_ending_a_run_closes_its_open_messages(log):
     assert row.last_id == 7
     tail = await log.read("s", 4, 100)
     assert [(e.id, e.event, load_json(e.data)) for e in tail[:2]] == [
-        (5, "message.end", {"message": "a", "status": "failed"}), (6, "message.end", {"message": "c", "status": "failed"})]
+        (5, "message.end", {"message": "a", "status": "failed"}),
+        (6, "message.end", {"message": "c", "status": "failed"})]
     assert tail[2].event == END_EVENT
     await log.append("t", [msg("message.start", "a")])
     await log.complete("t", {"ok": True})

@@ -143,7 +143,8 @@ async def test_invalid_operations_are_clear_json_errors_and_change_nothing(start
                               headers={"content-type": "text/plain"})
         assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_message")
         lines = "\n".join(json.dumps(x) for x in [op("message.append", "m", text="ok"), op("message.end", "zz")])
-        r = await client.post("/v1/sessions/bad/events", content=lines, headers={"content-type": "application/x-ndjson"})
+        r = await client.post("/v1/sessions/bad/events", content=lines,
+                              headers={"content-type": "application/x-ndjson"})
         assert r.status_code == 409 and r.json()["ids"] == [2]  # the line before the bad one stays appended
         assert (await client.get("/v1/sessions/bad")).json()["last_id"] == 2
 

@@ -38,8 +38,8 @@ class Event:
     """One event of the stream.
 
     ``id`` and ``cursor`` (``ID:EPOCH``, or ``ID/HOLD:EPOCH`` while a replay holds messages back) are None
-    for ``gateway.gap`` and ``gateway.reset``, which are notices, not log entries. ``data`` is the data parsed as JSON when it is JSON, else the text;
-    ``text`` is the data as it came.
+    for ``gateway.gap`` and ``gateway.reset``, which are notices, not log entries. ``data`` is the data
+    parsed as JSON when it is JSON, else the text; ``text`` is the data as it came.
     """
 
     id: int | None
