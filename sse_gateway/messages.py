@@ -192,7 +192,8 @@ def keep_whole(through: int, trimmed: int, spans: Callable[[int, int], Iterable[
 
 def close_data(mid: str, outcome: str) -> str:
     """The ``message.end`` the gateway appends for a message still open when its run ends."""
-    return '{"message":"%s","status":"%s"}' % (mid, "finished" if outcome == "completed" else "failed")
+    status = "finished" if outcome == "completed" else "failed"
+    return f'{{"message":"{mid}","status":"{status}"}}'
 
 
 # -- reading -----------------------------------------------------------------------
@@ -261,7 +262,7 @@ class Compactor:
     0). ``flush`` ends the replay: a snapshot of each message still held, each stepping the hold forward,
     the last one leaving a plain cursor. After it, the reader takes every event as it is."""
 
-    __slots__ = ("after", "pos", "ts", "skipping", "held", "resumed")
+    __slots__ = ("after", "held", "pos", "resumed", "skipping", "ts")
 
     def __init__(self, after: int, hold: int = 0) -> None:
         self.after = after

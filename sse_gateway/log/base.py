@@ -153,7 +153,9 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+from .. import messages
 from ..errors import BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed
+from ..messages import Book
 from ..models import (
     APPROVAL_REQUEST,
     END_EVENT,
@@ -172,8 +174,6 @@ from ..models import (
     new_epoch,
 )
 from ..rules import APPROVAL_ID
-from .. import messages
-from ..messages import Book
 
 NO_RESULT = object()
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import Conflict, NotFound, Unavailable
+from ..messages import DictBook, operations
 from ..models import (
     AppendResult,
     InputResult,
@@ -23,7 +24,6 @@ from ..models import (
     StoredInput,
     now_ms,
 )
-from ..messages import DictBook, operations
 from .base import (
     NO_RESULT,
     EventLog,
@@ -47,7 +47,7 @@ from .base import (
 
 
 class _Entry:
-    __slots__ = ("row", "events", "keys", "inputs", "input_keys", "approvals", "messages")
+    __slots__ = ("approvals", "events", "input_keys", "inputs", "keys", "messages", "row")
 
     def __init__(self, row: Session) -> None:
         self.row = row

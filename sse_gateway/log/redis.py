@@ -136,7 +136,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from .. import messages
 from ..errors import BadRequest, Conflict, GatewayError, NotFound, PreconditionFailed, Unavailable
+from ..messages import operations
 from ..models import (
     END_EVENT,
     INPUT_EVENT,
@@ -152,8 +154,6 @@ from ..models import (
     new_epoch,
     now_ms,
 )
-from .. import messages
-from ..messages import operations
 from .base import (
     NO_RESULT,
     EventLog,
@@ -201,7 +201,7 @@ _INPUT = _Script("redis_input.lua")
 
 
 class _Op(Write):
-    __slots__ = ("script", "args", "reply")
+    __slots__ = ("args", "reply", "script")
 
     def __init__(self, script: _Script, session: str, args: list,
                  reply: Callable[[Any], tuple[Any, tuple | None]]) -> None:

@@ -57,6 +57,7 @@ from typing import Any
 import aiosqlite
 
 from ..errors import Conflict, GatewayError, NotFound, Unavailable
+from ..messages import Book, operations
 from ..models import (
     AppendResult,
     InputResult,
@@ -69,7 +70,6 @@ from ..models import (
     load_json,
     now_ms,
 )
-from ..messages import Book, operations
 from .base import (
     NO_RESULT,
     EventLog,
@@ -266,7 +266,7 @@ def preflight(path: str) -> str | None:
 
 
 class _Op(Write):
-    __slots__ = ("kind", "args")
+    __slots__ = ("args", "kind")
 
     def __init__(self, kind: str, session: str, args: tuple) -> None:
         super().__init__(session)

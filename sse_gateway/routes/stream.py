@@ -12,8 +12,8 @@ from ..bodies import query_int
 from ..cors import CROSS_SITE
 from ..errors import BadRequest, GatewayError, Unavailable
 from ..log.base import EventLog
-from ..sse import encode_retry
 from ..messages import Compactor, cursor_text
+from ..sse import encode_retry
 from ..stream import READ_CHUNK, EventStream, parse_position, start_position
 from .common import json_response, reader, row_for_reader
 
