@@ -76,8 +76,8 @@ def _loop_time() -> float:
 
 
 class Channel:
-    __slots__ = ("session", "epoch", "head", "end_id", "last_start", "frames", "first_id", "size", "largest", "waiting",
-                 "closed", "filling", "_joined", "coalesce", "_woke_at", "_woke_head", "_timer")
+    __slots__ = ("session", "epoch", "head", "end_id", "last_start", "frames", "first_id", "size", "largest",
+                 "waiting", "closed", "filling", "_joined", "coalesce", "_woke_at", "_woke_head", "_timer")
 
     def __init__(self, session: str, coalesce: float = 0.0) -> None:
         self.session = session

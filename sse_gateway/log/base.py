@@ -574,7 +574,7 @@ def apply_complete(row: Session, result: Any, ts: int, data: str, outcome: str =
                    producer: int | None = None, book: Book | None = None) -> list[StoredEvent]:
     """End ``row``'s run with ``outcome``; returns the events appended: a ``message.end`` for each message of
     ``book`` still open (``finished`` if the run completed, else ``failed``), then ``gateway.end``
-    (``data``: ``end_data``'s text). None if the run had ended so already."""
+    (``data``: ``end_data``'s text). Nothing if the run had ended so already."""
     apply_producer(row, producer)
     if row.completed:
         if outcome != row.outcome or (result is not NO_RESULT and result != row.result):

@@ -47,7 +47,7 @@ from .base import (
 
 
 class _Entry:
-    __slots__ = ("approvals", "events", "input_keys", "inputs", "keys", "messages", "row")
+    __slots__ = ("row", "events", "keys", "inputs", "input_keys", "approvals", "messages")
 
     def __init__(self, row: Session) -> None:
         self.row = row

@@ -201,7 +201,7 @@ _INPUT = _Script("redis_input.lua")
 
 
 class _Op(Write):
-    __slots__ = ("args", "reply", "script")
+    __slots__ = ("script", "args", "reply")
 
     def __init__(self, script: _Script, session: str, args: list,
                  reply: Callable[[Any], tuple[Any, tuple | None]]) -> None:
