@@ -248,3 +248,28 @@ def test_operations_stored_before_messages_existed_read_as_plain_events():
     walk = Compactor(0)
     assert [e for ev in legacy for e, _ in walk.feed(ev)] == legacy and walk.flush() == []
     assert merge_appends([(ev, 0) for ev in legacy]) == [(ev, 0) for ev in legacy]
+
+
+def _sse(app_client, session: str, cursor: str) -> list[tuple[str, str, object]]:
+    """What a ``live=false`` stream sends from ``cursor``: (id or None, type, data)."""
+    import json
+
+    from httpx_sse import EventSource
+    with app_client.stream("GET", f"/v1/sessions/{session}/stream", params={"live": "false"},
+                           headers={"Last-Event-ID": cursor}) as r:
+        return [(sse.id or None, sse.event, json.loads(sse.data)) for sse in EventSource(r).iter_sse() if sse.data]
+
+
+def test_a_resume_from_a_trimmed_cursor_reports_the_gap_and_no_half_message(app_client):
+    c = app_client
+    body = [{"event": messages.START, "data": {"message": "a"}}, {"event": "tool", "data": 1},
+            {"event": messages.APPEND, "data": {"message": "a", "text": "x"}},
+            {"event": messages.END, "data": {"message": "a"}},
+            {"event": messages.START, "data": {"message": "b"}}, {"event": "tool", "data": 2},
+            {"event": messages.APPEND, "data": {"message": "b", "text": "y"}}]
+    assert c.post("/v1/sessions/tr/events", json=body).status_code == 201
+    assert c.post("/v1/sessions/tr/trim", json={"through": 6}).json()["earliest_id"] == 5  # b (5-) stays whole
+    got = _sse(c, "tr", "2/1")  # cut after the first tool event, a held back: a was trimmed meanwhile
+    assert got[0] == (None, "gateway.gap", {"from": 1, "to": 4})
+    assert [(i.split(":")[0], e) for i, e, _ in got[1:]] == [("6/5", "tool"), ("7", messages.SNAPSHOT)]
+    assert got[2][2]["text"] == "y"
