@@ -120,8 +120,9 @@ async def test_live_deltas_then_a_resume_mid_message(start_gateway):
                                                  "status": "finished"}
 
 
-def _streams(base: str, session: str) -> bool:
-    return httpx.get(f"{base}/v1/sessions/{session}").json()["subscribers"] >= 1
+async def _streams(base: str, session: str) -> bool:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return (await client.get(f"{base}/v1/sessions/{session}")).json()["subscribers"] >= 1
 
 
 async def test_invalid_operations_are_clear_json_errors_and_change_nothing(start_gateway):
