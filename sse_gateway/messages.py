@@ -94,7 +94,7 @@ def operations(events: Sequence[NewEvent]) -> list[tuple[int, str, str]]:
 class Book:
     """A session's messages as a backend keeps them: id -> (start id, id that closed it, or 0 while open).
 
-    A backend implements the three reads (``stored``, ``stored_spans``, ``stored_open``); the rules
+    A backend implements the three reads (``stored``, ``stored_spans``, ``open``); the rules
     (``check``, ``log.base.apply_append``, ``apply_complete``) write nothing but ``changes``, which the
     backend stores with the write they belong to (and a refused write drops with its book)."""
 
@@ -109,7 +109,7 @@ class Book:
         """The messages begun in (after, through]."""
         raise NotImplementedError
 
-    def stored_open(self) -> list[str]:
+    def open(self) -> list[str]:
         """The messages still open, in the order they began."""
         raise NotImplementedError
 
@@ -125,9 +125,6 @@ class Book:
         found.update((mid, v) for mid, v in self.changes.items() if after < v[0] <= through)
         return found.values()
 
-    def open(self) -> list[str]:
-        return self.stored_open()
-
 
 class DictBook(Book):
     """A book over a dict (the memory backend's, and the tests')."""
@@ -142,7 +139,7 @@ class DictBook(Book):
     def stored_spans(self, after: int, through: int) -> dict[str, tuple[int, int]]:
         return {mid: v for mid, v in self.known.items() if after < v[0] <= through}
 
-    def stored_open(self) -> list[str]:
+    def open(self) -> list[str]:
         return [mid for mid, v in sorted(self.known.items(), key=lambda kv: kv[1][0]) if not v[1]]
 
     def save(self) -> None:

@@ -884,7 +884,7 @@ class _Book(Book):
             "SELECT message, start_id, closed_id FROM messages WHERE sid = ? AND start_id > ? AND start_id <= ?",
             (self.sid, after, through))}
 
-    def stored_open(self) -> list[str]:
+    def open(self) -> list[str]:
         return [mid for mid, in self.db.execute(
             "SELECT message FROM messages WHERE sid = ? AND closed_id = 0 ORDER BY start_id", (self.sid,))]
 
