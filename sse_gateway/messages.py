@@ -174,11 +174,10 @@ def check(book: Book, ops: Iterable[tuple[int, str, str]]) -> dict[str, tuple[in
         if state is None:
             raise not_found(mid)
         start, closed = state
-        if op == REPLACE:
-            changed[mid] = (start, closed or id_)
-        elif closed:
-            raise closed_already(mid, closed)
-        elif op == END:
+        if closed:
+            if op != REPLACE:  # a closed message takes nothing but a whole new text
+                raise closed_already(mid, closed)
+        elif op in (END, REPLACE):
             changed[mid] = (start, id_)
     return changed
 

@@ -147,7 +147,7 @@ def test_operations_are_checked():
             messages.check(book, [(9, op, "nope")])
         assert exc.value.code == "message_not_found"
     assert messages.check(book, [(9, messages.REPLACE, "done"), (10, messages.REPLACE, "open")]) == \
-        {"done": (1, 5), "open": (3, 10)}
+        {"open": (3, 10)}  # a closed message replaced stays closed where it was
     assert messages.check(book, [(9, messages.START, "new"), (10, messages.END, "new")]) == {"new": (9, 10)}
     assert book.changes == {}  # check writes nothing
 
