@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 
 from .limits import StreamSlots
 from .log.base import LogObserver
+from .messages import START as MESSAGE_START
 from .models import END_EVENT, Session, StoredEvent
 from .sse import encode_event
 
@@ -75,8 +76,8 @@ def _loop_time() -> float:
 
 
 class Channel:
-    __slots__ = ("session", "epoch", "head", "end_id", "frames", "first_id", "size", "largest", "waiting",
-                 "closed", "filling", "_joined", "coalesce", "_woke_at", "_woke_head", "_timer")
+    __slots__ = ("session", "epoch", "head", "end_id", "last_start", "frames", "first_id", "size", "largest",
+                 "waiting", "closed", "filling", "_joined", "coalesce", "_woke_at", "_woke_head", "_timer")
 
     def __init__(self, session: str, coalesce: float = 0.0) -> None:
         self.session = session
@@ -87,6 +88,7 @@ class Channel:
         self.epoch = ""
         self.head = 0
         self.end_id: int | None = None
+        self.last_start = 0  # the id of the last message.start extended into the window (a replay holds from it)
         self.frames: list[bytes] = []  # frames[i] is the frame of event first_id + i
         self.first_id = 0
         self.size = 0  # bytes of frames in the window
@@ -120,6 +122,9 @@ class Channel:
             self.first_id = first
             self.size = self.largest = 0
         new = [encode_event(ev, self.epoch) for ev in events]
+        for ev in events:
+            if ev.event == MESSAGE_START:
+                self.last_start = ev.id
         self.frames.extend(new)
         sizes = list(map(len, new))
         self.size += sum(sizes)

@@ -192,9 +192,19 @@ LIST = {"parameters": [
     {"name": "limit", "in": "query", "required": False, "schema": rules.LIST_LIMIT.schema()},
 ]}
 
+STATE_READ = {"parameters": [
+    {"name": "messages", "in": "query", "required": False,
+     "description": "true: also every message as of as_of, whole (docs/api.md, State)",
+     "schema": {"type": "string", "enum": ["true", "false", "1", "0"]}},
+]}
 HISTORY = {"parameters": [
-    {"name": "after", "in": "query", "required": False, "schema": rules.READ_AFTER.schema()},
+    {"name": "after", "in": "query", "required": False,
+     "description": "an id; with compact=true, a cursor ID or ID/HOLD",
+     "schema": {"anyOf": [rules.READ_AFTER.schema(), {"type": "string", "pattern": r"^[0-9]{1,18}(/[0-9]{1,18})?$"}]}},
     {"name": "limit", "in": "query", "required": False, "schema": rules.READ_LIMIT.schema()},
+    {"name": "compact", "in": "query", "required": False,
+     "description": "true: messages as a replay sends them (docs/api.md, Messages)",
+     "schema": {"type": "string", "enum": ["true", "false", "1", "0"]}},
 ]}
 
 # -- responses ------------------------------------------------------------------
@@ -218,13 +228,14 @@ SCHEMAS: dict[str, Any] = {
     "Event": {
         "type": "object", "required": ["id", "event", "data", "ts"],
         "properties": {"id": {"type": "integer", "minimum": 1}, "event": {"type": "string"}, "data": {},
-                       "ts": _TIME},
+                       "ts": _TIME, "cursor": {"type": "string"}},
     },
     "History": {
         "type": "object", "required": ["events", "epoch", "earliest_id", "last_id", "next_after"],
         "properties": {
             "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
-            "epoch": {"type": "string"}, "earliest_id": _ID, "last_id": _ID, "next_after": _ID,
+            "epoch": {"type": "string"}, "earliest_id": _ID, "last_id": _ID,
+            "next_after": {"anyOf": [_ID, {"type": "string"}]},  # compact=true: a cursor
             "gap": {"type": "object", "required": ["from", "to"], "properties": {"from": _ID, "to": _ID}},
         },
     },
@@ -278,7 +289,8 @@ SCHEMAS: dict[str, Any] = {
               "properties": {"session": {"type": "string"}, "acked_id": _ID}},
     "State": {"type": "object", "required": ["version", "state", "as_of"],
               "properties": {"version": _ID, "state": {"type": ["object", "null"]},
-                             "as_of": {"type": "string", "pattern": "^[0-9]+:[A-Za-z0-9]+$"}}},
+                             "as_of": {"type": "string", "pattern": "^[0-9]+:[A-Za-z0-9]+$"},
+                             "messages": {"type": "array", "items": {"type": "object"}}}},
     "Trimmed": {"type": "object", "required": ["session", "earliest_id", "last_id"],
                 "properties": {"session": {"type": "string"}, "earliest_id": _ID, "last_id": _ID}},
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},

@@ -19,8 +19,11 @@ SESSION_ID = r"^(?!\.{1,2}$)[A-Za-z0-9_.~-]{1,128}$"
 #: An event type a publisher may use; types beginning with ``gateway.`` are the gateway's own.
 EVENT_TYPE = r"^[A-Za-z0-9_.:-]{1,64}$"
 RESERVED_PREFIX = "gateway."
-#: A cursor: ``ID`` or ``ID:EPOCH`` (surrounding blanks are ignored).
-CURSOR = r"^\s*([0-9]{1,18})(?::([A-Za-z0-9]{1,32}))?\s*$"
+#: A cursor: ``ID`` or ``ID:EPOCH``, or with the start of the first message a replay holds back, ``ID/HOLD``
+#: or ``ID/HOLD:EPOCH`` (surrounding blanks are ignored; see ``messages``).
+CURSOR = r"^\s*([0-9]{1,18})(?:/([0-9]{1,18}))?(?::([A-Za-z0-9]{1,32}))?\s*$"
+#: A message id (the ``message`` of a ``message.*`` event's data).
+MESSAGE_ID = r"^[A-Za-z0-9_.:~-]{1,128}$"
 #: An idempotency key: 1-256 printable ASCII characters.
 MAX_IDEMPOTENCY_KEY = 256
 IDEMPOTENCY_KEY = r"^[\x20-\x7e]{1,256}$"

@@ -1,7 +1,7 @@
 """Server-Sent Events wire format: each event is encoded to bytes once.
 
 Framing safety comes from construction, not from escaping: ids are
-``INT:EPOCH`` (digits and the epoch alphabet), event types are checked
+``INT:EPOCH`` or ``INT/INT:EPOCH`` (digits and the epoch alphabet), event types are checked
 against ``[A-Za-z0-9_.:-]``, JSON data is compact JSON (orjson escapes
 control characters inside strings, so it is one line), and text data is
 split on CR, LF and CRLF into one ``data:`` line each. No value a publisher
@@ -45,9 +45,13 @@ def data_lines(data: str, is_json: bool) -> bytes:
     return b"".join(b"data: " + line.encode() + b"\n" for line in _LINE_BREAK.split(data))
 
 
-def encode_event(ev: StoredEvent, epoch: str) -> bytes:
-    """The frame of one log entry, ``id: ID:EPOCH`` first."""
-    head = b"id: %d:%s\n" % (ev.id, epoch.encode())
+def encode_event(ev: StoredEvent, epoch: str, hold: int = 0) -> bytes:
+    """The frame of one log entry, ``id: ID:EPOCH`` first (``ID/HOLD:EPOCH`` while a replay holds back
+    messages begun at or after HOLD: ``messages.Compactor``)."""
+    if hold:
+        head = b"id: %d/%d:%s\n" % (ev.id, hold, epoch.encode())
+    else:
+        head = b"id: %d:%s\n" % (ev.id, epoch.encode())
     if ev.event != "message":
         head += b"event: " + ev.event.encode() + b"\n"
     return head + data_lines(ev.data, ev.is_json) + b"\n"

@@ -79,6 +79,7 @@ from starlette.types import Receive, Scope, Send
 from . import rules
 from .errors import BadRequest, GatewayError
 from .hub import CHUNK_BYTES, Channel, Hub
+from .messages import Compactor, merge_appends
 from .models import END_EVENT, Session
 from .protocol import TRANSPORT_EXTENSION
 from .sse import PING, encode_control, encode_event
@@ -98,12 +99,20 @@ HEADERS = [
 _CURSOR = re.compile(rules.CURSOR)
 
 
-def parse_cursor(text: str) -> tuple[int, str | None]:
-    """``ID`` or ``ID:EPOCH``; anything else is ``400 invalid_cursor``."""
-    m = _CURSOR.fullmatch(text.strip())
+def parse_position(text: str) -> tuple[int, int, str | None]:
+    """``ID``, ``ID/HOLD``, either with ``:EPOCH``: (id, hold or 0, epoch); else ``400 invalid_cursor``.
+    A hold above its id holds nothing back (no message had begun there): it is the plain ``ID``."""
+    m = _CURSOR.fullmatch(text)
     if not m:
         raise BadRequest(f"cursor {text[:40]!r} is neither ID nor ID:EPOCH", "invalid_cursor")
-    return int(m.group(1)), m.group(2)
+    id_, hold = int(m.group(1)), int(m.group(2) or 0)
+    return id_, (hold if hold <= id_ else 0), m.group(3)
+
+
+def parse_cursor(text: str) -> tuple[int, str | None]:
+    """A cursor as the last id its reader has every event up to (``ID/HOLD``: HOLD - 1), and its epoch."""
+    id_, hold, epoch = parse_position(text)
+    return (hold - 1 if hold else id_), epoch
 
 
 def start_position(row: Session, cursor: int, epoch: str | None) -> tuple[int, bytes]:
@@ -119,10 +128,12 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(self, hub: Hub, session: str, cursor: int, epoch: str | None, *, prelude: bytes, live: bool,
-                 heartbeat: float, stats=None, on_close=None) -> None:
+                 heartbeat: float, stats=None, on_close=None, hold: int = 0) -> None:
         self.hub = hub
         self.session = session
         self.cursor = cursor
+        self.hold = hold  # the cursor's HOLD (``messages``), 0 for a plain one
+        self.walk: Compactor | None = None  # the replay, while it holds messages back (see ``_next``)
         self.epoch = epoch
         self.prelude = prelude
         self.live = live
@@ -165,6 +176,9 @@ class EventStream(Response):
                 return
             ch = self.hub.settle(ch, row)
             cursor, notice = start_position(row, self.cursor, self.epoch)
+            if cursor < row.last_id or (self.hold and not notice):  # a replay: messages begun after it come whole
+                self.walk = Compactor(cursor, 0 if notice else self.hold)
+                cursor = self.walk.walk_from
             del row  # not kept for as long as the stream lives
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             started = True
@@ -260,6 +274,11 @@ class EventStream(Response):
         stop_at = None if self.live else ch.head
         close_at: float | None = None  # when draining, the moment this stream closes
         while not self.gone and not ch.closed:
+            if self.walk is not None and cursor >= (ch.head if stop_at is None else stop_at):
+                if frames := self._flush(ch):  # caught up: the replay ends
+                    await self._send(send, frames)
+                    self.last_write = loop.time()
+                continue
             if ch.end_id is not None and cursor >= ch.end_id:
                 return
             if stop_at is not None and cursor >= stop_at:
@@ -303,14 +322,19 @@ class EventStream(Response):
     async def _next(self, ch: Channel, cursor: int) -> tuple[bytes, int]:
         """The frames after ``cursor``: from the hub's window (extended by a shared read if the cursor
         is at its end), else from the log."""
-        got = ch.window_after(cursor)
-        if got is None and ch.fills(cursor):
-            await self.hub.fill(ch, cursor)
+        walk = self.walk
+        # A replay holding nothing takes the window's frames as they are, up to the next message.start
+        if walk is None or (not walk.held and walk.skipping is None and ch.last_start <= cursor):
             got = ch.window_after(cursor)
-        if got is not None:
-            if self.stats:
-                self.stats.delivered += got[1] - cursor
-            return got
+            if got is None and ch.fills(cursor):
+                await self.hub.fill(ch, cursor)
+                got = ch.window_after(cursor)
+            if got is not None and (walk is None or ch.last_start <= cursor):
+                if self.stats:
+                    self.stats.delivered += got[1] - cursor
+                if walk is not None:
+                    walk.pos = got[1]
+                return got
         events = await self.hub.log.read(self.session, cursor, self._read_limit)
         if not events:
             # Nothing after the cursor although the head is ahead: trimmed, or the session went away.
@@ -330,22 +354,39 @@ class EventStream(Response):
             size = len(out[0])
         epoch = ch.epoch
         last, taken = cursor, 0
+        pairs: list = []  # what the replay sends for the events taken
         for ev in events:
-            frame = encode_event(ev, epoch)
-            largest = max(largest, len(frame))
-            size += len(frame)
-            if size > CHUNK_BYTES and last > cursor:
-                break  # the rest is read again next time
+            if walk is None:
+                frame = encode_event(ev, epoch)
+                largest = max(largest, len(frame))
+                size += len(frame)
+                if size > CHUNK_BYTES and last > cursor:
+                    break  # the rest is read again next time
+            else:  # what the replay sends for it (it took the event: never read again), within the budget
+                if size > CHUNK_BYTES and last > cursor:
+                    break
+                sent = walk.feed(ev)
+                pairs += sent
+                frame = b"".join(encode_event(e, epoch, hold) for e, hold in sent)
+                largest = max(largest, len(frame))
+                size += len(frame)
             out.append(frame)
             last = ev.id
             taken += 1
             if ev.event == END_EVENT:
                 ch.end_id = ev.id
+        if len(pairs) > 1 and len(merged := merge_appends(pairs)) < len(pairs):  # a behind reader's deltas
+            out[len(out) - taken:] = [encode_event(e, epoch, hold) for e, hold in merged]
         self._read_limit = max(1, min(READ_CHUNK, CHUNK_BYTES // max(largest, _FRAME_FLOOR)))
         if self.stats:
             self.stats.delivered += taken
             self.stats.replayed += taken
         return b"".join(out), last
+
+    def _flush(self, ch: Channel) -> bytes:
+        """The replay caught up: a snapshot of each message it still holds, then every event as it is."""
+        walk, self.walk = self.walk, None
+        return b"".join(encode_event(e, ch.epoch, hold) for e, hold in walk.flush())
 
     def _gap(self, first: int, last: int) -> bytes:
         if self.stats:

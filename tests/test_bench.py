@@ -126,6 +126,15 @@ def test_quick_bench_drives_a_gateway_already_running(tmp_path):
 
 
 @pytest.mark.system  # runs the benchmark or its baseline server
+def test_quick_bench_messages_compares_compacted_and_plain_catch_up():
+    doc = bench("--target", "gateway", "--scenarios", "messages")
+    figures = doc["results"]["gateway"]["messages"]["median"]
+    assert figures["exact"] is True  # each answer came once, whole; each plain token once
+    assert figures["plain_catch_up_bytes"] > 5 * figures["messages_catch_up_bytes"]
+    assert figures["messages_publish_cpu_us_per_delta"] > 0 and figures["plain_publish_cpu_us_per_delta"] > 0
+
+
+@pytest.mark.system  # runs the benchmark or its baseline server
 def test_quick_bench_heartbeat_reports_cpu_and_heartbeats_per_stream():
     doc = bench("--target", "gateway", "--scenarios", "heartbeat")
     figures = doc["results"]["gateway"]["heartbeat"]["median"]

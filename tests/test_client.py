@@ -671,3 +671,53 @@ def test_the_documented_agent_runs(gateway, tmp_path):
     assert row["status"] == "completed" and row["result"]["text"].startswith("You asked: why is the sky blue")
     state = httpx.get(f"{gateway.url}/v1/sessions/doc-run/state").json()
     assert state["state"] == {"step": "done", "chars": len(row["result"]["text"])}
+
+
+# -- messages ----------------------------------------------------------------------------------------
+
+
+async def test_a_message_from_tokens_and_one_that_fails(app):
+    async with httpx.AsyncClient(transport=app._bridge, base_url=app.base) as http:
+        async with Publisher(client=http, flush_interval=0.01) as pub:
+            async def words():
+                for w in ["Hel", "lo"]:
+                    yield w
+            mid = await pub.message("msg", words(), type="answer", metadata={"step": 1})
+
+            def broken():
+                yield "half"
+                raise ValueError("model went away")
+            with pytest.raises(ValueError):
+                await pub.message("msg", broken(), message="m2")
+            await pub.replace_message("msg", "m2", "whole, retried")
+        events = await history(http, "msg")
+        assert [(e["event"], e["data"]) for e in events] == [
+            ("message.start", {"message": mid, "type": "answer", "metadata": {"step": 1}}),
+            ("message.append", {"message": mid, "text": "Hel"}), ("message.append", {"message": mid, "text": "lo"}),
+            ("message.end", {"message": mid, "status": "finished"}),
+            ("message.start", {"message": "m2"}), ("message.append", {"message": "m2", "text": "half"}),
+            ("message.end", {"message": "m2", "status": "failed",
+                             "error": {"code": "ValueError", "message": "model went away"}}),
+            ("message.replace", {"message": "m2", "text": "whole, retried", "status": "finished"})]
+
+
+def test_the_sync_publisher_publishes_a_message_from_a_blocking_iterator(app):
+    http = httpx.AsyncClient(transport=app._bridge, base_url=app.base)
+    with SyncPublisher(client=http, flush_interval=0.01) as pub:
+        mid = pub.message("sync-msg", iter(["a", "b", "c"]), message="m")
+        assert mid == "m" and pub.get("sync-msg")["last_id"] == 5
+
+
+async def test_the_subscriber_reads_a_replayed_message_whole(app):
+    async with httpx.AsyncClient(transport=app._bridge, base_url=app.base) as http:
+        async with Publisher(client=http, flush_interval=0.01) as pub:
+            await pub.send("replayed", "message.start", {"message": "a"})
+            await pub.send("replayed", "tool", {"n": 1})
+            await pub.message("replayed", ["x", "y"], message="b")
+            await pub.send("replayed", "message.append", {"message": "a", "text": "z"})
+            await pub.flush("replayed")
+        got = [e async for e in Subscriber("replayed", live=False, client=http)]
+    assert [(e.id, e.cursor.split(":")[0], e.event) for e in got] == [
+        (2, "2/1", "tool"), (6, "6/1", "message.snapshot"), (7, "7", "message.snapshot")]
+    assert got[1].data["text"] == "xy" and got[2].data == {"message": "a", "type": None, "metadata": None,
+                                                           "text": "z", "status": "open"}

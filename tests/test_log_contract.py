@@ -20,7 +20,7 @@ from sse_gateway.log.base import EventLog, LogObserver, OpenStreams
 from sse_gateway.log.memory import MemoryLog
 from sse_gateway.log.redis import RedisLog
 from sse_gateway.log.sqlite import SqliteLog
-from sse_gateway.models import APPROVAL_REQUEST, END_EVENT, INPUT_EVENT, NewEvent, NewInput, load_json
+from sse_gateway.models import APPROVAL_REQUEST, END_EVENT, INPUT_EVENT, NewEvent, NewInput, dump_json, load_json
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -1042,3 +1042,76 @@ async def test_a_refused_write_never_moves_the_producer_epoch(log):
     with pytest.raises(Conflict):
         await log.complete("s", {"a": 2}, producer=7)  # another result: refused, and no takeover either
     assert (await log.get_session("s")).producer_epoch == 1
+
+
+# -- messages (sse_gateway/messages.py): checked atomically with the append, on every backend --------------
+
+
+def msg(event: str, mid: str, **fields) -> NewEvent:
+    return NewEvent(event, dump_json({"message": mid, **fields}), True, fields.pop("key", None))
+
+
+async def test_message_operations_are_checked_with_the_append(log):
+    r = await log.append("s", [msg("message.start", "m1", type="answer"), msg("message.append", "m1", text="Hel"),
+                               msg("message.start", "m2")])
+    assert r.ids == [1, 2, 3]
+    refused = [
+        ([msg("message.start", "m1")], "message_exists"),
+        ([msg("message.append", "nope", text="x")], "message_not_found"),
+        ([ev("1"), msg("message.end", "m2"), msg("message.append", "m2", text="late")], "message_closed"),
+        ([msg("message.end", "m1"), msg("message.reset", "m1")], "message_closed"),
+    ]
+    for events, code in refused:
+        with pytest.raises(Conflict) as exc:
+            await log.append("s", events)
+        assert exc.value.code == code
+        assert (await log.get_session("s")).last_id == 3  # nothing of the batch was appended
+    with pytest.raises(BadRequest) as exc:
+        await log.append("s", [ev("1"), NewEvent("message.append", '{"message": "m1"}')])
+    assert exc.value.code == "invalid_message"
+    # what was refused changed no message: m2 still takes its end, m1 its deltas
+    r = await log.append("s", [msg("message.append", "m1", text="lo"), msg("message.end", "m2", status="failed"),
+                               msg("message.replace", "m2", text="whole")])
+    assert r.ids == [4, 5, 6]
+    # an idempotent repeat is not checked again: it learns its id
+    await log.append("s", [NewEvent("message.end", '{"message":"m1"}', True, "k1")])
+    r = await log.append("s", [NewEvent("message.end", '{"message":"m1"}', True, "k1")])
+    assert r.ids == [7] and r.new == [False]
+    assert [e.event for e in await log.read("s", 0, 100)] == [
+        "message.start", "message.append", "message.start", "message.append", "message.end", "message.replace",
+        "message.end"]
+
+
+async def test_ending_a_run_closes_its_open_messages(log):
+    await log.append("s", [msg("message.start", "a"), msg("message.start", "b"), msg("message.start", "c"),
+                           msg("message.end", "b")])
+    row = await log.complete("s", outcome="failed", error={"code": "boom"})
+    assert row.last_id == 7
+    tail = await log.read("s", 4, 100)
+    assert [(e.id, e.event, load_json(e.data)) for e in tail[:2]] == [
+        (5, "message.end", {"message": "a", "status": "failed"}),
+        (6, "message.end", {"message": "c", "status": "failed"})]
+    assert tail[2].event == END_EVENT
+    await log.append("t", [msg("message.start", "a")])
+    await log.complete("t", {"ok": True})
+    assert load_json((await log.read("t", 1, 1))[0].data) == {"message": "a", "status": "finished"}
+
+
+async def test_retention_never_cuts_a_message(make_log):
+    event_log = make_log(max_events=3)
+    await event_log.open()
+    try:
+        await event_log.append("s", [msg("message.start", "m"), *[msg("message.append", "m", text="x")] * 5])
+        assert (await event_log.get_session("s")).trimmed_id == 0  # an open message keeps everything from its start
+        await event_log.append("s", [msg("message.end", "m"), ev("1"), ev("2"), ev("3")])
+        assert (await event_log.get_session("s")).trimmed_id == 10 - 3
+        await event_log.append("s", [msg("message.start", "n"), msg("message.append", "n", text="y"), ev("4"),
+                                     msg("message.end", "n"), ev("5")])
+        assert (await event_log.get_session("s")).trimmed_id == 10  # 12 would cut n (11-14): it stays whole
+        row = await event_log.trim("s", 15)
+        assert row.trimmed_id == 15
+        await event_log.append("s", [msg("message.start", "o"), ev("6"), ev("7"), ev("8")])
+        row = await event_log.trim("s", 19)
+        assert row.trimmed_id == 15  # o is open
+    finally:
+        await event_log.close()

@@ -53,7 +53,7 @@ while it runs on CPU 1, and reports the median of --runs runs.
   sse-gateway bench --url http://127.0.0.1:8000 --pid 1234    a gateway already running
 
 Scenarios: ingest-1, ingest-32, ingest-batch, ingest-ndjson, fanout-100,
-fanout-1000, fleet, latency, replay, idle, heartbeat (a prefix such as 'ingest' picks a group).
+fanout-1000, fleet, latency, replay, messages, idle, heartbeat (a prefix such as 'ingest' picks a group).
 """
 
 

@@ -44,12 +44,15 @@ class Sizes:
     heartbeat_seconds: float
     drain_timeout: float  # for subscribers to get the last event once publishing stops
     replay_timeout: float
+    answers: int = 100  # messages: answers in the session
+    deltas: int = 1000  # messages: deltas per answer
 
 
 FULL = Sizes(ingest_seconds=5, fanout_seconds=10, fleet_sessions=1000, fleet_seconds=10, latency_seconds=10,
              replay_events=100_000, idle_streams=10_000, heartbeat_seconds=10, drain_timeout=30, replay_timeout=60)
 QUICK = Sizes(ingest_seconds=1, fanout_seconds=1, fleet_sessions=100, fleet_seconds=1.5, latency_seconds=1.5,
-              replay_events=10_000, idle_streams=500, heartbeat_seconds=2, drain_timeout=10, replay_timeout=15)
+              replay_events=10_000, idle_streams=500, heartbeat_seconds=2, drain_timeout=10, replay_timeout=15,
+              answers=10, deltas=100)
 
 
 @dataclass
@@ -428,6 +431,75 @@ async def replay(ctx: Context) -> dict:
             "exact": finished and group.exact, **m}
 
 
+DELTA = "tok "  # about 4 bytes, as a token of a model's answer
+DELTAS_PER_POST = 100  # as the Python client batches them
+
+
+async def messages(ctx: Context) -> dict:
+    """A session of ``answers`` × ``deltas`` tokens, written twice: as messages (``message.start``, a
+    ``message.append`` per token, ``message.end``) and as plain ``token`` events, in POSTs of 100. Figures:
+    the publish cost per delta of each form, and for a reader that joins at the end (``live=false`` from
+    the start), the bytes on the wire and the seconds to catch up: compacted messages vs plain events."""
+    answers, deltas = ctx.sizes.answers, ctx.sizes.deltas
+    out: dict = {"deltas": answers * deltas}
+    for form in ("messages", "plain"):
+        session = f"{ctx.prefix}-{form}"
+        bodies = []
+        for a in range(answers):
+            mid = b'{"message":"a%d"' % a
+            items = [b'{"event":"message.start","data":%s,"type":"answer"}}' % mid] if form == "messages" else []
+            for _ in range(deltas):
+                items.append(b'{"event":"message.append","data":%s,"text":"%s"}}' % (mid, DELTA.encode())
+                             if form == "messages" else b'{"event":"token","data":{"text":"%s"}}' % DELTA.encode())
+            if form == "messages":
+                items.append(b'{"event":"message.end","data":%s}}' % mid)
+            bodies += [b"[" + b",".join(items[i:i + DELTAS_PER_POST]) + b"]"
+                       for i in range(0, len(items), DELTAS_PER_POST)]
+        pub = await ctx.publisher().connect()
+        try:
+            meter = ctx.meter()
+            for body in bodies:
+                await pub.post(pub.request(session, body))
+            m = meter.stop(answers * deltas)
+        finally:
+            pub.close()
+        out[f"{form}_publish_us_per_delta"] = m["seconds"] / (answers * deltas) * 1e6
+        if "server_cpu_us_per_event" in m:
+            out[f"{form}_publish_cpu_us_per_delta"] = m["server_cpu_us_per_event"]
+        await quiesce(ctx.server)
+        meter = ctx.meter()
+        wire, events = await _catch_up(Endpoint(ctx.server.nodes[0].stream_url), session)
+        m = meter.stop(events)
+        out[f"{form}_catch_up_bytes"] = wire
+        out[f"{form}_catch_up_events"] = events
+        out[f"{form}_catch_up_s"] = m["seconds"]
+        if "server_cpu_s" in m:
+            out[f"{form}_catch_up_cpu_s"] = m["server_cpu_s"]
+        out["client_busy"] = m["client_busy"]
+    out["catch_up_bytes_ratio"] = out["plain_catch_up_bytes"] / max(1, out["messages_catch_up_bytes"])
+    out["exact"] = out["messages_catch_up_events"] == answers and out["plain_catch_up_events"] == answers * deltas
+    return out
+
+
+async def _catch_up(endpoint: Endpoint, session: str) -> tuple[int, int]:
+    """Read ``session`` from its start to its end (``live=false``) on one connection: bytes on the wire
+    (headers and chunk framing included), and the events (``id:`` lines) received."""
+    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    path = endpoint.path(session)
+    writer.write(b"GET %s%slive=false HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                 % (path, b"&" if b"?" in path else b"?", endpoint.host_header))
+    wire = events = 0
+    tail = b""
+    try:
+        while chunk := await reader.read(1 << 16):
+            wire += len(chunk)
+            events += (tail + chunk).count(b"\nid: ")
+            tail = chunk[-4:]  # a match across two reads, never one counted twice
+    finally:
+        writer.close()
+    return wire, events
+
+
 SOAK_SECONDS = 5.0  # the gateway the bench starts sends a heartbeat every second
 
 
@@ -512,6 +584,7 @@ SCENARIOS = {s.name: s for s in [
     Scenario("fleet", fleet),
     Scenario("latency", latency),
     Scenario("replay", replay),
+    Scenario("messages", messages, needs_batch=True),
     Scenario("idle", idle),
     Scenario("heartbeat", heartbeat),
 ]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -463,6 +463,44 @@ class Publisher:
         """Buffer a token of text: an event ``token`` whose data is ``{"text": text}``."""
         return await self.send(session, event, {"text": text})
 
+    async def message(self, session: str, tokens: Iterable[str] | AsyncIterable[str], *, message: str | None = None,
+                      type: str | None = None, metadata: Any = None) -> str:
+        """Publish one message from ``tokens`` (text deltas, sync or async): ``message.start``, a
+        ``message.append`` per token (batched like ``send``), ``message.end``; answers its id once all of
+        it is stored. If ``tokens`` raises, the message ends ``failed`` (with the error) and the
+        exception goes on. ``message``: its id (default a fresh one); ``type``, ``metadata``: as
+        ``message.start`` takes them (docs/api.md, Messages)."""
+        mid = message or "m_" + secrets.token_urlsafe(9)
+        start: dict[str, Any] = {"message": mid}
+        if type is not None:
+            start["type"] = type
+        if metadata is not None:
+            start["metadata"] = metadata
+        await self.send(session, "message.start", start)
+        try:
+            if isinstance(tokens, AsyncIterable):
+                async for text in tokens:
+                    await self.send(session, "message.append", {"message": mid, "text": text})
+            else:
+                for text in tokens:
+                    await self.send(session, "message.append", {"message": mid, "text": text})
+        except BaseException as exc:
+            await self.send(session, "message.end", {"message": mid, "status": "failed", "error": error_object(exc)})
+            await self.flush(session)
+            raise
+        await self.send(session, "message.end", {"message": mid, "status": "finished"})
+        await self.flush(session)
+        return mid
+
+    async def replace_message(self, session: str, message: str, text: str, *, status: str = "finished",
+                              metadata: Any = None) -> Published:
+        """Give message ``message`` its whole text at once (a retried step, an edited answer); it ends
+        ``status``. Readers that have it see it replaced; later readers see only this."""
+        data: dict[str, Any] = {"message": message, "text": text, "status": status}
+        if metadata is not None:
+            data["metadata"] = metadata
+        return await self.publish(session, "message.replace", data)
+
     async def flush(self, session: str | None = None) -> list[int]:
         """Send what is buffered for ``session`` (every session if None) now; answers the ids it got.
 
@@ -780,6 +818,14 @@ class Run:
 
     async def publish(self, event: str, data: Any, *, idempotency_key: str | None = None) -> Published:
         return await self.publisher.publish(self.session, event, data, idempotency_key=idempotency_key)
+
+    async def message(self, tokens: Iterable[str] | AsyncIterable[str], *, message: str | None = None,
+                      type: str | None = None, metadata: Any = None) -> str:
+        return await self.publisher.message(self.session, tokens, message=message, type=type, metadata=metadata)
+
+    async def replace_message(self, message: str, text: str, *, status: str = "finished",
+                              metadata: Any = None) -> Published:
+        return await self.publisher.replace_message(self.session, message, text, status=status, metadata=metadata)
 
     async def flush(self) -> list[int]:
         return await self.publisher.flush(self.session)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -113,6 +113,16 @@ class SyncPublisher:
     def token(self, session: str, text: str, *, event: str = "token") -> None:
         self._call(self.publisher.token(session, text, event=event))
 
+    def message(self, session: str, tokens: Iterable[str], *, message: str | None = None, type: str | None = None,
+                metadata: Any = None) -> str:
+        """``Publisher.message``; ``tokens`` is read on a worker thread, so a blocking one stalls nothing."""
+        return self._call(self.publisher.message(session, _pulled(tokens), message=message, type=type,
+                                                 metadata=metadata))
+
+    def replace_message(self, session: str, message: str, text: str, *, status: str = "finished",
+                        metadata: Any = None) -> Published:
+        return self._call(self.publisher.replace_message(session, message, text, status=status, metadata=metadata))
+
     def flush(self, session: str | None = None) -> list[int]:
         return self._call(self.publisher.flush(session))
 
@@ -172,6 +182,13 @@ class SyncRun:
     def token(self, text: str, *, event: str = "token") -> None:
         self._owner._call(self.run.token(text, event=event))
 
+    def message(self, tokens: Iterable[str], *, message: str | None = None, type: str | None = None,
+                metadata: Any = None) -> str:
+        return self._owner._call(self.run.message(_pulled(tokens), message=message, type=type, metadata=metadata))
+
+    def replace_message(self, message: str, text: str, *, status: str = "finished", metadata: Any = None) -> Published:
+        return self._owner._call(self.run.replace_message(message, text, status=status, metadata=metadata))
+
     def publish(self, event: str, data: Any, *, idempotency_key: str | None = None) -> Published:
         return self._owner._call(self.run.publish(event, data, idempotency_key=idempotency_key))
 
@@ -213,3 +230,10 @@ class SyncRun:
 
     def put_state(self, state: Mapping[str, Any], *, if_match: int | None = None) -> State:
         return self._owner._call(self.run.put_state(state, if_match=if_match))
+
+
+async def _pulled(tokens: Iterable[str]) -> AsyncIterator[str]:
+    """``tokens``, each taken on a worker thread (a blocking iterator does not hold up the loop)."""
+    it, done = iter(tokens), object()
+    while (text := await asyncio.to_thread(next, it, done)) is not done:
+        yield text

@@ -84,6 +84,17 @@ ids 1, 2, 3, ... and no holes, plus a small row of facts about the run
   of kind ``approval`` must name an open one: ``404 approval_not_found``
   if the session never opened it, ``409 approval_answered`` if an input
   answered it already; storing the input closes it, atomically.
+* **Messages.** The five ``message.*`` operations (``messages``) are
+  checked against the session's messages (id -> start id, id that closed
+  it) in the same atomic write as the append, before anything changes:
+  ``400 invalid_message`` (their data, checked before the write is
+  queued), ``409 message_exists``, ``message_not_found``,
+  ``message_closed``; idempotent repeats are not checked again.
+  ``complete`` (and ``expire``) appends a ``message.end`` for each message
+  still open, in the order they began, before ``gateway.end``. Retention
+  (``max_events``, ``trim``) never moves ``trimmed_id`` into a message
+  that is open or closed after it (``messages.keep_whole``). Deleting a
+  session forgets its messages.
 * **Observation.** A log tells its observers (``add_observer``) what
   happened, each fact its own call, made from the event loop after the
   commit, in commit order per session; observers must not block or raise:
@@ -142,7 +153,9 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+from .. import messages
 from ..errors import BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed
+from ..messages import Book
 from ..models import (
     APPROVAL_REQUEST,
     END_EVENT,
@@ -426,11 +439,15 @@ def new_row(session: str, ts: int, metadata: Any = None, ttl_seconds: int | None
 
 
 def apply_append(row: Session, events: Sequence[NewEvent], keys: Mapping[str, int], ts: int,
-                 max_events: int | None, producer: int | None = None) -> tuple[AppendResult, dict[str, int]]:
-    """Assign ids to ``events`` on ``row``; ``keys`` are the idempotency keys already stored.
+                 max_events: int | None, producer: int | None = None, book: Book | None = None,
+                 ops: Sequence[tuple[int, str, str]] = ()) -> tuple[AppendResult, dict[str, int]]:
+    """Assign ids to ``events`` on ``row``; ``keys`` are the idempotency keys already stored; ``ops`` the
+    message operations among them (``messages.operations``), checked against ``book``, whose ``changes``
+    the backend then stores.
 
     Returns the result and the new keys to store. Moves ``row.trimmed_id``
-    when the session holds more than ``max_events``, and renews the lease.
+    when the session holds more than ``max_events`` (never into a message),
+    and renews the lease.
     """
     apply_producer(row, producer)
     batch_keys: dict[str, int] = {}
@@ -443,6 +460,7 @@ def apply_append(row: Session, events: Sequence[NewEvent], keys: Mapping[str, in
     ids: list[int] = []
     new: list[bool] = []
     stored: list[StoredEvent] = []
+    last = row.last_id
     for ev in events:
         key = ev.idempotency_key
         if key is not None:
@@ -451,16 +469,28 @@ def apply_append(row: Session, events: Sequence[NewEvent], keys: Mapping[str, in
                 ids.append(seen)
                 new.append(False)
                 continue
-        row.last_id += 1
+        last += 1
         if key is not None:
-            batch_keys[key] = row.last_id
-        stored.append(StoredEvent(row.last_id, ev.event, ev.data, ev.is_json, ts))
-        ids.append(row.last_id)
+            batch_keys[key] = last
+        stored.append(StoredEvent(last, ev.event, ev.data, ev.is_json, ts))
+        ids.append(last)
         new.append(True)
+    if ops:  # checked before the row changes: a refused operation leaves everything as it was
+        book.changes = messages.check(book, [(ids[i], op, mid) for i, op, mid in ops if new[i]])
+    row.last_id = last
     if max_events and row.last_id - row.trimmed_id > max_events:
-        row.trimmed_id = row.last_id - max_events
+        row.trimmed_id = trim_point(row, row.last_id - max_events, book)
     renew(row, ts, producer)
     return AppendResult(ids, new, row.last_id, stored, row.epoch), batch_keys
+
+
+def trim_point(row: Session, through: int, book: Book | None) -> int:
+    """Where retention that asks to remove up to ``through`` moves ``trimmed_id``: never back, never past
+    the last id, never into a message (``messages.keep_whole``)."""
+    through = min(through, row.last_id)
+    if book is not None:
+        through = messages.keep_whole(through, row.trimmed_id, book.spans)
+    return max(row.trimmed_id, through)
 
 
 _APPROVAL_ID = re.compile(APPROVAL_ID)
@@ -493,7 +523,8 @@ def stored_input(item: NewInput) -> str:
 
 
 def apply_input(row: Session, item: NewInput, tail: str, repeat: StoredInput | None, approval: int | None,
-                ts: int, max_events: int | None, grace: int | None = None) -> tuple[InputResult, StoredEvent | None]:
+                ts: int, max_events: int | None, grace: int | None = None,
+                book: Book | None = None) -> tuple[InputResult, StoredEvent | None]:
     """Store ``item`` on ``row``: ``repeat`` is the input its idempotency key named already (if any),
     ``approval`` the state of the approval it answers (None unknown, 0 open, else the input that answered).
     A first cancel starts the ``grace`` (seconds; None: the agent alone ends the run).
@@ -517,7 +548,7 @@ def apply_input(row: Session, item: NewInput, tail: str, repeat: StoredInput | N
     row.last_id += 1
     mirror = StoredEvent(row.last_id, INPUT_EVENT, mirror_data(row.input_last_id, tail), True, ts)
     if max_events and row.last_id - row.trimmed_id > max_events:
-        row.trimmed_id = row.last_id - max_events
+        row.trimmed_id = trim_point(row, row.last_id - max_events, book)
     stored = StoredInput(row.input_last_id, item.kind, item.data, ts, row.last_id, item.approval_id, item.decision)
     return InputResult(stored, True, row.input_last_id, row.last_id, row.epoch), mirror
 
@@ -540,15 +571,22 @@ def end_data(result: Any = NO_RESULT, outcome: str = "completed", error: Any = N
 
 
 def apply_complete(row: Session, result: Any, ts: int, data: str, outcome: str = "completed", error: Any = None,
-                   producer: int | None = None) -> StoredEvent | None:
-    """End ``row``'s run with ``outcome``; returns the ``gateway.end`` event (``data``: ``end_data``'s text),
-    or None if the run had ended so already."""
+                   producer: int | None = None, book: Book | None = None) -> list[StoredEvent]:
+    """End ``row``'s run with ``outcome``; returns the events appended: a ``message.end`` for each message of
+    ``book`` still open (``finished`` if the run completed, else ``failed``), then ``gateway.end``
+    (``data``: ``end_data``'s text). Nothing if the run had ended so already."""
     apply_producer(row, producer)
     if row.completed:
         if outcome != row.outcome or (result is not NO_RESULT and result != row.result):
             raise ended(row.id, row.outcome)
-        return None
+        return []
     adopt(row, producer)
+    out = []
+    if book is not None and (still_open := book.open()):
+        for mid in still_open:
+            row.last_id += 1
+            out.append(StoredEvent(row.last_id, messages.END, messages.close_data(mid, outcome), True, ts))
+        book.changes = {mid: (book.get(mid)[0], ev.id) for mid, ev in zip(still_open, out)}
     row.status = "completed"
     row.outcome = outcome
     row.error = error
@@ -556,7 +594,8 @@ def apply_complete(row: Session, result: Any, ts: int, data: str, outcome: str =
     row.deadline = None
     row.result = None if result is NO_RESULT else result
     row.last_id += 1
-    return StoredEvent(row.last_id, END_EVENT, data, True, ts)
+    out.append(StoredEvent(row.last_id, END_EVENT, data, True, ts))
+    return out
 
 
 def expiry(row: Session, now: int) -> tuple[str, dict] | None:
@@ -601,10 +640,10 @@ def apply_state(row: Session, state: Any, if_version: int | None, ts: int, produ
     renew(row, ts, producer)
 
 
-def apply_trim(row: Session, through: int) -> None:
+def apply_trim(row: Session, through: int, book: Book | None = None) -> None:
     if through < 0:
         raise BadRequest("trim needs a non-negative id", "invalid_trim")
-    row.trimmed_id = max(row.trimmed_id, min(through, row.last_id))
+    row.trimmed_id = trim_point(row, through, book)
 
 
 def is_expired(row: Session, now: int, default_ttl: int | None) -> bool:

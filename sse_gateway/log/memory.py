@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import Conflict, NotFound, Unavailable
+from ..messages import DictBook, operations
 from ..models import (
     AppendResult,
     InputResult,
@@ -46,7 +47,7 @@ from .base import (
 
 
 class _Entry:
-    __slots__ = ("row", "events", "keys", "inputs", "input_keys", "approvals")
+    __slots__ = ("row", "events", "keys", "inputs", "input_keys", "approvals", "messages")
 
     def __init__(self, row: Session) -> None:
         self.row = row
@@ -55,6 +56,10 @@ class _Entry:
         self.inputs: list[StoredInput] = []  # inputs[i] has id i + 1
         self.input_keys: dict[str, int] = {}
         self.approvals: dict[str, int] = {}  # approval id -> the input that answered it (0: open)
+        self.messages: dict[str, tuple[int, int]] = {}  # message id -> (start id, id that closed it or 0)
+
+    def book(self) -> DictBook:
+        return DictBook(self.messages)
 
 
 class MemoryLog(EventLog):
@@ -123,14 +128,18 @@ class MemoryLog(EventLog):
         if self._closed:
             self._writable()
         stored_text(events)
+        ops = operations(events)
         entry = self._sessions.get(session)
         if entry is None:
             if not create:
                 raise NotFound(f"no session {session!r}")
             await self.create_session(session)
             entry = self._sessions[session]
-        result, new_keys = apply_append(entry.row, events, entry.keys, now_ms(), self.max_events, producer)
+        book = entry.book() if ops or entry.messages else None
+        result, new_keys = apply_append(entry.row, events, entry.keys, now_ms(), self.max_events, producer, book, ops)
         entry.keys.update(new_keys)
+        if book is not None:
+            book.save()
         for aid in approval_ids(result.events):
             entry.approvals.setdefault(aid, 0)
         self._store(entry, result.events)
@@ -143,7 +152,7 @@ class MemoryLog(EventLog):
         repeat = entry.inputs[entry.input_keys[key] - 1] if key is not None and key in entry.input_keys else None
         approval = entry.approvals.get(item.approval_id) if item.kind == "approval" else None
         result, mirror = apply_input(entry.row, item, tail, repeat, approval, now_ms(), self.max_events,
-                                     self.cancel_grace)
+                                     self.cancel_grace, entry.book())
         if mirror is not None:
             stored = result.input
             entry.inputs.append(stored)
@@ -187,9 +196,11 @@ class MemoryLog(EventLog):
                        error: Any = None, producer: int | None = None) -> Session:
         entry = self._entry(session)
         data = end_data(result, outcome, error)
-        end = apply_complete(entry.row, result, now_ms(), data, outcome, error, producer)
-        if end is not None:
-            self._store(entry, [end])
+        book = entry.book()
+        end = apply_complete(entry.row, result, now_ms(), data, outcome, error, producer, book)
+        book.save()
+        if end:
+            self._store(entry, end)
         return copy.copy(entry.row)
 
     async def lease(self, session: str, *, producer: int | None = None, claim: bool = False,
@@ -220,7 +231,7 @@ class MemoryLog(EventLog):
 
     async def trim(self, session: str, through: int) -> Session:
         entry = self._entry(session)
-        apply_trim(entry.row, through)
+        apply_trim(entry.row, through, entry.book())
         self._store(entry, [])
         return copy.copy(entry.row)
 

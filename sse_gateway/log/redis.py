@@ -136,7 +136,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from .. import messages
 from ..errors import BadRequest, Conflict, GatewayError, NotFound, PreconditionFailed, Unavailable
+from ..messages import operations
 from ..models import (
     END_EVENT,
     INPUT_EVENT,
@@ -277,6 +279,14 @@ def _gateway_error(session: str, exc: Exception) -> GatewayError:
     if code == "approval_answered":
         return Conflict(f"the approval was answered by input {detail}", "approval_answered",
                         extra={"input_id": int(detail)})
+    if code == "message_exists":
+        mid, _, start = detail.partition(" ")
+        return messages.exists(mid, int(start))
+    if code == "message_not_found":
+        return messages.not_found(detail)
+    if code == "message_closed":
+        mid, _, closed = detail.partition(" ")
+        return messages.closed_already(mid, int(closed))
     if code == "state_version_mismatch":
         return PreconditionFailed(f"state is at version {detail}, not the one given", "state_version_mismatch",
                                   extra={"version": int(detail)})
@@ -325,7 +335,7 @@ class RedisLog(EventLog):
     def _keys(self, session: str) -> list[str]:
         tag = f"{PREFIX}{{{session}}}:"
         return [tag + "meta", tag + "events", tag + "keys", tag + "presence", tag + "inputs", tag + "ikeys",
-                tag + "approvals", *self._global_keys]
+                tag + "approvals", tag + "messages", tag + "mspans", *self._global_keys]
 
     # -- life ------------------------------------------------------------------
 
@@ -456,9 +466,12 @@ class RedisLog(EventLog):
     async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True,
                      producer: int | None = None) -> AppendResult:
         stored_text(events)
+        ops = operations(events)
         ts = now_ms()
         args = self._args("append", session, new_epoch(), int(create), self.max_events or 0, _arg(producer),
-                          self.lease_seconds or "", now=ts)
+                          self.lease_seconds or "", len(ops), now=ts)
+        for i, op, mid in ops:
+            args += [i + 1, op, mid]
         for ev in events:
             args += [ev.event, ev.data, int(ev.is_json), ev.idempotency_key or ""]
 
@@ -484,14 +497,18 @@ class RedisLog(EventLog):
     def _end_reply(self, session: str, data: str, r: list) -> tuple[Session | None, tuple | None]:
         """The reply of a script that may end a run: its code, then the row (None: no session). Code 1: the
         run ended now with the end event ``data``, to announce."""
-        h = _pairs(r[1:])
+        closed = r[2:2 + r[1]]  # the messages the end closed
+        h = _pairs(r[2 + r[1]:])
         row = _session(session, h) if h else None
         if r[0] != 1:
             return row, None
         self._index_later("zrem", DEADLINES, session)
         if "expires_at" in h:
             self._index_later("zadd", EXPIRING, {session: int(h["expires_at"])})
-        return row, ([StoredEvent(row.last_id, END_EVENT, data, True, row.completed_at)], row)
+        first = row.last_id - len(closed)
+        ends = [StoredEvent(first + i, messages.END, messages.close_data(mid, row.outcome), True, row.completed_at)
+                for i, mid in enumerate(closed)]
+        return row, ([*ends, StoredEvent(row.last_id, END_EVENT, data, True, row.completed_at)], row)
 
     async def complete(self, session: str, result: Any = NO_RESULT, *, outcome: str = "completed",
                        error: Any = None, producer: int | None = None) -> Session:

@@ -4,14 +4,15 @@
 -- comes first (meta, name, now, fencing, leases).
 --
 -- KEYS: meta, events, idempotency keys, presence, inputs, input keys, approvals,
---       [index of sessions, expiry schedule, index of deadlines]
+--       messages, message starts, [index of sessions, expiry schedule, index of deadlines]
 --       (the last three only outside Redis Cluster: they live in other slots)
 -- ARGV: op, session, now (ms), channel, origin (the node writing), then by op:
 --   create    epoch, metadata JSON ('' none), ttl seconds ('' none), lease seconds ('' none),
 --             webhook URL ('' none)
 --   append    epoch (if created), create (1|0), max events (0: no limit), producer epoch ('' none),
---             lease seconds if created ('' none), then 4 per event: type, data, is JSON (1|0),
---             idempotency key ('' none)
+--             lease seconds if created ('' none), the number N of message operations, then 3 per
+--             operation: the index of its event (from 1), its type, its message id; then 4 per
+--             event: type, data, is JSON (1|0), idempotency key ('' none)
 --   complete  end event data, default ttl seconds ('' none), outcome, error JSON ('' none),
 --             result JSON, producer epoch ('' none)
 --   overdue   as complete, but for the producer epoch: the time the run is due by (ms), and the
@@ -19,10 +20,11 @@
 -- append replies epoch, status, created_at, last_id, trimmed_id, created (1|0), deadline ('' none),
 -- then 2 per event: its id, new (1|0).
 -- complete and overdue reply 1 (the run ended now) or 0 (it had already, or is not due;
--- overdue: -1 if it would end otherwise than the caller chose), then the row.
+-- overdue: -1 if it would end otherwise than the caller chose), the number of messages the
+-- end closed and their ids (each got a message.end before gateway.end), then the row.
 -- Errors are replies 'GW <code> [detail]'.
 
-local events, idem, approvals, index, expiring = KEYS[2], KEYS[3], KEYS[7], KEYS[8], KEYS[9]
+local events, idem, approvals, index, expiring = KEYS[2], KEYS[3], KEYS[7], KEYS[10], KEYS[11]
 local op, channel = ARGV[1], ARGV[4]
 local origin = table.remove(ARGV, 5)  -- what follows keeps the places the ops below use
 
@@ -39,8 +41,11 @@ local function create(epoch, lease, webhook)
   if index then redis.call('ZADD', index, now, name) end
 end
 
-local function with_row(code)
+local function with_row(code, closed)
   local reply = redis.call('HGETALL', meta)
+  closed = closed or {}
+  for i = #closed, 1, -1 do table.insert(reply, 1, closed[i]) end
+  table.insert(reply, 1, #closed)
   table.insert(reply, 1, code)
   return reply
 end
@@ -66,15 +71,55 @@ if op == 'append' then
   end
   local row = redis.call('HMGET', meta, 'epoch', 'status', 'created_at', 'last_id', 'trimmed_id')
   local last_id, trimmed = tonumber(row[4]), tonumber(row[5])
+  local n_ops = tonumber(ARGV[10])
+  local first = 11 + 3 * n_ops  -- the first event's arguments
   local known, fresh = {}, 0
-  for i = 10, #ARGV, 4 do
+  for i = first, #ARGV, 4 do
     if ARGV[i + 3] ~= '' then known[i] = redis.call('HGET', idem, ARGV[i + 3]) end
     if not known[i] then fresh = fresh + 1 end
   end
   -- A retry of an event already stored still learns its id; anything new is refused.
   if fresh > 0 and row[2] == 'completed' then return redis.error_reply('GW session_completed') end
+  -- Message operations (messages.check), on the ids their events will get: all checked before any write.
+  local changed, read = {}, {}
+  if n_ops > 0 then
+    local will, seen, id = {}, {}, last_id
+    for i = first, #ARGV, 4 do
+      local key = ARGV[i + 3]
+      if not known[i] and not (key ~= '' and seen[key]) then
+        id = id + 1
+        will[(i - first) / 4 + 1] = id
+        if key ~= '' then seen[key] = true end
+      end
+    end
+    for j = 11, first - 1, 3 do
+      local at, op, mid = will[tonumber(ARGV[j])], ARGV[j + 1], ARGV[j + 2]
+      if at then
+        if read[mid] == nil then read[mid] = redis.call('HGET', messages, mid) end
+        local state = changed[mid] or read[mid]
+        if op == 'message.start' then
+          if state then return redis.error_reply('GW message_exists ' .. mid .. ' ' .. string.match(state, '^%d+')) end
+          changed[mid] = at .. ':0'
+        else
+          if not state then return redis.error_reply('GW message_not_found ' .. mid) end
+          local start, closed = string.match(state, '^(%d+):(%d+)$')
+          if op == 'message.replace' then
+            if closed == '0' then changed[mid] = start .. ':' .. at end
+          elseif closed ~= '0' then
+            return redis.error_reply('GW message_closed ' .. mid .. ' ' .. closed)
+          elseif op == 'message.end' then
+            changed[mid] = start .. ':' .. at
+          end
+        end
+      end
+    end
+  end
+  for mid, state in pairs(changed) do
+    redis.call('HSET', messages, mid, state)
+    redis.call('ZADD', mspans, string.match(state, '^%d+'), mid)
+  end
   local out, batch, added = {row[1], row[2], row[3], 0, 0, created, ''}, {}, 0
-  for i = 10, #ARGV, 4 do
+  for i = first, #ARGV, 4 do
     local key = ARGV[i + 3]
     local id = known[i] or (key ~= '' and batch[key])
     if id then
@@ -105,7 +150,7 @@ if op == 'append' then
   if added > 0 then
     local max_events = tonumber(ARGV[7])
     if max_events > 0 and last_id - trimmed > max_events then
-      trimmed = last_id - max_events
+      trimmed = keep_whole(last_id - max_events, trimmed)
       redis.call('XTRIM', events, 'MINID', string.format('%d-0', trimmed + 1))
     end
     redis.call('HSET', meta, 'last_id', last_id, 'trimmed_id', trimmed)
@@ -146,6 +191,19 @@ if op == 'complete' or op == 'overdue' then
     local ends_as = row[6] and 'cancelled' or 'timed_out'  -- as base.expiry: a cancel was asked for, or not
     if outcome ~= ends_as or (ends_as == 'timed_out' and (row[7] or '') ~= ARGV[11]) then return with_row(-1) end
   end
+  -- Each message still open gets its message.end first (messages.close_data).
+  local closed = {}
+  local status = outcome == 'completed' and 'finished' or 'failed'
+  for _, mid in ipairs(redis.call('ZRANGE', mspans, 0, -1)) do
+    local start, done = string.match(redis.call('HGET', messages, mid), '^(%d+):(%d+)$')
+    if done == '0' then
+      local id = redis.call('HINCRBY', meta, 'last_id', 1)
+      redis.call('XADD', events, string.format('%d-0', id), 'e', 'message.end',
+                 'd', '{"message":"' .. mid .. '","status":"' .. status .. '"}', 'j', 1, 't', now)
+      redis.call('HSET', messages, mid, start .. ':' .. id)
+      closed[#closed + 1] = mid
+    end
+  end
   local last_id = redis.call('HINCRBY', meta, 'last_id', 1)
   redis.call('HSET', meta, 'status', 'completed', 'completed_at', now, 'outcome', outcome, 'result', ARGV[9])
   if ARGV[8] ~= '' then redis.call('HSET', meta, 'error', ARGV[8]) end
@@ -159,7 +217,7 @@ if op == 'complete' or op == 'overdue' then
     if expiring then redis.call('ZADD', expiring, due, name) end
   end
   publish(row[1], last_id, 'completed')
-  return with_row(1)
+  return with_row(1, closed)
 end
 
 return redis.error_reply('GW unknown_op')

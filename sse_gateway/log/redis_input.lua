@@ -4,7 +4,7 @@
 -- an error reply leaves the session as it was. redis_run.lua comes first (meta,
 -- name, now, leases).
 --
--- KEYS: meta, events, idempotency keys, presence, inputs, input keys, approvals,
+-- KEYS: meta, events, idempotency keys, presence, inputs, input keys, approvals, messages, message starts,
 --       [index of sessions, expiry schedule, index of deadlines]
 -- ARGV: op ('input'), session, now (ms), channel, origin (the node writing), then
 --       kind, data JSON, idempotency key ('' none), approval id ('' none), decision ('' none),
@@ -54,7 +54,7 @@ local input_id, last_id, trimmed = r[5] + 1, r[3] + 1, r[4]
 redis.call('XADD', events, string.format('%d-0', last_id), 'e', 'gateway.input',
            'd', '{"input_id":' .. input_id .. ',' .. tail, 'j', 1, 't', now)
 if max_events > 0 and last_id - trimmed > max_events then
-  trimmed = last_id - max_events
+  trimmed = keep_whole(last_id - max_events, tonumber(trimmed))
   redis.call('XTRIM', events, 'MINID', string.format('%d-0', trimmed + 1))
 end
 local fields = {'k', kind, 'd', data, 't', now, 'e', last_id}

@@ -2,10 +2,31 @@
 -- renew): redis.py puts this file before each script, so the names below are the
 -- scripts' own.
 --
--- KEYS[1] is the session's row (meta), KEYS[10] the index of deadlines (absent on
--- Redis Cluster: it lives in another slot); ARGV[2] is the session, ARGV[3] now (ms).
+-- KEYS[1] is the session's row (meta), KEYS[8] and KEYS[9] its messages (hash: id ->
+-- 'START:CLOSED', CLOSED 0 while open) and the index of their starts (sorted set of
+-- the messages not wholly trimmed, by start), KEYS[12] the index of deadlines (absent
+-- on Redis Cluster: it lives in another slot); ARGV[2] is the session, ARGV[3] now (ms).
 
-local meta, name, now, deadlines = KEYS[1], ARGV[2], ARGV[3], KEYS[10]
+local meta, name, now, deadlines = KEYS[1], ARGV[2], ARGV[3], KEYS[12]
+local messages, mspans = KEYS[8], KEYS[9]
+
+-- Where retention that asks to remove up to 'through' stops (messages.keep_whole):
+-- never into a message (one open, or closed after the point, keeps everything from
+-- its start). Messages wholly trimmed leave the index of starts.
+local function keep_whole(through, trimmed)
+  while through > trimmed do
+    local low = nil
+    for _, mid in ipairs(redis.call('ZRANGEBYSCORE', mspans, '(' .. trimmed, through)) do
+      local start, closed = string.match(redis.call('HGET', messages, mid), '^(%d+):(%d+)$')
+      start, closed = tonumber(start), tonumber(closed)
+      if (closed == 0 or closed > through) and (not low or start < low) then low = start end
+    end
+    if not low then break end
+    through = low - 1
+  end
+  if through > trimmed then redis.call('ZREMRANGEBYSCORE', mspans, '-inf', through) end
+  return math.max(through, trimmed)
+end
 
 -- Fencing, before any other check: an error reply if the write's producer epoch
 -- ('' none) is below the session's, else nil.

@@ -4,7 +4,7 @@
 -- (meta, name, now, fencing, leases).
 --
 -- KEYS: meta, events, idempotency keys, presence, inputs, input keys, approvals,
---       [index of sessions, expiry schedule, index of deadlines]
+--       messages, message starts, [index of sessions, expiry schedule, index of deadlines]
 --       (the last three only outside Redis Cluster: they live in other slots)
 -- ARGV: op, session, now (ms), channel, origin (the node writing), then by op:
 --   ack       id                        acked_id moves forward only
@@ -17,7 +17,7 @@
 --   presence  node, count               returns 0 if there is no session
 -- Errors are replies 'GW <code> [detail]'.
 
-local events, idem, presence, index, expiring = KEYS[2], KEYS[3], KEYS[4], KEYS[8], KEYS[9]
+local events, idem, presence, index, expiring = KEYS[2], KEYS[3], KEYS[4], KEYS[10], KEYS[11]
 local op, channel = ARGV[1], ARGV[4]
 local origin = table.remove(ARGV, 5)  -- what follows keeps the places the ops below use
 
@@ -38,7 +38,7 @@ if op == 'expire' then
 end
 
 if op == 'delete' then
-  redis.call('DEL', meta, events, idem, presence, KEYS[5], KEYS[6], KEYS[7])
+  redis.call('DEL', meta, events, idem, presence, KEYS[5], KEYS[6], KEYS[7], messages, mspans)
   if index then redis.call('ZREM', index, name) end
   if expiring then redis.call('ZREM', expiring, name) end
   unindex_deadline()
@@ -91,7 +91,7 @@ elseif op == 'lease' then
   index_deadline(renew())
 elseif op == 'trim' then
   local row = redis.call('HMGET', meta, 'last_id', 'trimmed_id')
-  local through = math.min(tonumber(ARGV[5]), tonumber(row[1]))
+  local through = keep_whole(math.min(tonumber(ARGV[5]), tonumber(row[1])), tonumber(row[2]))
   if through > tonumber(row[2]) then
     redis.call('HSET', meta, 'trimmed_id', through)
     redis.call('XTRIM', events, 'MINID', string.format('%d-0', through + 1))

@@ -57,6 +57,7 @@ from typing import Any
 import aiosqlite
 
 from ..errors import Conflict, GatewayError, NotFound, Unavailable
+from ..messages import Book, operations
 from ..models import (
     AppendResult,
     InputResult,
@@ -152,6 +153,14 @@ CREATE TABLE IF NOT EXISTS approvals (  -- opened by approval.request events, cl
     input_id INTEGER NOT NULL,           -- 0: open
     PRIMARY KEY (sid, approval_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (   -- message.* events: each message's start and the id that closed it
+    sid INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    start_id INTEGER NOT NULL,
+    closed_id INTEGER NOT NULL,          -- 0: open
+    PRIMARY KEY (sid, message)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_start ON messages (sid, start_id);
 CREATE TABLE IF NOT EXISTS doomed (      -- deleted sessions whose events are still being removed
     sid INTEGER PRIMARY KEY,
     last_id INTEGER NOT NULL
@@ -257,7 +266,7 @@ def preflight(path: str) -> str | None:
 
 
 class _Op(Write):
-    __slots__ = ("kind", "args")
+    __slots__ = ("args", "kind")
 
     def __init__(self, kind: str, session: str, args: tuple) -> None:
         super().__init__(session)
@@ -412,7 +421,7 @@ class SqliteLog(EventLog):
     async def append(self, session: str, events: Sequence[NewEvent], *, create: bool = True,
                      producer: int | None = None) -> AppendResult:
         stored_text(events)
-        return await self._submit("append", session, events, create, producer)
+        return await self._submit("append", session, events, create, producer, operations(events))
 
     async def complete(self, session: str, result: Any = NO_RESULT, *, outcome: str = "completed",
                        error: Any = None, producer: int | None = None) -> Session:
@@ -647,6 +656,7 @@ class SqliteLog(EventLog):
                 db.execute("DELETE FROM inputs WHERE sid = ?", (sid,))
                 db.execute("DELETE FROM input_keys WHERE sid = ?", (sid,))
             db.execute("DELETE FROM approvals WHERE sid = ?", (sid,))
+            db.execute("DELETE FROM messages WHERE sid = ?", (sid,))
             db.execute("INSERT OR REPLACE INTO doomed (sid, last_id) VALUES (?, ?)", (sid, row.last_id))
             rows[op.session] = None
             writes.touched.pop(op.session, None)
@@ -656,9 +666,10 @@ class SqliteLog(EventLog):
             writes.news[op.session] = (sid, None, 0, "", 0)
             return True
         new_events: list[StoredEvent] = []
+        book = _Book(db, sid)
         if op.kind == "append":
             result, batch_keys = apply_append(row, op.args[0], _KeyView(keys, sid), now_ms(), self.max_events,
-                                              op.args[2])
+                                              op.args[2], book, op.args[3])
             keys.update({(sid, k): v for k, v in batch_keys.items()})
             writes.keys.extend((sid, k, v) for k, v in batch_keys.items())
             new_events = result.events
@@ -667,15 +678,13 @@ class SqliteLog(EventLog):
                                [(sid, aid) for aid in opened])
             value: Any = result
         elif op.kind == "complete":
-            end = apply_complete(row, op.args[0], now_ms(), *op.args[1:])
-            new_events = [end] if end else []
+            new_events = apply_complete(row, op.args[0], now_ms(), *op.args[1:], book)
             value = row
         elif op.kind == "expire":
             how = expiry(row, op.args[0])
             if how is None:
                 return False  # renewed, or ended, since it was found due
-            end = apply_complete(row, NO_RESULT, now_ms(), end_data(NO_RESULT, *how), *how)
-            new_events = [end]
+            new_events = apply_complete(row, NO_RESULT, now_ms(), end_data(NO_RESULT, *how), *how, book=book)
             value = True
         elif op.kind == "lease":
             apply_lease(row, now_ms(), *op.args)
@@ -692,7 +701,7 @@ class SqliteLog(EventLog):
             db.execute("UPDATE sessions SET input_acked_id = ? WHERE sid = ?", (row.input_acked_id, sid))
             value = row
         elif op.kind == "trim":
-            apply_trim(row, op.args[0])
+            apply_trim(row, op.args[0], book)
             value = row
         elif op.kind == "state":
             state, text, if_version, producer = op.args
@@ -701,6 +710,9 @@ class SqliteLog(EventLog):
             value = row
         else:  # pragma: no cover - a programming error
             raise ValueError(op.kind)
+        if book.changes:
+            db.executemany("INSERT OR REPLACE INTO messages (sid, message, start_id, closed_id) VALUES (?,?,?,?)",
+                           [(sid, mid, start, closed) for mid, (start, closed) in book.changes.items()])
         writes.touched[op.session] = entry
         if op.kind != "append":
             writes.rewritten.add(op.session)
@@ -726,7 +738,8 @@ class SqliteLog(EventLog):
             found = db.execute("SELECT input_id FROM approvals WHERE sid = ? AND approval_id = ?",
                                (sid, item.approval_id)).fetchone()
             approval = None if found is None else found[0]
-        result, mirror = apply_input(row, item, tail, repeat, approval, now_ms(), self.max_events, self.cancel_grace)
+        result, mirror = apply_input(row, item, tail, repeat, approval, now_ms(), self.max_events, self.cancel_grace,
+                                     _Book(db, sid))
         if mirror is None:
             return result, []
         got = result.input
@@ -862,6 +875,28 @@ class SqliteLog(EventLog):
         """On the writer's thread: a number that changes when another connection commits to the file."""
         (version,), = self._db.execute("PRAGMA data_version").fetchall()
         return version
+
+
+class _Book(Book):
+    """A session's messages, read inside the write's transaction (``messages.Book``)."""
+
+    def __init__(self, db: sqlite3.Connection, sid: int) -> None:
+        super().__init__()
+        self.db = db
+        self.sid = sid
+
+    def stored(self, mid: str) -> tuple[int, int] | None:
+        return self.db.execute("SELECT start_id, closed_id FROM messages WHERE sid = ? AND message = ?",
+                               (self.sid, mid)).fetchone()
+
+    def stored_spans(self, after: int, through: int) -> dict[str, tuple[int, int]]:
+        return {mid: (start, closed) for mid, start, closed in self.db.execute(
+            "SELECT message, start_id, closed_id FROM messages WHERE sid = ? AND start_id > ? AND start_id <= ?",
+            (self.sid, after, through))}
+
+    def open(self) -> list[str]:
+        return [mid for mid, in self.db.execute(
+            "SELECT message FROM messages WHERE sid = ? AND closed_id = 0 ORDER BY start_id", (self.sid,))]
 
 
 class _KeyView:
