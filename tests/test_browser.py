@@ -527,11 +527,13 @@ async def test_demo_page_runs_drops_reloads_resumes_and_ends(start_gateway, page
     assert session["status"] == "completed"
     view = run["view"]
     assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()
-    assert view["text"] == session["result"]["text"]
-    assert (view["lastId"], view["missing"], view["duplicates"]) == (session["last_id"] - 1, 0, 0)
-    assert view["events"] == session["last_id"] - 1  # every event but gateway.end, once
+    assert run["messages"] == [{"id": "answer", "type": "answer", "metadata": None, "text": session["result"]["text"],
+                                "status": "finished", "error": None}]
+    assert 0 < view["events"] <= session["last_id"] - 1  # every event but gateway.end, once (the answer maybe whole)
     assert await page.locator("#cursor").inner_text() == f"{session['last_id']}:{session['epoch']}"
-    assert (await page.locator("#verdict").inner_text()).startswith("Complete.")
+    assert await page.locator("#message").inner_text() == f"finished, {len(session['result']['text']):,} characters"
+    verdict = await page.locator("#verdict").inner_text()
+    assert verdict.startswith("Complete.") and "none repeated" in verdict and "matches the final result" in verdict
     timeline = await page.locator("#timeline").inner_text()
     assert "page reloaded" in timeline and "gateway.end" in timeline
     heartbeats = next(line for line in metrics.splitlines() if line.startswith("sse_gateway_heartbeats_total"))
@@ -585,7 +587,7 @@ async def test_the_demo_pages_stop_button_stops_the_run_and_another_tab_sees_the
     await page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
     verdict = await page.locator("#verdict").inner_text()
     assert verdict.startswith("Cancelled after"), verdict
-    assert "without a hole or a repeat" in verdict and "matches the partial result" in verdict
+    assert "none repeated" in verdict and "matches the partial result" in verdict
     assert await page.locator("#stop").is_disabled()
     assert await page.locator("#outcome-label").inner_text() == "Cancelled"
     assert "the user pressed Stop" in await page.locator("#outcome-detail").inner_text()
@@ -624,8 +626,9 @@ async def test_the_demo_pages_approval_prompt_approves_the_tool_call(start_gatew
     assert session["input_last_id"] == session["input_acked_id"] == 1
     timeline = await page.locator("#timeline").inner_text()
     assert "you sent approve for search_docs" in timeline and "gateway.input #1: approve" in timeline
-    assert (await page.locator("#verdict").inner_text()).startswith("Complete.")
-    assert (run["view"]["missing"], run["view"]["duplicates"]) == (0, 0)
+    verdict = await page.locator("#verdict").inner_text()
+    assert verdict.startswith("Complete.") and "none repeated" in verdict
+    assert run["messages"][0]["text"] == session["result"]["text"]
 
 
 async def shows(tab, condition: str, timeout: float = 30_000) -> None:
@@ -645,7 +648,8 @@ async def demo_tab_state(tab) -> dict:
         const text = (id) => document.getElementById(id).textContent;
         return { status: text('status'), label: text('outcome-label'), detail: text('outcome-detail'),
                  state: text('state'), reconnects: Number(text('reconnects')), timeline: text('timeline'),
-                 view: record.view, end, outcome: end === null ? null : SSEGateway.outcomeOf(end) };
+                 verdict: text('verdict'), view: record.view, messages: record.messages, end,
+                 outcome: end === null ? null : SSEGateway.outcomeOf(end) };
     })()""")
 
 
@@ -663,8 +667,8 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
     gateway answers 200 with the input it already has), both tabs resume after their cursors, and
     the agent ends the run as cancelled. Proved: the gateway holds one input and the agent read one
     cancel (input ids counted); the run ended cancelled (the session's run_status and the gateway.end
-    data); both tabs show cancelled and saw the cancel's mirror once, with no event missing or
-    repeated across the cut. Conditions only: each step waits for what the previous one caused.
+    data); both tabs show cancelled and saw the cancel's mirror once, and the answer the agent left
+    open (a message, closed by the gateway at the end) whole and once across the cut. Conditions only: each step waits for what the previous one caused.
     """
     from sse_gateway.client import Publisher
 
@@ -688,8 +692,9 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
                     received.append((item.id, item.kind))
 
             reader = asyncio.create_task(read())
+            await run.publish("message.start", {"message": "answer", "type": "answer"})  # the demo page shows it
             for word in words:
-                await run.token(word)
+                await pub.send(session, "message.append", {"message": "answer", "text": word})
             await run.flush()
             await run.cancelled.wait()
             await cut.wait()
@@ -711,7 +716,7 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
             token = (await pub.mint_token(session, scopes=["subscribe", "input"])).token
 
             async def typed() -> bool:
-                return (await api.get(f"/v1/sessions/{session}")).json()["last_id"] >= len(words)
+                return (await api.get(f"/v1/sessions/{session}")).json()["last_id"] >= len(words) + 1
 
             await await_until(typed, what="the agent to type its words")
 
@@ -719,13 +724,14 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
             tab = await context.new_page()
             tab.on("pageerror", lambda exc: errors.append(exc))
             await tab.goto(f"{site}/?session={session}&token={quote(token)}")
-            await shows(tab, f"Number(text('events')) === {len(words)}")
+            answer = "".join(words)
+            await shows(tab, f"text('text') === {answer!r}")  # the open answer, whole
             link = await tab.get_attribute("#watch", "href")
             assert link.startswith(f"{site}/?session={session}&token="), link
             second = await context.new_page()
             second.on("pageerror", lambda exc: errors.append(exc))
             await second.goto(link)
-            await shows(second, f"Number(text('events')) === {len(words)}")
+            await shows(second, f"text('text') === {answer!r}")
             for t in (tab, second):
                 state = await demo_tab_state(t)
                 assert (state["status"], state["label"], state["state"]) == ("running", "Running", "open"), state
@@ -761,7 +767,7 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
             assert await tab.locator("#stop").is_disabled(), "Stop stays pressed while its cancel is retried"
 
             async def agent_wrote_while_cut() -> bool:
-                return (await api.get(f"/v1/sessions/{session}")).json()["last_id"] == len(words) + 2
+                return (await api.get(f"/v1/sessions/{session}")).json()["last_id"] == len(words) + 3
 
             await await_until(agent_wrote_while_cut, what="the agent to write while the tabs are cut off")
 
@@ -770,7 +776,7 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
             await context.set_offline(False)
             await shows(tab, "text('timeline').includes('you sent a cancel: input #1')")
             for t in (tab, second):  # resumed after the cut: what the agent wrote meanwhile arrived
-                await shows(t, f"text('state') === 'open' && Number(text('events')) === {len(words) + 2}")
+                await shows(t, "text('state') === 'open' && text('step') === 'stopping: keeping the draft'")
             may_end.set()
             ended = await asyncio.wait_for(agent_run, WAIT_TIMEOUT)
             for t in (tab, second):
@@ -810,8 +816,10 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
                                                             "result": end["result"]}
         assert state["timeline"].count("gateway.input #1: cancel") == 1, state["timeline"]
         assert state["reconnects"] >= 1, "the cut must have dropped the tab's stream"
-        view = state["view"]
-        assert (view["cancels"], view["missing"], view["duplicates"]) == (1, 0, 0), view
-        assert view["events"] == view["lastId"] == row["last_id"] - 1
-        assert view["text"] == "".join(words)
+        assert state["view"]["cancels"] == 1, state["view"]
+        # The answer the run left open, closed by the gateway when the run ended: whole, once.
+        assert state["messages"] == [{"id": "answer", "type": "answer", "metadata": None, "text": "".join(words),
+                                      "status": "failed", "error": None}]
+        assert "none repeated" in state["verdict"] and "matches the partial result" in state["verdict"], state
+    assert [e["event"] for e in events][-2:] == ["message.end", "gateway.end"]
     assert not errors, f"a page threw: {errors}"
