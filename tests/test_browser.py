@@ -310,6 +310,168 @@ async def test_a_page_reloaded_mid_answer_and_after_the_end_shows_the_whole_text
     assert session["acked_id"] == session["last_id"] == total + 1, "the end of the run was not acknowledged"
 
 
+MESSAGE_PAGE = """<!doctype html><meta charset="utf-8"><title>a page that shows messages</title>
+<div id="messages"></div><p id="result"></p>
+<script src="/static/sse-gateway.js"></script>
+<script>
+  const q = new URLSearchParams(location.search);
+  sessionStorage.setItem("loads", String(Number(sessionStorage.getItem("loads") || 0) + 1));
+  window.shown = []; // [id, text, status] at each onMessage of this page life
+  window.ends = [];
+  window.stream = SSEGateway.connect(q.get("url"), {
+    retryMs: 50,
+    persist: q.get("model") === "persist", // the messages and the cursor, stored together
+    onMessage: (m) => {
+      window.shown.push([m.id, m.text, m.status]);
+      let el = document.getElementById("m-" + m.id);
+      if (!el) {
+        el = document.createElement("pre");
+        el.id = "m-" + m.id;
+        document.getElementById("messages").append(el);
+      }
+      el.textContent = m.text;
+      el.dataset.status = m.status;
+    },
+    onEnd: (end) => {
+      window.ends.push(end.result);
+      document.getElementById("result").textContent = JSON.stringify(end.result);
+    },
+  });
+</script>"""
+
+
+def delta(n: int) -> str:
+    """The n-th delta of the long answer: a word, now and then an accent, an emoji or a line break."""
+    return f" mot{n}" + ("é" if n % 5 == 0 else "") + ("🙂" if n % 37 == 0 else "") + ("\n" if n % 60 == 0 else "")
+
+
+def message_items(first: int, last: int) -> list[dict]:
+    """Deltas ``first..last`` of the answer, with a plain event every 25 (a replay holds the answer back
+    across them, so their cursors are ID/HOLD:EPOCH)."""
+    items = []
+    for n in range(first, last + 1):
+        items.append({"event": "message.append", "data": {"message": "answer", "text": delta(n)}})
+        if n % 25 == 0:
+            items.append({"event": "progress", "data": {"n": n}})
+    return items
+
+
+def publish_deltas(base_url: str, session: str, first: int, last: int, batch: int, pause: float,
+                   gate: threading.Event | None = None, at: int = 0) -> threading.Thread:
+    """Publish deltas ``first..last`` in batches from a thread; before delta ``at``, wait for ``gate``."""
+
+    def run() -> None:
+        with httpx.Client(base_url=base_url, timeout=10) as client:
+            for start in range(first, last + 1, batch):
+                if gate is not None and start <= at < start + batch:
+                    assert gate.wait(WAIT_TIMEOUT), "the test never opened the gate"
+                client.post(f"/v1/sessions/{session}/events",
+                            json=message_items(start, min(start + batch - 1, last))).raise_for_status()
+                time.sleep(pause)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+async def shown_answer(page) -> dict:
+    return await page.evaluate("""(() => {
+        const el = document.getElementById('m-answer');
+        const mine = window.shown.filter((s) => s[0] === 'answer').map((s) => s[1]);
+        return { text: el ? el.textContent : null, status: el ? el.dataset.status : null, texts: mine,
+                 loads: sessionStorage.getItem('loads'), duplicates: window.stream.duplicates };
+    })()""")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model", ["replay", "persist"])
+async def test_a_page_reloaded_mid_message_shows_it_whole_then_continues_it(start_gateway, page, model):
+    """A long answer published as one message (token deltas), plain events between them and a short
+    message beside it. The page is reloaded twice while the answer is open: once with the publisher
+    stopped, once as it publishes. Each time the page shows the answer whole at once (a replay's
+    message.snapshot, or the messages restored from storage), then continues it: every text the page
+    ever shows is a prefix of what was published, and the last is all of it, exactly."""
+    total, first_half, gate_at = 600, 250, 450
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
+    api = httpx.AsyncClient(base_url=gw.url)
+    (await api.post("/v1/sessions", json={"id": "long"})).raise_for_status()
+
+    async def fulfill(route) -> None:
+        await route.fulfill(body=MESSAGE_PAGE, content_type="text/html")
+
+    await page.route(f"{gw.url}/message-test**", fulfill)
+    streams: list[str] = []
+    page.on("request", lambda req: streams.append(req.url) if urlparse(req.url).path.endswith("/stream") else None)
+    await page.goto(f"{gw.url}/message-test?model={model}&url=/v1/sessions/long/stream")
+    await page.wait_for_function("window.stream && window.stream.state === 'open'", timeout=20_000)
+
+    expected = "".join(delta(n) for n in range(1, total + 1)) + " Fin."
+    upto = lambda n: "".join(delta(i) for i in range(1, n + 1))  # noqa: E731
+    start = {"event": "message.start", "data": {"message": "answer", "type": "answer", "metadata": {"lang": "fr"}}}
+    (await api.post("/v1/sessions/long/events", json=[start, {"event": "progress", "data": {"n": 0}}])).raise_for_status()
+    publisher = publish_deltas(gw.url, "long", 1, 100, batch=10, pause=0.01)
+    await asyncio.to_thread(publisher.join)
+    (await api.post("/v1/sessions/long/events", json=[  # a short message that begins and ends inside the answer
+        {"event": "message.start", "data": {"message": "tool", "type": "tool"}},
+        {"event": "message.append", "data": {"message": "tool", "text": "searching…"}},
+        {"event": "message.replace", "data": {"message": "tool", "text": "3 pages found"}},
+    ])).raise_for_status()
+    publisher = publish_deltas(gw.url, "long", 101, first_half, batch=10, pause=0.01)
+    await asyncio.to_thread(publisher.join)
+    await page.wait_for_function(f"(document.getElementById('m-answer') || {{}}).textContent === {upto(first_half)!r}",
+                                 timeout=20_000)
+
+    # Reload 1, the publisher stopped: the answer as published so far, whole, at once.
+    await page.reload()
+    await page.wait_for_function("sessionStorage.getItem('loads') === '2' && window.shown.length > 0",
+                                 timeout=10_000)
+    shown = await shown_answer(page)
+    assert shown["texts"][0] == upto(first_half), "the reloaded page did not show the answer whole at once"
+    assert shown["status"] == "open"
+
+    # Reload 2, as the publisher goes on (held at a gate further on, so the answer stays open).
+    gate = threading.Event()
+    publisher = publish_deltas(gw.url, "long", first_half + 1, total, batch=10, pause=0.01, gate=gate, at=gate_at)
+    before = len(upto(first_half + 50))
+    await page.wait_for_function(f"document.getElementById('m-answer').textContent.length >= {before}",
+                                 timeout=20_000)
+    lives = [await shown_answer(page)]
+    await page.reload()
+    await page.wait_for_function("sessionStorage.getItem('loads') === '3' && window.shown.length > 0",
+                                 timeout=10_000)
+    first_shown = (await shown_answer(page))["texts"][0]
+    assert len(first_shown) >= len(lives[0]["text"]), "the reloaded page showed less than it had"
+    assert expected.startswith(first_shown)
+    gate.set()
+    await asyncio.to_thread(publisher.join)
+    (await api.post("/v1/sessions/long/events", json=[
+        {"event": "message.append", "data": {"message": "answer", "text": " Fin."}},
+        {"event": "message.end", "data": {"message": "answer"}},
+    ])).raise_for_status()
+    (await api.post("/v1/sessions/long/complete", json={"result": "done"})).raise_for_status()
+    await page.wait_for_function("window.ends.length === 1", timeout=30_000)
+    lives.append(await shown_answer(page))
+    messages = await page.evaluate("window.stream.messages")
+    await api.aclose()
+
+    for life in lives:  # no text ever shown twice or skipped: each step is a prefix of the whole
+        assert all(expected.startswith(t) for t in life["texts"]), "a text shown was not a prefix of the answer"
+        assert [len(t) for t in life["texts"]] == sorted(len(t) for t in life["texts"])
+        assert life["duplicates"] == 0
+    assert lives[-1]["text"] == expected and lives[-1]["status"] == "finished"
+    assert await page.locator("#m-answer").text_content() == expected
+    assert {m["id"]: m for m in messages} == {
+        "answer": {"id": "answer", "type": "answer", "metadata": {"lang": "fr"}, "text": expected,
+                   "status": "finished", "error": None},
+        "tool": {"id": "tool", "type": "tool", "metadata": None, "text": "3 pages found", "status": "finished",
+                 "error": None}}
+    resumed = [parse_qs(urlparse(u).query).get("last_event_id", [None])[0] for u in streams]
+    if model == "persist":  # the reloads resumed after the stored cursor; the page never read it all again
+        assert resumed[0] is None and all(resumed[1:]), resumed
+    else:  # each load read the session from its start, and got the answer whole
+        assert resumed == [None] * len(resumed), resumed
+
+
 def minimal_page() -> str:
     """The minimal page of docs/javascript.md, as written there."""
     doc = (ROOT / "docs" / "javascript.md").read_text()
