@@ -92,6 +92,7 @@ class Book:
 
     def __init__(self) -> None:
         self.changes: dict[str, tuple[int, int]] = {}
+        self._read: dict[str, tuple[int, int] | None] = {}  # what ``stored`` answered (a batch asks again)
 
     def stored(self, mid: str) -> tuple[int, int] | None:
         raise NotImplementedError
@@ -105,7 +106,11 @@ class Book:
         raise NotImplementedError
 
     def get(self, mid: str) -> tuple[int, int] | None:
-        return self.changes.get(mid) or self.stored(mid)
+        if mid in self.changes:
+            return self.changes[mid]
+        if mid not in self._read:
+            self._read[mid] = self.stored(mid)
+        return self._read[mid]
 
     def spans(self, after: int, through: int) -> Iterable[tuple[int, int]]:
         found = self.stored_spans(after, through)
@@ -218,12 +223,30 @@ class Message:
             self.status = doc.get("status", "finished")
             self.error = doc.get("error")
 
-    def snapshot(self) -> str:
+    def whole(self) -> dict:
         body: dict = {"message": self.id, "type": self.type, "metadata": self.metadata, "text": "".join(self.parts),
                       "status": self.status}
         if self.error is not None:
             body["error"] = self.error
-        return dump_json(body)
+        return body
+
+    def snapshot(self) -> str:
+        return dump_json(self.whole())
+
+
+def stored_op(ev: StoredEvent) -> dict | None:
+    """The data of a message operation the log holds, or None for any other event. Operations are checked
+    when published; one stored before messages existed (any data under these types) reads as a plain event."""
+    if ev.event not in TYPES or not ev.is_json:
+        return None
+    try:
+        doc = load_json(ev.data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("message"), str) or \
+            (ev.event in (APPEND, REPLACE) and not isinstance(doc.get("text"), str)):
+        return None
+    return doc
 
 
 def new_message(mid: str, start: int, doc: Mapping) -> Message:
@@ -272,11 +295,10 @@ class Compactor:
         if self.skipping is not None and ev.id > self.after:
             self._leave_skip()
         self.pos, self.ts = max(self.pos, ev.id), ev.ts
-        op = ev.event
-        if op not in TYPES:
+        doc = stored_op(ev)
+        if doc is None:
             return [] if self.skipping is not None else [(ev, self.hold())]
-        doc = load_json(ev.data)
-        mid = doc["message"]
+        op, mid = ev.event, doc["message"]
         if self.skipping is not None:
             if op == START:
                 self.skipping[mid] = new_message(mid, ev.id, doc)
@@ -304,6 +326,38 @@ class Compactor:
             del self.held[mid]
             out.append((StoredEvent(self.pos, SNAPSHOT, m.snapshot(), True, self.ts), self.hold()))
         return out
+
+
+def merge_appends(pairs: list[tuple[StoredEvent, int]]) -> list[tuple[StoredEvent, int]]:
+    """Runs of ``message.append`` of one message with consecutive ids (nothing between them, not even an
+    event held back) as one ``message.append`` at the run's last id, its texts joined, ``count`` saying how
+    many it stands for: its cursor is exact, as each of theirs was. For a replay that is behind."""
+    out: list[tuple[StoredEvent, int]] = []
+    run: list[tuple[StoredEvent, dict]] = []
+
+    def close() -> None:
+        if len(run) == 1:
+            out.append((run[0][0], hold))
+        elif run:
+            last = run[-1][0]
+            data = {"message": run[0][1]["message"], "text": "".join(doc["text"] for _, doc in run),
+                    "count": len(run)}
+            out.append((StoredEvent(last.id, APPEND, dump_json(data), True, last.ts), hold))
+        run.clear()
+
+    hold = 0
+    for ev, h in pairs:
+        doc = stored_op(ev) if ev.event == APPEND else None
+        if doc is None:
+            close()
+            out.append((ev, h))
+            continue
+        if run and (ev.id != run[-1][0].id + 1 or h != hold or doc["message"] != run[0][1]["message"]):
+            close()
+        hold = h
+        run.append((ev, doc))
+    close()
+    return out
 
 
 def cursor_text(id_: int, hold: int) -> str:

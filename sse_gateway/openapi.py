@@ -192,6 +192,11 @@ LIST = {"parameters": [
     {"name": "limit", "in": "query", "required": False, "schema": rules.LIST_LIMIT.schema()},
 ]}
 
+STATE_READ = {"parameters": [
+    {"name": "messages", "in": "query", "required": False,
+     "description": "true: also every message as of as_of, whole (docs/api.md, State)",
+     "schema": {"type": "string", "enum": ["true", "false", "1", "0"]}},
+]}
 HISTORY = {"parameters": [
     {"name": "after", "in": "query", "required": False,
      "description": "an id; with compact=true, a cursor ID or ID/HOLD",
@@ -284,7 +289,8 @@ SCHEMAS: dict[str, Any] = {
               "properties": {"session": {"type": "string"}, "acked_id": _ID}},
     "State": {"type": "object", "required": ["version", "state", "as_of"],
               "properties": {"version": _ID, "state": {"type": ["object", "null"]},
-                             "as_of": {"type": "string", "pattern": "^[0-9]+:[A-Za-z0-9]+$"}}},
+                             "as_of": {"type": "string", "pattern": "^[0-9]+:[A-Za-z0-9]+$"},
+                             "messages": {"type": "array", "items": {"type": "object"}}}},
     "Trimmed": {"type": "object", "required": ["session", "earliest_id", "last_id"],
                 "properties": {"session": {"type": "string"}, "earliest_id": _ID, "last_id": _ID}},
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},

@@ -79,7 +79,7 @@ from starlette.types import Receive, Scope, Send
 from . import rules
 from .errors import BadRequest, GatewayError
 from .hub import CHUNK_BYTES, Channel, Hub
-from .messages import Compactor
+from .messages import Compactor, merge_appends
 from .models import END_EVENT, Session
 from .protocol import TRANSPORT_EXTENSION
 from .sse import PING, encode_control, encode_event
@@ -354,6 +354,7 @@ class EventStream(Response):
             size = len(out[0])
         epoch = ch.epoch
         last, taken = cursor, 0
+        pairs: list = []  # what the replay sends for the events taken
         for ev in events:
             if walk is None:
                 frame = encode_event(ev, epoch)
@@ -364,7 +365,9 @@ class EventStream(Response):
             else:  # what the replay sends for it (it took the event: never read again), within the budget
                 if size > CHUNK_BYTES and last > cursor:
                     break
-                frame = b"".join(encode_event(e, epoch, hold) for e, hold in walk.feed(ev))
+                sent = walk.feed(ev)
+                pairs += sent
+                frame = b"".join(encode_event(e, epoch, hold) for e, hold in sent)
                 largest = max(largest, len(frame))
                 size += len(frame)
             out.append(frame)
@@ -372,6 +375,8 @@ class EventStream(Response):
             taken += 1
             if ev.event == END_EVENT:
                 ch.end_id = ev.id
+        if len(pairs) > 1 and len(merged := merge_appends(pairs)) < len(pairs):  # a behind reader's deltas
+            out[len(out) - taken:] = [encode_event(e, epoch, hold) for e, hold in merged]
         self._read_limit = max(1, min(READ_CHUNK, CHUNK_BYTES // max(largest, _FRAME_FLOOR)))
         if self.stats:
             self.stats.delivered += taken

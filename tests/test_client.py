@@ -706,3 +706,18 @@ def test_the_sync_publisher_publishes_a_message_from_a_blocking_iterator(app):
     with SyncPublisher(client=http, flush_interval=0.01) as pub:
         mid = pub.message("sync-msg", iter(["a", "b", "c"]), message="m")
         assert mid == "m" and pub.get("sync-msg")["last_id"] == 5
+
+
+async def test_the_subscriber_reads_a_replayed_message_whole(app):
+    async with httpx.AsyncClient(transport=app._bridge, base_url=app.base) as http:
+        async with Publisher(client=http, flush_interval=0.01) as pub:
+            await pub.send("replayed", "message.start", {"message": "a"})
+            await pub.send("replayed", "tool", {"n": 1})
+            await pub.message("replayed", ["x", "y"], message="b")
+            await pub.send("replayed", "message.append", {"message": "a", "text": "z"})
+            await pub.flush("replayed")
+        got = [e async for e in Subscriber("replayed", live=False, client=http)]
+    assert [(e.id, e.cursor.split(":")[0], e.event) for e in got] == [
+        (2, "2/1", "tool"), (6, "6/1", "message.snapshot"), (7, "7", "message.snapshot")]
+    assert got[1].data["text"] == "xy" and got[2].data == {"message": "a", "type": None, "metadata": None,
+                                                           "text": "z", "status": "open"}

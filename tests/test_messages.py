@@ -20,7 +20,7 @@ from messages_util import View
 from sse_gateway import messages
 from sse_gateway.errors import BadRequest, Conflict
 from sse_gateway.log.memory import MemoryLog
-from sse_gateway.messages import Compactor, DictBook, cursor_text, keep_whole
+from sse_gateway.messages import Compactor, DictBook, cursor_text, keep_whole, merge_appends
 from sse_gateway.models import NewEvent, StoredEvent, dump_json, load_json
 from sse_gateway.stream import parse_position
 
@@ -72,7 +72,7 @@ def replay(events: list[StoredEvent], cursor: str, head: int) -> list[tuple[str,
     """What a stream sends from ``cursor`` when it catches up at ``head``, then live: (cursor, type, data)."""
     p, hold, _ = parse_position(cursor)
     walk = Compactor(p, hold)
-    out = [pair for ev in events if walk.walk_from < ev.id <= head for pair in walk.feed(ev)]
+    out = merge_appends([pair for ev in events if walk.walk_from < ev.id <= head for pair in walk.feed(ev)])
     out += walk.flush()
     out += [(ev, 0) for ev in events if ev.id > max(head, walk.pos)]
     return [(cursor_text(ev.id, h), ev.event, load_json(ev.data)) for ev, h in out]
@@ -127,6 +127,11 @@ def test_a_reader_from_the_start_gets_each_message_once_and_whole():
     # a reader inside both messages gets exactly the deltas after its cursor
     assert [(c, e) for c, e, _ in replay(events, "5", 8)] == [("6", "message.append"), ("7", "message.end"),
                                                              ("8", "message.append")]
+    # a reader behind gets a run of deltas of one message as one, which says how many it stands for
+    events = asyncio.run(write([[(messages.START, "m")], [(messages.APPEND, "m", t) for t in "abc"],
+                                [("plain", 1)], [(messages.APPEND, "m", "d")]]))
+    assert replay(events, "1", 6) == [("4", messages.APPEND, {"message": "m", "text": "abc", "count": 3}),
+                                      ("5", "token", {"n": 1}), ("6", messages.APPEND, {"message": "m", "text": "d"})]
 
 
 def test_operations_are_checked():
@@ -216,3 +221,30 @@ def test_history_compacted_pages_through_every_cursor(app_client):
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_after")
     r = c.get("/v1/sessions/h/events", params={"compact": "maybe"})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_compact")
+
+
+def test_the_state_with_the_messages_as_of_its_cursor(app_client):
+    c = app_client
+    body = [{"event": messages.START, "data": {"message": "a", "type": "answer"}},
+            {"event": messages.APPEND, "data": {"message": "a", "text": "Hel"}},
+            {"event": messages.START, "data": {"message": "b"}},
+            {"event": messages.END, "data": {"message": "b", "status": "failed"}}]
+    assert c.post("/v1/sessions/st/events", json=body).status_code == 201
+    assert c.put("/v1/sessions/st/state", json={"step": 2}).status_code == 200
+    c.post("/v1/sessions/st/events", json={"event": messages.APPEND, "data": {"message": "a", "text": "lo"}})
+    got = c.get("/v1/sessions/st/state", params={"messages": "true"}).json()
+    assert got["as_of"].startswith("4:") and got["state"] == {"step": 2}
+    assert got["messages"] == [
+        {"message": "a", "type": "answer", "metadata": None, "text": "Hel", "status": "open"},
+        {"message": "b", "type": None, "metadata": None, "text": "", "status": "failed"}]
+    assert "messages" not in c.get("/v1/sessions/st/state").json()
+    r = c.get("/v1/sessions/st/state", params={"messages": "yes"})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_messages")
+
+
+def test_operations_stored_before_messages_existed_read_as_plain_events():
+    legacy = [StoredEvent(1, messages.START, '"m"', True, 0), StoredEvent(2, messages.APPEND, "text", False, 0),
+              StoredEvent(3, messages.APPEND, '{"message": "m", "text": 1}', True, 0)]
+    walk = Compactor(0)
+    assert [e for ev in legacy for e, _ in walk.feed(ev)] == legacy and walk.flush() == []
+    assert merge_appends([(ev, 0) for ev in legacy]) == [(ev, 0) for ev in legacy]

@@ -37,8 +37,8 @@ _NEWLINE = re.compile(r"\r\n|\r|\n")
 class Event:
     """One event of the stream.
 
-    ``id`` and ``cursor`` (``ID:EPOCH``) are None for ``gateway.gap`` and ``gateway.reset``, which are
-    notices, not log entries. ``data`` is the data parsed as JSON when it is JSON, else the text;
+    ``id`` and ``cursor`` (``ID:EPOCH``, or ``ID/HOLD:EPOCH`` while a replay holds messages back) are None
+    for ``gateway.gap`` and ``gateway.reset``, which are notices, not log entries. ``data`` is the data parsed as JSON when it is JSON, else the text;
     ``text`` is the data as it came.
     """
 
@@ -249,7 +249,7 @@ class Subscriber:
         if cursor:
             self.cursor = cursor
             try:
-                event_id = int(cursor.split(":", 1)[0])
+                event_id = int(cursor.split(":", 1)[0].split("/", 1)[0])  # ID/HOLD: a replay's (messages)
             except ValueError:
                 event_id = None
         elif kind == "gateway.reset":

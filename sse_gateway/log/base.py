@@ -84,6 +84,17 @@ ids 1, 2, 3, ... and no holes, plus a small row of facts about the run
   of kind ``approval`` must name an open one: ``404 approval_not_found``
   if the session never opened it, ``409 approval_answered`` if an input
   answered it already; storing the input closes it, atomically.
+* **Messages.** The five ``message.*`` operations (``messages``) are
+  checked against the session's messages (id -> start id, id that closed
+  it) in the same atomic write as the append, before anything changes:
+  ``400 invalid_message`` (their data, checked before the write is
+  queued), ``409 message_exists``, ``message_not_found``,
+  ``message_closed``; idempotent repeats are not checked again.
+  ``complete`` (and ``expire``) appends a ``message.end`` for each message
+  still open, in the order they began, before ``gateway.end``. Retention
+  (``max_events``, ``trim``) never moves ``trimmed_id`` into a message
+  that is open or closed after it (``messages.keep_whole``). Deleting a
+  session forgets its messages.
 * **Observation.** A log tells its observers (``add_observer``) what
   happened, each fact its own call, made from the event loop after the
   commit, in commit order per session; observers must not block or raise:

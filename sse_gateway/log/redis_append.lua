@@ -81,7 +81,7 @@ if op == 'append' then
   -- A retry of an event already stored still learns its id; anything new is refused.
   if fresh > 0 and row[2] == 'completed' then return redis.error_reply('GW session_completed') end
   -- Message operations (messages.check), on the ids their events will get: all checked before any write.
-  local changed = {}
+  local changed, read = {}, {}
   if n_ops > 0 then
     local will, seen, id = {}, {}, last_id
     for i = first, #ARGV, 4 do
@@ -95,7 +95,8 @@ if op == 'append' then
     for j = 11, first - 1, 3 do
       local at, op, mid = will[tonumber(ARGV[j])], ARGV[j + 1], ARGV[j + 2]
       if at then
-        local state = changed[mid] or redis.call('HGET', messages, mid)
+        if read[mid] == nil then read[mid] = redis.call('HGET', messages, mid) end
+        local state = changed[mid] or read[mid]
         if op == 'message.start' then
           if state then return redis.error_reply('GW message_exists ' .. mid .. ' ' .. string.match(state, '^%d+')) end
           changed[mid] = at .. ':0'

@@ -10,8 +10,9 @@ from .. import openapi, rules
 from ..bodies import bounded_int, check_size, json_int, json_object, producer_epoch, read_json
 from ..errors import BadRequest, Conflict
 from ..log.base import NO_RESULT
+from ..messages import START, Message, new_message, stored_op
 from ..models import Session, dump_json
-from ..stream import parse_cursor
+from ..stream import READ_CHUNK, parse_cursor
 from .common import json_response, publisher, readable_row, reader, row_for_reader, session_json
 
 router = APIRouter(tags=["sessions"])
@@ -70,14 +71,40 @@ async def ack(session: str, request: Request) -> Response:
     return json_response({"session": session, "acked_id": row.acked_id})
 
 
-def _state_response(row: Session) -> Response:
-    return json_response({"version": row.state_version, "state": row.state, "as_of": f"{row.state_as_of}:{row.epoch}"},
-                         headers={"ETag": f'"{row.state_version}"'})
+def _state_response(row: Session, messages: list | None = None) -> Response:
+    body = {"version": row.state_version, "state": row.state, "as_of": f"{row.state_as_of}:{row.epoch}"}
+    if messages is not None:
+        body["messages"] = messages
+    return json_response(body, headers={"ETag": f'"{row.state_version}"'})
 
 
-@router.get("/v1/sessions/{session}/state", summary="The run's state document")
+@router.get("/v1/sessions/{session}/state", openapi_extra=openapi.STATE_READ, summary="The run's state document")
 async def get_state(session: str, request: Request) -> Response:
-    return _state_response((await readable_row(request, session))[1])
+    gw, row = await readable_row(request, session)
+    flag = request.query_params.get("messages", "false").lower()
+    if flag not in ("true", "false", "1", "0"):
+        raise BadRequest("messages must be true or false", "invalid_messages")
+    if flag in ("false", "0"):
+        return _state_response(row)
+    return _state_response(row, await _messages_as_of(gw.log, session, row.state_as_of))
+
+
+async def _messages_as_of(event_log, session: str, upto: int) -> list:
+    """Every retained message as a replay would snapshot it at ``upto`` (the state's ``as_of``), in the
+    order they began: with the state, what a returning reader has before it streams from ``as_of``."""
+    found: dict[str, Message] = {}
+    cursor = 0
+    while cursor < upto and (events := await event_log.read(session, cursor, READ_CHUNK)):
+        for ev in events:
+            if ev.id > upto:
+                break
+            if (doc := stored_op(ev)) is not None:
+                if ev.event == START:
+                    found[doc["message"]] = new_message(doc["message"], ev.id, doc)
+                elif (m := found.get(doc["message"])) is not None:  # (one begun before retention: gone)
+                    m.apply(ev.event, doc)
+        cursor = events[-1].id
+    return [m.whole() for m in found.values()]
 
 
 @router.put("/v1/sessions/{session}/state", openapi_extra=openapi.STATE, summary="Replace the run's state document")
