@@ -4,8 +4,11 @@ A reader joins a session late, while one answer is still being written beside fi
 replaced and reset messages and plain events: its replay holds the open answer back (cursors
 ``ID/HOLD:EPOCH``), and the reader cuts its own connection there a few times (the helper resumes
 from the cursor it stored, as it stored it). Then, while the answer goes on, a proxy aborts its
-connection again and again, always mid-message (EventSource resumes with ``Last-Event-ID``). The
-messages it assembles and the plain events it took equal, exactly, what was published.
+connection again and again, always mid-message (EventSource resumes with ``Last-Event-ID``).
+Last, the reader closes its stream while 3,000 more deltas are written, and comes back far
+behind the live window: the gateway reads the log for it and merges runs of deltas
+(``message.append`` with a ``count``). The messages it assembles and the plain events it took
+equal, exactly, what was published.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from util import ChaosProxy, await_until
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]  # node, a real gateway
 
 SESSION = "cut"
+BEHIND_FROM, BEHIND_TO = 360, 3360  # the deltas written while the reader is away
 
 
 def op(event: str, mid: str, **fields) -> dict:
@@ -71,23 +75,39 @@ async def test_a_reader_cut_mid_message_resumes_and_assembles_the_exact_text(sta
         for items in FIRST:
             (await api.post(f"/v1/sessions/{SESSION}/events", json=items)).raise_for_status()
 
+        async def connected_count(n: int) -> bool:
+            return (await api.get(f"/v1/sessions/{SESSION}")).json()["subscribers"] == n
+
         async def connected() -> bool:
-            return (await api.get(f"/v1/sessions/{SESSION}")).json()["subscribers"] == 1
+            return await connected_count(1)
 
         with ChaosProxy(gw.port) as proxy:
             reader = await asyncio.create_subprocess_exec(
                 node, str(ROOT / "tests/node/messages.mjs"), f"http://127.0.0.1:{proxy.port}/v1/sessions/{SESSION}/stream",
-                "90000", "3", stdout=asyncio.subprocess.PIPE)
+                "90000", "3", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             cuts = 0
             for batch in range(12):
                 (await api.post(f"/v1/sessions/{SESSION}/events", json=later(batch))).raise_for_status()
                 await await_until(connected, what="the reader to be connected")
                 cuts += await asyncio.to_thread(proxy.drop_all) > 0  # the answer is open: always mid-message
+
+            reader.stdin.write(b"pause\n")  # away while the answer grows far past the live window
+            await reader.stdin.drain()
+            await await_until(lambda: connected_count(0), what="the reader to close its stream")
+            for first in range(BEHIND_FROM, BEHIND_TO, 500):
+                deltas = [op("message.append", "answer", text=piece(n)) for n in range(first, first + 500)]
+                (await api.post(f"/v1/sessions/{SESSION}/events", json=deltas)).raise_for_status()
+            reader.stdin.write(b"resume\n")
+            await reader.stdin.drain()
             (await api.post(f"/v1/sessions/{SESSION}/events",
                             json=[op("message.append", "answer", text=" The end."), op("message.end", "answer")]))
             (await api.post(f"/v1/sessions/{SESSION}/complete", json={"result": "done"})).raise_for_status()
             out, _ = await asyncio.wait_for(reader.communicate(), 90)
-        events = (await api.get(f"/v1/sessions/{SESSION}/events", params={"limit": 1000})).json()["events"]
+        events, after = [], 0
+        while page := (await api.get(f"/v1/sessions/{SESSION}/events",
+                                     params={"after": after, "limit": 1000})).json()["events"]:
+            events += page
+            after = page[-1]["id"]
 
     got = json.loads(out.decode().strip().splitlines()[-1])
     assert "timeout" not in got and "error" not in got, got
@@ -102,7 +122,9 @@ async def test_a_reader_cut_mid_message_resumes_and_assembles_the_exact_text(sta
     assert assembled == messages
     assert len(got["messages"]) == len(messages), "a message given twice"
     answer = assembled["answer"]["text"]
-    assert answer == "".join(piece(n) for n in range(1, 360)) + " The end."
+    assert answer == "".join(piece(n) for n in range(1, BEHIND_TO)) + " The end."
+    print(f"merged appends: {got['merged'][:10]}… ({len(got['merged'])}); cut at {got['cut']}; {cuts} drops")
+    assert got["merged"] and max(got["merged"]) >= 2, "the reader far behind got no merged deltas"
     assert got["duplicates"] == 0 and got["result"] == "done"
     assert len(got["cut"]) == 3 and all("/" in c for c in got["cut"]), "the reader resumed from held cursors"
     assert cuts >= 3, f"only {cuts} drops hit an open connection"
