@@ -198,8 +198,8 @@ class RunInput:
 
 async def simulate(gw, session: str, duration: float, done=lambda: None) -> None:
     """Type PART_ONE into the answer (a message), ask to run a slow tool and wait for the answer for longer
-    than the heartbeat, run it (or skip it), type PART_TWO, end the answer, complete. A cancel input stops it wherever it is, and the run ends as
-    cancelled."""
+    than the heartbeat, run it (or skip it), type PART_TWO, end the answer, complete. A cancel input stops
+    it wherever it is, and the answer ends failed and the run cancelled."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     pause = gw.settings.heartbeat + 1.0

@@ -345,6 +345,11 @@ def delta(n: int) -> str:
     return f" mot{n}" + ("é" if n % 5 == 0 else "") + ("🙂" if n % 37 == 0 else "") + ("\n" if n % 60 == 0 else "")
 
 
+def upto(n: int) -> str:
+    """The answer's text after its first ``n`` deltas."""
+    return "".join(delta(i) for i in range(1, n + 1))
+
+
 def message_items(first: int, last: int) -> list[dict]:
     """Deltas ``first..last`` of the answer, with a plain event every 25 (a replay holds the answer back
     across them, so their cursors are ID/HOLD:EPOCH)."""
@@ -406,9 +411,9 @@ async def test_a_page_reloaded_mid_message_shows_it_whole_then_continues_it(star
     await page.wait_for_function("window.stream && window.stream.state === 'open'", timeout=20_000)
 
     expected = "".join(delta(n) for n in range(1, total + 1)) + " Fin."
-    upto = lambda n: "".join(delta(i) for i in range(1, n + 1))  # noqa: E731
     start = {"event": "message.start", "data": {"message": "answer", "type": "answer", "metadata": {"lang": "fr"}}}
-    (await api.post("/v1/sessions/long/events", json=[start, {"event": "progress", "data": {"n": 0}}])).raise_for_status()
+    first = [start, {"event": "progress", "data": {"n": 0}}]
+    (await api.post("/v1/sessions/long/events", json=first)).raise_for_status()
     publisher = publish_deltas(gw.url, "long", 1, 100, batch=10, pause=0.01)
     await asyncio.to_thread(publisher.join)
     (await api.post("/v1/sessions/long/events", json=[  # a short message that begins and ends inside the answer
@@ -830,7 +835,8 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
     the agent ends the run as cancelled. Proved: the gateway holds one input and the agent read one
     cancel (input ids counted); the run ended cancelled (the session's run_status and the gateway.end
     data); both tabs show cancelled and saw the cancel's mirror once, and the answer the agent left
-    open (a message, closed by the gateway at the end) whole and once across the cut. Conditions only: each step waits for what the previous one caused.
+    open (a message, closed by the gateway at the end) whole and once across the cut. Conditions
+    only: each step waits for what the previous one caused.
     """
     from sse_gateway.client import Publisher
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import signal
 
 import httpx
 import pytest
-
 from messages_util import View
 
 

@@ -18,9 +18,8 @@ import json
 
 import httpx
 import pytest
-from messages_util import View
-
 from conftest import ROOT, require_binary
+from messages_util import View
 from util import ChaosProxy, await_until
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]  # node, a real gateway
@@ -83,7 +82,8 @@ async def test_a_reader_cut_mid_message_resumes_and_assembles_the_exact_text(sta
 
         with ChaosProxy(gw.port) as proxy:
             reader = await asyncio.create_subprocess_exec(
-                node, str(ROOT / "tests/node/messages.mjs"), f"http://127.0.0.1:{proxy.port}/v1/sessions/{SESSION}/stream",
+                node, str(ROOT / "tests/node/messages.mjs"),
+                f"http://127.0.0.1:{proxy.port}/v1/sessions/{SESSION}/stream",
                 "90000", "3", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             cuts = 0
             for batch in range(12):
