@@ -1,15 +1,17 @@
 """Simulated agent runs for the demo page: the gateway publishes into its own log.
 
 ``POST /v1/demo/runs`` creates a session and starts a background task that
-types a few hundred ``token`` events, asks for approval before its "tool
+writes its answer as one message (``message.start``, then a few hundred
+``message.append`` token deltas), asks for approval before its "tool
 call" (an ``approval.request``) and waits for the answer for the heartbeat
-plus one second (so a visitor sees a quiet stream stay open; no answer: it
-goes ahead by itself, so the demo never hangs), calls the tool (or skips it
-when denied), types some more, and completes the session with the whole
-text as its result. It reads its session's input as an agent does: a
-``cancel`` stops it at once, and it ends the run as ``cancelled``, with the
-error ``{"code": "cancelled", "message": <the cancel's reason>}`` and the
-text typed so far as its result. The run publishes through the same path as
+plus one second (so a visitor sees a quiet stream stay open, the answer
+still open; no answer: it goes ahead by itself, so the demo never hangs),
+calls the tool (or skips it when denied), types some more, ends the message
+(``message.end``) and completes the session with the whole text as its
+result. It reads its session's input as an agent does: a ``cancel`` stops
+it at once, and it ends the message as ``failed`` and the run as
+``cancelled``, both with the error ``{"code": "cancelled", "message": <the
+cancel's reason>}``, and the text typed so far as the run's result. The run publishes through the same path as
 an HTTP publisher, so the demo shows exactly what a real agent gets.
 
 The task is kept by ``Gateway.spawn`` and cancelled at shutdown; a run cut
@@ -48,6 +50,7 @@ APPROVAL_ID = "search_docs-1"
 MAX_RUNS = 16  # simulated runs at once per process; one more is 429 (each is a task of up to MAX_DURATION)
 RUNS_RETRY_AFTER = 10
 STOPPED = "the user pressed Stop"  # a cancelled run's error message when its cancel gave no reason
+ANSWER = "answer"  # the id of the run's one message
 
 PART_ONE = (
     "You asked why an agent's answer sometimes vanishes when the connection drops. The short version: the "
@@ -66,7 +69,10 @@ PART_TWO = (
     "and nothing arrives twice.\n\n"
     "While that lookup was running, nothing was published for a while. The gateway filled the silence with "
     "heartbeat comments, so no proxy closed the stream as idle. Your browser never shows them, but they kept "
-    "this connection open. Done: the final result is this whole text, delivered as gateway.end."
+    "this connection open.\n\n"
+    "And this answer is one message: each token is a delta appended to it. A page that opens the run late "
+    "gets the message whole, in one event, then the deltas that follow. "
+    "Done: the final result is this whole text, delivered as gateway.end."
 )
 
 START_RUN_DOC: dict[str, Any] = {
@@ -191,9 +197,9 @@ class RunInput:
 
 
 async def simulate(gw, session: str, duration: float, done=lambda: None) -> None:
-    """Type PART_ONE, ask to run a slow tool and wait for the answer for longer than the heartbeat, run it
-    (or skip it), type PART_TWO, complete. A cancel input stops it wherever it is, and the run ends as
-    cancelled."""
+    """Type PART_ONE into the answer (a message), ask to run a slow tool and wait for the answer for longer
+    than the heartbeat, run it (or skip it), type PART_TWO, end the answer, complete. A cancel input stops
+    it wherever it is, and the answer ends failed and the run cancelled."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     pause = gw.settings.heartbeat + 1.0
@@ -211,12 +217,13 @@ async def simulate(gw, session: str, duration: float, done=lambda: None) -> None
         for i, piece in enumerate(pieces):
             if inputs.cancelled:
                 return
-            await publish("token", {"text": piece})
+            await publish("message.append", {"message": ANSWER, "text": piece})
             typed.append(piece)
             await inputs.wait(begin + (i + 1) * interval - loop.time(), lambda: inputs.cancelled)
 
     try:
         await publish("status", {"step": "thinking"})
+        await publish("message.start", {"message": ANSWER, "type": "answer"})
         await type_out(first)
         quiet_since = loop.time()
         if not inputs.cancelled:
@@ -237,9 +244,11 @@ async def simulate(gw, session: str, duration: float, done=lambda: None) -> None
         result: dict[str, Any] = {"text": "".join(typed), "tokens": len(typed),
                                   "seconds": round(loop.time() - started, 1), "tool": decision}
         if inputs.cancelled:  # the partial result goes with the outcome
-            await gw.log.complete(session, result, outcome="cancelled",
-                                  error={"code": "cancelled", "message": inputs.reason or STOPPED})
+            error = {"code": "cancelled", "message": inputs.reason or STOPPED}
+            await publish("message.end", {"message": ANSWER, "status": "failed", "error": error})
+            await gw.log.complete(session, result, outcome="cancelled", error=error)
         else:
+            await publish("message.end", {"message": ANSWER})
             await gw.log.complete(session, result)
     except GatewayError as exc:  # the session was deleted or completed by someone else, or the store failed
         log.info("demo run %s stopped: %s", session, exc.message)

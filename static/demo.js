@@ -1,7 +1,10 @@
 // The demo page: start a simulated run, render it through SSEGateway, show what the connection does.
-// The run's view (text, step, id checks) is built by the helper's `reduce` and persisted by it
-// together with the cursor (`persist: true`), so a reload restores the text and resumes right after
-// it. The page itself only remembers which run it is showing. The page also talks back: Stop sends the
+// The agent writes its answer as one message (message.start, then token deltas as message.append,
+// then message.end); the helper assembles it (stream.message("answer")) and the page shows its text.
+// The rest of the run's view (step, approval, events received) is built by the helper's `reduce`. The
+// helper persists both with the cursor (`persist: true`), so a reload restores the answer and resumes
+// right after it; a tab that opens the run later gets the answer whole (message.snapshot), then its
+// deltas. The page itself only remembers which run it is showing. The page also talks back: Stop sends the
 // run a cancel, and the approval prompt answers the run's approval.request (stream.cancel/approve); every
 // tab sees those inputs once, as gateway.input events in the stream. The run's status is shown plainly:
 // running, cancelling… (a Stop is on its way or the agent has not ended the run yet), then how it ended,
@@ -28,20 +31,20 @@
   let stopAnswered = false; // the gateway has this tab's cancel
 
   const LABELS = { completed: "completed", failed: "failed", cancelled: "cancelled", timed_out: "timed out" };
+  const ANSWER = "answer"; // the id of the run's message
+  // Every type the run publishes (the helper assembles message.* anyway; listed, `reduce` counts them too).
+  const EVENTS = ["status", "tool", "approval.request", "gateway.input", "message.start", "message.append",
+    "message.end", "message.snapshot"];
 
   // -- the run's view: built from its events, one at a time ------------------------------------
 
-  const initial = { text: "", step: "starting", events: 0, lastId: 0, missing: 0, duplicates: 0, approval: null,
-    stopping: false, cancels: 0 };
+  const initial = { step: "starting", events: 0, approval: null, stopping: false, cancels: 0 };
 
   function reduce(view, e) {
-    const next = { ...view, events: view.events + 1, lastId: Math.max(view.lastId, e.id) };
-    if (e.id <= view.lastId) next.duplicates++;
-    else next.missing += e.id - view.lastId - 1;
+    const next = { ...view, events: view.events + 1 };
     const data = e.json || {};
-    if (e.type === "token") {
-      next.text += data.text;
-      next.step = "writing";
+    if (e.type.startsWith("message.")) {
+      if (view.step === "thinking" || view.step === "starting") next.step = "writing";
     } else if (e.type === "status") {
       next.step = data.step;
     } else if (e.type === "tool") {
@@ -104,12 +107,12 @@
 
   function connect() {
     stream = SSEGateway.connect(run.streamUrl, {
-      events: ["status", "token", "tool", "approval.request", "gateway.input"], // every event: the ids check
+      events: EVENTS,
       onInput,
       initial,
       reduce,
-      persist: true, // the view and the cursor, together, in sessionStorage
-      onView: render,
+      persist: true, // the view, the answer and the cursor, together, in sessionStorage
+      onView: render, // after each event, the answer's deltas too (stream.message(ANSWER) is assembled first)
       onState: onState,
       onEvent: onEvent,
       onEnd: onEnd,
@@ -123,7 +126,7 @@
       },
     });
     if (stream.restored && stream.state !== "ended") {
-      note(`page reloaded: the helper restored the text up to #${stream.view.lastId}; ` +
+      note(`page reloaded: the helper restored the answer (${answerText().length.toLocaleString()} characters); ` +
         `resuming after ${cursorOf(stream.cursor)}`);
       resumeFrom = stream.cursor;
     }
@@ -141,10 +144,17 @@
     render();
   }
 
+  /** The answer's text as the helper assembled it so far. */
+  function answerText() {
+    const answer = stream && stream.message(ANSWER);
+    return answer ? answer.text : "";
+  }
+
   function onEvent(e) {
     if (resumeFrom !== null) {
-      const before = parseInt(resumeFrom, 10) || 0;
-      note(`first event after the reconnect: #${e.id}, right after #${before}`, e.id === before + 1 ? "good" : "bad");
+      const what = e.type === "message.append" ? "the next delta of the answer"
+        : e.type === "message.snapshot" ? "the answer, whole" : e.type;
+      note(`first event after ${cursorOf(resumeFrom)}: ${what} (cursor ${e.cursor})`, "good");
       resumeFrom = null;
     }
     const data = e.json || {};
@@ -171,22 +181,21 @@
     const outcome = end.outcome;
     const result = outcome.result || {};
     const label = LABELS[outcome.status] || outcome.status;
-    const ids = view.missing === 0 && view.duplicates === 0;
+    const text = answerText();
     const after = result.tokens !== undefined ? ` after ${result.tokens} tokens` : "";
     const what = outcome.status === "completed" ? "Complete."
       : outcome.status === "cancelled" ? `Cancelled${after}.` : `The run ${label}.`;
-    const checks = `${view.events} events, ids 1–${view.lastId} without a hole or a repeat`;
-    if (!ids) {
-      verdict = { ok: false, text: `${what} But the stream had ${view.missing} missing and ${view.duplicates} ` +
-        "repeated events." };
+    const checks = `${view.events.toLocaleString()} events, none repeated`;
+    if (stream.duplicates) {
+      verdict = { ok: false, text: `${what} But the stream repeated ${stream.duplicates} events.` };
     } else if (typeof result.text !== "string") {
       verdict = { ok: outcome.status === "completed", text: `${what} ${checks}.` };
-    } else if (result.text === view.text) {
+    } else if (result.text === text) {
       const which = outcome.status === "completed" ? "final" : "partial";
-      verdict = { ok: true, text: `${what} ${checks}; the streamed text matches the ${which} result character ` +
-        "for character." };
+      verdict = { ok: true, text: `${what} ${checks}; the answer assembled from its deltas matches the ${which} ` +
+        "result character for character." };
     } else {
-      verdict = { ok: false, text: `${what} But the streamed text differs from the result.` };
+      verdict = { ok: false, text: `${what} But the assembled answer differs from the result.` };
     }
     const code = outcome.error && outcome.error.code;
     const how = code && code !== outcome.status ? ` (${code})` : "";
@@ -308,9 +317,10 @@
 
     const view = stream.view;
     const ended = state === "ended";
+    const answer = stream.message(ANSWER);
     const text = $("text");
-    text.replaceChildren(document.createTextNode(view.text));
-    if (!ended) {
+    text.replaceChildren(document.createTextNode(answer ? answer.text : ""));
+    if (!ended && (!answer || answer.status === "open")) {
       const caret = document.createElement("span");
       caret.className = "caret";
       text.append(caret);
@@ -334,10 +344,9 @@
     $("events").textContent = view.events.toLocaleString();
     $("reconnects").textContent = stream.reconnects;
     $("notices").textContent = `${stream.gaps} / ${stream.resets}`;
-    const ids = $("ids");
-    ids.textContent = view.lastId === 0 ? "–" : view.missing || view.duplicates
-      ? `${view.missing} missing, ${view.duplicates} repeated` : `1–${view.lastId}, contiguous`;
-    ids.className = view.missing || view.duplicates ? "bad" : view.lastId ? "good" : "";
+    const message = $("message");
+    message.textContent = answer ? `${answer.status}, ${answer.text.length.toLocaleString()} characters` : "–";
+    message.dataset.status = answer ? answer.status : "";
     if (run.heartbeat) $("heartbeat").textContent = run.heartbeat;
     const link = $("watch");
     link.hidden = false;

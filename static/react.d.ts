@@ -7,6 +7,7 @@ import type {
   GatewayEvent,
   GatewayStream,
   InputKind,
+  Message,
   InputSent,
   Outcome,
   SendOptions,
@@ -41,6 +42,8 @@ export interface SessionSnapshot<V> {
   stream: GatewayStream<V> | null;
   /** The approvals the agent asked for, by id (decision null while open). */
   approvals: Record<string, ApprovalState>;
+  /** The session's messages, assembled, in the order they first appeared (a new array on each change). */
+  messages: readonly Message[];
   /** The stream's return path (they reject with code "no_stream" before it opens). */
   send: (kind: InputKind, data?: any, options?: SendOptions) => Promise<InputSent>;
   cancel: (reason?: string, options?: SendOptions) => Promise<InputSent>;

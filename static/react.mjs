@@ -12,6 +12,7 @@
 // Without `reduce`, `view` is the list of events received: [{id, type, cursor, data}] (data parsed as JSON
 // when it is JSON). `outcome` is how the run ended, {status, result, error}, once it did (`result` stays
 // gateway.end's data). The stream opens when the component mounts (or `url` changes) and closes when it unmounts.
+// `messages` holds the session's messages (message.*), assembled: [{id, type, metadata, text, status, error}].
 // `send(kind, data)`, `cancel(reason)` and `approve(approvalId, decision)` post input for the agent (a token
 // with the "input" scope); `approvals` holds the approvals the agent asked for (decision null while open).
 import { useCallback, useEffect, useRef, useState } from "react";
@@ -37,7 +38,7 @@ export function useGatewaySession(options) {
   const persistKey = opts.persist ? (opts.persist === true ? "default" : opts.persist.key || "default") : "";
   const [snap, setSnap] = useState(() => ({
     view: firstView(opts), status: url ? "connecting" : "idle", result: undefined, outcome: undefined, ended: false,
-    error: null, cursor: null, stream: null, approvals: {},
+    error: null, cursor: null, stream: null, approvals: {}, messages: [],
   }));
   const streamRef = useRef(null);
   const noStream = () => {
@@ -69,7 +70,6 @@ export function useGatewaySession(options) {
       getToken: o.getToken ? (s) => latest.current.getToken(s) : undefined,
       onEvent: forward("onEvent"),
       onGap: forward("onGap"),
-      onReset: forward("onReset"),
       onAck: forward("onAck"),
       onApprovalRequest: (request, s) => {
         setSnap((p) => ({ ...p, approvals: { ...s.approvals } }));
@@ -78,6 +78,14 @@ export function useGatewaySession(options) {
       onInput: (input, s) => {
         setSnap((p) => ({ ...p, approvals: { ...s.approvals } }));
         forward("onInput")(input, s);
+      },
+      onMessage: (message, s) => {
+        setSnap((p) => ({ ...p, messages: s.messages, cursor: s.cursor }));
+        forward("onMessage")(message, s);
+      },
+      onReset: (reset, s) => {
+        setSnap((p) => ({ ...p, messages: s.messages }));
+        forward("onReset")(reset, s);
       },
       onView: (view, s) => {
         setSnap((p) => ({ ...p, view, cursor: s.cursor }));
@@ -99,7 +107,7 @@ export function useGatewaySession(options) {
     streamRef.current = stream;
     setSnap({ view: stream.view, status: stream.state, result: stream.result, outcome: stream.outcome,
       ended: stream.state === "ended", error: null, cursor: stream.cursor, stream,
-      approvals: { ...stream.approvals } });
+      approvals: { ...stream.approvals }, messages: stream.messages });
     return () => {
       if (streamRef.current === stream) streamRef.current = null;
       stream.close();

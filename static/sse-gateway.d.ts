@@ -48,13 +48,36 @@ export interface Outcome {
   error: any;
 }
 
+/** How a message stands: being written, or closed. */
+export type MessageStatus = "open" | "finished" | "failed";
+
+/** One message (message.start/append/reset/end/replace, or a replay's message.snapshot), assembled.
+ * Each change is a new object. */
+export interface Message {
+  /** The publisher's id for it. */
+  id: string;
+  /** The type it was started with, or null. */
+  type: string | null;
+  metadata: any;
+  /** Its whole text so far. */
+  text: string;
+  status: MessageStatus;
+  /** What a failed message was ended with (e.g. {code, message}), else null. */
+  error: any;
+  /** true when its start came before the stream's start point (a last_event_id given in the URL):
+   * `text` holds only what came after it. */
+  partial?: boolean;
+}
+
 /** One entry of the session's log. */
 export declare class GatewayEvent {
-  /** The event type: "message", "token", ..., or "gateway.end". */
+  /** The event type: "message", "token", "message.append", ..., or "gateway.end". */
   readonly type: string;
-  /** Its id (1, 2, 3, ...). */
+  /** The log id at the head of its cursor (1, 2, 3, ...), for display: replayed message snapshots may
+   * share one. Resume and compare with `cursor`, never with this. */
   readonly id: number;
-  /** "ID:EPOCH": where a stream resumes after this event. */
+  /** Where a stream resumes after this event: "ID:EPOCH", or "ID/HOLD:EPOCH" while a replay holds
+   * messages back. An opaque string: store it and send it back as it is. */
   readonly cursor: string;
   /** The data as text (JSON text for JSON data). */
   readonly data: string;
@@ -171,7 +194,8 @@ export interface ConnectOptions<V = any> {
   reduce?: (view: V, event: GatewayEvent) => V;
   /** The view before the first event (copied), or a function returning it. */
   initial?: V | (() => V);
-  /** Keep the view and cursor across reloads (true: sessionStorage, default key). */
+  /** Keep the view, the messages and the cursor across reloads (true: sessionStorage, default key);
+   * needs `reduce` or `onMessage`. */
   persist?: boolean | PersistOptions<V>;
 
   onEvent?: (event: GatewayEvent, stream: GatewayStream<V>) => void;
@@ -187,6 +211,9 @@ export interface ConnectOptions<V = any> {
   onState?: (state: StreamState, stream: GatewayStream<V>) => void;
   /** The gateway confirmed the acknowledgement of `cursor`. */
   onAck?: (cursor: string, stream: GatewayStream<V>) => void;
+  /** A message was started, appended to, reset, ended or replaced (or came whole in a replay); also
+   * once per message restored from storage at the start. */
+  onMessage?: (message: Message, stream: GatewayStream<V>) => void;
   /** Each input a user sent (from any tab), once, in order among the agent's events. */
   onInput?: (input: InputNotice, stream: GatewayStream<V>) => void;
   /** The agent asks for an approval; answer with stream.approve(request.approvalId, ...). */
@@ -216,8 +243,10 @@ export declare class GatewayStream<V = any> {
   readonly options: ConnectOptions<V>;
   readonly url: URL;
   readonly state: StreamState;
-  /** "ID:EPOCH" of the last event received, or null. */
+  /** The cursor of the last event received ("ID:EPOCH" or "ID/HOLD:EPOCH"), or null. Opaque. */
   readonly cursor: string | null;
+  /** The session's messages, in the order they first appeared (persisted with the view). */
+  readonly messages: readonly Message[];
   /** The view `reduce` built (null without reduce). */
   readonly view: V;
   /** gateway.end's data, the run's result, once it ended; undefined before. */
@@ -237,6 +266,8 @@ export declare class GatewayStream<V = any> {
   readonly lastEventAt: number | null;
   /** The approvals the agent asked for, by id (persisted with the view). */
   readonly approvals: Record<string, ApprovalState>;
+  /** The message with this id, or undefined. */
+  message(id: string): Message | undefined;
   /** Send the agent input with the stream's token (scope "input") or cookies; rejects with an InputError. */
   send(kind: InputKind, data?: any, options?: SendOptions): Promise<InputSent>;
   /** A "cancel" input ({reason} when given). */

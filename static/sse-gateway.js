@@ -14,6 +14,7 @@
  *     onError: (err) => fail(err.code),                   // unauthorized, forbidden, not_found, cors, unreachable
  *     onApprovalRequest: (req) => ask(req.approvalId, req.data),   // the agent asks (approval.request)
  *     onInput: (input) => note(input.kind, input.decision),       // a user's input, mirrored (gateway.input)
+ *     onMessage: (msg) => show(msg.id, msg.text, msg.status),     // a message (message.*) changed
  *   });
  *   stream.send("steer", { text: "shorter" });          // input for the agent: a Promise of the gateway's answer
  *   stream.approve("rm-1", "approve");                  // answers an approval request
@@ -27,7 +28,14 @@
  *    default), so a reload restores the view and resumes right after the stored cursor; a run that
  *    had ended is restored with its result and not streamed again.
  * Either way each event is applied once, and gateway.reset (a new life of the session) starts the
- * view over. At the end the helper reports how the run ended, {status, result, error} with status
+ * view over.
+ * Messages: an agent that publishes an answer as a message (message.start, .append, .reset, .end,
+ * .replace; a replay sends message.snapshot, the whole message at once) gets it assembled here:
+ * `stream.messages` holds one object per message, {id, type, metadata, text, status, error}, in
+ * the order they first appeared, status open, finished or failed; each change makes a new object
+ * and calls onMessage(msg). They are persisted with the view and restored with it. Cursors are
+ * opaque strings (ID:EPOCH, or ID/HOLD:EPOCH while a replay holds messages back): the helper only
+ * stores them and hands them back, it never reads a number out of one to decide anything. At the end the helper reports how the run ended, {status, result, error} with status
  * completed, failed, cancelled or timed_out (end.outcome, stream.outcome; stream.fetchSession()
  * has the session's exact run_status), and acknowledges the end event (POST .../ack); when the
  * gateway answers 204 (the cursor is already at the end) it fetches the session for the result
@@ -65,6 +73,9 @@
   const END_STATUSES = ["failed", "cancelled", "timed_out"]; // a gateway.end whose data says one of these
   const RUN_ENDS = ["completed", ...END_STATUSES];
   const SURFACED = ["gateway.input", "approval.request"]; // always received; given to reduce only if in `events`
+  const MESSAGE_OPS = ["message.start", "message.append", "message.reset", "message.end", "message.replace",
+    "message.snapshot"]; // always received and assembled into `messages`; given to reduce only if in `events`
+  const MESSAGE_STATUSES = ["open", "finished", "failed"];
   const pageKeys = { prefix: "js-" + Math.random().toString(36).slice(2, 10) + Date.now().toString(36), n: 0 };
 
   /** A fresh idempotency key: one per user action, so a retried request is one input. */
@@ -117,9 +128,21 @@
     }
   }
 
+  /** The log id a cursor starts with (ID:EPOCH, ID/HOLD:EPOCH), for display only: cursors are
+   * opaque, and nothing the helper decides reads a number out of one. */
   function idOf(cursor) {
-    const id = parseInt(cursor, 10);
-    return Number.isFinite(id) ? id : 0;
+    const m = /^([0-9]+)(?=[/:]|$)/.exec(cursor || "");
+    return m ? Number(m[1]) : 0;
+  }
+
+  /** A message as the page sees it (a fresh object for each change). */
+  function newMessage(id, fields) {
+    const m = { id, type: null, metadata: null, text: "", status: "open", error: null, ...fields };
+    if (!MESSAGE_STATUSES.includes(m.status)) m.status = "finished";
+    if (m.type === undefined) m.type = null;
+    if (m.metadata === undefined) m.metadata = null;
+    if (m.error === undefined) m.error = null;
+    return m;
   }
 
   /** One entry of the log: {type, id, cursor, data}; `json` parses the data. */
@@ -127,6 +150,7 @@
     constructor(message) {
       this.type = message.type;
       this.cursor = message.lastEventId;
+      /** The log id at the head of the cursor, for display; replayed message snapshots may share one. */
       this.id = idOf(message.lastEventId);
       this.data = message.data;
     }
@@ -161,7 +185,7 @@
       this.sessionUrl = o.sessionUrl ? new URL(o.sessionUrl, this.url) : sessionUrlOf(this.url);
       this.types = ["message", ...(o.events || [])].filter((t) => !CONTROL.includes(t));
       this._reduced = new Set(this.types); // the types `reduce` sees; the surfaced ones are heard anyway
-      for (const t of SURFACED) if (!this.types.includes(t)) this.types.push(t);
+      for (const t of [...SURFACED, ...MESSAGE_OPS]) if (!this.types.includes(t)) this.types.push(t);
       this.retryMs = o.retryMs || 1000;
       this.maxRetryMs = o.maxRetryMs || 30000;
       this.giveUpMs = o.giveUpMs === undefined ? 60000 : o.giveUpMs;
@@ -169,15 +193,23 @@
       const persist = o.persist === true ? {} : o.persist || null;
       this._reduce = o.reduce || (persist && persist.reduce) || null;
       this._initial = "initial" in o ? o.initial : persist && "initial" in persist ? persist.initial : null;
-      if (persist && !this._reduce) throw new TypeError("SSEGateway: persist needs a reduce(view, event) function");
+      if (persist && !this._reduce && !o.onMessage) {
+        // What is stored is what the page shows: a view that `reduce` builds, or the messages.
+        throw new TypeError("SSEGateway: persist needs a reduce(view, event) function (or onMessage)");
+      }
       this.storage = persist ? (persist.storage === undefined ? defaultStorage() : persist.storage) : null;
       this.storageKey = persist ? persist.key || "sse-gateway:view:" + this.url.pathname : null;
       this._saveMs = persist && persist.saveMs !== undefined ? persist.saveMs : 100;
 
       /** The page's view of the run, as `reduce` builds it (null without reduce). */
       this.view = this._freshView();
-      /** ID:EPOCH of the last event received, or null before the first one. */
+      /** The cursor of the last event received (ID:EPOCH, or ID/HOLD:EPOCH), or null before the first
+       * one: an opaque string, stored and sent back as it came. */
       this.cursor = given || null;
+      /** The session's messages, in the order they first appeared: {id, type, metadata, text, status,
+       * error} (a new array and a new object for each change). */
+      this.messages = [];
+      this._messageAt = new Map(); // message id -> index in `messages`
       /** gateway.end's data: the run's result, once it ended (undefined before). */
       this.result = undefined;
       /** How the run ended, {status, result, error}, once it ended (undefined before). */
@@ -226,8 +258,8 @@
         }
         if (record.acked) this.acked = record.acked;
         if (record.approvals) this.approvals = record.approvals;
+        if (Array.isArray(record.messages)) this._setMessages(record.messages);
       }
-      this._lastId = idOf(this.cursor);
       if (this.storage && root.addEventListener) root.addEventListener("pagehide", this._flush);
 
       if (this._end) {
@@ -236,6 +268,7 @@
         this.outcome = this._end.outcome;
         this.state = "ended";
         this._later(() => {
+          this._showMessages();
           this._showView();
           this._call("onState", "ended");
           this._call("onEnd", this._end);
@@ -243,7 +276,12 @@
         });
         return;
       }
-      if (this._reduce) this._later(() => this._showView());
+      if (this._reduce || this.messages.length) {
+        this._later(() => {
+          this._showMessages();
+          if (this._reduce) this._showView();
+        });
+      }
       this._open();
     }
 
@@ -407,6 +445,76 @@
       }
     }
 
+    /** The message with this id, or undefined. */
+    message(id) {
+      const at = this._messageAt.get(id);
+      return at === undefined ? undefined : this.messages[at];
+    }
+
+    /** Fold a message operation (or a replay's snapshot) into `messages`: the message it changed, or
+     * null. A message op the helper cannot place (malformed, or after its message was closed) is
+     * skipped and counted in `duplicates`: the gateway never sends one. */
+    _fold(event) {
+      const data = event.json;
+      if (!data || typeof data !== "object" || typeof data.message !== "string") return null;
+      const id = data.message;
+      const known = this.message(id);
+      const op = event.type;
+      let next;
+      if (op === "message.snapshot") {
+        if (known) this.duplicates++; // a message is sent whole once; its snapshot is still the truth
+        next = newMessage(id, { type: data.type, metadata: data.metadata,
+          text: typeof data.text === "string" ? data.text : "", status: data.status, error: data.error });
+      } else if (op === "message.start") {
+        if (known) {
+          this.duplicates++;
+          return null;
+        }
+        next = newMessage(id, { type: data.type, metadata: data.metadata });
+      } else {
+        // A message begun before a start point given in the URL has no start here: it is shown from
+        // what arrives, marked partial.
+        const m = known || newMessage(id, { partial: true });
+        if (m.status !== "open" && op !== "message.replace") {
+          this.duplicates++;
+          return null;
+        }
+        next = { ...m };
+        if (op === "message.append") {
+          next.text = m.text + (typeof data.text === "string" ? data.text : "");
+        } else if (op === "message.reset") {
+          next.text = "";
+        } else {
+          if (op === "message.replace") {
+            next.text = typeof data.text === "string" ? data.text : "";
+            if ("metadata" in data) next.metadata = data.metadata;
+            delete next.partial; // the whole text
+          }
+          next.status = data.status === "failed" ? "failed" : "finished";
+          next.error = data.error === undefined ? null : data.error;
+        }
+      }
+      const list = this.messages.slice();
+      const at = this._messageAt.get(id);
+      if (at === undefined) {
+        this._messageAt.set(id, list.length);
+        list.push(next);
+      } else {
+        list[at] = next;
+      }
+      this.messages = list;
+      return next;
+    }
+
+    _setMessages(list) {
+      this.messages = list.filter((m) => m && typeof m.id === "string");
+      this._messageAt = new Map(this.messages.map((m, i) => [m.id, i]));
+    }
+
+    _showMessages() {
+      for (const m of this.messages) this._call("onMessage", m);
+    }
+
     /** Forget the persisted view and cursor (the stream itself goes on). */
     forget() {
       clearTimeout(this._saveTimer);
@@ -468,10 +576,10 @@
           this.gaps++;
           this._call("onGap", info);
         } else {
-          this.resets++; // another life of the session: the old cursor and view mean nothing now
+          this.resets++; // another life of the session: the old cursor, view and messages mean nothing now
           this.cursor = null;
-          this._lastId = 0;
           this.view = this._freshView();
+          this._setMessages([]);
           this.approvals = {};
           this._save(true);
           this._call("onReset", info);
@@ -480,21 +588,24 @@
         return;
       }
       const event = new GatewayEvent(message);
-      if (event.id && event.id <= this._lastId) {
-        this.duplicates++; // never expected from the gateway; applying it twice would corrupt the view
+      // The gateway sends each event once, each with its own cursor; cursors are compared only for
+      // equality (their order is the gateway's business). Applying one twice would corrupt the view.
+      if (message.lastEventId && message.lastEventId === this.cursor) {
+        this.duplicates++; // never expected from the gateway
         return;
       }
       this.cursor = message.lastEventId;
-      this._lastId = event.id;
       this.lastEventAt = Date.now();
       if (type === "gateway.end") {
         this._ended(event);
         return;
       }
+      const changed = MESSAGE_OPS.includes(type) ? this._fold(event) : null;
       const reduced = this._reduce && this._reduced.has(type);
       if (reduced) this.view = this._reduce(this.view, event);
       if (SURFACED.includes(type)) this._surface(event);
       this._save(false);
+      if (changed) this._call("onMessage", changed);
       if (this._reduced.has(type)) this._call("onEvent", event);
       if (reduced) this._showView();
     }
@@ -616,7 +727,6 @@
             data: JSON.stringify(data) });
           end.fromSession = true;
           if (status) end.runStatus = status;
-          this._lastId = end.id;
           return this._ended(end);
         }
         return this._retry(200); // rarely: deleted and created again as the stream started
@@ -763,7 +873,7 @@
       if (!this.storage) return;
       const end = this._end ? { cursor: this._end.cursor, data: this._end.data, status: this._end.runStatus } : null;
       const record = { v: RECORD_VERSION, cursor: this.cursor, view: this.view, end, acked: this.acked,
-        approvals: this.approvals };
+        approvals: this.approvals, messages: this.messages };
       try {
         this.storage.setItem(this.storageKey, JSON.stringify(record));
       } catch (_) {

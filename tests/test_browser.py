@@ -310,6 +310,173 @@ async def test_a_page_reloaded_mid_answer_and_after_the_end_shows_the_whole_text
     assert session["acked_id"] == session["last_id"] == total + 1, "the end of the run was not acknowledged"
 
 
+MESSAGE_PAGE = """<!doctype html><meta charset="utf-8"><title>a page that shows messages</title>
+<div id="messages"></div><p id="result"></p>
+<script src="/static/sse-gateway.js"></script>
+<script>
+  const q = new URLSearchParams(location.search);
+  sessionStorage.setItem("loads", String(Number(sessionStorage.getItem("loads") || 0) + 1));
+  window.shown = []; // [id, text, status] at each onMessage of this page life
+  window.ends = [];
+  window.stream = SSEGateway.connect(q.get("url"), {
+    retryMs: 50,
+    persist: q.get("model") === "persist", // the messages and the cursor, stored together
+    onMessage: (m) => {
+      window.shown.push([m.id, m.text, m.status]);
+      let el = document.getElementById("m-" + m.id);
+      if (!el) {
+        el = document.createElement("pre");
+        el.id = "m-" + m.id;
+        document.getElementById("messages").append(el);
+      }
+      el.textContent = m.text;
+      el.dataset.status = m.status;
+    },
+    onEnd: (end) => {
+      window.ends.push(end.result);
+      document.getElementById("result").textContent = JSON.stringify(end.result);
+    },
+  });
+</script>"""
+
+
+def delta(n: int) -> str:
+    """The n-th delta of the long answer: a word, now and then an accent, an emoji or a line break."""
+    return f" mot{n}" + ("é" if n % 5 == 0 else "") + ("🙂" if n % 37 == 0 else "") + ("\n" if n % 60 == 0 else "")
+
+
+def upto(n: int) -> str:
+    """The answer's text after its first ``n`` deltas."""
+    return "".join(delta(i) for i in range(1, n + 1))
+
+
+def message_items(first: int, last: int) -> list[dict]:
+    """Deltas ``first..last`` of the answer, with a plain event every 25 (a replay holds the answer back
+    across them, so their cursors are ID/HOLD:EPOCH)."""
+    items = []
+    for n in range(first, last + 1):
+        items.append({"event": "message.append", "data": {"message": "answer", "text": delta(n)}})
+        if n % 25 == 0:
+            items.append({"event": "progress", "data": {"n": n}})
+    return items
+
+
+def publish_deltas(base_url: str, session: str, first: int, last: int, batch: int, pause: float,
+                   gate: threading.Event | None = None, at: int = 0) -> threading.Thread:
+    """Publish deltas ``first..last`` in batches from a thread; before delta ``at``, wait for ``gate``."""
+
+    def run() -> None:
+        with httpx.Client(base_url=base_url, timeout=10) as client:
+            for start in range(first, last + 1, batch):
+                if gate is not None and start <= at < start + batch:
+                    assert gate.wait(WAIT_TIMEOUT), "the test never opened the gate"
+                client.post(f"/v1/sessions/{session}/events",
+                            json=message_items(start, min(start + batch - 1, last))).raise_for_status()
+                time.sleep(pause)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+async def shown_answer(page) -> dict:
+    return await page.evaluate("""(() => {
+        const el = document.getElementById('m-answer');
+        const mine = window.shown.filter((s) => s[0] === 'answer').map((s) => s[1]);
+        return { text: el ? el.textContent : null, status: el ? el.dataset.status : null, texts: mine,
+                 loads: sessionStorage.getItem('loads'), duplicates: window.stream.duplicates };
+    })()""")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model", ["replay", "persist"])
+async def test_a_page_reloaded_mid_message_shows_it_whole_then_continues_it(start_gateway, page, model):
+    """A long answer published as one message (token deltas), plain events between them and a short
+    message beside it. The page is reloaded twice while the answer is open: once with the publisher
+    stopped, once as it publishes. Each time the page shows the answer whole at once (a replay's
+    message.snapshot, or the messages restored from storage), then continues it: every text the page
+    ever shows is a prefix of what was published, and the last is all of it, exactly."""
+    total, first_half, gate_at = 600, 250, 450
+    gw = start_gateway("--heartbeat", "1", "--retry-ms", "100")
+    api = httpx.AsyncClient(base_url=gw.url)
+    (await api.post("/v1/sessions", json={"id": "long"})).raise_for_status()
+
+    async def fulfill(route) -> None:
+        await route.fulfill(body=MESSAGE_PAGE, content_type="text/html")
+
+    await page.route(f"{gw.url}/message-test**", fulfill)
+    streams: list[str] = []
+    page.on("request", lambda req: streams.append(req.url) if urlparse(req.url).path.endswith("/stream") else None)
+    await page.goto(f"{gw.url}/message-test?model={model}&url=/v1/sessions/long/stream")
+    await page.wait_for_function("window.stream && window.stream.state === 'open'", timeout=20_000)
+
+    expected = "".join(delta(n) for n in range(1, total + 1)) + " Fin."
+    start = {"event": "message.start", "data": {"message": "answer", "type": "answer", "metadata": {"lang": "fr"}}}
+    first = [start, {"event": "progress", "data": {"n": 0}}]
+    (await api.post("/v1/sessions/long/events", json=first)).raise_for_status()
+    publisher = publish_deltas(gw.url, "long", 1, 100, batch=10, pause=0.01)
+    await asyncio.to_thread(publisher.join)
+    (await api.post("/v1/sessions/long/events", json=[  # a short message that begins and ends inside the answer
+        {"event": "message.start", "data": {"message": "tool", "type": "tool"}},
+        {"event": "message.append", "data": {"message": "tool", "text": "searching…"}},
+        {"event": "message.replace", "data": {"message": "tool", "text": "3 pages found"}},
+    ])).raise_for_status()
+    publisher = publish_deltas(gw.url, "long", 101, first_half, batch=10, pause=0.01)
+    await asyncio.to_thread(publisher.join)
+    await page.wait_for_function(f"(document.getElementById('m-answer') || {{}}).textContent === {upto(first_half)!r}",
+                                 timeout=20_000)
+
+    # Reload 1, the publisher stopped: the answer as published so far, whole, at once.
+    await page.reload()
+    await page.wait_for_function("sessionStorage.getItem('loads') === '2' && window.shown.length > 0",
+                                 timeout=10_000)
+    shown = await shown_answer(page)
+    assert shown["texts"][0] == upto(first_half), "the reloaded page did not show the answer whole at once"
+    assert shown["status"] == "open"
+
+    # Reload 2, as the publisher goes on (held at a gate further on, so the answer stays open).
+    gate = threading.Event()
+    publisher = publish_deltas(gw.url, "long", first_half + 1, total, batch=10, pause=0.01, gate=gate, at=gate_at)
+    before = len(upto(first_half + 50))
+    await page.wait_for_function(f"document.getElementById('m-answer').textContent.length >= {before}",
+                                 timeout=20_000)
+    lives = [await shown_answer(page)]
+    await page.reload()
+    await page.wait_for_function("sessionStorage.getItem('loads') === '3' && window.shown.length > 0",
+                                 timeout=10_000)
+    first_shown = (await shown_answer(page))["texts"][0]
+    assert len(first_shown) >= len(lives[0]["text"]), "the reloaded page showed less than it had"
+    assert expected.startswith(first_shown)
+    gate.set()
+    await asyncio.to_thread(publisher.join)
+    (await api.post("/v1/sessions/long/events", json=[
+        {"event": "message.append", "data": {"message": "answer", "text": " Fin."}},
+        {"event": "message.end", "data": {"message": "answer"}},
+    ])).raise_for_status()
+    (await api.post("/v1/sessions/long/complete", json={"result": "done"})).raise_for_status()
+    await page.wait_for_function("window.ends.length === 1", timeout=30_000)
+    lives.append(await shown_answer(page))
+    messages = await page.evaluate("window.stream.messages")
+    await api.aclose()
+
+    for life in lives:  # no text ever shown twice or skipped: each step is a prefix of the whole
+        assert all(expected.startswith(t) for t in life["texts"]), "a text shown was not a prefix of the answer"
+        assert [len(t) for t in life["texts"]] == sorted(len(t) for t in life["texts"])
+        assert life["duplicates"] == 0
+    assert lives[-1]["text"] == expected and lives[-1]["status"] == "finished"
+    assert await page.locator("#m-answer").text_content() == expected
+    assert {m["id"]: m for m in messages} == {
+        "answer": {"id": "answer", "type": "answer", "metadata": {"lang": "fr"}, "text": expected,
+                   "status": "finished", "error": None},
+        "tool": {"id": "tool", "type": "tool", "metadata": None, "text": "3 pages found", "status": "finished",
+                 "error": None}}
+    resumed = [parse_qs(urlparse(u).query).get("last_event_id", [None])[0] for u in streams]
+    if model == "persist":  # the reloads resumed after the stored cursor; the page never read it all again
+        assert resumed[0] is None and all(resumed[1:]), resumed
+    else:  # each load read the session from its start, and got the answer whole
+        assert resumed == [None] * len(resumed), resumed
+
+
 def minimal_page() -> str:
     """The minimal page of docs/javascript.md, as written there."""
     doc = (ROOT / "docs" / "javascript.md").read_text()
@@ -527,11 +694,13 @@ async def test_demo_page_runs_drops_reloads_resumes_and_ends(start_gateway, page
     assert session["status"] == "completed"
     view = run["view"]
     assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()
-    assert view["text"] == session["result"]["text"]
-    assert (view["lastId"], view["missing"], view["duplicates"]) == (session["last_id"] - 1, 0, 0)
-    assert view["events"] == session["last_id"] - 1  # every event but gateway.end, once
+    assert run["messages"] == [{"id": "answer", "type": "answer", "metadata": None, "text": session["result"]["text"],
+                                "status": "finished", "error": None}]
+    assert 0 < view["events"] <= session["last_id"] - 1  # every event but gateway.end, once (the answer maybe whole)
     assert await page.locator("#cursor").inner_text() == f"{session['last_id']}:{session['epoch']}"
-    assert (await page.locator("#verdict").inner_text()).startswith("Complete.")
+    assert await page.locator("#message").inner_text() == f"finished, {len(session['result']['text']):,} characters"
+    verdict = await page.locator("#verdict").inner_text()
+    assert verdict.startswith("Complete.") and "none repeated" in verdict and "matches the final result" in verdict
     timeline = await page.locator("#timeline").inner_text()
     assert "page reloaded" in timeline and "gateway.end" in timeline
     heartbeats = next(line for line in metrics.splitlines() if line.startswith("sse_gateway_heartbeats_total"))
@@ -585,7 +754,7 @@ async def test_the_demo_pages_stop_button_stops_the_run_and_another_tab_sees_the
     await page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
     verdict = await page.locator("#verdict").inner_text()
     assert verdict.startswith("Cancelled after"), verdict
-    assert "without a hole or a repeat" in verdict and "matches the partial result" in verdict
+    assert "none repeated" in verdict and "matches the partial result" in verdict
     assert await page.locator("#stop").is_disabled()
     assert await page.locator("#outcome-label").inner_text() == "Cancelled"
     assert "the user pressed Stop" in await page.locator("#outcome-detail").inner_text()
@@ -624,8 +793,9 @@ async def test_the_demo_pages_approval_prompt_approves_the_tool_call(start_gatew
     assert session["input_last_id"] == session["input_acked_id"] == 1
     timeline = await page.locator("#timeline").inner_text()
     assert "you sent approve for search_docs" in timeline and "gateway.input #1: approve" in timeline
-    assert (await page.locator("#verdict").inner_text()).startswith("Complete.")
-    assert (run["view"]["missing"], run["view"]["duplicates"]) == (0, 0)
+    verdict = await page.locator("#verdict").inner_text()
+    assert verdict.startswith("Complete.") and "none repeated" in verdict
+    assert run["messages"][0]["text"] == session["result"]["text"]
 
 
 async def shows(tab, condition: str, timeout: float = 30_000) -> None:
@@ -645,7 +815,8 @@ async def demo_tab_state(tab) -> dict:
         const text = (id) => document.getElementById(id).textContent;
         return { status: text('status'), label: text('outcome-label'), detail: text('outcome-detail'),
                  state: text('state'), reconnects: Number(text('reconnects')), timeline: text('timeline'),
-                 view: record.view, end, outcome: end === null ? null : SSEGateway.outcomeOf(end) };
+                 verdict: text('verdict'), view: record.view, messages: record.messages, end,
+                 outcome: end === null ? null : SSEGateway.outcomeOf(end) };
     })()""")
 
 
@@ -663,8 +834,9 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
     gateway answers 200 with the input it already has), both tabs resume after their cursors, and
     the agent ends the run as cancelled. Proved: the gateway holds one input and the agent read one
     cancel (input ids counted); the run ended cancelled (the session's run_status and the gateway.end
-    data); both tabs show cancelled and saw the cancel's mirror once, with no event missing or
-    repeated across the cut. Conditions only: each step waits for what the previous one caused.
+    data); both tabs show cancelled and saw the cancel's mirror once, and the answer the agent left
+    open (a message, closed by the gateway at the end) whole and once across the cut. Conditions
+    only: each step waits for what the previous one caused.
     """
     from sse_gateway.client import Publisher
 
@@ -688,8 +860,9 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
                     received.append((item.id, item.kind))
 
             reader = asyncio.create_task(read())
+            await run.publish("message.start", {"message": "answer", "type": "answer"})  # the demo page shows it
             for word in words:
-                await run.token(word)
+                await pub.send(session, "message.append", {"message": "answer", "text": word})
             await run.flush()
             await run.cancelled.wait()
             await cut.wait()
@@ -711,7 +884,7 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
             token = (await pub.mint_token(session, scopes=["subscribe", "input"])).token
 
             async def typed() -> bool:
-                return (await api.get(f"/v1/sessions/{session}")).json()["last_id"] >= len(words)
+                return (await api.get(f"/v1/sessions/{session}")).json()["last_id"] >= len(words) + 1
 
             await await_until(typed, what="the agent to type its words")
 
@@ -719,13 +892,14 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
             tab = await context.new_page()
             tab.on("pageerror", lambda exc: errors.append(exc))
             await tab.goto(f"{site}/?session={session}&token={quote(token)}")
-            await shows(tab, f"Number(text('events')) === {len(words)}")
+            answer = "".join(words)
+            await shows(tab, f"text('text') === {answer!r}")  # the open answer, whole
             link = await tab.get_attribute("#watch", "href")
             assert link.startswith(f"{site}/?session={session}&token="), link
             second = await context.new_page()
             second.on("pageerror", lambda exc: errors.append(exc))
             await second.goto(link)
-            await shows(second, f"Number(text('events')) === {len(words)}")
+            await shows(second, f"text('text') === {answer!r}")
             for t in (tab, second):
                 state = await demo_tab_state(t)
                 assert (state["status"], state["label"], state["state"]) == ("running", "Running", "open"), state
@@ -761,7 +935,7 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
             assert await tab.locator("#stop").is_disabled(), "Stop stays pressed while its cancel is retried"
 
             async def agent_wrote_while_cut() -> bool:
-                return (await api.get(f"/v1/sessions/{session}")).json()["last_id"] == len(words) + 2
+                return (await api.get(f"/v1/sessions/{session}")).json()["last_id"] == len(words) + 3
 
             await await_until(agent_wrote_while_cut, what="the agent to write while the tabs are cut off")
 
@@ -770,7 +944,7 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
             await context.set_offline(False)
             await shows(tab, "text('timeline').includes('you sent a cancel: input #1')")
             for t in (tab, second):  # resumed after the cut: what the agent wrote meanwhile arrived
-                await shows(t, f"text('state') === 'open' && Number(text('events')) === {len(words) + 2}")
+                await shows(t, "text('state') === 'open' && text('step') === 'stopping: keeping the draft'")
             may_end.set()
             ended = await asyncio.wait_for(agent_run, WAIT_TIMEOUT)
             for t in (tab, second):
@@ -810,8 +984,10 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
                                                             "result": end["result"]}
         assert state["timeline"].count("gateway.input #1: cancel") == 1, state["timeline"]
         assert state["reconnects"] >= 1, "the cut must have dropped the tab's stream"
-        view = state["view"]
-        assert (view["cancels"], view["missing"], view["duplicates"]) == (1, 0, 0), view
-        assert view["events"] == view["lastId"] == row["last_id"] - 1
-        assert view["text"] == "".join(words)
+        assert state["view"]["cancels"] == 1, state["view"]
+        # The answer the run left open, closed by the gateway when the run ended: whole, once.
+        assert state["messages"] == [{"id": "answer", "type": "answer", "metadata": None, "text": "".join(words),
+                                      "status": "failed", "error": None}]
+        assert "none repeated" in state["verdict"] and "matches the partial result" in state["verdict"], state
+    assert [e["event"] for e in events][-2:] == ["message.end", "gateway.end"]
     assert not errors, f"a page threw: {errors}"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import signal
 
 import httpx
 import pytest
-
-from util import read_stream
+from messages_util import View
 
 
 @pytest.mark.timeout(60)
@@ -20,13 +18,26 @@ async def test_a_demo_run_types_pauses_past_the_heartbeat_and_completes(start_ga
     run = resp.json()
     assert run["stream_url"] == f"/v1/sessions/{run['session']}/stream" and run["heartbeat"] == 1
 
-    got = await read_stream(gw.url, run["session"], timeout=30)
-    assert got.ended and got.ids == list(range(1, len(got.ids) + 1))
-    assert got.events[0] == "status" and got.events[-1] == "gateway.end"
-    assert got.events.count("tool") == 2 and 300 <= got.events.count("token") <= 400
-    text = "".join(json.loads(d)["text"] for e, d in zip(got.events, got.data) if e == "token")
-    result = json.loads(got.data[-1])
-    assert result["text"] == text and result["tokens"] == got.events.count("token")
+    async with httpx.AsyncClient(base_url=gw.url) as api:
+        first = await _follow(gw, run["session"], _nothing)  # live, or the answer whole if it began already
+        written = (await api.get(f"/v1/sessions/{run['session']}/events", params={"limit": 1000})).json()["events"]
+    events = [e["event"] for e in written]  # the log as the run wrote it
+    assert [e["id"] for e in written] == list(range(1, len(written) + 1))
+    assert events[:2] == ["status", "message.start"] and events[-2:] == ["message.end", "gateway.end"]
+    assert written[1]["data"] == {"message": "answer", "type": "answer"}
+    assert written[-2]["data"] == {"message": "answer"}
+    assert events.count("tool") == 2 and 300 <= events.count("message.append") <= 400
+    deltas = [e["data"] for e in written if e["event"] == "message.append"]
+    assert {d["message"] for d in deltas} == {"answer"}
+    text = "".join(d["text"] for d in deltas)
+    result = written[-1]["data"]
+    assert result["text"] == text and result["tokens"] == len(deltas)
+    assert first[-1] == ("gateway.end", result)
+
+    # A reader that comes after the end gets the answer whole, in one event.
+    late = [(e, d) for e, d in await _follow(gw, run["session"], _nothing) if e.startswith("message.")]
+    assert late == [("message.snapshot", {"message": "answer", "type": "answer", "metadata": None, "text": text,
+                                          "status": "finished"})]
     assert result["seconds"] >= 2.0, "the tool pause must outlast the heartbeat"
     async with httpx.AsyncClient() as api:
         row = (await api.get(f"{gw.url}/v1/sessions/{run['session']}")).json()
@@ -90,6 +101,10 @@ def test_demo_runs_are_bounded_in_number_and_count_against_max_sessions(start_ga
         assert len(c.get("/v1/sessions", params={"limit": 1000}).json()["sessions"]) == MAX_RUNS + 1
 
 
+async def _nothing(event, data) -> None:
+    pass
+
+
 async def _follow(gw, session: str, on_event) -> list[tuple[str, object]]:
     """Read the run's stream to its end, calling ``on_event(event, data)`` as each arrives."""
     from sse_gateway.client import Subscriber
@@ -144,7 +159,7 @@ async def test_a_cancel_stops_a_demo_run_and_ends_it_as_cancelled(start_gateway,
 
         async def stop_after_ten(event, _):
             nonlocal tokens
-            if event == "token":
+            if event == "message.append":
                 tokens += 1
                 if tokens == 10:
                     body = {"kind": "cancel", **({"data": data} if data is not None else {})}
@@ -153,15 +168,19 @@ async def test_a_cancel_stops_a_demo_run_and_ends_it_as_cancelled(start_gateway,
 
         seen = await _follow(gw, session, stop_after_ten)
         row = (await api.get(f"/v1/sessions/{session}")).json()
-    typed = "".join(d["text"] for e, d in seen if e == "token")
+    typed = View()  # the answer as a reader assembles it: whole if the reader came after it began, then deltas
+    for kind, body in seen:
+        typed.take(kind, body)
     end = seen[-1][1]
     assert seen[-1][0] == "gateway.end"
     assert set(end) == {"status", "error", "result"} and end["status"] == "cancelled"
     assert end["error"] == {"code": "cancelled", "message": message}
     result = end["result"]
     assert "cancelled" not in result, "the outcome says it, not a convention inside the result"
-    assert result["text"] == typed
-    assert result["tokens"] == len([e for e, _ in seen if e == "token"]) < 100, "it stopped typing"
+    assert typed.messages == {"answer": {"type": "answer", "metadata": None, "text": result["text"], "status": "failed",
+                                         "error": end["error"]}}
+    assert result["tokens"] < 100, "it stopped typing"
+    assert seen[-2] == ("message.end", {"message": "answer", "status": "failed", "error": end["error"]})
     assert [d["kind"] for e, d in seen if e == "gateway.input"] == ["cancel"]
     assert (row["status"], row["run_status"], row["outcome"]) == ("completed", "cancelled", "cancelled")
     assert row["error"] == end["error"] and row["result"] == result

@@ -13,6 +13,8 @@ import {
   type InputError,
   type InputNotice,
   type InputSent,
+  type Message,
+  type MessageStatus,
 } from "sse-gateway-client";
 import { useGatewaySession } from "sse-gateway-client/react";
 
@@ -55,6 +57,16 @@ withInput.send("shout", "hi");
 // @ts-expect-error: a decision is approve or deny
 withInput.approve("rm-1", "maybe");
 
+// Messages, assembled from message.* events: one object per message, persisted with the messages alone.
+const answers = connect("/v1/sessions/run1/stream", {
+  persist: true,
+  onMessage: (m: Message) => console.log(m.id, m.type ?? "", m.text.length, m.status === "open", m.error, m.partial),
+});
+const statuses: MessageStatus[] = answers.messages.map((m) => m.status);
+const first: Message | undefined = answers.message("answer-1");
+// @ts-expect-error: a message is open, finished or failed
+const notOpen: MessageStatus = "closed";
+
 const ended: EndStatus | undefined = stream.outcome?.status;
 void stream.fetchSession().then((session: SessionInfo) => {
   const status: RunStatus = session.run_status;
@@ -81,11 +93,12 @@ export function Answer(): string {
     reduce: (text: string, e) => text + String(e.data),
   });
   const events = useGatewaySession({ url: null }).view;
-  const { send, cancel, approve, approvals } = useGatewaySession({ url: "/v1/sessions/run1/stream" });
+  const { send, cancel, approve, approvals, messages } = useGatewaySession({ url: "/v1/sessions/run1/stream" });
+  const shown: string = messages.map((m) => m.text).join("");
   void send("message", "hi").then((a: InputSent) => a.id);
   void cancel().catch((err: InputError) => err.code);
   void approve(Object.keys(approvals)[0], "approve");
   const done: EndStatus | "" = outcome?.status ?? "";
-  return `${status} ${view.length} ${String(result)} ${error?.code ?? ""} ${events.map((e) => e.id).join()} ${done}`;
+  return `${status} ${view.length} ${String(result)} ${error?.code ?? ""} ${events.map((e) => e.id).join()} ${done} ${shown}`;
 }
-export { text, cursor, wrong, open, ended, guessed, notAStatus };
+export { text, cursor, wrong, open, ended, guessed, notAStatus, statuses, first, notOpen };
