@@ -230,7 +230,7 @@ class Message:
 
     def whole(self) -> dict:
         body: dict = {"message": self.id, "type": self.type, "metadata": self.metadata, "text": "".join(self.parts),
-                      "status": self.status}
+                      "status": self.status, "start": self.start}
         if self.error is not None:
             body["error"] = self.error
         return body

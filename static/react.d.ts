@@ -42,7 +42,7 @@ export interface SessionSnapshot<V> {
   stream: GatewayStream<V> | null;
   /** The approvals the agent asked for, by id (decision null while open). */
   approvals: Record<string, ApprovalState>;
-  /** The session's messages, assembled, in the order they first appeared (a new array on each change). */
+  /** The session's messages, assembled, in the order they began (a new array on each change). */
   messages: readonly Message[];
   /** The stream's return path (they reject with code "no_stream" before it opens). */
   send: (kind: InputKind, data?: any, options?: SendOptions) => Promise<InputSent>;

@@ -64,6 +64,8 @@ export interface Message {
   status: MessageStatus;
   /** What a failed message was ended with (e.g. {code, message}), else null. */
   error: any;
+  /** The log id of its message.start (null if unknown): `messages` are kept in this order. */
+  start: number | null;
   /** true when its start came before the stream's start point (a last_event_id given in the URL):
    * `text` holds only what came after it. */
   partial?: boolean;
@@ -245,7 +247,7 @@ export declare class GatewayStream<V = any> {
   readonly state: StreamState;
   /** The cursor of the last event received ("ID:EPOCH" or "ID/HOLD:EPOCH"), or null. Opaque. */
   readonly cursor: string | null;
-  /** The session's messages, in the order they first appeared (persisted with the view). */
+  /** The session's messages, in the order they began (persisted with the view). */
   readonly messages: readonly Message[];
   /** The view `reduce` built (null without reduce). */
   readonly view: V;

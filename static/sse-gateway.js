@@ -31,8 +31,8 @@
  * view over.
  * Messages: an agent that publishes an answer as a message (message.start, .append, .reset, .end,
  * .replace; a replay sends message.snapshot, the whole message at once) gets it assembled here:
- * `stream.messages` holds one object per message, {id, type, metadata, text, status, error}, in
- * the order they first appeared, status open, finished or failed; each change makes a new object
+ * `stream.messages` holds one object per message, {id, type, metadata, text, status, error, start},
+ * in the order they began (start: the log id of message.start), status open, finished or failed; each change makes a new object
  * and calls onMessage(msg). They are persisted with the view and restored with it. Cursors are
  * opaque strings (ID:EPOCH, or ID/HOLD:EPOCH while a replay holds messages back): the helper only
  * stores them and hands them back, it never reads a number out of one to decide anything. At the end the helper reports how the run ended, {status, result, error} with status
@@ -137,7 +137,7 @@
 
   /** A message as the page sees it (a fresh object for each change). */
   function newMessage(id, fields) {
-    const m = { id, type: null, metadata: null, text: "", status: "open", error: null, ...fields };
+    const m = { id, type: null, metadata: null, text: "", status: "open", error: null, start: null, ...fields };
     if (!MESSAGE_STATUSES.includes(m.status)) m.status = "finished";
     if (m.type === undefined) m.type = null;
     if (m.metadata === undefined) m.metadata = null;
@@ -206,7 +206,7 @@
       /** The cursor of the last event received (ID:EPOCH, or ID/HOLD:EPOCH), or null before the first
        * one: an opaque string, stored and sent back as it came. */
       this.cursor = given || null;
-      /** The session's messages, in the order they first appeared: {id, type, metadata, text, status,
+      /** The session's messages, in the order they began: {id, type, metadata, text, status,
        * error} (a new array and a new object for each change). */
       this.messages = [];
       this._messageAt = new Map(); // message id -> index in `messages`
@@ -464,13 +464,14 @@
       if (op === "message.snapshot") {
         if (known) this.duplicates++; // a message is sent whole once; its snapshot is still the truth
         next = newMessage(id, { type: data.type, metadata: data.metadata,
-          text: typeof data.text === "string" ? data.text : "", status: data.status, error: data.error });
+          text: typeof data.text === "string" ? data.text : "", status: data.status, error: data.error,
+          start: typeof data.start === "number" ? data.start : null });
       } else if (op === "message.start") {
         if (known) {
           this.duplicates++;
           return null;
         }
-        next = newMessage(id, { type: data.type, metadata: data.metadata });
+        next = newMessage(id, { type: data.type, metadata: data.metadata, start: event.id });
       } else {
         // A message begun before a start point given in the URL has no start here: it is shown from
         // what arrives, marked partial.
@@ -494,15 +495,18 @@
           next.error = data.error === undefined ? null : data.error;
         }
       }
-      const list = this.messages.slice();
       const at = this._messageAt.get(id);
       if (at === undefined) {
-        this._messageAt.set(id, list.length);
-        list.push(next);
+        // In the order the messages began (a replay sends a message whole when it closes, so parallel
+        // messages may arrive in another order than they began)
+        let to = this.messages.length;
+        while (to > 0 && next.start != null && this.messages[to - 1].start != null && this.messages[to - 1].start > next.start) to--;
+        this._setMessages([...this.messages.slice(0, to), next, ...this.messages.slice(to)]);
       } else {
+        const list = this.messages.slice();
         list[at] = next;
+        this.messages = list;
       }
-      this.messages = list;
       return next;
     }
 

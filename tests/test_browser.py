@@ -465,6 +465,9 @@ async def test_a_page_reloaded_mid_message_shows_it_whole_then_continues_it(star
         assert life["duplicates"] == 0
     assert lives[-1]["text"] == expected and lives[-1]["status"] == "finished"
     assert await page.locator("#m-answer").text_content() == expected
+    # in the order they began, though a reload got the (closed) tool message before the (open) answer
+    starts = [m.pop("start") for m in messages]
+    assert starts == sorted(starts) and [m["id"] for m in messages] == ["answer", "tool"], starts
     assert {m["id"]: m for m in messages} == {
         "answer": {"id": "answer", "type": "answer", "metadata": {"lang": "fr"}, "text": expected,
                    "status": "finished", "error": None},

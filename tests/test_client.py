@@ -720,4 +720,4 @@ async def test_the_subscriber_reads_a_replayed_message_whole(app):
     assert [(e.id, e.cursor.split(":")[0], e.event) for e in got] == [
         (2, "2/1", "tool"), (6, "6/1", "message.snapshot"), (7, "7", "message.snapshot")]
     assert got[1].data["text"] == "xy" and got[2].data == {"message": "a", "type": None, "metadata": None,
-                                                           "text": "z", "status": "open"}
+                                                           "text": "z", "status": "open", "start": 1}

@@ -118,9 +118,9 @@ def test_a_reader_from_the_start_gets_each_message_once_and_whole():
     assert sent == [
         ("3/1", "token", {"n": 1}),
         ("7/2", "message.snapshot", {"message": "m0", "type": "answer", "metadata": None, "text": "Hello",
-                                     "status": "finished"}),
+                                     "status": "finished", "start": 1}),
         ("8", "message.snapshot", {"message": "m1", "type": "answer", "metadata": None, "text": "xy",
-                                   "status": "open"}),
+                                   "status": "open", "start": 2}),
     ]
     # the reader cut after the plain event has not seen m0's first delta: it gets m0 whole, then m1
     assert [c for c, _, _ in replay(events, "3/1", 8)] == ["7/2", "8"]
@@ -235,8 +235,8 @@ def test_the_state_with_the_messages_as_of_its_cursor(app_client):
     got = c.get("/v1/sessions/st/state", params={"messages": "true"}).json()
     assert got["as_of"].startswith("4:") and got["state"] == {"step": 2}
     assert got["messages"] == [
-        {"message": "a", "type": "answer", "metadata": None, "text": "Hel", "status": "open"},
-        {"message": "b", "type": None, "metadata": None, "text": "", "status": "failed"}]
+        {"message": "a", "type": "answer", "metadata": None, "text": "Hel", "status": "open", "start": 1},
+        {"message": "b", "type": None, "metadata": None, "text": "", "status": "failed", "start": 3}]
     assert "messages" not in c.get("/v1/sessions/st/state").json()
     r = c.get("/v1/sessions/st/state", params={"messages": "yes"})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_messages")

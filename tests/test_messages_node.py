@@ -117,7 +117,11 @@ async def test_a_reader_cut_mid_message_resumes_and_assembles_the_exact_text(sta
     plain, messages = published.state()
     assert plain[-1] == ("gateway.end", "done")
     assert [tuple(p) for p in got["plain"]] == plain[:-1], "the plain events, each once, in order"
-    assembled = {m["id"]: {k: v for k, v in m.items() if k != "id" and (k != "error" or v is not None)}
+    began = {json.loads(e["data"])["message"] if isinstance(e["data"], str) else e["data"]["message"]: e["id"]
+             for e in events if e["event"] == "message.start"}
+    assert [m["id"] for m in got["messages"]] == sorted(began, key=began.get), "in the order they began"
+    assert {m["id"]: m["start"] for m in got["messages"]} == began
+    assembled = {m["id"]: {k: v for k, v in m.items() if k not in ("id", "start") and (k != "error" or v is not None)}
                  for m in got["messages"]}
     assert assembled == messages
     assert len(got["messages"]) == len(messages), "a message given twice"

@@ -196,7 +196,7 @@ async def read_stream(base_url, session: str, *, until_id: int | None = None, ti
                                 got.notices.append((sse.event, sse.data))
                                 continue
                             got.cursor = sse.id
-                            got.ids.append(int(sse.id.split(":")[0]))
+                            got.ids.append(int(sse.id.split(":")[0].split("/")[0]))  # ID, ID:EPOCH, ID/HOLD:EPOCH
                             got.events.append(sse.event)
                             got.data.append(sse.data)
                             if sse.event == "gateway.end":
