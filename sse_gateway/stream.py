@@ -79,6 +79,8 @@ from starlette.types import Receive, Scope, Send
 from . import rules
 from .errors import BadRequest, GatewayError
 from .hub import CHUNK_BYTES, Channel, Hub
+from .messages import APPEND as MESSAGE_APPEND
+from .messages import TYPES as MESSAGE_TYPES
 from .messages import Compactor, merge_appends
 from .models import END_EVENT, Session
 from .protocol import TRANSPORT_EXTENSION
@@ -355,6 +357,7 @@ class EventStream(Response):
         epoch = ch.epoch
         last, taken = cursor, 0
         pairs: list = []  # what the replay sends for the events taken
+        appends = 0  # message.append among them (merged when several follow each other)
         for ev in events:
             if walk is None:
                 frame = encode_event(ev, epoch)
@@ -365,9 +368,15 @@ class EventStream(Response):
             else:  # what the replay sends for it (it took the event: never read again), within the budget
                 if size > CHUNK_BYTES and last > cursor:
                     break
-                sent = walk.feed(ev)
-                pairs += sent
-                frame = b"".join(encode_event(e, epoch, hold) for e, hold in sent)
+                if ev.event in MESSAGE_TYPES or walk.held or walk.skipping is not None:
+                    sent = walk.feed(ev)
+                    frame = b"".join(encode_event(e, epoch, hold) for e, hold in sent)
+                    pairs += sent
+                    appends += ev.event == MESSAGE_APPEND
+                else:  # nothing held, not a message's: as it is (what feed would say, for less)
+                    walk.pos, walk.ts = ev.id, ev.ts
+                    frame = encode_event(ev, epoch)
+                    pairs.append((ev, 0))
                 largest = max(largest, len(frame))
                 size += len(frame)
             out.append(frame)
@@ -375,7 +384,7 @@ class EventStream(Response):
             taken += 1
             if ev.event == END_EVENT:
                 ch.end_id = ev.id
-        if len(pairs) > 1 and len(merged := merge_appends(pairs)) < len(pairs):  # a behind reader's deltas
+        if appends > 1 and len(merged := merge_appends(pairs)) < len(pairs):  # a behind reader's deltas
             out[len(out) - taken:] = [encode_event(e, epoch, hold) for e, hold in merged]
         self._read_limit = max(1, min(READ_CHUNK, CHUNK_BYTES // max(largest, _FRAME_FLOOR)))
         if self.stats:

@@ -119,7 +119,8 @@ async def measure(plan: Plan) -> dict:
 
 async def run_one(plan: Plan, scenario: Scenario, name: str, workdir: Path, timeout: float,
                   run_no: int) -> dict | None:
-    if scenario.needs_batch and not (plan.remote.target if plan.remote else preset(name)).batch:
+    target = plan.remote.target if plan.remote else preset(name)
+    if (scenario.needs_batch and not target.batch) or (scenario.needs_messages and not target.messages):
         return None
     server = None
     try:

@@ -572,6 +572,7 @@ class Scenario:
     name: str
     run: Callable[[Context], Awaitable[dict]]
     needs_batch: bool = False
+    needs_messages: bool = False
 
 
 SCENARIOS = {s.name: s for s in [
@@ -584,7 +585,7 @@ SCENARIOS = {s.name: s for s in [
     Scenario("fleet", fleet),
     Scenario("latency", latency),
     Scenario("replay", replay),
-    Scenario("messages", messages, needs_batch=True),
+    Scenario("messages", messages, needs_messages=True),
     Scenario("idle", idle),
     Scenario("heartbeat", heartbeat),
 ]}

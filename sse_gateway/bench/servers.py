@@ -41,6 +41,7 @@ class Target:
     last_event_id_style: str = "header"  # or "query": ?last_event_id=
     envelope: bool = True  # publish {"data": PAYLOAD}; False: the payload is the whole body
     batch: bool = False  # takes JSON arrays and NDJSON streams
+    messages: bool = False  # keeps messages (message.* events) and replays them compacted
 
     def resolve(self, base_url: str) -> Target:
         """The same target with URLs made absolute against ``base_url``."""
@@ -58,12 +59,12 @@ def _absolute(base: str, url: str) -> str:
 
 _GATEWAY_URLS = ("/v1/sessions/{session}/events", "/v1/sessions/{session}/stream")
 PRESETS = {
-    "gateway": Target("gateway", *_GATEWAY_URLS, batch=True),
+    "gateway": Target("gateway", *_GATEWAY_URLS, batch=True, messages=True),
     "baseline": Target("baseline", *_GATEWAY_URLS),
     "nchan": Target("nchan", "/pub/{session}", "/sub/{session}", envelope=False),
     "floor": Target("floor", *_GATEWAY_URLS, batch=True),
-    "redis-1": Target("redis-1", *_GATEWAY_URLS, batch=True),
-    "redis-2": Target("redis-2", *_GATEWAY_URLS, batch=True),
+    "redis-1": Target("redis-1", *_GATEWAY_URLS, batch=True, messages=True),
+    "redis-2": Target("redis-2", *_GATEWAY_URLS, batch=True, messages=True),
 }
 #: targets that are gateways on a private redis-server: name -> number of gateway nodes
 REDIS_NODES = {"redis-1": 1, "redis-2": 2}
