@@ -384,14 +384,14 @@ def run_gateway(settings: Settings, sock: socket.socket, *, worker=None, on_star
     import uvicorn
 
     from .app import create_app
-    from .protocol import header_deadline
+    from .protocol import gateway_protocol
 
     app = create_app(settings, worker=worker)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=settings.access_log, log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 5,
                             timeout_keep_alive=settings.keep_alive, server_header=False,
-                            http=header_deadline(settings.header_timeout, app))
+                            http=gateway_protocol(settings.header_timeout, app))
     server = GatewayServer(config, app, worker=worker is not None, on_started=on_started)
     return 0 if server.run(sockets=[sock]) else 1
 

@@ -81,14 +81,15 @@ class _FlowControl(FlowControl):
             self._is_writable_event.set()
 
 
-class HeaderDeadline(HttpToolsProtocol):
-    """uvicorn's HTTP protocol, with a deadline and a size limit for request headers (slow loris).
+class GatewayProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with the gateway's additions (module docstring).
 
-    The clock starts when the connection opens or a request begins (at
-    the end of the read that began it, if its headers are not complete by
-    then: most requests arrive whole and never need a timer), and stops
-    when its headers are complete. A client that has sent part of a
-    request by then gets ``408``; one that sent nothing is closed quietly.
+    Request headers have a deadline and a size limit (slow loris). The
+    clock starts when the connection opens or a request begins (at the end
+    of the read that began it, if its headers are not complete by then:
+    most requests arrive whole and never need a timer), and stops when its
+    headers are complete. A client that has sent part of a request by then
+    gets ``408``; one that sent nothing is closed quietly.
     """
 
     header_timeout = 10.0
@@ -288,10 +289,10 @@ class HeaderDeadline(HttpToolsProtocol):
             self.fast.body_arrived(self, fast)
 
 
-def header_deadline(timeout: float, app: Any = None) -> type[HeaderDeadline]:
+def gateway_protocol(timeout: float, app: Any = None) -> type[GatewayProtocol]:
     """The protocol class to give uvicorn (``http=``) for a ``--header-timeout`` of ``timeout`` seconds; with
     ``app`` (``dispatch.GatewayApp``), plain publishes are answered by the protocol (``fast_publish.py``)."""
     from .fast_publish import FastPublisher  # it needs the routes, which need this module
 
-    return type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": timeout,
-                                                      "fast": FastPublisher(app) if app is not None else None})
+    return type("GatewayProtocol", (GatewayProtocol,), {"header_timeout": timeout,
+                                                       "fast": FastPublisher(app) if app is not None else None})

@@ -26,7 +26,7 @@ Races and who wins them:
   makes uvicorn ``close()`` the transport, which is graceful: it keeps the
   unsent bytes and the socket until the client reads them, i.e. for as long
   as the stuck client stays connected. So the gateway's HTTP protocol
-  (``protocol.HeaderDeadline``) puts its transport in the scope, under
+  (``protocol.GatewayProtocol``) puts its transport in the scope, under
   ``scope["extensions"]["sse_gateway.transport"]["transport"]`` (and
   itself under ``["protocol"]``, whose ``on_lost`` a stream sets), and a cut
   stream sets ``SO_LINGER`` to 0 and calls ``transport.abort()``: the

@@ -22,7 +22,7 @@ from util import WAIT_TIMEOUT, await_until
 from sse_gateway.app import create_app
 from sse_gateway.config import Settings
 from sse_gateway.fast_publish import FastPublisher
-from sse_gateway.protocol import header_deadline
+from sse_gateway.protocol import gateway_protocol
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,7 +34,7 @@ AUTH = f"Authorization: Bearer {KEY}\r\n"
 async def serving(fast: bool, **settings):
     app = create_app(Settings(backend="memory", publish_key=(KEY,), body_timeout=1, **settings))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                                           http=header_deadline(10, app if fast else None)))
+                                           http=gateway_protocol(10, app if fast else None)))
     task = asyncio.create_task(server.serve())
     try:
         await await_until(lambda: server.started, what="uvicorn to start")

@@ -27,7 +27,7 @@ from sse_gateway.hub import Hub
 from sse_gateway.log.memory import MemoryLog
 from sse_gateway.metrics import Stats
 from sse_gateway.models import NewEvent
-from sse_gateway.protocol import TRANSPORT_EXTENSION, HeaderDeadline, header_deadline
+from sse_gateway.protocol import TRANSPORT_EXTENSION, GatewayProtocol, gateway_protocol
 from sse_gateway.sse import PING
 from sse_gateway.stream import EventStream
 
@@ -164,7 +164,7 @@ async def test_a_connection_keeps_the_instance_dict_uvicorn_shares_between_conne
     """A dict shares its keys with the other instances' only while it has fewer than 30 (CPython 3.11):
     the gateway's attributes of the protocol live in slots, or every connection pays ~1.2 KB more."""
     app = create_app(Settings(backend="memory", heartbeat=1))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, http=header_deadline(10),
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, http=gateway_protocol(10),
                                            log_level="warning"))
     serving = asyncio.create_task(server.serve())
     writer = None
@@ -175,7 +175,7 @@ async def test_a_connection_keeps_the_instance_dict_uvicorn_shares_between_conne
         writer.write(b"GET /v1/sessions/s/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await reader.readuntil(b"id: 1:")
         (protocol,) = server.server_state.connections
-        assert isinstance(protocol, HeaderDeadline) and protocol.on_lost is not None
+        assert isinstance(protocol, GatewayProtocol) and protocol.on_lost is not None
         assert len(vars(protocol)) < 30, sorted(vars(protocol))
     finally:
         if writer is not None:
