@@ -698,7 +698,7 @@ async def test_demo_page_runs_drops_reloads_resumes_and_ends(start_gateway, page
     view = run["view"]
     assert (await page.locator("#text").inner_text()).strip() == session["result"]["text"].strip()
     assert run["messages"] == [{"id": "answer", "type": "answer", "metadata": None, "text": session["result"]["text"],
-                                "status": "finished", "error": None}]
+                                "status": "finished", "error": None, "start": 2}]
     assert 0 < view["events"] <= session["last_id"] - 1  # every event but gateway.end, once (the answer maybe whole)
     assert await page.locator("#cursor").inner_text() == f"{session['last_id']}:{session['epoch']}"
     assert await page.locator("#message").inner_text() == f"finished, {len(session['result']['text']):,} characters"
@@ -990,7 +990,7 @@ async def test_stop_pressed_as_the_network_is_cut_cancels_the_run_once_through_n
         assert state["view"]["cancels"] == 1, state["view"]
         # The answer the run left open, closed by the gateway when the run ended: whole, once.
         assert state["messages"] == [{"id": "answer", "type": "answer", "metadata": None, "text": "".join(words),
-                                      "status": "failed", "error": None}]
+                                      "status": "failed", "error": None, "start": 1}]
         assert "none repeated" in state["verdict"] and "matches the partial result" in state["verdict"], state
     assert [e["event"] for e in events][-2:] == ["message.end", "gateway.end"]
     assert not errors, f"a page threw: {errors}"

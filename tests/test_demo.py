@@ -37,7 +37,7 @@ async def test_a_demo_run_types_pauses_past_the_heartbeat_and_completes(start_ga
     # A reader that comes after the end gets the answer whole, in one event.
     late = [(e, d) for e, d in await _follow(gw, run["session"], _nothing) if e.startswith("message.")]
     assert late == [("message.snapshot", {"message": "answer", "type": "answer", "metadata": None, "text": text,
-                                          "status": "finished"})]
+                                          "status": "finished", "start": 2})]  # after the first status event
     assert result["seconds"] >= 2.0, "the tool pause must outlast the heartbeat"
     async with httpx.AsyncClient() as api:
         row = (await api.get(f"{gw.url}/v1/sessions/{run['session']}")).json()

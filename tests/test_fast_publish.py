@@ -143,6 +143,7 @@ async def test_a_body_in_pieces_is_appended_whole_and_a_body_too_slow_is_408():
         writer.close()
 
 
+@pytest.mark.timeout(180)  # the flood itself takes a while on a busy machine
 def test_a_client_that_pipelines_without_reading_is_not_read_either(start_gateway):
     """A publisher that sends request after request and reads no answer: the gateway stops reading it once
     answers wait to be sent, so what it holds for the client does not grow with what the client sends; the
@@ -167,7 +168,7 @@ def test_a_client_that_pipelines_without_reading_is_not_read_either(start_gatewa
         assert sent < limit, "the gateway kept reading requests whose answers nobody read"
         sock.setblocking(True)
         answers, buffered = 0, b""
-        while answers < 2000:  # (not all: they are appended one after another, a commit each)
+        while answers < 300:  # (not all: they are appended one after another, a commit each)
             buffered += sock.recv(1 << 16)
             *whole, buffered = buffered.split(b"HTTP/1.1 ")
             for answer in whole:
