@@ -12,7 +12,7 @@ set -euo pipefail
 backend=${1:-sqlite}
 conns=${2:-32}
 per=${3:-20}
-python=${PYTHON:-python3}
+python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}  # one with sse-gateway
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
