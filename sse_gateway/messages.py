@@ -23,6 +23,7 @@ by ``P`` whole and the others not at all.
 
 from __future__ import annotations
 
+import abc
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ def operations(events: Sequence[NewEvent]) -> list[tuple[int, str, str]]:
             for i, ev in enumerate(events) if ev.event in TYPES]
 
 
-class Book:
+class Book(abc.ABC):
     """A session's messages as a backend keeps them: id -> (start id, id that closed it, or 0 while open).
 
     A backend implements the three reads (``stored``, ``stored_spans``, ``open``); the rules
@@ -102,16 +103,17 @@ class Book:
         self.changes: dict[str, tuple[int, int]] = {}
         self._read: dict[str, tuple[int, int] | None] = {}  # what ``stored`` answered (a batch asks again)
 
+    @abc.abstractmethod
     def stored(self, mid: str) -> tuple[int, int] | None:
-        raise NotImplementedError
+        """The stored (start, closed) of message ``mid``, or None if it was never started."""
 
+    @abc.abstractmethod
     def stored_spans(self, after: int, through: int) -> dict[str, tuple[int, int]]:
         """The messages begun in (after, through]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def open(self) -> list[str]:
         """The messages still open, in the order they began."""
-        raise NotImplementedError
 
     def get(self, mid: str) -> tuple[int, int] | None:
         if mid in self.changes:
