@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from .cors import FROM_PAGE
-from .errors import GatewayError, RequestTimeout, error_body
+from .errors import GatewayError, error_body
+from .limits import body_too_slow
 from .models import dump_json
 from .routes.common import publisher
 from .routes.publish import PublishHeaders, append_body, publish_headers
@@ -174,7 +175,7 @@ class FastPublisher:
         if fast.reading:
             fast.reading = False
             fast.keep_alive = False  # the rest of the body is never read
-            err = RequestTimeout(f"the request body did not arrive within {timeout:g} s", "body_timeout")
+            err = body_too_slow(timeout)
             self._count_rejected()
             self._respond(proto, fast, err.status, err.body(), err.headers)
 

@@ -107,6 +107,12 @@ def too_many_sessions(limit: int) -> Unavailable:
                        "too_many_sessions", retry_after=SESSION_RETRY_AFTER)
 
 
+def body_too_slow(timeout: float) -> RequestTimeout:
+    """``408 body_timeout``: a whole body did not arrive within ``--body-timeout`` (the route's and the
+    protocol's publish path's)."""
+    return RequestTimeout(f"the request body did not arrive within {timeout:g} s", "body_timeout")
+
+
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The whole body: ``413`` beyond ``limit`` bytes, ``408`` if it takes longer than ``timeout`` seconds."""
     declared = request.headers.get("content-length", "")
@@ -121,7 +127,7 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
                     raise TooLarge(f"request body is larger than {limit} bytes", "body_too_large")
                 chunks.append(chunk)
     except TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s", "body_timeout") from None
+        raise body_too_slow(timeout) from None
     return b"".join(chunks)
 
 
